@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   trains the quickstart experiment offline (workdir: ./workdir/quickstart)
+#   make test         installs the test extra and runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdir/quickstart
+CONFIG ?= configs/quickstart.py
+
+.PHONY: install install-test quickstart test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+
+quickstart: install
+	$(BIN)/python -m launch.train --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install-test
+	$(BIN)/python -m pytest -n 2 --dist=loadfile tests

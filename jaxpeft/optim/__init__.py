@@ -1,0 +1,1 @@
+"""jaxpeft.optim."""

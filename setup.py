@@ -1,0 +1,48 @@
+"""jaxpeft: optimizers as optax transforms, adapters as pure functions, and a harness."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "absl-py>=2.1",
+    "array_record>=0.8",
+    "chex>=0.1.90",
+    "etils[epath]",
+    "flax>=0.12",
+    "jax>=0.9",
+    "ml_collections>=1.0",
+    "numpy>=1.26",
+    "optax>=0.2.6",
+    "orbax-checkpoint>=0.12",
+    "safetensors>=0.4",
+    "scikit-learn>=1.4",
+    "tensorboardX>=2.6",
+    "tensorflow-datasets>=4.9.8",
+    "tokenizers>=0.20",
+    "tqdm>=4.66",
+]
+
+# Reference packages used only by the tests (never imported by the library).
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-xdist>=3",
+    # The CPU build of torch; a plain `torch` pulls a multi-GB CUDA build.
+    "torch==2.13.0",
+    "pytorch-optimizer>=3.5",
+    "adabelief-pytorch==0.2.1",
+    "came-pytorch==0.1.3",
+    "adamod==0.0.3",
+    "momo-opt==0.1.0",
+    "torch-adopt==0.1.0",
+    "grams-pytorch==0.0.2",
+    "peft>=0.17",
+]
+
+setuptools.setup(
+    name="jaxpeft",
+    version="0.1.0",
+    description="Optimizers, adapters (LoRA and relatives) and a training harness for JAX/Flax.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["jaxpeft", "jaxpeft.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
