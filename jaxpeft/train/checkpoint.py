@@ -1,0 +1,122 @@
+"""Checkpointing of the train state with Orbax's CheckpointManager.
+
+Each checkpoint `<workdir>/checkpoints/<step>/` holds two items: `state` (the TrainState,
+saved sharded by StandardSave) and `meta` (JSON: the step, the input position and a model
+fingerprint). Orbax writes into a temporary directory and renames it when complete, so a save
+that fails or is killed never replaces the last good checkpoint; old checkpoints are deleted
+only after a newer one is finalised. Restoring takes an abstract state that carries the
+*current* shardings, so a checkpoint written on 8 devices restores onto 1 (or the reverse).
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint's tree does not match the model being trained."""
+
+
+def _path_str(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _shapes(tree: PyTree, is_leaf=None) -> dict[str, tuple[int, ...] | None]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  out = {}
+  for path, leaf in leaves:
+    typed_key = hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    out[_path_str(path)] = None if typed_key else tuple(leaf.shape)
+  return out
+
+
+def tree_diff(saved: dict[str, tuple | None], expected: dict[str, tuple | None]) -> list[str]:
+  """Human-readable differences between two {path: shape} maps (None: shape not compared)."""
+  lines = [f"  missing in checkpoint: {k} {expected[k]}" for k in sorted(expected.keys() - saved.keys())]
+  lines += [f"  unexpected in checkpoint: {k} {saved[k]}" for k in sorted(saved.keys() - expected.keys())]
+  for k in sorted(saved.keys() & expected.keys()):
+    if None not in (saved[k], expected[k]) and saved[k] != expected[k]:
+      lines.append(f"  shape mismatch at {k}: checkpoint {saved[k]} vs model {expected[k]}")
+  return lines
+
+
+class Checkpointer:
+  """A thin wrapper around `ocp.CheckpointManager` for TrainStates.
+
+  Args:
+    directory: where the numbered checkpoints live.
+    max_to_keep: number of most recent checkpoints kept.
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: PyTree, meta: dict) -> None:
+    """Starts saving `state` and `meta` as checkpoint `step` (the caller decides when)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self._manager.save(step, args=args, force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when JAX's preemption service (TPU/multi-host) asks this job to stop at `step`."""
+    return self._manager.reached_preemption(step)
+
+  def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
+    """Restores checkpoint `step` onto the shardings carried by `abstract_state`.
+
+    Raises:
+      IncompatibleCheckpointError: the saved tree differs from `abstract_state` (missing,
+        unexpected or differently shaped leaves), listing every difference.
+    """
+    saved = self._manager.item_metadata(step)["state"]
+    saved_tree = getattr(saved, "tree", saved)
+    diff = tree_diff(
+        _shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),
+        _shapes(abstract_state),
+    )
+    if diff:
+      raise IncompatibleCheckpointError(
+          f"Checkpoint {self.directory}/{step} was written by a different model or optimizer:\n"
+          + "\n".join(diff)
+          + "\nUse a fresh --workdir for a new model, or restore the config that wrote it."
+      )
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["meta"]
+
+  def wait(self) -> None:
+    """Blocks until any asynchronous save has been written and finalised."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

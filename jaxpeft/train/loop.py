@@ -1,0 +1,253 @@
+"""`train_and_evaluate(config, workdir)`: the training loop behind launch/train.py.
+
+The loop builds the data loaders, model, optimizer and a sharded TrainState; resumes from the
+latest checkpoint in `<workdir>/checkpoints` if there is one; then runs the jitted (or
+pmapped) train step, logging every `config.log_every` steps, evaluating every
+`config.eval_every` steps, checkpointing every `config.checkpoint.every_steps` steps and at the
+end. A SIGTERM (or a JAX preemption notice) saves a checkpoint at the current step and returns.
+Because the input batch of step `s` and the step's randomness depend only on `s`, a resumed run
+continues bit for bit as if it had never stopped.
+"""
+
+import json
+import os
+import signal
+import tempfile
+import threading
+from typing import Any
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxpeft.data import input_pipeline
+from jaxpeft.models.registry import build_model
+from jaxpeft.train import sharding
+from jaxpeft.train.checkpoint import Checkpointer
+from jaxpeft.train.metrics import MetricWriter, check_finite
+from jaxpeft.train.optimizer import build_optimizer
+from jaxpeft.train.state import TrainState
+from jaxpeft.train.step import make_eval_step, make_train_step
+
+PMAP_AXIS = "devices"
+
+
+class _StopRequest:
+  """Remembers a SIGTERM until the loop reaches a step boundary where it can save."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(
+        f"--workdir={workdir!r} is not a writable directory ({e.strerror}). Pass a directory you"
+        " can write to; checkpoints, metrics and TensorBoard files go there."
+    ) from e
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+  return config.dataset.data_dir or os.environ.get(
+      "JAXPEFT_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  )
+
+
+def _checked_mean(last_step: int, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Averages the metrics of the steps ending at `last_step`, failing on any NaN or Inf."""
+  host = jax.device_get(pending)
+  for i, m in enumerate(host):
+    check_finite(last_step - len(host) + 1 + i, {k: float(v) for k, v in m.items()})
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+class _Runner:
+  """Holds the compiled steps for one parallelism mode ('jit' over a Mesh, or 'pmap')."""
+
+  def __init__(self, config, model, tx, init_fn, rng, mesh):
+    input_keys = tuple(config.dataset.input_keys)
+    self.mode = config.sharding.parallelism
+    self.mesh = mesh
+    if self.mode == "jit":
+      abstract = jax.eval_shape(init_fn, rng)
+      self.shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
+      self.abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.shardings
+      )
+      self._init = jax.jit(init_fn, out_shardings=self.shardings)
+      batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+      self._train = jax.jit(
+          make_train_step(model, tx, input_keys),
+          in_shardings=(self.shardings, batch_sh),
+          out_shardings=(self.shardings, repl),
+          donate_argnums=0,
+      )
+      self._eval = jax.jit(make_eval_step(model, input_keys), in_shardings=(self.shardings, batch_sh))
+    elif self.mode == "pmap":
+      if config.sharding.fsdp:
+        raise ValueError("config.sharding.fsdp=True needs parallelism='jit'; pmap replicates state.")
+      self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+      self.abstract = jax.eval_shape(init_fn, rng)
+      self._init = jax.jit(init_fn)
+      self._train = jax.pmap(make_train_step(model, tx, input_keys, axis_name=PMAP_AXIS),
+                             axis_name=PMAP_AXIS, donate_argnums=0, devices=self.local_devices)
+      self._eval = jax.pmap(make_eval_step(model, input_keys, axis_name=PMAP_AXIS),
+                            axis_name=PMAP_AXIS, devices=self.local_devices)
+    else:
+      raise ValueError(f"config.sharding.parallelism={self.mode!r}: use 'jit' or 'pmap'.")
+
+  def init(self, rng):
+    return self.from_checkpoint(self._init(rng))
+
+  def from_checkpoint(self, state):
+    return flax.jax_utils.replicate(state, self.local_devices) if self.mode == "pmap" else state
+
+  def to_checkpoint(self, state):
+    return flax.jax_utils.unreplicate(state) if self.mode == "pmap" else state
+
+  def _device_batch(self, local_batch):
+    if self.mode == "pmap":
+      n = len(self.local_devices)
+      return jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), local_batch)
+    return sharding.global_batch(local_batch, self.mesh)
+
+  def train_step(self, state, local_batch):
+    state, metrics = self._train(state, self._device_batch(local_batch))
+    return state, (jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics)
+
+  def eval_sums(self, state, local_batch):
+    sums = self._eval(state, self._device_batch(local_batch))
+    return jax.tree.map(lambda x: x[0], sums) if self.mode == "pmap" else sums
+
+
+def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> dict[str, float]:
+  """Exact loss and accuracy over the whole evaluation split."""
+  totals = None
+  for batch in input_pipeline.eval_batches(
+      source, batch_size=config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), preprocess=preprocess,
+  ):
+    sums = runner.eval_sums(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+  Returns:
+    A dict with the final `step`, the `eval` metrics and `preempted` (True when a SIGTERM or
+    preemption notice stopped the run early, after saving a checkpoint).
+  """
+  _check_workdir(workdir)
+  devices = jax.devices()
+  if config.sharding.num_devices:
+    if jax.process_count() > 1 or config.sharding.num_devices > len(devices):
+      raise ValueError(f"config.sharding.num_devices={config.sharding.num_devices}: this job has"
+                       f" {len(devices)} devices in {jax.process_count()} process(es); use 0 (all).")
+    devices = devices[: config.sharding.num_devices]
+  mesh = sharding.make_mesh(devices)
+  sharding.check_batch_size(config.batch_size, mesh)
+  if config.eval_batch_size % len(devices):
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the"
+                     f" {len(devices)} devices.")
+  data_dir = _data_dir(config)
+  train_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
+  eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
+  preprocess = input_pipeline.get_preprocess(config.dataset.name)
+  loader = input_pipeline.BatchLoader(
+      train_source, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), preprocess=preprocess,
+  )
+
+  model = build_model(config.model)
+  tx = build_optimizer(config.optimizer, config.num_train_steps)
+  example = loader.batch(0)
+  example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
+
+  def init_fn(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, *example_inputs)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={},
+                      opt_state=tx.init(params), rng=state_rng)
+
+  rng = jax.random.key(config.seed)
+  runner = _Runner(config, model, tx, init_fn, rng, mesh)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              max_to_keep=config.checkpoint.max_to_keep,
+                              async_save=config.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state, start = runner.init(rng), 0
+  else:
+    restored, meta = checkpointer.restore(latest, runner.abstract)
+    state, start = runner.from_checkpoint(restored), int(meta["step"])
+    logging.info("Resumed from %s at step %d (input position %s).", checkpointer.directory, start,
+                 meta["input_position"])
+
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = MetricWriter(workdir, config.num_train_steps, start, show_progress=config.progress_bar)
+
+  def save(step):
+    checkpointer.save(step, runner.to_checkpoint(state),
+                      {"step": step, "input_position": loader.position(step)})
+
+  pending, step, preempted = [], start, False
+  with _StopRequest() as stop:
+    while step < config.num_train_steps:
+      state, metrics = runner.train_step(state, loader.batch(step))
+      pending.append(metrics)
+      step += 1
+      stopping = stop.requested or checkpointer.reached_preemption(step)
+      saving = step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or stopping
+      if pending and (step % config.log_every == 0 or saving):
+        averaged = _checked_mean(step, pending)
+        writer.advance(len(pending))
+        writer.write(step, "train", averaged)
+        pending = []
+      if saving:
+        save(step)
+      if config.eval_every and step % config.eval_every == 0 and step < config.num_train_steps:
+        writer.write(step, "eval", evaluate(runner, state, config, eval_source, preprocess))
+      if stopping:
+        preempted = True
+        break
+
+  checkpointer.wait()
+  checkpointer.close()
+  result = {"step": step, "preempted": preempted}
+  if not preempted:
+    result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
+    writer.write(step, "eval", result["eval"])
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+  writer.close()
+  logging.info("Finished at step %d: %s", step, result)
+  return result

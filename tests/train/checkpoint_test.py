@@ -1,0 +1,75 @@
+"""Tests for jaxpeft/train/checkpoint.py: round trip, resharding, incompatible trees, failed saves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpeft.train import sharding
+from jaxpeft.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxpeft.train.state import TrainState
+
+
+def _state(width=16, seed=0):
+  params = {"dense": {"kernel": jax.random.normal(jax.random.key(seed), (8, width)), "bias": jnp.zeros(width)}}
+  tx = optax.adam(1e-3)
+  return TrainState(step=jnp.array(3, jnp.int32), params=params, frozen={}, opt_state=tx.init(params),
+                    rng=jax.random.key(seed))
+
+
+def _abstract(state, mesh, fsdp):
+  shardings = sharding.state_shardings(state, mesh, fsdp)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def test_round_trip_onto_a_different_device_count(tmp_path):
+  mesh8 = sharding.make_mesh()
+  state = jax.device_put(_state(), sharding.state_shardings(_state(), mesh8, fsdp=True))
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+  ckpt.save(3, state, {"step": 3})
+  ckpt.wait()
+  mesh1 = sharding.make_mesh(jax.devices()[:1])
+  restored, meta = ckpt.restore(3, _abstract(_state(), mesh1, fsdp=False))
+  assert meta == {"step": 3}
+  assert restored.params["dense"]["kernel"].sharding.mesh.devices.size == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
+  chex_leaves = zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params))
+  for a, b in chex_leaves:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_keeps_only_the_newest(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=2, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(), {"step": step})
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  assert ckpt.latest_step() == 3
+
+
+def test_incompatible_model_lists_the_differences(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=1)
+  ckpt.save(1, _state(width=16), {"step": 1})
+  ckpt.wait()
+  with pytest.raises(IncompatibleCheckpointError, match=r"shape mismatch at params/dense/kernel: checkpoint \(8, 16\) vs model \(8, 32\)"):
+    ckpt.restore(1, _abstract(_state(width=32), sharding.make_mesh(), fsdp=False))
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=1, async_save=False)
+  good = _state(seed=1)
+  ckpt.save(1, good, {"step": 1})
+
+  def broken_serialize(*args, **kwargs):
+    raise OSError("disk full")
+
+  import orbax.checkpoint as ocp
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", broken_serialize)
+  with pytest.raises(OSError, match="disk full"):
+    ckpt.save(2, _state(seed=2), {"step": 2})
+  monkeypatch.undo()
+  reopened = Checkpointer(str(tmp_path), max_to_keep=1)
+  assert reopened.latest_step() == 1
+  restored, _ = reopened.restore(1, _abstract(good, sharding.make_mesh(), fsdp=False))
+  np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"]), np.asarray(good.params["dense"]["kernel"]))
