@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "chex>=0.1.90",
     "etils[epath]",
     "flax>=0.12",
+    "importlib-resources",  # needed by tensorflow-datasets to prepare data, not declared by it
     "jax>=0.9",
     "ml_collections>=1.0",
     "numpy>=1.26",

@@ -15,6 +15,8 @@ Multi-host (one process per host; the same command on every host):
   * CPU processes (tests): the same flags; gloo collectives are switched on for CPU.
 """
 
+import logging as pylogging
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -43,16 +45,25 @@ def initialize_distributed() -> None:
   )
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Keeps Orbax's per-save INFO chatter off the console (its warnings still show)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if "eval" in result:
     print(f"Final eval at step {result['step']}: " +
-          ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()), flush=True)
+          ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()) +
+          f" (process {jax.process_index()}, params_l1={result['params_l1']!r})", flush=True)
   else:
     print(f"Stopped early at step {result['step']}; checkpoint saved. Run again to resume.", flush=True)
 

@@ -156,12 +156,23 @@ def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> 
   return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
 
 
+@jax.jit
+def _l1_norm_device(params):
+  return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+
+
+def _l1_norm(params) -> float:
+  """Sum of |params|: a cheap fingerprint that every process can compare."""
+  return float(_l1_norm_device(params))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
 
   Returns:
-    A dict with the final `step`, the `eval` metrics and `preempted` (True when a SIGTERM or
-    preemption notice stopped the run early, after saving a checkpoint).
+    A dict with the final `step`, the `eval` metrics, `preempted` (True when a SIGTERM or
+    preemption notice stopped the run early, after saving a checkpoint), `params_l1` (sum of
+    |params|, a fingerprint) and the final TrainState as `state`.
   """
   _check_workdir(workdir)
   devices = jax.devices()
@@ -219,29 +230,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       {"step": step, "input_position": loader.position(step)})
 
   pending, step, preempted = [], start, False
-  with _StopRequest() as stop:
-    while step < config.num_train_steps:
-      state, metrics = runner.train_step(state, loader.batch(step))
-      pending.append(metrics)
-      step += 1
-      stopping = stop.requested or checkpointer.reached_preemption(step)
-      saving = step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or stopping
-      if pending and (step % config.log_every == 0 or saving):
-        averaged = _checked_mean(step, pending)
-        writer.advance(len(pending))
-        writer.write(step, "train", averaged)
-        pending = []
-      if saving:
-        save(step)
-      if config.eval_every and step % config.eval_every == 0 and step < config.num_train_steps:
-        writer.write(step, "eval", evaluate(runner, state, config, eval_source, preprocess))
-      if stopping:
-        preempted = True
-        break
-
-  checkpointer.wait()
-  checkpointer.close()
-  result = {"step": step, "preempted": preempted}
+  try:
+    with _StopRequest() as stop:
+      while step < config.num_train_steps:
+        state, metrics = runner.train_step(state, loader.batch(step))
+        pending.append(metrics)
+        step += 1
+        stopping = stop.requested or checkpointer.reached_preemption(step)
+        saving = step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or stopping
+        if pending and (step % config.log_every == 0 or saving):
+          averaged = _checked_mean(step, pending)
+          writer.advance(len(pending))
+          writer.write(step, "train", averaged)
+          pending = []
+        if saving:
+          save(step)
+        if config.eval_every and step % config.eval_every == 0 and step < config.num_train_steps:
+          writer.write(step, "eval", evaluate(runner, state, config, eval_source, preprocess))
+        if stopping:
+          preempted = True
+          break
+  finally:
+    # Also after an error: finish the saves already started (they are good checkpoints).
+    checkpointer.wait()
+    checkpointer.close()
+  result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(runner.to_checkpoint(state).params)}
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     writer.write(step, "eval", result["eval"])
@@ -250,4 +263,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         json.dump(result, f, indent=2)
   writer.close()
   logging.info("Finished at step %d: %s", step, result)
-  return result
+  return {**result, "state": runner.to_checkpoint(state)}
