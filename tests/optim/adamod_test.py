@@ -1,0 +1,136 @@
+"""AdaMod against the authors' adamod package and pytorch_optimizer."""
+
+import adamod as adamod_authors
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import pytorch_optimizer
+import torch
+
+from jaxpeft.optim.adamod import adamod
+from tests.optim.reference import assert_trajectories_close, random_problem, run_optax, run_torch
+
+# The authors' package uses torch's deprecated add_(scalar, tensor) overload.
+pytestmark = pytest.mark.filterwarnings("ignore:This overload of add_:UserWarning")
+
+SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
+NUM_STEPS = 25
+LR = 1e-2
+
+SETTINGS = {
+  "defaults": {},
+  "weight_decay": {"weight_decay": 0.1},
+  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "b3": 0.9, "eps": 1e-3},
+}
+
+
+def authors(params, b1=0.9, b2=0.999, b3=0.999, **kw):
+  return adamod_authors.AdaMod(params, betas=(b1, b2), beta3=b3, **kw)
+
+
+def pytorch_opt(params, b1=0.9, b2=0.999, b3=0.999, **kw):
+  return pytorch_optimizer.AdaMod(params, betas=(b1, b2, b3), **kw)
+
+
+def torch_trajectory(make, kw, params, grads, schedule=None):
+  def build(tensors):
+    opt = make(tensors, lr=LR, **kw)
+    if schedule is not None:
+      lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: float(schedule(k)) / LR)
+      opt.register_step_post_hook(lambda *_: lr_sched.step())
+    return opt
+
+  return run_torch(build, params, grads)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
+def test_matches_torch_references(setting, make):
+  kw = SETTINGS[setting]
+  params, grads = random_problem(SHAPES, NUM_STEPS)
+  ours = run_optax(adamod(LR, **kw), params, grads)
+  assert_trajectories_close(ours, torch_trajectory(make, kw, params, grads))
+
+
+def test_pytorch_optimizer_defaults_differ():
+  # pytorch_optimizer defaults to betas=(0.9, 0.99, 0.9999); the authors to (0.9, 0.999), 0.999.
+  params, grads = random_problem(SHAPES, NUM_STEPS)
+  ref = run_torch(lambda t: pytorch_optimizer.AdaMod(t, lr=LR), params, grads)
+  assert_trajectories_close(run_optax(adamod(LR, b2=0.99, b3=0.9999), params, grads), ref)
+  with pytest.raises(AssertionError, match="diverges at step"):
+    assert_trajectories_close(run_optax(adamod(LR), params, grads), ref)
+
+
+@pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
+def test_schedule_and_inject_hyperparams(make):
+  # The step-size EMA averages lr-scaled step sizes, so a schedule changes the bound itself.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, LR, 5, NUM_STEPS, LR / 10)
+  kw = {"weight_decay": 0.1}
+  params, grads = random_problem(SHAPES, NUM_STEPS)
+  ref = torch_trajectory(make, kw, params, grads, schedule=schedule)
+  assert_trajectories_close(run_optax(adamod(schedule, **kw), params, grads), ref)
+  injected = optax.inject_hyperparams(adamod)(learning_rate=schedule, **kw)
+  assert_trajectories_close(run_optax(injected, params, grads), ref)
+
+
+# bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_low_precision_params(dtype, tol):
+  params, grads = random_problem(SHAPES, 10)
+  ref = torch_trajectory(authors, {}, params, grads)[-1]
+  tx = adamod(LR)
+  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+  state = tx.init(p)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for g in grads:
+    updates, state = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
+    p = optax.apply_updates(p, updates)
+  float_leaves = [x for x in jax.tree.leaves((p, state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(float_leaves) == 4 * len(SHAPES)  # params, mu, nu, eta
+  assert all(x.dtype == dtype for x in float_leaves)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(p[k], np.float64), ref[k], rtol=tol, atol=tol, err_msg=k)
+
+
+def test_zero_gradients():
+  params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
+  kw = {"weight_decay": 0.1}
+  ours = run_optax(adamod(LR, **kw), params, grads)
+  assert_trajectories_close(ours, torch_trajectory(authors, kw, params, grads))
+
+
+def test_huge_gradients_float32():
+  params, grads = random_problem(SHAPES, 8, grad_scale=1e30)
+  tx = adamod(LR)
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  state = tx.init(p)
+  tensors = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in params.items()}
+  opt = authors(list(tensors.values()), lr=LR)
+  update = jax.jit(tx.update)
+  for g in grads:
+    updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
+    p = optax.apply_updates(p, updates)
+    for k, t in tensors.items():
+      t.grad = torch.tensor(g[k], dtype=torch.float32)
+    opt.step()
+  for k, t in tensors.items():
+    ref = t.detach().numpy()
+    assert np.isfinite(ref).all()
+    np.testing.assert_allclose(np.asarray(p[k]), ref, rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize(
+  "kw, match",
+  [
+    ({"b1": 1.5}, "b1 must be in"),
+    ({"b3": -0.1}, "b3 must be in"),
+    ({"eps": -1e-8}, "eps must be >= 0"),
+    ({"learning_rate": -LR}, "learning_rate must be >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+  ],
+)
+def test_bad_arguments(kw, match):
+  with pytest.raises(ValueError, match=match):
+    adamod(**{"learning_rate": LR, **kw})

@@ -1,0 +1,164 @@
+"""CAME against the authors' came-pytorch 0.1.3 and pytorch_optimizer.CAME, step by step."""
+
+import math
+
+import came_pytorch
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import pytorch_optimizer
+import torch
+
+from jaxpeft.optim.came import came
+from tests.optim import reference
+
+# A vector, a matrix, a 4-D conv kernel (HWIO) and a scalar: factored and unfactored paths.
+SHAPES = {"bias": (5,), "dense": (6, 4), "conv": (3, 3, 2, 4), "scale": ()}
+NUM_STEPS = 25
+LR = 1e-2
+
+
+def authors(**kwargs):
+  return lambda tensors: came_pytorch.CAME(tensors, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "ours, ref",
+    [
+        (dict(), dict()),
+        (dict(weight_decay=0.1), dict(weight_decay=0.1)),
+        (
+            dict(b1=0.8, b2=0.99, b3=0.999, eps=1e-20, eps_res=1e-8, clip_threshold=0.5),
+            dict(betas=(0.8, 0.99, 0.999), eps=(1e-20, 1e-8), clip_threshold=0.5),
+        ),
+        # A huge threshold: the RMS clip never fires.
+        (dict(clip_threshold=1e6), dict(clip_threshold=1e6)),
+    ],
+    ids=["defaults", "weight_decay", "custom_betas_eps_clip", "no_clip"],
+)
+def test_matches_authors(ours, ref):
+  params, grads = reference.random_problem(SHAPES, NUM_STEPS)
+  expected = reference.run_torch(authors(lr=LR, **ref), params, grads)
+  reference.assert_trajectories_close(reference.run_optax(came(LR, **ours), params, grads), expected)
+
+
+@pytest.mark.parametrize("weight_decouple", [True, False])
+def test_matches_pytorch_optimizer(weight_decouple):
+  params, grads = reference.random_problem(SHAPES, NUM_STEPS, seed=1)
+  expected = reference.run_torch(
+      lambda t: pytorch_optimizer.CAME(t, lr=LR, weight_decay=0.1, weight_decouple=weight_decouple, foreach=False),
+      params,
+      grads,
+  )
+  tx = came(LR, weight_decay=0.1, weight_decouple=weight_decouple)
+  reference.assert_trajectories_close(reference.run_optax(tx, params, grads), expected)
+
+
+def test_coupled_weight_decay_differs_from_decoupled():
+  # Guards the test above: the switch must change the trajectory, or it would test nothing.
+  params, grads = reference.random_problem(SHAPES, 5, seed=1)
+  coupled = reference.run_optax(came(LR, weight_decay=0.1, weight_decouple=False), params, grads)
+  decoupled = reference.run_optax(came(LR, weight_decay=0.1), params, grads)
+  assert np.abs(coupled[-1]["dense"] - decoupled[-1]["dense"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("grad_scale", [0.0, 1e30], ids=["zero", "huge"])
+def test_extreme_gradients_match_authors(grad_scale):
+  params, grads = reference.random_problem(SHAPES, NUM_STEPS, seed=2, grad_scale=grad_scale)
+  ours = reference.run_optax(came(LR, weight_decay=0.1), params, grads)
+  expected = reference.run_torch(authors(lr=LR, weight_decay=0.1), params, grads)
+  assert all(np.isfinite(v).all() for step in ours for v in step.values())
+  reference.assert_trajectories_close(ours, expected)
+
+
+class _ScheduledTorch:
+  """Sets the torch optimizer's lr from `schedule(step)` before each step."""
+
+  def __init__(self, optimizer: torch.optim.Optimizer, schedule: optax.Schedule):
+    self.optimizer, self.schedule, self.count = optimizer, schedule, 0
+
+  def step(self):
+    lr = float(self.schedule(self.count))
+    for group in self.optimizer.param_groups:
+      group["lr"] = lr
+    self.count += 1
+    self.optimizer.step()
+
+
+def test_schedule_and_inject_hyperparams_match_authors():
+  # Powers of two: optax evaluates schedules in float32 even in a float64 run; these are exact.
+  schedule = optax.piecewise_constant_schedule(2.0**-6, {8: 0.5, 16: 0.25})
+  params, grads = reference.random_problem(SHAPES, NUM_STEPS, seed=3)
+  expected = reference.run_torch(
+      lambda t: _ScheduledTorch(came_pytorch.CAME(t, lr=1.0, weight_decay=0.1), schedule), params, grads
+  )
+  reference.assert_trajectories_close(reference.run_optax(came(schedule, weight_decay=0.1), params, grads), expected)
+  injected = optax.inject_hyperparams(came)(learning_rate=schedule, weight_decay=0.1, b3=0.9999)
+  reference.assert_trajectories_close(reference.run_optax(injected, params, grads), expected)
+
+
+def test_factored_state_sizes_grow_with_rows_plus_cols():
+  shapes = {"dense": (64, 32), "conv": (3, 3, 16, 32), "bias": (32,)}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  state = came(1e-3).init(params)[0]
+  size = lambda tree: {k: v.size for k, v in tree.items()}
+  assert size(state.nu_row) == {"dense": 64, "conv": 3 * 3 * 16, "bias": 0}
+  assert size(state.nu_col) == {"dense": 32, "conv": 3 * 3 * 32, "bias": 0}
+  assert size(state.res_row) == size(state.nu_row) and size(state.res_col) == size(state.nu_col)
+  assert size(state.nu) == {"dense": 0, "conv": 0, "bias": 32}
+  assert size(state.mu) == {k: math.prod(s) for k, s in shapes.items()}
+
+  # Same statistics shapes as the authors' optimizer keeps.
+  tensors = {k: torch.nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+  torch_opt = came_pytorch.CAME(list(tensors.values()), lr=1e-3)
+  for t in tensors.values():
+    t.grad = torch.ones_like(t)
+  torch_opt.step()
+  for k, t in tensors.items():
+    torch_state = torch_opt.state[t]
+    if "exp_avg_sq_row" in torch_state:
+      for ours, theirs in [("nu_row", "exp_avg_sq_row"), ("nu_col", "exp_avg_sq_col"), ("res_row", "exp_avg_res_row"),
+                           ("res_col", "exp_avg_res_col")]:
+        assert getattr(state, ours)[k].shape == tuple(torch_state[theirs].shape), (k, ours)
+    else:
+      assert state.nu[k].shape == tuple(torch_state["exp_avg_sq"].shape), k
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
+def test_low_precision_keeps_dtype_and_tracks_float64(dtype, atol):
+  params, grads = reference.random_problem(SHAPES, 10, seed=4)
+  expected = reference.run_optax(came(LR, weight_decay=0.1), params, grads)[-1]
+  tx = came(LR, weight_decay=0.1)
+  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state, updates
+
+  for g in grads:
+    p, state, updates = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
+  assert jax.tree.structure(updates) == jax.tree.structure(p)
+  for leaf in jax.tree.leaves((p, updates, state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == dtype
+  for k in params:
+    np.testing.assert_allclose(np.asarray(p[k], np.float64), expected[k], atol=atol, err_msg=k)
+
+
+def test_mu_dtype():
+  params = {"dense": jnp.zeros((4, 3), jnp.bfloat16)}
+  state = came(1e-3, mu_dtype=jnp.float32).init(params)[0]
+  assert state.mu["dense"].dtype == jnp.float32 and state.nu_row["dense"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(b2=1.5), "b2"), (dict(eps_res=-1.0), "eps_res"), (dict(clip_threshold=0.0), "clip_threshold")],
+)
+def test_bad_hyperparameters_raise(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    came(1e-3, **kwargs)
