@@ -36,7 +36,7 @@ def initialize_distributed() -> None:
   """Joins the multi-process job (no-op unless --multihost)."""
   if not _MULTIHOST.value:
     return
-  if jax.config.jax_platforms in (None, "", "cpu") and _COORDINATOR.value:
+  if _COORDINATOR.value:  # Explicit processes: let CPU devices run collectives across them too.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,

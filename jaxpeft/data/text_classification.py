@@ -1,4 +1,4 @@
-"""Python standard-library docstrings by topic, a TFDS text-classification dataset (`jaxpeft_pydoc`).
+"""Python standard-library docstrings by topic: a TFDS text-classification set, `jaxpeft_pydoc`.
 
 The text is human-written English that ships with every Python installation: the docstrings of
 the standard library's public functions, classes and methods. Each example is the first
@@ -197,7 +197,8 @@ class PyDoc(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # The text ships with the Python interpreter.
-    return {split: self._generate_examples(examples) for split, examples in split_examples().items()}
+    splits = split_examples()
+    return {split: self._generate_examples(examples) for split, examples in splits.items()}
 
   def _generate_examples(self, examples: list[dict[str, str | int]]) -> Iterator[tuple[str, dict]]:
     for example in examples:

@@ -1,0 +1,309 @@
+"""A BERT encoder (Flax linen) with sentence-transformers' mean pooling and an optional head.
+
+The architecture is BERT's (Devlin, Chang, Lee & Toutanova, "BERT: Pre-training of Deep
+Bidirectional Transformers for Language Understanding", 2018, arXiv:1810.04805), computed as
+Hugging Face `transformers.BertModel` does, so that Hugging Face checkpoints load unchanged
+(`jaxpeft.models.hf_loader.load_bert`):
+
+  h_0 = LayerNorm(E_word[ids] + E_pos[0..L-1] + E_type[token_type_ids])
+  for each layer (post-LN):
+    a   = softmax(Q K^T / sqrt(d_head) + mask) V        with Q, K, V = h W_q + b_q, ...
+    h'  = LayerNorm(h + a W_o + b_o)
+    h   = LayerNorm(h' + GELU(h' W_1 + b_1) W_2 + b_2)   GELU is the exact erf form
+  sentence embedding e = sum_t m_t h_t / max(sum_t m_t, 1e-9)   (m: attention mask)
+  optionally           e = e / max(||e||_2, 1e-12)
+
+Mean pooling over the real (unpadded) tokens and the L2 normalisation are the `Pooling` and
+`Normalize` modules of the sentence-transformers pipeline of all-MiniLM-L6-v2 (Reimers &
+Gurevych, "Sentence-BERT", 2019, arXiv:1908.10084), with the same epsilons. BERT's `pooler`
+(tanh dense on [CLS], trained for next-sentence prediction) is not part of this model.
+
+With `num_classes` set, the model returns logits of a dropout + dense head on the sentence
+embedding instead of the embedding itself.
+
+Parameter paths ('/'-joined, as adapter target regexes see them):
+
+  embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+  embeddings/layer_norm/{scale,bias}
+  encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}   kernels (d_in, d_out)
+  encoder/layer_{i}/attention_layer_norm/{scale,bias}
+  encoder/layer_{i}/intermediate/{kernel,bias}                         (hidden, intermediate)
+  encoder/layer_{i}/output/{kernel,bias}                               (intermediate, hidden)
+  encoder/layer_{i}/output_layer_norm/{scale,bias}
+  classifier/dense/{kernel,bias}                                       only with num_classes
+
+so LoRA on the attention query and value projections is `r".*attention/(query|value)/kernel"`.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+_POOLING_EPS = 1e-9  # sentence_transformers.models.Pooling clamps the token count to this.
+_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps.
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The architecture fields of a Hugging Face BERT `config.json` (same names)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+          f"{self.num_attention_heads}; BERT splits the hidden size evenly across heads."
+      )
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(
+          f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+      )
+
+  @classmethod
+  def from_dict(cls, config: Mapping[str, Any]) -> "BertConfig":
+    """Reads the fields it knows from a `config.json` dict; other keys are ignored.
+
+    Raises:
+      ValueError: the config is not an absolute-position BERT encoder.
+    """
+    model_type = config.get("model_type", "bert")
+    position_type = config.get("position_embedding_type", "absolute")
+    if model_type != "bert" or position_type != "absolute":
+      raise ValueError(
+          f"config.json describes model_type={model_type!r} with position_embedding_type="
+          f"{position_type!r}; jaxpeft.models.bert implements only 'bert' with 'absolute'"
+          " position embeddings."
+      )
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.items() if k in names})
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with separate query/key/value/output `nn.Dense` projections."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.config
+    dense = lambda name: nn.Dense(
+        cfg.hidden_size,
+        kernel_init=nn.initializers.normal(cfg.initializer_range),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+    heads = cfg.num_attention_heads
+    split = lambda y: y.reshape(*y.shape[:-1], heads, cfg.hidden_size // heads)
+    q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
+    dropout_rate = cfg.attention_probs_dropout_prob if train else 0.0
+    attended = nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        dropout_rng=self.make_rng("dropout") if dropout_rate > 0 else None,
+        dropout_rate=dropout_rate,
+        deterministic=dropout_rate == 0,
+        dtype=self.dtype,
+    )
+    return dense("output")(attended.reshape(*x.shape[:-1], cfg.hidden_size))
+
+
+class TransformerLayer(nn.Module):
+  """One post-LN BERT layer: attention and MLP blocks, each `LayerNorm(x + Dropout(f(x)))`."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense_init = nn.initializers.normal(cfg.initializer_range)
+    dropout = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)
+    layer_norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
+
+    a = SelfAttention(cfg, name="attention", **kw)(x, mask, train=train)
+    x = layer_norm("attention_layer_norm")(x + dropout(a))
+    h = nn.Dense(cfg.intermediate_size, kernel_init=dense_init, name="intermediate", **kw)(x)
+    h = nn.Dense(cfg.hidden_size, kernel_init=dense_init, name="output", **kw)(
+        _ACTIVATIONS[cfg.hidden_act](h)
+    )
+    return layer_norm("output_layer_norm")(x + dropout(h))
+
+
+class Embeddings(nn.Module):
+  """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, train: bool):
+    cfg = self.config
+    kw = dict(
+        embedding_init=nn.initializers.normal(cfg.initializer_range),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    positions = jnp.arange(input_ids.shape[-1])
+    x = (
+        nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)(input_ids)
+        + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings", **kw)(
+            positions
+        )
+        + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings", **kw)(
+            token_type_ids
+        )
+    )
+    x = nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="layer_norm",
+    )(x)
+    return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
+
+
+class Encoder(nn.Module):
+  """The stack of `num_hidden_layers` transformer layers, named `layer_0`, `layer_1`, ..."""
+
+  config: BertConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    for i in range(self.config.num_hidden_layers):
+      x = TransformerLayer(
+          self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer_{i}"
+      )(x, mask, train=train)
+    return x
+
+
+class ClassificationHead(nn.Module):
+  """Dropout, then a dense layer to `num_classes` logits."""
+
+  num_classes: int
+  dropout_rate: float = 0.1
+  initializer_range: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(
+        self.num_classes,
+        kernel_init=nn.initializers.normal(self.initializer_range),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="dense",
+    )(x)
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Mean of `hidden` (batch, length, d) over the positions where `attention_mask` is 1."""
+  m = attention_mask.astype(hidden.dtype)[..., None]
+  return (hidden * m).sum(axis=-2) / jnp.maximum(m.sum(axis=-2), _POOLING_EPS)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """`x / max(||x||_2, 1e-12)` along the last axis (torch.nn.functional.normalize)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORMALIZE_EPS)
+
+
+class BertEncoder(nn.Module):
+  """BERT with mean pooling: sentence embeddings, or classification logits with `num_classes`.
+
+  Attributes:
+    config: the architecture (`BertConfig.from_dict(json.load(config.json))`).
+    num_classes: if set, `__call__` returns logits of a `ClassificationHead` (submodule
+      `classifier`) on the pooled embedding; `embed` still returns the embedding.
+    normalize: L2-normalise the pooled embedding (before the head, if any); all-MiniLM-L6-v2's
+      sentence-transformers pipeline does.
+    dtype: computation dtype; param_dtype: parameter dtype. float32 by default.
+  """
+
+  config: BertConfig
+  num_classes: int | None = None
+  normalize: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embeddings = Embeddings(self.config, **kw)
+    self.encoder = Encoder(self.config, **kw)
+    if self.num_classes is not None:
+      self.classifier = ClassificationHead(
+          self.num_classes, self.config.hidden_dropout_prob, self.config.initializer_range, **kw
+      )
+
+  def embed(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      train: bool = False,
+  ) -> jax.Array:
+    """Sentence embeddings (batch, hidden) of int token ids (batch, length).
+
+    Padding positions have `attention_mask` 0 (default: all ones); `token_type_ids` default
+    to 0. `train=True` enables dropout and needs a 'dropout' rng.
+    """
+    cfg = self.config
+    length = input_ids.shape[-1]
+    if length > cfg.max_position_embeddings:
+      raise ValueError(
+          f"Sequences of length {length} exceed max_position_embeddings="
+          f"{cfg.max_position_embeddings}; tokenize with max_len <= {cfg.max_position_embeddings}."
+      )
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids, train=train)
+    keys_mask = nn.make_attention_mask(jnp.ones_like(attention_mask), attention_mask)
+    x = mean_pool(self.encoder(x, keys_mask, train=train), attention_mask)
+    return l2_normalize(x) if self.normalize else x
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      train: bool = False,
+  ) -> jax.Array:
+    """`embed(...)`, followed by the classification head when `num_classes` is set."""
+    x = self.embed(input_ids, attention_mask, token_type_ids, train=train)
+    return x if self.num_classes is None else self.classifier(x, train=train)
