@@ -1,0 +1,225 @@
+"""The adapter-method interface and the method registry.
+
+Every reparameterization adapter (LoRA, DoRA, VeRA, LoHa, ...) is one ``AdapterMethod`` subclass in its own
+file, registered under a name with ``@register_method("name")``. The functional front-end
+(``jaxpeft.adapters.reparam``: ``init / apply / merge / unmerge``) and the activation-hook front-end
+(``jaxpeft.adapters.factored``) do everything model-specific -- selecting the targeted leaves, folding
+their layout to a matrix, looping over stacked (scanned) layers, casting dtypes -- so a method only ever
+sees **one float32 matrix** of shape ``(d_in, d_out)`` and its own adapter leaves for that matrix.
+
+Kernel fold (``Target.fan_in_axes`` = number of leading input axes of one layer's leaf)
+---------------------------------------------------------------------------------------
+A layer's leaf of shape ``(i_1, ..., i_k, o_1, ..., o_m)`` is reshaped (row-major, no transpose) to the
+matrix ``(i_1*...*i_k, o_1*...*o_m)``; the method's result is reshaped back. Flax layouts:
+
+* ``Dense`` kernel ``(in, out)``: ``fan_in_axes=1`` (default for 2-D leaves).
+* ``DenseGeneral`` q/k/v kernel ``(features, heads, head_dim)``: ``fan_in_axes=1`` -> ``(features, heads*head_dim)``.
+* ``DenseGeneral`` attention-out kernel ``(heads, head_dim, features)``: ``fan_in_axes=2``.
+* ``Embed`` table ``(vocab, features)`` (leaf named ``embedding``): ``fan_in_axes=1``; ``Target.kind ==
+  "embedding"`` so a method can pick embedding-specific inits (PEFT reverses LoRA's init there).
+* ``Conv`` kernel ``(kh, kw, in, out)`` (any spatial rank): ``fan_in_axes=ndim-1`` ->
+  ``(kh*kw*in, out)``. This is PyTorch's conv ``weight.view(out, -1)`` transposed, up to the order of
+  the folded input axes (torch: ``in, kh, kw``; Flax: ``kh, kw, in``).
+* 1-D leaves (biases, scales): ``fan_in_axes=0`` -> ``(1, d)``.
+
+Leaves of more than two axes are ambiguous (q/k/v vs. out vs. conv), so their ``fan_in_axes`` must be
+given in the config's ``fan_in_axes`` pattern; stacked (scanned) leading layer axes are declared with
+``stacked_axes`` and never reach the method (the front-ends ``vmap`` over them).
+
+How to add a method
+-------------------
+Write ``jaxpeft/adapters/<name>.py`` with the math and the paper in the module docstring::
+
+    from jaxpeft.adapters.core import AdapterMethod, Target, register_method
+
+    @register_method("scaled_identity")            # config.method == "scaled_identity"
+    class ScaledIdentity(AdapterMethod):
+        '''W' = W + c * I (toy example; needs d_in == d_out).'''
+
+        option_defaults = {"c_init": 0.0}          # allowed keys of config.options and their defaults
+
+        def validate(self, target: Target) -> None:
+            d_in, d_out = target.matrix_shape
+            if d_in != d_out:
+                raise ValueError(f"{target.path}: scaled_identity needs a square kernel, got {target.shape}.")
+
+        def init(self, rng, kernel, target):       # kernel: float32 (d_in, d_out), already folded
+            return {"c": jnp.full((), target.option("c_init"), jnp.float32)}
+
+        def delta(self, leaves, target):           # linear update => apply, merge, unmerge for free
+            return leaves["c"] * jnp.eye(target.matrix_shape[0], dtype=jnp.float32)
+
+``get_method("scaled_identity")`` imports ``jaxpeft.adapters.scaled_identity`` on first use, so the
+built-in methods need no explicit import. A method whose update is not ``kernel + delta`` (DoRA)
+overrides ``apply`` (and ``unmerge``, or makes it raise with the reason). A method that also supports the
+activation-hook mode implements ``branch``. Leaves are arrays of the *per-layer* shape (float32 for
+trained ones); their names must not contain "/". Leaves that are stored and checkpointed but never trained
+(e.g. saved random projections) are listed in ``frozen_leaves``: the front-ends stop their gradients and
+``partition.optimizer_labels`` labels them ``"frozen"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+Leaves = dict[str, jax.Array]
+
+_REGISTRY: dict[str, type["AdapterMethod"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Everything a method needs to know about one targeted leaf (resolved from the config).
+
+    Attributes:
+      path: the leaf's '/'-joined parameter path, e.g. ``"encoder/layer_0/query/kernel"``.
+      shape: the full leaf shape, stacked axes included.
+      dtype: the base leaf's dtype name (``"float32"``, ``"bfloat16"``...).
+      stacked_axes: number of leading stacked-layer axes (``nn.scan`` / ``nnx.scan``), handled by the core.
+      fan_in_axes: number of input axes of one layer's leaf (see the module docstring).
+      kind: ``"embedding"`` for leaves named ``embedding`` (Flax ``Embed``), else ``"kernel"``.
+      rank, alpha: after ``rank_pattern`` / ``alpha_pattern``.
+      use_rslora: scaling ``alpha/sqrt(rank)`` instead of ``alpha/rank``.
+      dropout: adapter-branch input dropout rate (activation-hook mode only).
+      init: the init scheme name (method-specific, e.g. ``"default"``, ``"gaussian"``, ``"pissa"``).
+      options: the method's options (``option_defaults`` updated by ``config.options``), as sorted pairs.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    stacked_axes: int
+    fan_in_axes: int
+    kind: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    dropout: float
+    init: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's leaf (stacked axes removed)."""
+        return self.shape[self.stacked_axes:]
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Shape of the stacked-layer axes (``()`` when not stacked)."""
+        return self.shape[: self.stacked_axes]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the folded per-layer matrix."""
+        layer = self.layer_shape
+        return math.prod(layer[: self.fan_in_axes]), math.prod(layer[self.fan_in_axes:])
+
+    @property
+    def scaling(self) -> float:
+        """LoRA-style scale ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def option(self, name: str) -> Any:
+        """The value of method option ``name`` (default or from ``config.options``)."""
+        return dict(self.options)[name]
+
+
+class AdapterMethod:
+    """Base class of a reparameterization adapter acting on one ``(d_in, d_out)`` float32 matrix.
+
+    Subclasses implement ``init`` and either ``delta`` (linear updates: ``W' = W + delta``) or ``apply``.
+    All methods get per-layer, folded, float32 inputs and must be pure ``jnp`` code (they run under
+    ``jit``, ``grad``, ``vmap`` and ``pmap``).
+    """
+
+    name: ClassVar[str] = ""
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+    frozen_leaves: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self, target: Target) -> None:
+        """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
+
+    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+        """Returns the adapter leaves for one layer; ``kernel`` is the folded float32 base matrix."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init().")
+
+    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+        """The additive update ``Delta W`` of shape ``(d_in, d_out)`` (linear methods only)."""
+        raise NotImplementedError(
+            f"Method {self.name!r} has no additive update; it must override apply() and unmerge().")
+
+    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        """The adapted matrix; default ``kernel + delta(leaves)``."""
+        return kernel + self.delta(leaves, target)
+
+    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        """Inverse of ``apply`` given the adapter leaves; default ``merged - delta(leaves)``."""
+        return merged - self.delta(leaves, target)
+
+    def modifies_base(self, target: Target) -> bool:
+        """True if the init is meant to be paired with a residual base (PiSSA-style inits).
+
+        Then the base must be replaced by ``unmerge(base, adapter)`` (``reparam.init_with_base`` does it).
+        """
+        return False
+
+    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        """Activation-hook mode: the output added to the base layer's output ``x @ kernel + bias``.
+
+        ``x`` is the (already dropped-out) input folded to ``(..., d_in)`` in float32; ``kernel`` the folded
+        float32 base matrix. Returns ``(..., d_out)``. Optional: methods without it are reparam-only.
+        """
+        raise NotImplementedError(
+            f"Method {self.name!r} has no activation-hook (factored) form; use reparam.apply instead.")
+
+
+def register_method(name: str):
+    """Class decorator registering an ``AdapterMethod`` subclass under ``name`` (``config.method``)."""
+
+    def decorator(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, AdapterMethod)):
+            raise TypeError(f"register_method({name!r}) expects an AdapterMethod subclass, got {cls!r}.")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"Adapter method {name!r} is already registered by {_REGISTRY[name]!r}.")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_method(name: str) -> AdapterMethod:
+    """An instance of the method registered as ``name``, importing ``jaxpeft.adapters.<name>`` if needed."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"jaxpeft.adapters.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"jaxpeft.adapters.{name}":
+                raise
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown adapter method {name!r}. Registered methods: {sorted(_REGISTRY)}. A new method is an "
+            "AdapterMethod subclass decorated with @register_method(name) (see jaxpeft.adapters.core).")
+    return _REGISTRY[name]()
+
+
+def stop_frozen(method: AdapterMethod, leaves: Leaves) -> Leaves:
+    """``leaves`` with ``stop_gradient`` on the method's ``frozen_leaves``."""
+    return {k: jax.lax.stop_gradient(v) if k in method.frozen_leaves else v for k, v in leaves.items()}
+
+
+def fold(leaf: jax.Array, target: Target) -> jax.Array:
+    """One layer's leaf -> float32 ``(d_in, d_out)`` matrix."""
+    return leaf.reshape(target.matrix_shape).astype(jnp.float32)
+
+
+def unfold(matrix: jax.Array, target: Target) -> jax.Array:
+    """Float32 ``(d_in, d_out)`` matrix -> one layer's leaf in the base dtype."""
+    return matrix.reshape(target.layer_shape).astype(target.dtype)
