@@ -36,6 +36,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.features = (32, 64)
   config.model.hidden = 128
 
+  # Start from another run's exported weights (export/params); leaves matching keep_fresh
+  # (a regex over '/'-joined paths) keep their fresh initialisation.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.params = ""
+  config.init_from.keep_fresh = ""
+
+  # Which base leaves are trained ('.*': full fine-tuning; 'head/.*': linear probe).
+  config.trainable = ml_collections.ConfigDict()
+  config.trainable.base = ".*"
+
+  # An adapter from jaxpeft.adapters ('' for none), e.g. --config.adapter.method=lora.
+  config.adapter = ml_collections.ConfigDict()
+  config.adapter.method = ""
+  config.adapter.targets = ""
+  config.adapter.rank = 8
+  config.adapter.alpha = 8.0
+  config.adapter.dropout = 0.0
+  config.adapter.use_rslora = False
+  config.adapter.init = "default"
+  config.adapter.mode = "reparam"  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
+  config.adapter.options = ml_collections.ConfigDict()
+
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 3e-3
@@ -66,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sharding.num_devices = 0  # 0: every device; N: the first N (single-process jobs)
 
   config.progress_bar = True
+  config.export = True  # write export/params (merged) and export/adapter.safetensors at the end
 
   if arg == "smoke":
     config.num_train_steps = 6

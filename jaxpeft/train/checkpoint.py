@@ -1,8 +1,9 @@
 """Checkpointing of the train state with Orbax's CheckpointManager.
 
 Each checkpoint `<workdir>/checkpoints/<step>/` holds two items: `state` (the TrainState,
-saved sharded by StandardSave) and `meta` (JSON: the step, the input position and a model
-fingerprint). Orbax writes into a temporary directory and renames it when complete, so a save
+saved sharded by StandardSave, without its `frozen` params) and `meta` (JSON: the step and the
+input position). The frozen params (a pretrained base under an adapter) never change, so they
+are saved once per run, in `<workdir>/checkpoints/frozen/`. Orbax writes into a temporary directory and renames it when complete, so a save
 that fails or is killed never replaces the last good checkpoint; old checkpoints are deleted
 only after a newer one is finalised. Restoring takes an abstract state that carries the
 *current* shardings, so a checkpoint written on 8 devices restores onto 1 (or the reverse).
@@ -82,6 +83,23 @@ class Checkpointer:
     """Starts saving `state` and `meta` as checkpoint `step` (the caller decides when)."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._manager.save(step, args=args, force=True)
+
+  def _frozen_dir(self) -> str:
+    return os.path.join(self.directory, "frozen")
+
+  def save_frozen(self, frozen: PyTree) -> None:
+    """Saves the never-trained parameters once per run (numbered checkpoints omit them)."""
+    if not jax.tree.leaves(frozen):
+      return
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(self._frozen_dir(), frozen, force=True)
+    checkpointer.wait_until_finished()
+
+  def restore_frozen(self, abstract_frozen: PyTree) -> PyTree:
+    """The parameters written by `save_frozen`, onto the shardings of `abstract_frozen`."""
+    if not jax.tree.leaves(abstract_frozen):
+      return abstract_frozen
+    return ocp.StandardCheckpointer().restore(self._frozen_dir(), abstract_frozen)
 
   def reached_preemption(self, step: int) -> bool:
     """True when JAX's preemption service (TPU/multi-host) asks this job to stop at `step`."""

@@ -26,11 +26,15 @@ from absl import logging
 from jaxpeft.data import input_pipeline
 from jaxpeft.models.registry import build_model
 from jaxpeft.train import sharding
+from jaxpeft.adapters.partition import param_count
 from jaxpeft.train.checkpoint import Checkpointer
+from jaxpeft.train.export import export
 from jaxpeft.train.metrics import MetricWriter, check_finite
 from jaxpeft.train.optimizer import build_optimizer
+from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_train_step
+from jaxpeft.train.trainable import Trainable
 
 PMAP_AXIS = "devices"
 
@@ -86,45 +90,46 @@ def _checked_mean(last_step: int, pending: list[dict[str, jax.Array]]) -> dict[s
 class _Runner:
   """Holds the compiled steps for one parallelism mode ('jit' over a Mesh, or 'pmap')."""
 
-  def __init__(self, config, model, tx, init_fn, rng, mesh):
+  def __init__(self, config, trainable, tx, make_state, rng, abstract_base, mesh):
     input_keys = tuple(config.dataset.input_keys)
     self.mode = config.sharding.parallelism
     self.mesh = mesh
+    abstract = jax.eval_shape(make_state, rng, abstract_base)
     if self.mode == "jit":
-      abstract = jax.eval_shape(init_fn, rng)
       self.shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
       self.abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.shardings
       )
-      self._init = jax.jit(init_fn, out_shardings=self.shardings)
+      self._init = jax.jit(make_state, out_shardings=self.shardings)
       batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
       self._train = jax.jit(
-          make_train_step(model, tx, input_keys),
+          make_train_step(trainable, tx, input_keys),
           in_shardings=(self.shardings, batch_sh),
           out_shardings=(self.shardings, repl),
           donate_argnums=0,
       )
-      self._eval = jax.jit(make_eval_step(model, input_keys), in_shardings=(self.shardings, batch_sh))
+      self._eval = jax.jit(make_eval_step(trainable, input_keys), in_shardings=(self.shardings, batch_sh))
     elif self.mode == "pmap":
       if config.sharding.fsdp:
         raise ValueError("config.sharding.fsdp=True needs parallelism='jit'; pmap replicates state.")
       self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-      self.abstract = jax.eval_shape(init_fn, rng)
-      self._init = jax.jit(init_fn)
-      self._train = jax.pmap(make_train_step(model, tx, input_keys, axis_name=PMAP_AXIS),
+      self.abstract = abstract
+      self._init = jax.jit(make_state)
+      self._train = jax.pmap(make_train_step(trainable, tx, input_keys, axis_name=PMAP_AXIS),
                              axis_name=PMAP_AXIS, donate_argnums=0, devices=self.local_devices)
-      self._eval = jax.pmap(make_eval_step(model, input_keys, axis_name=PMAP_AXIS),
+      self._eval = jax.pmap(make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS),
                             axis_name=PMAP_AXIS, devices=self.local_devices)
     else:
       raise ValueError(f"config.sharding.parallelism={self.mode!r}: use 'jit' or 'pmap'.")
 
-  def init(self, rng):
-    return self.from_checkpoint(self._init(rng))
+  def init(self, rng, base_params):
+    return self.place(self._init(rng, base_params))
 
-  def from_checkpoint(self, state):
+  def place(self, state):
+    """A single-copy state as the step expects it (replicated over devices under pmap)."""
     return flax.jax_utils.replicate(state, self.local_devices) if self.mode == "pmap" else state
 
-  def to_checkpoint(self, state):
+  def single_copy(self, state):
     return flax.jax_utils.unreplicate(state) if self.mode == "pmap" else state
 
   def _device_batch(self, local_batch):
@@ -172,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     A dict with the final `step`, the `eval` metrics, `preempted` (True when a SIGTERM or
     preemption notice stopped the run early, after saving a checkpoint), `params_l1` (sum of
-    |params|, a fingerprint) and the final TrainState as `state`.
+    |params|, a fingerprint), `trainable_params`, the export sizes (`params_bytes`,
+    `adapter_bytes`) and the final TrainState as `state`.
   """
   _check_workdir(workdir)
   devices = jax.devices()
@@ -196,27 +202,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   model = build_model(config.model)
-  tx = build_optimizer(config.optimizer, config.num_train_steps)
+  trainable = Trainable.from_config(model, config)
+  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps))
   example = loader.batch(0)
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
+  base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-  def init_fn(rng):
-    init_rng, state_rng = jax.random.split(rng)
-    params = model.init(init_rng, *example_inputs)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={},
+  def make_state(rng, base_params):
+    params, frozen = trainable.split(rng, base_params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(params), rng=state_rng)
 
-  rng = jax.random.key(config.seed)
-  runner = _Runner(config, model, tx, init_fn, rng, mesh)
+  def base_params():
+    fresh = jax.jit(model.init)(base_rng, *example_inputs)["params"]
+    if not config.init_from.params:
+      return fresh
+    return load_params(config.init_from.params, fresh, config.init_from.keep_fresh)
+
+  abstract_base = jax.eval_shape(lambda: model.init(base_rng, *example_inputs)["params"])
+  runner = _Runner(config, trainable, tx, make_state, adapter_rng, abstract_base, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
   latest = checkpointer.latest_step()
   if latest is None:
-    state, start = runner.init(rng), 0
+    state, start = runner.init(adapter_rng, base_params()), 0
+    checkpointer.save_frozen(runner.single_copy(state).frozen)
   else:
-    restored, meta = checkpointer.restore(latest, runner.abstract)
-    state, start = runner.from_checkpoint(restored), int(meta["step"])
+    restored, meta = checkpointer.restore(latest, runner.abstract.replace(frozen={}))
+    frozen = checkpointer.restore_frozen(runner.abstract.frozen)
+    state, start = runner.place(restored.replace(frozen=frozen)), int(meta["step"])
     logging.info("Resumed from %s at step %d (input position %s).", checkpointer.directory, start,
                  meta["input_position"])
 
@@ -226,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, config.num_train_steps, start, show_progress=config.progress_bar)
 
   def save(step):
-    checkpointer.save(step, runner.to_checkpoint(state),
+    checkpointer.save(step, runner.single_copy(state).replace(frozen={}),
                       {"step": step, "input_position": loader.position(step)})
 
   pending, step, preempted = [], start, False
@@ -254,13 +269,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Also after an error: finish the saves already started (they are good checkpoints).
     checkpointer.wait()
     checkpointer.close()
-  result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(runner.to_checkpoint(state).params)}
+  final = runner.single_copy(state)
+  result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(final.params),
+            "trainable_params": param_count(final.params)}
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     writer.write(step, "eval", result["eval"])
+    if config.export:
+      result.update(export(workdir, trainable, final.params, final.frozen))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
   writer.close()
   logging.info("Finished at step %d: %s", step, result)
-  return {**result, "state": runner.to_checkpoint(state)}
+  return {**result, "state": final}

@@ -1,0 +1,271 @@
+"""Tests for jaxpeft.optim.tram against a plain-numpy transcription of the TRAM paper's algorithm.
+
+TRAM has no package and its official code has a perturbation bug (see the module docstring), so
+the reference is the paper's algorithm written out in numpy with hand-derived gradients of a
+softmax regression: g = grad L_B(theta_t); rho_t = d(theta_t); e = rho_t T^2 g / (||T g|| + eps);
+theta_{t+1} = theta_t - lr * m_t, m_t = grad L_B(theta_t + e) + momentum * m_{t-1}.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpeft.optim.tram import TramState, scale_by_tram, tram
+from tests.optim.reference import assert_trajectories_close
+
+NUM_STEPS = 20
+DIM, CLASSES, BATCH = 5, 3, 8
+NOISE = 0.5  # input noise scale of TRAM-x
+# The trust-region distance is multiplied by this factor (the official code's `logit_scale`) so
+# that the radius is large enough for the perturbation to change the trajectory visibly.
+DISTANCE_SCALE = 20.0
+
+
+def make_problem(num_steps: int = NUM_STEPS, batch: int = BATCH, seed: int = 0):
+  """Initial params, and per step a batch (x, one-hot y) plus TRAM-x's input noise z."""
+  rng = np.random.default_rng(seed)
+  params = {"w": rng.normal(size=(DIM, CLASSES)), "b": rng.normal(size=(CLASSES,))}
+  batches = []
+  for _ in range(num_steps):
+    x = rng.normal(size=(batch, DIM))
+    y = np.eye(CLASSES)[rng.integers(0, CLASSES, size=batch)]
+    batches.append((x, y, NOISE * rng.normal(size=(batch, DIM))))
+  return params, batches
+
+
+# ---- numpy transcription of the paper (independent of JAX: gradients derived by hand) ----------
+
+
+def np_probs(params, x):
+  logits = x @ params["w"] + params["b"]
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_grad(params, x, y):
+  """Gradient of the mean cross-entropy of softmax regression: X^T (p - y) / n, mean(p - y)."""
+  delta = (np_probs(params, x) - y) / x.shape[0]
+  return {"w": x.T @ delta, "b": delta.sum(0)}
+
+
+def np_kl(p, q):
+  """Batch mean of KL(p || q)."""
+  return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), -1)))
+
+
+def np_tram(params, batches, *, lr, decay, adaptive=False, eta=0.0, momentum=0.0, eps=1e-12):
+  """The paper's TRAM step with SGD (+ heavy-ball momentum); ``decay=None`` is TRAM-x.
+
+  ``lr`` is a float or a function of the step index (a schedule).
+  """
+  theta = {k: v.copy() for k, v in params.items()}
+  reference = {k: v.copy() for k, v in params.items()}
+  buf = {k: np.zeros_like(v) for k, v in params.items()}
+  trajectory = []
+  for step, (x, y, z) in enumerate(batches):
+    g = np_grad(theta, x, y)
+    if decay is None:  # TRAM-x: divergence under input noise
+      rho = DISTANCE_SCALE * np_kl(np_probs(theta, x + z), np_probs(theta, x))
+    else:  # TRAM-theta: divergence from the reference model's predictions
+      rho = DISTANCE_SCALE * np_kl(np_probs(reference, x), np_probs(theta, x))
+    t = {k: (np.abs(v) + eta if adaptive else np.ones_like(v)) for k, v in theta.items()}
+    norm = np.sqrt(sum(np.sum((t[k] * g[k]) ** 2) for k in theta))
+    perturbed = {k: theta[k] + rho * t[k] ** 2 * g[k] / (norm + eps) for k in theta}
+    g_sam = np_grad(perturbed, x, y)
+    if decay is not None:
+      reference = {k: decay * reference[k] + (1 - decay) * theta[k] for k in theta}
+    for k in theta:
+      buf[k] = g_sam[k] + momentum * buf[k]
+      theta[k] = theta[k] - (lr(step) if callable(lr) else lr) * buf[k]
+    trajectory.append({k: v.copy() for k, v in theta.items()})
+  return trajectory
+
+
+# ---- JAX side -----------------------------------------------------------------------------------
+
+
+def log_probs(params, x):
+  return jax.nn.log_softmax(x @ params["w"] + params["b"])
+
+
+def loss(params, x, y):
+  return -jnp.mean(jnp.sum(y * log_probs(params, x), -1))
+
+
+def kl(logp, logq):
+  return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+
+
+def trust_region_fn_for(batch, input_noise: bool):
+  x, _, z = batch
+  if input_noise:  # TRAM-x
+    return lambda params, reference: DISTANCE_SCALE * kl(log_probs(params, x + z), log_probs(params, x))
+  return lambda params, reference: DISTANCE_SCALE * kl(log_probs(reference, x), log_probs(params, x))
+
+
+def run_ours(tx, params, batches, *, input_noise=False, dtype=jnp.float64):
+  with jax.enable_x64(True):
+    p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state, batch):
+      grad_fn = lambda q: jax.grad(loss)(q, batch[0], batch[1])
+      updates, state = tx.update(
+          grad_fn(p), state, p, grad_fn=grad_fn, trust_region_fn=trust_region_fn_for(batch, input_noise)
+      )
+      return optax.apply_updates(p, updates), state
+
+    trajectory = []
+    for batch in batches:
+      p, state = step(p, state, tuple(jnp.asarray(a, dtype) for a in batch))
+      trajectory.append({k: np.asarray(v) for k, v in p.items()})
+  return trajectory
+
+
+@pytest.mark.parametrize(
+    "decay, adaptive, eta, momentum",
+    [
+        (0.0, False, 0.0, 0.0),  # TRAM-theta_{t-1}
+        (1.0, False, 0.0, 0.0),  # TRAM-theta_0
+        (0.9, False, 0.0, 0.9),  # moving-average reference, SGD with momentum
+        (None, False, 0.0, 0.0),  # TRAM-x
+        (0.0, True, 0.01, 0.0),  # ASAM-style neighbourhood
+        (None, True, 0.0, 0.9),
+    ],
+)
+def test_matches_numpy_transcription_of_the_paper(decay, adaptive, eta, momentum):
+  params, batches = make_problem()
+  lr = 0.5
+  base = optax.sgd(lr, momentum=momentum or None)
+  tx = tram(reference_decay=decay, adaptive=adaptive, eta=eta, base_optimizer=base)
+  ours = run_ours(tx, params, batches, input_noise=decay is None)
+  settings = dict(lr=lr, decay=decay, adaptive=adaptive, eta=eta, momentum=momentum)
+  ref = np_tram(params, batches, **settings)
+  assert_trajectories_close(ours, ref, rtol=1e-6, atol=1e-12)
+  # The perturbation matters: the same run with no perturbation (plain SGD) ends elsewhere.
+  sgd_only = np_tram(params, batches, **settings, eps=np.inf)
+  assert max(np.max(np.abs(ref[-1][k] - sgd_only[-1][k])) for k in params) > 1e-3
+
+
+def test_reference_params_follow_the_decay():
+  params, batches = make_problem(num_steps=1)
+  with jax.enable_x64(True):
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    x, y, _ = (jnp.asarray(a) for a in batches[0])
+    grad_fn = lambda q: jax.grad(loss)(q, x, y)
+    for decay in (0.0, 0.25, 1.0):
+      tx = scale_by_tram(reference_decay=decay)
+      start = jax.tree.map(lambda v: v + 1.0, p)
+      _, state = tx.update(grad_fn(p), TramState(start), p, grad_fn=grad_fn, trust_region_fn=lambda a, b: 0.1)
+      for k in params:
+        expected = decay * (params[k] + 1.0) + (1 - decay) * params[k]
+        np.testing.assert_allclose(state.reference_params[k], expected)
+    assert scale_by_tram(reference_decay=None).init(p) == TramState(None)
+
+
+def test_pmap_axis_name_equals_single_device_full_batch():
+  num_devices = jax.local_device_count()
+  assert num_devices >= 2, "conftest should give 8 CPU devices"
+  params, batches = make_problem(num_steps=5, batch=2 * num_devices)
+  lr = 0.5
+  for decay in (0.0, None):
+    tx_single = tram(lr, reference_decay=decay, adaptive=True)
+    single = run_ours(tx_single, params, batches, input_noise=decay is None)
+    tx = tram(lr, reference_decay=decay, adaptive=True, axis_name="batch")
+    with jax.enable_x64(True):
+      p = {k: jnp.asarray(np.broadcast_to(v, (num_devices, *v.shape))) for k, v in params.items()}
+      state = jax.pmap(tx.init)(p)
+
+      def step(p, state, batch):  # gradients and distance on this device's shard only
+        grad_fn = lambda q: jax.grad(loss)(q, batch[0], batch[1])
+        updates, state = tx.update(
+            grad_fn(p), state, p, grad_fn=grad_fn, trust_region_fn=trust_region_fn_for(batch, decay is None)
+        )
+        return optax.apply_updates(p, updates), state
+
+      pstep = jax.pmap(step, axis_name="batch")
+      for i, batch in enumerate(batches):
+        p, state = pstep(p, state, tuple(jnp.asarray(a.reshape(num_devices, -1, a.shape[-1])) for a in batch))
+        for k in params:
+          for d in range(num_devices):
+            np.testing.assert_allclose(np.asarray(p[k][d]), single[i][k], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.1)])
+def test_low_precision_keeps_dtype_and_tracks_float64(dtype, atol):
+  params, batches = make_problem(num_steps=5)
+  tx = tram(0.5, reference_decay=0.5, adaptive=True, eta=0.01)
+  ref = run_ours(tx, params, batches)
+  low = run_ours(tx, params, batches, dtype=dtype)
+  for step in low:
+    for k in params:
+      assert step[k].dtype == dtype
+      assert np.all(np.isfinite(step[k].astype(np.float32)))
+  for k in params:
+    np.testing.assert_allclose(low[-1][k].astype(np.float64), ref[-1][k], atol=atol)
+  with jax.enable_x64(True):
+    state = tx.init({k: jnp.asarray(v, dtype) for k, v in params.items()})
+  assert all(v.dtype == dtype for v in jax.tree.leaves(state))
+
+
+def test_zero_gradients_and_zero_radius_are_safe():
+  params, batches = make_problem(num_steps=3)
+  zero = {k: np.zeros_like(v) for k, v in params.items()}
+  with jax.enable_x64(True):
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    tx = tram(0.5, adaptive=True)
+    state = tx.init(p)
+    zero_grad_fn = lambda q: jax.tree.map(jnp.zeros_like, q)
+    updates, _ = tx.update(zero_grad_fn(p), state, p, grad_fn=zero_grad_fn, trust_region_fn=lambda a, b: 1.0)
+    for k in params:
+      np.testing.assert_array_equal(updates[k], zero[k])
+  # The first step has rho_0 = KL(theta_0 || theta_0) = 0: a plain SGD step.
+  first = run_ours(tram(0.5), params, batches[:1])[0]
+  x, y, _ = batches[0]
+  g = np_grad(params, x, y)
+  for k in params:
+    np.testing.assert_allclose(first[k], params[k] - 0.5 * g[k], rtol=1e-12)
+
+
+def test_huge_gradients_match_transcription_without_nan():
+  params, batches = make_problem()
+  # Inputs of scale 1e30 give gradients of scale 1e30; lr 1e-60 keeps the steps O(1).
+  huge = [(1e30 * x, y, 1e30 * z) for x, y, z in batches]
+  params = {k: v * 1e-30 for k, v in params.items()}
+  ours = run_ours(tram(1e-60, reference_decay=0.0), params, huge)
+  ref = np_tram(params, huge, lr=1e-60, decay=0.0)
+  assert all(np.all(np.isfinite(v)) for step in ours for v in step.values())
+  assert_trajectories_close(ours, ref, rtol=1e-6, atol=1e-42)
+
+
+def test_inject_hyperparams_and_schedule():
+  params, batches = make_problem(num_steps=5)
+  schedule = optax.linear_schedule(0.5, 0.1, transition_steps=5)
+  injected = optax.inject_hyperparams(tram)(learning_rate=schedule, reference_decay=0.5, adaptive=True)
+  plain = tram(schedule, reference_decay=0.5, adaptive=True)
+  ours = run_ours(injected, params, batches)
+  assert_trajectories_close(ours, run_ours(plain, params, batches))
+  with jax.enable_x64(True):
+    state = injected.init({k: jnp.asarray(v) for k, v in params.items()})
+  assert set(state.hyperparams) == {"learning_rate", "reference_decay", "eta", "eps"}
+  # The schedule is applied: the numpy transcription with the schedule's rate at each step.
+  ref = np_tram(params, batches, lr=lambda i: float(schedule(i)), decay=0.5, adaptive=True)
+  assert_trajectories_close(ours, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_bad_arguments_raise_clear_errors():
+  params = {"w": jnp.ones(3)}
+  tx = tram(0.1)
+  state = tx.init(params)
+  grad_fn = lambda p: p
+  with pytest.raises(ValueError, match="grad_fn"):
+    tx.update(params, state, params, trust_region_fn=lambda a, b: 0.1)
+  with pytest.raises(ValueError, match="trust_region_fn"):
+    tx.update(params, state, params, grad_fn=grad_fn)
+  with pytest.raises(ValueError, match="scalar"):
+    tx.update(params, state, params, grad_fn=grad_fn, trust_region_fn=lambda a, b: jnp.ones(2))
+  with pytest.raises(ValueError, match="learning_rate=None"):
+    tram(0.1, base_optimizer=optax.adam(1e-3))
