@@ -37,6 +37,7 @@ TEST_REQUIRES = [
     "torch-adopt==0.1.0",
     "grams-pytorch==0.0.2",
     "peft>=0.17",
+    "loralib==0.1.2",
     "sentence-transformers>=5",
     "nbclient>=0.10",
     "ipykernel>=6",

@@ -1,0 +1,115 @@
+"""LoRA-C and convLoRA: LoRA on a 2-D convolution kernel through loralib's kernel-interleaved matricisation.
+
+Papers:
+  * Ding, Cao, Xie, Fan, Wang, Lu, "LoRA-C: Parameter-Efficient Fine-Tuning of Robust CNN for IoT Devices",
+    2024, arXiv:2410.16954 (code: github.com/alexyyds2024/lora-C).
+  * Aleem, Dietlmeier, Arazo, Little, "ConvLoRA and AdaBN based Domain Adaptation via Self-Training", ISBI 2024,
+    arXiv:2402.04964 (code: github.com/aleemsidra/ConvLoRA).
+  * Both are the baselines of Minoccheri, Hodgman, Ma, Merchant, Wittrup, Williamson, Najarian, "LoRA-based
+    methods on Unet for transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772,
+    which builds its DoRA variants on them (``jaxpeft.adapters.conv_dora``).
+Reference implementation followed: ``loralib.ConvLoRA`` (microsoft/LoRA, PyPI ``loralib`` 0.1.2), which both
+authors' repositories vendor unchanged.
+
+Math, for a square 2-D kernel with ``k = kh = kw`` (PyTorch weight ``W_t: (O, I, k, k)``)::
+
+    Delta W_t = s * reshape(B A, (O, I, k, k))       B: (O k, q),  A: (q, I k),  s = alpha / r
+    q = r       variant "lora_c"     (rank r for the whole layer: Ding et al.'s "layer-wise, not kernel-unit" rank)
+    q = r k     variant "convlora"   (loralib ConvLoRA exactly: lora_A (r k, I k), lora_B (O k, r k))
+
+``reshape`` is the row-major ``view`` of the ``(O k, I k)`` product onto the weight buffer, as loralib does (it
+is not a permutation-based matricisation: rows and columns mix output/input channels with kernel taps).
+The rank of ``Delta W`` as an ``(O k) x (I k)`` matrix is at most ``q``.
+
+Flax layout: the kernel is ``(kh, kw, I, O)`` = ``W_t.permute(2, 3, 1, 0)``; the leaves are stored transposed
+like LoRA's (``a: (I k, q) = lora_A.T``, ``b: (q, O k) = lora_B.T``), so ``Delta K = permute(reshape((a b)ᵀ,
+(O, I, k, k)), (2, 3, 1, 0))``. Grouped convolutions (``feature_group_count``) work on the kernel as stored:
+``I`` is the per-group input width. Stride, padding and dilation belong to the unchanged Flax ``Conv`` module.
+
+Init (loralib): ``a ~ U(-1/sqrt(I k), 1/sqrt(I k))`` (PyTorch ``kaiming_uniform_(a=sqrt(5))`` on ``lora_A`` of
+fan-in ``I k``), ``b = 0``; ``init="random"`` also draws ``b ~ U(-1/sqrt(q), 1/sqrt(q))`` (tests).
+Param count: ``q k (I + O)``, i.e. ``r k (I + O)`` (LoRA-C) or ``r k^2 (I + O)`` (convLoRA).
+
+Which variant is which [reconstructed]: the full texts of arXiv:2410.16954 and arXiv:2508.01772 were not
+readable here; the released LoRA-C code is loralib's ConvLoRA (inner width ``r k``), and the LoRA-C paper
+compares the two rank settings ``r`` and ``r k`` and argues for a layer-level rank. We therefore name the
+``q = r`` setting LoRA-C and loralib's ``q = r k`` convLoRA (Aleem et al. use loralib's layer unchanged).
+Hugging Face PEFT's Conv2d LoRA is a third matricisation (``(O) x (I k k)``: a k x k conv to ``r`` channels,
+then a 1 x 1 conv); it is ``method="lora"`` with ``fan_in_axes=3`` in jaxpeft, not one of these variants.
+The update is merged (``W + Delta W``); there is no activation-hook form (the reshape has no conv-branch form).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+
+VARIANTS = ("lora_c", "convlora")
+_INITS = ("default", "random")
+
+
+def conv_shape(target: Target) -> tuple[int, int, int]:
+    """``(k, I, O)`` of a square 2-D Flax conv kernel ``(k, k, I, O)``; raises a clear error otherwise."""
+    shape = target.layer_shape
+    if len(shape) != 4 or shape[0] != shape[1] or target.fan_in_axes != 3:
+        raise ValueError(
+            f"{target.path}: LoRA-C / convLoRA adapt square 2-D conv kernels (kh, kw, in, out) with kh == kw and "
+            f"fan_in_axes=3, got per-layer shape {shape} with fan_in_axes={target.fan_in_axes}. Set "
+            "AdapterConfig.fan_in_axes={pattern: 3} for conv kernels; use cp_lora for 1-D/3-D or non-square kernels.")
+    return shape[0], shape[2], shape[3]
+
+
+def inner_width(target: Target) -> int:
+    """``q``: ``r`` for LoRA-C, ``r k`` for convLoRA."""
+    k, _, _ = conv_shape(target)
+    return target.rank * (k if target.option("variant") == "convlora" else 1)
+
+
+def validate_conv_lora(target: Target) -> None:
+    conv_shape(target)
+    if target.option("variant") not in VARIANTS:
+        raise ValueError(f"{target.path}: unknown conv LoRA variant {target.option('variant')!r}; expected one of "
+                         f"{VARIANTS} (options={{'variant': ...}}).")
+    if target.init not in _INITS:
+        raise ValueError(f"{target.path}: unknown init {target.init!r} for LoRA-C / convLoRA; expected one of "
+                         f"{_INITS}.")
+
+
+def conv_lora_init(rng: jax.Array, target: Target) -> Leaves:
+    """``{"a": (I k, q), "b": (q, O k)}`` as loralib initialises ``lora_A.T`` and ``lora_B.T``."""
+    k, c_in, c_out = conv_shape(target)
+    q = inner_width(target)
+    key_a, key_b = jax.random.split(rng)
+    bound_a = 1.0 / jnp.sqrt(c_in * k)
+    a = jax.random.uniform(key_a, (c_in * k, q), jnp.float32, -bound_a, bound_a)
+    if target.init == "random":
+        bound_b = 1.0 / jnp.sqrt(q)
+        b = jax.random.uniform(key_b, (q, c_out * k), jnp.float32, -bound_b, bound_b)
+    else:
+        b = jnp.zeros((q, c_out * k), jnp.float32)
+    return {"a": a, "b": b}
+
+
+def conv_lora_delta(leaves: Leaves, target: Target) -> jax.Array:
+    """``Delta K`` folded to ``(k*k*I, O)`` (see the module docstring)."""
+    k, c_in, c_out = conv_shape(target)
+    delta_t = (leaves["a"] @ leaves["b"]).T.reshape(c_out, c_in, k, k)  # loralib: (B @ A).view(W_t.shape)
+    return target.scaling * delta_t.transpose(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+
+
+@register_method("conv_lora")
+class ConvLoRA(AdapterMethod):
+    """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "lora_c" | "convlora"}``."""
+
+    option_defaults = {"variant": "lora_c"}
+
+    def validate(self, target: Target) -> None:
+        validate_conv_lora(target)
+
+    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+        return conv_lora_init(rng, target)
+
+    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+        return conv_lora_delta(leaves, target)
