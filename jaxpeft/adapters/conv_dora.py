@@ -34,7 +34,7 @@ import jax
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.conv_lora import ConvLoRA
 from jaxpeft.adapters.cp_lora import CPLoRA
-from jaxpeft.adapters.dora import _column_norm, _magnitude_scale
+from jaxpeft.adapters.dora import column_norm, magnitude_scale
 
 _UPDATES: dict[str, AdapterMethod] = {"lora_c": ConvLoRA(), "convlora": ConvLoRA(), "cp": CPLoRA()}
 
@@ -59,12 +59,12 @@ class ConvDoRA(AdapterMethod):
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         update = _update(target)
         leaves = update.init(rng, kernel, target)
-        leaves["m"] = _column_norm(kernel + update.delta(leaves, target))
+        leaves["m"] = column_norm(kernel + update.delta(leaves, target))
         return leaves
 
     def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         v = kernel + _update(target).delta(leaves, target)
-        return v * _magnitude_scale(v, leaves)
+        return v * magnitude_scale(v, leaves)
 
     def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         raise ValueError(

@@ -39,7 +39,8 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.lora import lora_factors_init, validate_lora_target
 
 
-def _column_norm(w: jax.Array) -> jax.Array:
+def column_norm(w: jax.Array) -> jax.Array:
+    """Per-output-column L2 norm ``||W||_col`` of a folded ``(d_in, d_out)`` kernel."""
     return jnp.linalg.norm(w, axis=0)
 
 
@@ -48,9 +49,9 @@ def _updated(kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
     return kernel + target.scaling * (leaves["a"] @ leaves["b"])
 
 
-def _magnitude_scale(v: jax.Array, leaves: Leaves) -> jax.Array:
+def magnitude_scale(v: jax.Array, leaves: Leaves) -> jax.Array:
     """``g = m / ||V||_col`` with the norm detached."""
-    return leaves["m"] / jax.lax.stop_gradient(_column_norm(v))
+    return leaves["m"] / jax.lax.stop_gradient(column_norm(v))
 
 
 @register_method("dora")
@@ -65,12 +66,12 @@ class DoRA(AdapterMethod):
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         leaves = lora_factors_init(rng, kernel, target)
-        leaves["m"] = _column_norm(_updated(kernel, leaves, target))
+        leaves["m"] = column_norm(_updated(kernel, leaves, target))
         return leaves
 
     def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         v = _updated(kernel, leaves, target)
-        return v * _magnitude_scale(v, leaves)
+        return v * magnitude_scale(v, leaves)
 
     def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         raise ValueError(
@@ -78,5 +79,5 @@ class DoRA(AdapterMethod):
             "the merge). Keep the base params: reparam.apply/merge return new trees and never modify them.")
 
     def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        g = _magnitude_scale(_updated(kernel, leaves, target), leaves)
+        g = magnitude_scale(_updated(kernel, leaves, target), leaves)
         return (g - 1.0) * (x @ kernel) + g * target.scaling * ((x @ leaves["a"]) @ leaves["b"])
