@@ -39,7 +39,7 @@ def test_one_and_eight_devices_give_the_same_losses(smoke_config, tmp_path):
 def test_fsdp_shards_state_and_matches_data_parallel(smoke_config, tmp_path):
   dp = train_and_evaluate(smoke_config(), str(tmp_path / "dp"))
   fsdp = train_and_evaluate(smoke_config(sharding__fsdp=True), str(tmp_path / "fsdp"))
-  kernel = fsdp["state"].params["dense"]["kernel"]
+  kernel = fsdp["state"].params["base"]["dense"]["kernel"]
   assert "data" in kernel.sharding.spec, kernel.sharding
   mu = jax.tree.leaves(fsdp["state"].opt_state)[1]
   assert any(s is not None for s in mu.sharding.spec), "optimizer state should be sharded too"
@@ -72,7 +72,7 @@ def test_checkpoint_restores_onto_a_different_device_count(smoke_config, tmp_pat
   moved = tmp_path / "moved"
   shutil.copytree(tmp_path / "full" / "checkpoints" / "3", moved / "checkpoints" / "3")
   resumed = train_and_evaluate(smoke_config(sharding__num_devices=1), str(moved))
-  assert resumed["state"].params["dense"]["kernel"].sharding.mesh.devices.size == 1
+  assert resumed["state"].params["base"]["dense"]["kernel"].sharding.mesh.devices.size == 1
   for a, b in zip(_params(full), _params(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -140,6 +140,6 @@ def test_unknown_dataset_is_a_clear_error(smoke_config, tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_with_a_diff(smoke_config, tmp_path):
   train_and_evaluate(smoke_config(), str(tmp_path))
-  with pytest.raises(IncompatibleCheckpointError, match="shape mismatch at params/dense/kernel"):
+  with pytest.raises(IncompatibleCheckpointError, match="shape mismatch at params/base/dense/kernel"):
     train_and_evaluate(smoke_config(model__hidden=24), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
