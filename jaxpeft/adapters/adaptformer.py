@@ -1,0 +1,68 @@
+"""AdaptFormer: a scaled bottleneck in parallel with a transformer block's MLP.
+
+Paper: Chen, Ge, Tong, Wang, Song, Wang, Luo, "AdaptFormer: Adapting Vision Transformers for Scalable Visual
+Recognition", NeurIPS 2022, arXiv:2205.13535. Reference implementation followed: ShoufaChen/AdaptFormer
+(``models/adapter.py`` ``Adapter`` with ``init_option="lora"``, ``adapter_layernorm_option="none"``;
+``models/vision_transformer.py`` ``Block.forward`` with ``ffn_option="parallel"``).
+
+Math (method ``"adaptformer"``), with ``x`` the input of the hooked MLP sub-block and ``MLP(x)`` its output::
+
+    MLP'(x) = MLP(x) + s * (relu(x @ down + down_bias) @ up + up_bias),
+    down: (d, m),  up: (m, d),  m = config.rank,  s = option ``scale`` (default 0.1, the paper's)
+
+Init ("lora" option of the reference): ``down`` PyTorch ``kaiming_uniform_(a=sqrt(5))``, i.e.
+``U(-1/sqrt(d), 1/sqrt(d))``; ``up = 0``; biases 0 -- so the model is unchanged at init. Parameters per
+block: ``2 m d + m + d``. Not mergeable (ReLU).
+
+Placement: ``config.targets`` selects the kernel of the MLP's *first* projection (e.g.
+``r".*mlp/fc1/kernel"``, ``d`` = its input width) and the hook wraps that kernel's parent module (the MLP;
+``hook_levels_up = 1``), reading the MLP's input and adding to its output. In the reference the adapter reads
+the residual stream *before* the block's second LayerNorm; if your LayerNorm sits outside the MLP module
+(the usual ViT layout), the adapter here reads ``LN(x)`` instead -- equivalent to the reference's
+``adapter_layernorm_option="in"`` with the block's (frozen or trained) LayerNorm. Put the LayerNorm inside the
+hooked module to get the exact paper setting. The reference's adapter dropout (0.1) is not implemented.
+
+Usage: ``with houlsby.intercept(params, adapter_params, config): model.apply(...)`` (the module-hook
+mechanism, see ``jaxpeft.adapters.houlsby``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.adapters.core import Leaves, Target, register_method
+from jaxpeft.adapters.houlsby import ModuleHookMethod, bottleneck
+
+
+@register_method("adaptformer")
+class AdaptFormer(ModuleHookMethod):
+    """``MLP'(x) = MLP(x) + s * up(relu(down(x)))``. See the module docstring."""
+
+    option_defaults = {"scale": 0.1}
+    hook_levels_up = 1
+
+    def validate(self, target: Target) -> None:
+        super().validate(target)
+        if target.fan_in_axes != 1 or len(target.layer_shape) != 2:
+            raise ValueError(f"{target.path}: AdaptFormer targets the 2-D kernel of the MLP's first Dense (its "
+                             f"input width is the adapter's d), got per-layer shape {target.layer_shape}.")
+
+    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+        d, m = target.matrix_shape[0], target.rank
+        bound = 1.0 / jnp.sqrt(d)
+        return {"down": jax.random.uniform(rng, (d, m), jnp.float32, -bound, bound),
+                "down_bias": jnp.zeros((m,), jnp.float32),
+                "up": jnp.zeros((m, d), jnp.float32), "up_bias": jnp.zeros((d,), jnp.float32)}
+
+    def hook(self, call, args, kwargs, leaves, target, call_index):
+        if not args:
+            raise ValueError(f"{target.path}: AdaptFormer needs the hooked MLP to receive its input as the first "
+                             "positional argument.")
+        x = args[0]
+        y = call(*args, **kwargs)
+        d = target.matrix_shape[0]
+        if x.shape[-1] != d or y.shape[-1] != d:
+            raise ValueError(f"{target.path}: the hooked module maps width {x.shape[-1]} to {y.shape[-1]}, but "
+                             f"AdaptFormer needs both to equal the targeted kernel's input width {d}.")
+        return (y + target.option("scale") * bottleneck(x, leaves, "relu")).astype(y.dtype)
