@@ -1,6 +1,6 @@
 r"""Steps per second of the quickstart train step on 1 device vs N fake CPU devices.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/harness.py [--steps 200]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.harness [--steps 400]
 
 Runs the quickstart config in-process twice (mesh over 1 device, then over all devices, each
 with data parallelism and with FSDP), times the training loop after compilation, and prints a

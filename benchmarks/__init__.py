@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (run as modules from the repository root)."""
