@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from typing import Any
 
 import flax.jax_utils
@@ -195,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_dir = _data_dir(config)
   train_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
-  preprocess = input_pipeline.get_preprocess(config.dataset.name)
+  preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   loader = input_pipeline.BatchLoader(
       train_source, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), preprocess=preprocess,
@@ -244,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.save(step, runner.single_copy(state).replace(frozen={}),
                       {"step": step, "input_position": loader.position(step)})
 
-  pending, step, preempted = [], start, False
+  pending, step, preempted, last_log = [], start, False, time.perf_counter()
   try:
     with _StopRequest() as stop:
       while step < config.num_train_steps:
@@ -254,7 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopping = stop.requested or checkpointer.reached_preemption(step)
         saving = step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or stopping
         if pending and (step % config.log_every == 0 or saving):
-          averaged = _checked_mean(step, pending)
+          averaged = _checked_mean(step, pending)  # Waits for the steps, so the rate is real.
+          now = time.perf_counter()
+          averaged["steps_per_sec"] = len(pending) / (now - last_log)
+          last_log = now
           writer.advance(len(pending))
           writer.write(step, "train", averaged)
           pending = []
