@@ -1,0 +1,98 @@
+"""(IA)^3: infused adapter by inhibiting and amplifying inner activations (learned rescaling vectors).
+
+Paper: Liu, Tam, Muqeeth, Mohta, Huang, Bansal, Raffel, "Few-Shot Parameter-Efficient Fine-Tuning is Better
+and Cheaper than In-Context Learning", NeurIPS 2022, arXiv:2205.05638 (authors' code: r-three/t-few).
+Reference implementation followed: Hugging Face PEFT ``peft/tuners/ia3`` (``IA3Layer.update_layer``,
+``Linear/_ConvNd.merge / unmerge / forward``), which generalises the paper's ``l_k, l_v, l_ff`` to any layer.
+
+Math. The paper rescales activations: keys and values ``k' = l_k * k``, ``v' = l_v * v`` (a layer's
+*output*) and the feed-forward hidden state before the down projection (that layer's *input*). As a
+reparameterization of the folded ``(d_in, d_out)`` kernel ``W`` (Flax layout ``y = x W + bias``)::
+
+    output mode:       W' = W * l[None, :]             l: (d_out,)   (x W') = l * (x W)
+    feedforward mode:  W' = W * l[:, None]             l: (c_in,)    (x W') = (l * x) W
+
+A target is in feedforward mode when its path fully matches the ``feedforward`` option (a regex, PEFT's
+``feedforward_modules``; default ``None``: no target). For a conv kernel ``(kh, kw, c_in, c_out)`` set the
+``spatial_axes`` option (2): the input vector then has length ``c_in`` and is broadcast over the window,
+as PEFT's ``(1, c_in, 1, 1)`` vector on ``nn.Conv2d``.
+
+Init (``config.init``): ``"default"``: ``l = 1`` (PEFT ``init_ia3_weights=True``, ``W' = W``); ``"random"``:
+``l ~ N(0, 1)`` (PEFT ``init_ia3_weights=False``, for tests). No scaling hyperparameters (rank and alpha
+are unused).
+
+Trainable parameters per adapted matrix: ``d_out`` (output mode) or ``c_in`` (feedforward mode).
+Merge: yes (the rescaled kernel). Unmerge: ``W = W' / l`` -- exact division here (PEFT adds ``1e-8`` to
+``l``), undefined where an entry of ``l`` is 0 (it yields inf/nan: keep the base params instead).
+
+Deviation from PEFT: PEFT's output mode multiplies the whole layer output, bias included
+(``y = l * (x W + bias)``), and merges ``l`` into the bias too. The core hands a method one leaf, so here the
+bias is *not* rescaled: outputs agree with PEFT exactly for layers without bias (as in T5, the paper's
+model) and in feedforward mode; for biased layers in output mode they differ by ``(l - 1) * bias``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+
+_INITS = ("default", "random")
+
+
+def is_feedforward(target: Target) -> bool:
+    """Whether ``target`` rescales its input (``feedforward`` option matches its path) or its output."""
+    pattern = target.option("feedforward")
+    return pattern is not None and re.fullmatch(pattern, target.path) is not None
+
+
+def _windowed(kernel: jax.Array, target: Target) -> jax.Array:
+    """The folded kernel as ``(window, c_in, d_out)``."""
+    spatial = target.option("spatial_axes")
+    window = math.prod(target.layer_shape[:spatial])
+    return kernel.reshape(window, -1, kernel.shape[-1])
+
+
+def _scale(kernel: jax.Array, scale: jax.Array, target: Target) -> jax.Array:
+    if not is_feedforward(target):
+        return kernel * scale
+    return (_windowed(kernel, target) * scale[None, :, None]).reshape(kernel.shape)
+
+
+@register_method("ia3")
+class IA3(AdapterMethod):
+    """``W' = W * l`` on the output (columns) or, for feedforward targets, the input (rows) of the kernel."""
+
+    option_defaults = {"feedforward": None, "spatial_axes": 0}
+
+    def validate(self, target: Target) -> None:
+        spatial = target.option("spatial_axes")
+        if target.fan_in_axes == 0:
+            raise ValueError(f"{target.path}: (IA)^3 needs a kernel with input and output axes; this leaf of "
+                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
+        if spatial and target.fan_in_axes != spatial + 1:
+            raise ValueError(f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
+                             f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes}.")
+        if target.init not in _INITS:
+            raise ValueError(f"{target.path}: unknown (IA)^3 init {target.init!r}; expected one of {_INITS}.")
+
+    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+        size = _windowed(kernel, target).shape[1] if is_feedforward(target) else kernel.shape[1]
+        if target.init == "random":
+            return {"l": jax.random.normal(rng, (size,), jnp.float32)}
+        return {"l": jnp.ones((size,), jnp.float32)}
+
+    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        return _scale(kernel, leaves["l"], target)
+
+    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        return _scale(merged, 1.0 / leaves["l"], target)
+
+    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        if is_feedforward(target):
+            return (x * (leaves["l"] - 1.0)) @ kernel
+        return (x @ kernel) * (leaves["l"] - 1.0)
