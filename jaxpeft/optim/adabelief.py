@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
 # The authors switch from the SGD-like warm-up to the rectified update once rho_t reaches 5.
 _RHO_THRESHOLD = 5.0
 
@@ -86,17 +88,6 @@ def _rectification(b2: jax.typing.ArrayLike, t: jax.Array) -> tuple[jax.Array, j
   # Only used where rho_t >= 5, where the ratio is positive; clamp so the other branch is not NaN.
   r_t = jnp.sqrt((1.0 - b2_t) * jnp.maximum(ratio, 0.0))
   return rho_t, r_t
-
-
-def _check_hyperparameters(**values: jax.typing.ArrayLike) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values, schedules pass)."""
-  for key, value in values.items():
-    if not isinstance(value, (int, float)):
-      continue
-    if key.startswith("b") and not 0.0 <= value < 1.0:
-      raise ValueError(f"AdaBelief: {key} must be in [0, 1), got {value}. Defaults: b1=0.9, b2=0.999, eps=1e-16.")
-    if not key.startswith("b") and value < 0.0:
-      raise ValueError(f"AdaBelief: {key} must be >= 0, got {value}.")
 
 
 def scale_by_adabelief(
@@ -123,7 +114,8 @@ def scale_by_adabelief(
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`AdaBeliefState`.
   """
-  _check_hyperparameters(b1=b1, b2=b2, eps=eps)
+  check_hyperparameters("AdaBelief", DECAY_RATE, "Defaults: b1=0.9, b2=0.999, eps=1e-16.", b1=b1, b2=b2)
+  check_hyperparameters("AdaBelief", NON_NEGATIVE, eps=eps)
   if amsgrad and rectify:
     raise ValueError(
       "adabelief: amsgrad=True has no effect with rectify=True in the authors' "
@@ -201,7 +193,7 @@ def adabelief(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
+  check_hyperparameters("AdaBelief", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   if fixed_decay and not weight_decouple:
     raise ValueError(
       "adabelief: fixed_decay=True only applies to decoupled weight decay; set "

@@ -57,7 +57,10 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, Interval, check_hyperparameters
+
 ObjectiveFn = Callable[[optax.Params], jax.Array]
+_HESSIAN_POWER = Interval(0.0, 1.0, low_open=True, high_open=False)  # (0, 1]
 
 
 class ScaleByAdaHessianState(NamedTuple):
@@ -135,15 +138,11 @@ def scale_by_adahessian(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  for name, beta in (("b1", b1), ("b2", b2)):
-    if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
-      raise ValueError(f"adahessian: {name} must be in [0, 1), got {beta}. Defaults: b1=0.9, b2=0.999.")
-  if isinstance(hessian_power, (int, float)) and not 0.0 < hessian_power <= 1.0:
-    raise ValueError(f"adahessian: hessian_power must be in (0, 1], got {hessian_power}.")
+  check_hyperparameters("adahessian", DECAY_RATE, "Defaults: b1=0.9, b2=0.999.", b1=b1, b2=b2)
+  check_hyperparameters("adahessian", _HESSIAN_POWER, hessian_power=hessian_power)
   if isinstance(update_each, int) and update_each < 1:
     raise ValueError(f"adahessian: update_each must be a positive number of steps, got {update_each}.")
-  if isinstance(eps, (int, float)) and eps < 0:
-    raise ValueError(f"adahessian: eps must be >= 0, got {eps}. The authors' default is 1e-4.")
+  check_hyperparameters("adahessian", NON_NEGATIVE, "The authors' default is 1e-4.", eps=eps)
 
   def init_fn(params: optax.Params) -> ScaleByAdaHessianState:
     return ScaleByAdaHessianState(

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
 
 class AdaModState(NamedTuple):
   """State of :func:`scale_by_adamod`."""
@@ -43,17 +45,6 @@ class AdaModState(NamedTuple):
   mu: optax.Updates  # EMA of gradients, m_t
   nu: optax.Updates  # EMA of squared gradients, v_t
   eta: optax.Updates  # EMA of the step sizes eta_t, s_t
-
-
-def _check_hyperparameters(**values: jax.typing.ArrayLike) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values, schedules pass)."""
-  for key, value in values.items():
-    if not isinstance(value, (int, float)):
-      continue
-    if key.startswith("b") and not 0.0 <= value < 1.0:
-      raise ValueError(f"AdaMod: {key} must be in [0, 1), got {value}. Defaults: b1=0.9, b2=0.999, b3=0.999, eps=1e-8.")
-    if not key.startswith("b") and value < 0.0:
-      raise ValueError(f"AdaMod: {key} must be >= 0, got {value}.")
 
 
 def scale_by_adamod(
@@ -76,7 +67,9 @@ def scale_by_adamod(
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`AdaModState`.
   """
-  _check_hyperparameters(learning_rate=learning_rate, b1=b1, b2=b2, b3=b3, eps=eps)
+  check_hyperparameters("AdaMod", NON_NEGATIVE, learning_rate=learning_rate)
+  check_hyperparameters("AdaMod", DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.999, eps=1e-8.", b1=b1, b2=b2, b3=b3)
+  check_hyperparameters("AdaMod", NON_NEGATIVE, eps=eps)
 
   def init_fn(params: optax.Params) -> AdaModState:
     zeros = optax.tree.zeros_like(params)
@@ -123,7 +116,7 @@ def adamod(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_hyperparameters(weight_decay=weight_decay)
+  check_hyperparameters("AdaMod", NON_NEGATIVE, weight_decay=weight_decay)
   if callable(learning_rate):
 
     def decay(count: jax.Array) -> jax.Array:

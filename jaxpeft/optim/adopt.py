@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
 
 class AdoptState(NamedTuple):
   """State of :func:`scale_by_adopt`."""
@@ -54,17 +56,6 @@ class AdoptState(NamedTuple):
 
 def _default_clip(step: jax.Array) -> jax.Array:
   return step**0.25
-
-
-def _check_hyperparameters(**values: jax.typing.ArrayLike) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values, schedules pass)."""
-  for key, value in values.items():
-    if not isinstance(value, (int, float)):
-      continue
-    if key.startswith("b") and not 0.0 <= value < 1.0:
-      raise ValueError(f"ADOPT: {key} must be in [0, 1), got {value}. Defaults: b1=0.9, b2=0.9999, eps=1e-6.")
-    if not key.startswith("b") and value < 0.0:
-      raise ValueError(f"ADOPT: {key} must be >= 0, got {value}.")
 
 
 def scale_by_adopt(
@@ -89,7 +80,8 @@ def scale_by_adopt(
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`AdoptState`.
   """
-  _check_hyperparameters(b1=b1, b2=b2, eps=eps)
+  check_hyperparameters("ADOPT", DECAY_RATE, "Defaults: b1=0.9, b2=0.9999, eps=1e-6.", b1=b1, b2=b2)
+  check_hyperparameters("ADOPT", NON_NEGATIVE, eps=eps)
 
   def init_fn(params: optax.Params) -> AdoptState:
     return AdoptState(
@@ -152,7 +144,7 @@ def adopt(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  _check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
+  check_hyperparameters("ADOPT", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   core = scale_by_adopt(b1, b2, eps, mu_dtype, clip_lambda=clip_lambda)
   lr = optax.scale_by_learning_rate(learning_rate)
   if not decouple:

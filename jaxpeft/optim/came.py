@@ -55,6 +55,11 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxpeft.optim._hyperparameter_checks import NON_NEGATIVE, POSITIVE, Interval, check_hyperparameters
+
+# As in the authors' code, which asserts 0 <= beta <= 1 (there is no bias correction to divide by 1 - beta).
+_DECAY_RATE = Interval(0.0, 1.0, high_open=False)
+
 
 class CameState(NamedTuple):
   """State of `scale_by_came`. Every field is a tree with the parameters' structure.
@@ -102,20 +107,6 @@ def _rms(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def _check_hyperparameters(**values: ArrayLike) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values pass unchecked)."""
-  for name in ("b1", "b2", "b3"):
-    beta = values[name]
-    if isinstance(beta, (int, float)) and not 0.0 <= beta <= 1.0:
-      raise ValueError(f"CAME: {name} must be in [0, 1], got {beta}. Defaults: b1=0.9, b2=0.999, b3=0.9999.")
-  for name in ("eps", "eps_res"):
-    if isinstance(values[name], (int, float)) and values[name] < 0.0:
-      raise ValueError(f"CAME: {name} must be >= 0, got {values[name]}. Defaults: eps=1e-30, eps_res=1e-16.")
-  clip = values["clip_threshold"]
-  if isinstance(clip, (int, float)) and clip <= 0.0:
-    raise ValueError(f"CAME: clip_threshold must be > 0, got {clip}. The authors' default is 1.0.")
-
-
 def scale_by_came(
     b1: ArrayLike = 0.9,
     b2: ArrayLike = 0.999,
@@ -139,7 +130,9 @@ def scale_by_came(
   Returns:
     An `optax.GradientTransformation`.
   """
-  _check_hyperparameters(b1=b1, b2=b2, b3=b3, eps=eps, eps_res=eps_res, clip_threshold=clip_threshold)
+  check_hyperparameters("CAME", _DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.9999.", b1=b1, b2=b2, b3=b3)
+  check_hyperparameters("CAME", NON_NEGATIVE, "Defaults: eps=1e-30, eps_res=1e-16.", eps=eps, eps_res=eps_res)
+  check_hyperparameters("CAME", POSITIVE, "The authors' default is 1.0.", clip_threshold=clip_threshold)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params: optax.Params) -> CameState:

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
 
 class GramsState(NamedTuple):
   """State of `scale_by_grams`: step count and Adam's first and second moments."""
@@ -49,15 +51,6 @@ class GramsState(NamedTuple):
   count: jax.Array  # shape=(), dtype=jnp.int32: number of steps taken.
   mu: optax.Updates
   nu: optax.Updates
-
-
-def _check_hyperparameters(b1: ArrayLike, b2: ArrayLike, eps: ArrayLike) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values pass unchecked)."""
-  for name, beta in (("b1", b1), ("b2", b2)):
-    if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
-      raise ValueError(f"Grams: {name} must be in [0, 1), got {beta}. Typical values: b1=0.9, b2=0.999.")
-  if isinstance(eps, (int, float)) and eps < 0.0:
-    raise ValueError(f"Grams: eps must be >= 0, got {eps}. The authors' default is 1e-6.")
 
 
 def scale_by_grams(
@@ -83,7 +76,8 @@ def scale_by_grams(
   Returns:
     An `optax.GradientTransformation`.
   """
-  _check_hyperparameters(b1, b2, eps)
+  check_hyperparameters("Grams", DECAY_RATE, "Typical values: b1=0.9, b2=0.999.", b1=b1, b2=b2)
+  check_hyperparameters("Grams", NON_NEGATIVE, "The authors' default is 1e-6.", eps=eps)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params: optax.Params) -> GramsState:

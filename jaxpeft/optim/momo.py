@@ -73,6 +73,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
 
 class MomoState(NamedTuple):
   """State of `scale_by_momo`."""
@@ -93,18 +95,6 @@ class MomoAdamState(NamedTuple):
   loss_avg: jax.Array  # \bar f_k.
   grad_dot_w: jax.Array  # gamma_k, averaged <g_j, x_j>.
   lower_bound: jax.Array  # current estimate of f_* (constant unless use_fstar).
-
-
-def _check_hyperparameters(name: str, learning_rate: optax.ScalarOrSchedule, weight_decay: ArrayLike,
-                           betas: dict[str, ArrayLike]) -> None:
-  """Raises on Python-number hyperparameters out of range (jnp values pass unchecked)."""
-  if isinstance(learning_rate, (int, float)) and learning_rate < 0:
-    raise ValueError(f"{name}: learning_rate must be >= 0, got {learning_rate}.")
-  if isinstance(weight_decay, (int, float)) and weight_decay < 0:
-    raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}.")
-  for beta_name, beta in betas.items():
-    if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
-      raise ValueError(f"{name}: {beta_name} must be in [0, 1), got {beta}. The authors' default is 0.9.")
 
 
 def _check_update_args(name: str, params: optax.Params | None, value: ArrayLike | None) -> None:
@@ -130,41 +120,89 @@ def _vdot(a: optax.Params, b: optax.Params, dtype: jnp.dtype, axis_name: str | N
   return result if axis_name is None else jax.lax.psum(result, axis_name)
 
 
-def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  return jnp.asarray(learning_rate(count) if callable(learning_rate) else learning_rate, dtype)
+class _Averages(NamedTuple):
+  """The exponential averages both methods keep, in their state's field order."""
+
+  exp_avg: optax.Updates
+  loss_avg: jax.Array
+  grad_dot_w: jax.Array
+
+
+class _StepConfig(NamedTuple):
+  """Hyperparameters of the model-based step that MoMo and MoMo-Adam share."""
+
+  learning_rate: optax.ScalarOrSchedule
+  weight_decay: ArrayLike
+  initial_lower_bound: ArrayLike
+  use_fstar: bool
+  axis_name: str | None
+
+
+def _init_state(state_type: type[MomoState | MomoAdamState], params: optax.Params, lower_bound: ArrayLike,
+                **other_fields: optax.Updates) -> MomoState | MomoAdamState:
+  """Zero averages, scalars in `_scalar_dtype(params)`, and `other_fields` as given."""
+  dtype = _scalar_dtype(params)
+  return state_type(
+      count=jnp.zeros([], jnp.int32),
+      exp_avg=optax.tree.zeros_like(params),
+      loss_avg=jnp.zeros([], dtype),
+      grad_dot_w=jnp.zeros([], dtype),
+      lower_bound=jnp.asarray(lower_bound, dtype),
+      **other_fields,
+  )
+
+
+def _update_averages(
+    state: MomoState | MomoAdamState,
+    updates: optax.Updates,
+    params: optax.Params,
+    value: ArrayLike,
+    decay: ArrayLike,
+    axis_name: str | None,
+) -> _Averages:
+  """Averages of gradients, loss (`pmean`-ed over `axis_name`) and <g_k, x_k> with `decay`."""
+  dtype = state.loss_avg.dtype
+  loss = jnp.asarray(value, dtype)
+  if axis_name is not None:
+    loss = jax.lax.pmean(loss, axis_name)
+  return _Averages(
+      exp_avg=optax.tree.cast_like(optax.tree.update_moment(updates, state.exp_avg, decay, 1), state.exp_avg),
+      loss_avg=(decay * state.loss_avg + (1 - decay) * loss).astype(dtype),
+      grad_dot_w=(decay * state.grad_dot_w + (1 - decay) * _vdot(params, updates, dtype, axis_name)).astype(dtype),
+  )
 
 
 def _model_step(
-    *,
+    config: _StepConfig,
+    state: MomoState | MomoAdamState,
     params: optax.Params,
+    averages: _Averages,
+    *,
     direction: optax.Updates,
-    alpha: jax.Array,
-    weight_decay: ArrayLike,
-    rho: jax.Array,
-    loss_avg: jax.Array,
-    grad_dot_w: jax.Array,
-    dot: jax.Array,
     norm_sq: jax.Array,
-    lower_bound: jax.Array,
-    initial_lower_bound: ArrayLike,
-    use_fstar: bool,
+    rho: jax.Array,
     divide: bool,
 ) -> tuple[optax.Updates, jax.Array]:
   """The step shared by MoMo and MoMo-Adam: truncated-model step size and the parameter update.
 
-  `direction` is D_k^{-1} d_k, `dot` = <d_k, x_k>, `norm_sq` = <d_k, D_k^{-1} d_k>. Returns the
-  update x_{k+1} - x_k and the new lower-bound estimate.
+  `direction` is D_k^{-1} d_k and `norm_sq` = <d_k, D_k^{-1} d_k>. Returns the update
+  x_{k+1} - x_k and the new lower-bound estimate.
   """
-  c = 1 + alpha * weight_decay
-  lb = lower_bound
-  if use_fstar:
+  dtype = state.loss_avg.dtype
+  loss_avg, grad_dot_w = averages.loss_avg, averages.grad_dot_w
+  learning_rate, initial_lower_bound = config.learning_rate, config.initial_lower_bound
+  alpha = jnp.asarray(learning_rate(state.count) if callable(learning_rate) else learning_rate, dtype)
+  dot = _vdot(params, averages.exp_avg, dtype, config.axis_name)  # <d_k, x_k>
+  c = 1 + alpha * config.weight_decay
+  lb = state.lower_bound
+  if config.use_fstar:
     cap = c * loss_avg + dot - c * grad_dot_w
     lb = jnp.where(cap < c * rho * lb, jnp.maximum(cap / (2 * c * rho), initial_lower_bound), lb)
   numerator = jnp.maximum(c * (loss_avg - rho * lb) + dot - c * grad_dot_w, 0.0)
   positive = norm_sq > 0
   t1 = jnp.where(positive, numerator / jnp.where(positive, norm_sq, 1.0), jnp.inf)
   tau = jnp.minimum(alpha / rho, t1)
-  if use_fstar:
+  if config.use_fstar:
     lb = jnp.maximum((loss_avg + dot - grad_dot_w - 0.5 * tau * norm_sq) / rho, initial_lower_bound)
 
   def update(x: jax.Array, u: jax.Array) -> jax.Array:
@@ -175,7 +213,7 @@ def _model_step(
       out = -(step + (c - 1) * x)
     return out.astype(x.dtype)
 
-  return jax.tree.map(update, params, direction), lb.astype(lower_bound.dtype)
+  return jax.tree.map(update, params, direction), lb.astype(state.lower_bound.dtype)
 
 
 def scale_by_momo(
@@ -204,17 +242,12 @@ def scale_by_momo(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  _check_hyperparameters("momo", learning_rate, weight_decay, {"beta": beta})
+  check_hyperparameters("momo", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
+  check_hyperparameters("momo", DECAY_RATE, "The authors' default is 0.9.", beta=beta)
+  config = _StepConfig(learning_rate, weight_decay, lower_bound, use_fstar, axis_name)
 
   def init_fn(params: optax.Params) -> MomoState:
-    dtype = _scalar_dtype(params)
-    return MomoState(
-        count=jnp.zeros([], jnp.int32),
-        exp_avg=optax.tree.zeros_like(params),
-        loss_avg=jnp.zeros([], dtype),
-        grad_dot_w=jnp.zeros([], dtype),
-        lower_bound=jnp.asarray(lower_bound, dtype),
-    )
+    return _init_state(MomoState, params, lower_bound)
 
   def update_fn(
       updates: optax.Updates,
@@ -232,29 +265,13 @@ def scale_by_momo(
       b, rho = beta, 1 - jnp.asarray(beta, dtype) ** count
     else:  # the averages start at the first values
       b, rho = jnp.where(state.count == 0, 0.0, beta), jnp.ones([], dtype)
-    loss = jnp.asarray(value, dtype)
-    if axis_name is not None:
-      loss = jax.lax.pmean(loss, axis_name)
-    exp_avg = optax.tree.update_moment(updates, state.exp_avg, b, 1)
-    exp_avg = optax.tree.cast_like(exp_avg, state.exp_avg)
-    loss_avg = (b * state.loss_avg + (1 - b) * loss).astype(dtype)
-    grad_dot_w = (b * state.grad_dot_w + (1 - b) * _vdot(params, updates, dtype, axis_name)).astype(dtype)
+    averages = _update_averages(state, updates, params, value, b, axis_name)
+    exp_avg = averages.exp_avg
     new_updates, lb = _model_step(
-        params=params,
-        direction=exp_avg,
-        alpha=_learning_rate_at(learning_rate, state.count, dtype),
-        weight_decay=weight_decay,
-        rho=rho,
-        loss_avg=loss_avg,
-        grad_dot_w=grad_dot_w,
-        dot=_vdot(params, exp_avg, dtype, axis_name),
-        norm_sq=_vdot(exp_avg, exp_avg, dtype, axis_name),
-        lower_bound=state.lower_bound,
-        initial_lower_bound=lower_bound,
-        use_fstar=use_fstar,
-        divide=True,
+        config, state, params, averages,
+        direction=exp_avg, norm_sq=_vdot(exp_avg, exp_avg, dtype, axis_name), rho=rho, divide=True,
     )
-    return new_updates, MomoState(count, exp_avg, loss_avg, grad_dot_w, lb)
+    return new_updates, MomoState(count, *averages, lb)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -288,20 +305,13 @@ def scale_by_momo_adam(
   Returns:
     An `optax.GradientTransformationExtraArgs`.
   """
-  _check_hyperparameters("momo_adam", learning_rate, weight_decay, {"b1": b1, "b2": b2})
-  if isinstance(eps, (int, float)) and eps < 0:
-    raise ValueError(f"momo_adam: eps must be >= 0, got {eps}. The authors' default is 1e-8.")
+  check_hyperparameters("momo_adam", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
+  check_hyperparameters("momo_adam", DECAY_RATE, "Defaults: b1=0.9, b2=0.999.", b1=b1, b2=b2)
+  check_hyperparameters("momo_adam", NON_NEGATIVE, "The authors' default is 1e-8.", eps=eps)
+  config = _StepConfig(learning_rate, weight_decay, lower_bound, use_fstar, axis_name)
 
   def init_fn(params: optax.Params) -> MomoAdamState:
-    dtype = _scalar_dtype(params)
-    return MomoAdamState(
-        count=jnp.zeros([], jnp.int32),
-        exp_avg=optax.tree.zeros_like(params),
-        exp_avg_sq=optax.tree.zeros_like(params),
-        loss_avg=jnp.zeros([], dtype),
-        grad_dot_w=jnp.zeros([], dtype),
-        lower_bound=jnp.asarray(lower_bound, dtype),
-    )
+    return _init_state(MomoAdamState, params, lower_bound, exp_avg_sq=optax.tree.zeros_like(params))
 
   def update_fn(
       updates: optax.Updates,
@@ -315,33 +325,18 @@ def scale_by_momo_adam(
     _check_update_args("momo_adam", params, value)
     dtype = state.loss_avg.dtype
     count = optax.safe_increment(state.count)
-    loss = jnp.asarray(value, dtype)
-    if axis_name is not None:
-      loss = jax.lax.pmean(loss, axis_name)
-    exp_avg = optax.tree.cast_like(optax.tree.update_moment(updates, state.exp_avg, b1, 1), state.exp_avg)
+    averages = _update_averages(state, updates, params, value, b1, axis_name)
     exp_avg_sq = optax.tree.cast_like(
         optax.tree.update_moment_per_elem_norm(updates, state.exp_avg_sq, b2, 2), state.exp_avg_sq
     )
-    loss_avg = (b1 * state.loss_avg + (1 - b1) * loss).astype(dtype)
-    grad_dot_w = (b1 * state.grad_dot_w + (1 - b1) * _vdot(params, updates, dtype, axis_name)).astype(dtype)
     preconditioner = jax.tree.map(lambda s: jnp.sqrt(s) + eps, optax.tree.bias_correction(exp_avg_sq, b2, count))
-    direction = jax.tree.map(jnp.divide, exp_avg, preconditioner)
+    direction = jax.tree.map(jnp.divide, averages.exp_avg, preconditioner)
     new_updates, lb = _model_step(
-        params=params,
-        direction=direction,
-        alpha=_learning_rate_at(learning_rate, state.count, dtype),
-        weight_decay=weight_decay,
-        rho=1 - jnp.asarray(b1, dtype) ** count,
-        loss_avg=loss_avg,
-        grad_dot_w=grad_dot_w,
-        dot=_vdot(params, exp_avg, dtype, axis_name),
-        norm_sq=_vdot(exp_avg, direction, dtype, axis_name),
-        lower_bound=state.lower_bound,
-        initial_lower_bound=lower_bound,
-        use_fstar=use_fstar,
-        divide=divide,
+        config, state, params, averages,
+        direction=direction, norm_sq=_vdot(averages.exp_avg, direction, dtype, axis_name),
+        rho=1 - jnp.asarray(b1, dtype) ** count, divide=divide,
     )
-    return new_updates, MomoAdamState(count, exp_avg, exp_avg_sq, loss_avg, grad_dot_w, lb)
+    return new_updates, MomoAdamState(count, averages.exp_avg, exp_avg_sq, averages.loss_avg, averages.grad_dot_w, lb)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,7 +1,6 @@
 """AdaBelief against the authors' adabelief-pytorch, pytorch_optimizer and optax."""
 
 import adabelief_pytorch
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,7 +9,16 @@ import pytorch_optimizer
 import torch
 
 from jaxpeft.optim.adabelief import adabelief
-from tests.optim.reference import assert_trajectories_close, random_problem, run_optax, run_torch
+from tests.optim.reference import (
+  assert_params_close,
+  assert_schedule_and_injection_follow,
+  assert_trajectories_close,
+  floating_leaves,
+  random_problem,
+  run_optax,
+  run_optax_in_dtype,
+  run_torch,
+)
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
 NUM_STEPS = 25  # the rectified update starts at step 6 with b2 = 0.999
@@ -29,27 +37,13 @@ SETTINGS = {
 }
 
 
-def authors(params, **kw):
-  b1, b2 = kw.pop("b1", 0.9), kw.pop("b2", 0.999)
-  return adabelief_pytorch.AdaBelief(params, betas=(b1, b2), print_change_log=False, **kw)
+def authors(b1=0.9, b2=0.999, **kw):
+  return lambda t: adabelief_pytorch.AdaBelief(t, lr=LR, betas=(b1, b2), print_change_log=False, **kw)
 
 
-def pytorch_opt(params, **kw):
-  b1, b2 = kw.pop("b1", 0.9), kw.pop("b2", 0.999)
-  kw["ams_bound"] = kw.pop("amsgrad", False)
-  kw.setdefault("rectify", True)  # pytorch_optimizer defaults to False, the authors to True
-  return pytorch_optimizer.AdaBelief(params, betas=(b1, b2), **kw)
-
-
-def torch_trajectory(make, kw, params, grads, schedule=None):
-  def build(tensors):
-    opt = make(tensors, lr=LR, **kw)
-    if schedule is not None:
-      lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: float(schedule(k)) / LR)
-      opt.register_step_post_hook(lambda *_: lr_sched.step())
-    return opt
-
-  return run_torch(build, params, grads)
+# pytorch_optimizer defaults to rectify=False, the authors to True.
+def pytorch_opt(b1=0.9, b2=0.999, amsgrad=False, rectify=True, **kw):
+  return lambda t: pytorch_optimizer.AdaBelief(t, lr=LR, betas=(b1, b2), ams_bound=amsgrad, rectify=rectify, **kw)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -58,7 +52,7 @@ def test_matches_torch_references(setting, make):
   kw = SETTINGS[setting]
   params, grads = random_problem(SHAPES, NUM_STEPS)
   ours = run_optax(adabelief(LR, **kw), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(make, kw, params, grads))
+  assert_trajectories_close(ours, run_torch(make(**kw), params, grads))
 
 
 @pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
@@ -66,7 +60,7 @@ def test_tiny_gradients_where_eps_matters(make):
   # With |g| ~ 1e-7 the eps accumulated in s_t (1e-13 after bias correction) is 10% of it.
   params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=1e-7)
   ours = run_optax(adabelief(LR), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(make, {}, params, grads))
+  assert_trajectories_close(ours, run_torch(make(), params, grads))
   without_eps = run_optax(adabelief(LR, eps=0.0), params, grads)
   with pytest.raises(AssertionError):
     assert_trajectories_close(without_eps, ours)
@@ -76,14 +70,10 @@ def test_amsgrad_with_rectify_is_an_error_because_references_disagree():
   params, grads = random_problem(SHAPES, NUM_STEPS)
   kw = {"amsgrad": True}
   # The authors keep max(s_t) but never use it when rectifying: identical to amsgrad=False ...
-  assert_trajectories_close(
-    torch_trajectory(authors, kw, params, grads), run_optax(adabelief(LR), params, grads)
-  )
+  assert_trajectories_close(run_torch(authors(**kw), params, grads), run_optax(adabelief(LR), params, grads))
   # ... while pytorch_optimizer divides the rectified step by sqrt(max s_t).
   with pytest.raises(AssertionError, match="diverges at step"):
-    assert_trajectories_close(
-      torch_trajectory(pytorch_opt, kw, params, grads), run_optax(adabelief(LR), params, grads)
-    )
+    assert_trajectories_close(run_torch(pytorch_opt(**kw), params, grads), run_optax(adabelief(LR), params, grads))
   with pytest.raises(ValueError, match="rectify=False"):
     adabelief(LR, amsgrad=True)
 
@@ -102,56 +92,36 @@ def test_schedule_and_inject_hyperparams():
   schedule = optax.linear_schedule(LR, LR / 10, NUM_STEPS)
   kw = {"weight_decay": 0.1}
   params, grads = random_problem(SHAPES, NUM_STEPS)
-  ref = torch_trajectory(authors, kw, params, grads, schedule=schedule)
-  assert_trajectories_close(run_optax(adabelief(schedule, **kw), params, grads), ref)
-  injected = optax.inject_hyperparams(adabelief)(learning_rate=schedule, **kw)
-  assert_trajectories_close(run_optax(injected, params, grads), ref)
+  ref = run_torch(authors(**kw), params, grads, schedule=schedule)
+  assert_schedule_and_injection_follow(adabelief, schedule, params, grads, ref, **kw)
 
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_low_precision_params(dtype, tol):
   params, grads = random_problem(SHAPES, 10)
-  ref = torch_trajectory(authors, {}, params, grads)[-1]
-  tx = adabelief(LR)
-  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-  state = tx.init(p)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-  for g in grads:
-    updates, state = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-    p = optax.apply_updates(p, updates)
-  float_leaves = [x for x in jax.tree.leaves((p, state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+  ref = run_torch(authors(), params, grads)[-1]
+  p, state, _ = run_optax_in_dtype(adabelief(LR), params, grads, dtype)
+  float_leaves = floating_leaves((p, state))
   assert len(float_leaves) == 3 * len(SHAPES)  # params, mu, nu
   assert all(x.dtype == dtype for x in float_leaves)
-  for k in params:
-    np.testing.assert_allclose(np.asarray(p[k], np.float64), ref[k], rtol=tol, atol=tol, err_msg=k)
+  assert_params_close(p, ref, rtol=tol, atol=tol)
 
 
 def test_zero_gradients():
   params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
   ours = run_optax(adabelief(LR), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(authors, {}, params, grads))
+  assert_trajectories_close(ours, run_torch(authors(), params, grads))
 
 
 def test_huge_gradients_float32():
   params, grads = random_problem(SHAPES, 8, grad_scale=1e30)
-  tx = adabelief(LR)
-  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-  state = tx.init(p)
-  tensors = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in params.items()}
-  opt = authors(list(tensors.values()), lr=LR)
-  update = jax.jit(tx.update)
-  for g in grads:
-    updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
-    p = optax.apply_updates(p, updates)
-    for k, t in tensors.items():
-      t.grad = torch.tensor(g[k], dtype=torch.float32)
-    opt.step()
-  for k, t in tensors.items():
-    ref = t.detach().numpy()
-    assert np.isfinite(ref).all()
+  ours, _, _ = run_optax_in_dtype(adabelief(LR), params, grads, jnp.float32)
+  ref = run_torch(authors(), params, grads, dtype=torch.float32)[-1]
+  for k in params:
+    assert np.isfinite(ref[k]).all()
     # float32 sums of ~1e28 steps that partly cancel: compare at the scale of the largest entry.
-    np.testing.assert_allclose(np.asarray(p[k]), ref, atol=1e-5 * np.abs(ref).max(), err_msg=k)
+    np.testing.assert_allclose(np.asarray(ours[k]), ref[k], atol=1e-5 * np.abs(ref[k]).max(), err_msg=k)
 
 
 @pytest.mark.parametrize(

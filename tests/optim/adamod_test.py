@@ -1,7 +1,6 @@
 """AdaMod against the authors' adamod package and pytorch_optimizer."""
 
 import adamod as adamod_authors
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,7 +9,16 @@ import pytorch_optimizer
 import torch
 
 from jaxpeft.optim.adamod import adamod
-from tests.optim.reference import assert_trajectories_close, random_problem, run_optax, run_torch
+from tests.optim.reference import (
+  assert_params_close,
+  assert_schedule_and_injection_follow,
+  assert_trajectories_close,
+  floating_leaves,
+  random_problem,
+  run_optax,
+  run_optax_in_dtype,
+  run_torch,
+)
 
 # The authors' package uses torch's deprecated add_(scalar, tensor) overload.
 pytestmark = pytest.mark.filterwarnings("ignore:This overload of add_:UserWarning")
@@ -26,23 +34,12 @@ SETTINGS = {
 }
 
 
-def authors(params, b1=0.9, b2=0.999, b3=0.999, **kw):
-  return adamod_authors.AdaMod(params, betas=(b1, b2), beta3=b3, **kw)
+def authors(b1=0.9, b2=0.999, b3=0.999, **kw):
+  return lambda t: adamod_authors.AdaMod(t, lr=LR, betas=(b1, b2), beta3=b3, **kw)
 
 
-def pytorch_opt(params, b1=0.9, b2=0.999, b3=0.999, **kw):
-  return pytorch_optimizer.AdaMod(params, betas=(b1, b2, b3), **kw)
-
-
-def torch_trajectory(make, kw, params, grads, schedule=None):
-  def build(tensors):
-    opt = make(tensors, lr=LR, **kw)
-    if schedule is not None:
-      lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: float(schedule(k)) / LR)
-      opt.register_step_post_hook(lambda *_: lr_sched.step())
-    return opt
-
-  return run_torch(build, params, grads)
+def pytorch_opt(b1=0.9, b2=0.999, b3=0.999, **kw):
+  return lambda t: pytorch_optimizer.AdaMod(t, lr=LR, betas=(b1, b2, b3), **kw)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -51,7 +48,7 @@ def test_matches_torch_references(setting, make):
   kw = SETTINGS[setting]
   params, grads = random_problem(SHAPES, NUM_STEPS)
   ours = run_optax(adamod(LR, **kw), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(make, kw, params, grads))
+  assert_trajectories_close(ours, run_torch(make(**kw), params, grads))
 
 
 def test_pytorch_optimizer_defaults_differ():
@@ -69,56 +66,35 @@ def test_schedule_and_inject_hyperparams(make):
   schedule = optax.warmup_cosine_decay_schedule(0.0, LR, 5, NUM_STEPS, LR / 10)
   kw = {"weight_decay": 0.1}
   params, grads = random_problem(SHAPES, NUM_STEPS)
-  ref = torch_trajectory(make, kw, params, grads, schedule=schedule)
-  assert_trajectories_close(run_optax(adamod(schedule, **kw), params, grads), ref)
-  injected = optax.inject_hyperparams(adamod)(learning_rate=schedule, **kw)
-  assert_trajectories_close(run_optax(injected, params, grads), ref)
+  ref = run_torch(make(**kw), params, grads, schedule=schedule)
+  assert_schedule_and_injection_follow(adamod, schedule, params, grads, ref, **kw)
 
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_low_precision_params(dtype, tol):
   params, grads = random_problem(SHAPES, 10)
-  ref = torch_trajectory(authors, {}, params, grads)[-1]
-  tx = adamod(LR)
-  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-  state = tx.init(p)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-  for g in grads:
-    updates, state = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-    p = optax.apply_updates(p, updates)
-  float_leaves = [x for x in jax.tree.leaves((p, state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+  ref = run_torch(authors(), params, grads)[-1]
+  p, state, _ = run_optax_in_dtype(adamod(LR), params, grads, dtype)
+  float_leaves = floating_leaves((p, state))
   assert len(float_leaves) == 4 * len(SHAPES)  # params, mu, nu, eta
   assert all(x.dtype == dtype for x in float_leaves)
-  for k in params:
-    np.testing.assert_allclose(np.asarray(p[k], np.float64), ref[k], rtol=tol, atol=tol, err_msg=k)
+  assert_params_close(p, ref, rtol=tol, atol=tol)
 
 
 def test_zero_gradients():
   params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
   kw = {"weight_decay": 0.1}
   ours = run_optax(adamod(LR, **kw), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(authors, kw, params, grads))
+  assert_trajectories_close(ours, run_torch(authors(**kw), params, grads))
 
 
 def test_huge_gradients_float32():
   params, grads = random_problem(SHAPES, 8, grad_scale=1e30)
-  tx = adamod(LR)
-  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-  state = tx.init(p)
-  tensors = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in params.items()}
-  opt = authors(list(tensors.values()), lr=LR)
-  update = jax.jit(tx.update)
-  for g in grads:
-    updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
-    p = optax.apply_updates(p, updates)
-    for k, t in tensors.items():
-      t.grad = torch.tensor(g[k], dtype=torch.float32)
-    opt.step()
-  for k, t in tensors.items():
-    ref = t.detach().numpy()
-    assert np.isfinite(ref).all()
-    np.testing.assert_allclose(np.asarray(p[k]), ref, rtol=1e-5, err_msg=k)
+  ours, _, _ = run_optax_in_dtype(adamod(LR), params, grads, jnp.float32)
+  ref = run_torch(authors(), params, grads, dtype=torch.float32)[-1]
+  assert all(np.isfinite(v).all() for v in ref.values())
+  assert_params_close(ours, ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,15 @@ import pytorch_optimizer
 import torch
 
 from jaxpeft.optim.adopt import adopt
-from tests.optim.reference import assert_trajectories_close, random_problem, run_optax, run_torch
+from tests.optim.reference import (
+  assert_params_close,
+  assert_schedule_and_injection_follow,
+  assert_trajectories_close,
+  random_problem,
+  run_optax,
+  run_optax_in_dtype,
+  run_torch,
+)
 
 # torch-adopt 0.1.0 calls torch helpers that torch 2.13 deprecates.
 pytestmark = [
@@ -32,25 +40,16 @@ SETTINGS = {
 }
 
 
-def authors(params, b1=0.9, b2=0.9999, **kw):
-  return adopt_authors.ADOPT(params, betas=(b1, b2), **kw)
+def authors(b1=0.9, b2=0.9999, **kw):
+  return lambda t: adopt_authors.ADOPT(t, lr=LR, betas=(b1, b2), **kw)
 
 
-def pytorch_opt(params, b1=0.9, b2=0.9999, clip_lambda=lambda k: k**0.25, decouple=False, **kw):
+def pytorch_opt(b1=0.9, b2=0.9999, clip_lambda=lambda k: k**0.25, decouple=False, **kw):
   # pytorch_optimizer passes clip_lambda the 1-based step; shift it to the authors' 0-based count.
   shifted = None if clip_lambda is None else lambda step: clip_lambda(step - 1)
-  return pytorch_optimizer.ADOPT(params, betas=(b1, b2), clip_lambda=shifted, weight_decouple=decouple, **kw)
-
-
-def torch_trajectory(make, kw, params, grads, schedule=None):
-  def build(tensors):
-    opt = make(tensors, lr=LR, **kw)
-    if schedule is not None:
-      lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: float(schedule(k)) / LR)
-      opt.register_step_post_hook(lambda *_: lr_sched.step())
-    return opt
-
-  return run_torch(build, params, grads)
+  return lambda t: pytorch_optimizer.ADOPT(
+    t, lr=LR, betas=(b1, b2), clip_lambda=shifted, weight_decouple=decouple, **kw
+  )
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -59,7 +58,7 @@ def test_matches_torch_references(setting, make):
   kw = SETTINGS[setting]
   params, grads = random_problem(SHAPES, NUM_STEPS)
   ours = run_optax(adopt(LR, **kw), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(make, kw, params, grads))
+  assert_trajectories_close(ours, run_torch(make(**kw), params, grads))
 
 
 def test_clipping_is_exercised():
@@ -82,12 +81,12 @@ def test_decoupled_decay_skips_first_step_like_authors():
   kw = {"weight_decay": 0.1, "decouple": True}
   params, grads = random_problem(SHAPES, NUM_STEPS)
   ours = run_optax(adopt(LR, **kw), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(authors, kw, params, grads))
+  assert_trajectories_close(ours, run_torch(authors(**kw), params, grads))
   for k in params:  # the first step leaves the weights alone, decay included
     np.testing.assert_array_equal(ours[0][k], params[k])
   # pytorch_optimizer already decays the weights on the first call.
   with pytest.raises(AssertionError, match="diverges at step 1"):
-    assert_trajectories_close(ours, torch_trajectory(pytorch_opt, kw, params, grads))
+    assert_trajectories_close(ours, run_torch(pytorch_opt(**kw), params, grads))
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -102,11 +101,9 @@ def test_schedule_and_inject_hyperparams():
   schedule = optax.linear_schedule(LR, LR / 10, NUM_STEPS)
   kw = {"weight_decay": 0.1, "decouple": True}
   params, grads = random_problem(SHAPES, NUM_STEPS)
-  ref = torch_trajectory(authors, kw, params, grads, schedule=schedule)
-  assert_trajectories_close(run_optax(adopt(schedule, **kw), params, grads), ref)
+  ref = run_torch(authors(**kw), params, grads, schedule=schedule)
   # inject_hyperparams evaluates the callable clip_lambda at its step count and passes the value.
-  injected = optax.inject_hyperparams(adopt)(learning_rate=schedule, **kw)
-  assert_trajectories_close(run_optax(injected, params, grads), ref)
+  assert_schedule_and_injection_follow(adopt, schedule, params, grads, ref, **kw)
 
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
@@ -116,47 +113,28 @@ def test_schedule_and_inject_hyperparams():
 )
 def test_low_precision_params(dtype, mu_dtype, tol):
   params, grads = random_problem(SHAPES, 10)
-  ref = torch_trajectory(authors, {}, params, grads)[-1]
-  tx = adopt(LR, mu_dtype=mu_dtype)
-  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-  state = tx.init(p)
-  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-  for g in grads:
-    updates, state = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-    p = optax.apply_updates(p, updates)
+  ref = run_torch(authors(), params, grads)[-1]
+  p, state, updates = run_optax_in_dtype(adopt(LR, mu_dtype=mu_dtype), params, grads, dtype)
   core_state = state[1]
   assert all(x.dtype == dtype for x in jax.tree.leaves((p, updates, core_state.nu)))
   assert all(x.dtype == (mu_dtype or dtype) for x in jax.tree.leaves(core_state.mu))
-  for k in params:
-    np.testing.assert_allclose(np.asarray(p[k], np.float64), ref[k], rtol=tol, atol=tol, err_msg=k)
+  assert_params_close(p, ref, rtol=tol, atol=tol)
 
 
 def test_zero_gradients():
   params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
   ours = run_optax(adopt(LR), params, grads)
-  assert_trajectories_close(ours, torch_trajectory(authors, {}, params, grads))
+  assert_trajectories_close(ours, run_torch(authors(), params, grads))
 
 
 @pytest.mark.parametrize("clip_lambda", [lambda k: k**0.25, None], ids=["clip", "no_clip"])
 def test_huge_gradients_float32(clip_lambda):
   # g**2 overflows to inf in float32; the authors then take zero steps, without NaN.
   params, grads = random_problem(SHAPES, 8, grad_scale=1e30)
-  tx = adopt(LR, clip_lambda=clip_lambda)
-  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
-  state = tx.init(p)
-  tensors = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32)) for k, v in params.items()}
-  opt = authors(list(tensors.values()), lr=LR, clip_lambda=clip_lambda)
-  update = jax.jit(tx.update)
-  for g in grads:
-    updates, state = update({k: jnp.asarray(v, jnp.float32) for k, v in g.items()}, state, p)
-    p = optax.apply_updates(p, updates)
-    for k, t in tensors.items():
-      t.grad = torch.tensor(g[k], dtype=torch.float32)
-    opt.step()
-  for k, t in tensors.items():
-    ref = t.detach().numpy()
-    assert np.isfinite(ref).all()
-    np.testing.assert_allclose(np.asarray(p[k]), ref, rtol=1e-6, err_msg=k)
+  ours, _, _ = run_optax_in_dtype(adopt(LR, clip_lambda=clip_lambda), params, grads, jnp.float32)
+  ref = run_torch(authors(clip_lambda=clip_lambda), params, grads, dtype=torch.float32)[-1]
+  assert all(np.isfinite(v).all() for v in ref.values())
+  assert_params_close(ours, ref, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 import math
 
 import came_pytorch
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -73,30 +72,13 @@ def test_extreme_gradients_match_authors(grad_scale):
   reference.assert_trajectories_close(ours, expected)
 
 
-class _ScheduledTorch:
-  """Sets the torch optimizer's lr from `schedule(step)` before each step."""
-
-  def __init__(self, optimizer: torch.optim.Optimizer, schedule: optax.Schedule):
-    self.optimizer, self.schedule, self.count = optimizer, schedule, 0
-
-  def step(self):
-    lr = float(self.schedule(self.count))
-    for group in self.optimizer.param_groups:
-      group["lr"] = lr
-    self.count += 1
-    self.optimizer.step()
-
-
 def test_schedule_and_inject_hyperparams_match_authors():
   # Powers of two: optax evaluates schedules in float32 even in a float64 run; these are exact.
   schedule = optax.piecewise_constant_schedule(2.0**-6, {8: 0.5, 16: 0.25})
   params, grads = reference.random_problem(SHAPES, NUM_STEPS, seed=3)
-  expected = reference.run_torch(
-      lambda t: _ScheduledTorch(came_pytorch.CAME(t, lr=1.0, weight_decay=0.1), schedule), params, grads
-  )
-  reference.assert_trajectories_close(reference.run_optax(came(schedule, weight_decay=0.1), params, grads), expected)
-  injected = optax.inject_hyperparams(came)(learning_rate=schedule, weight_decay=0.1, b3=0.9999)
-  reference.assert_trajectories_close(reference.run_optax(injected, params, grads), expected)
+  expected = reference.run_torch(authors(lr=1.0, weight_decay=0.1), params, grads, schedule=schedule)
+  # b3 (the default) passed explicitly: inject_hyperparams also injects a float hyperparameter.
+  reference.assert_schedule_and_injection_follow(came, schedule, params, grads, expected, weight_decay=0.1, b3=0.9999)
 
 
 def test_factored_state_sizes_grow_with_rows_plus_cols():
@@ -129,24 +111,7 @@ def test_factored_state_sizes_grow_with_rows_plus_cols():
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
 def test_low_precision_keeps_dtype_and_tracks_float64(dtype, atol):
   params, grads = reference.random_problem(SHAPES, 10, seed=4)
-  expected = reference.run_optax(came(LR, weight_decay=0.1), params, grads)[-1]
-  tx = came(LR, weight_decay=0.1)
-  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-  state = tx.init(p)
-
-  @jax.jit
-  def step(p, state, g):
-    updates, state = tx.update(g, state, p)
-    return optax.apply_updates(p, updates), state, updates
-
-  for g in grads:
-    p, state, updates = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-  assert jax.tree.structure(updates) == jax.tree.structure(p)
-  for leaf in jax.tree.leaves((p, updates, state)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      assert leaf.dtype == dtype
-  for k in params:
-    np.testing.assert_allclose(np.asarray(p[k], np.float64), expected[k], atol=atol, err_msg=k)
+  reference.assert_low_precision_tracks_float64(came(LR, weight_decay=0.1), params, grads, dtype, atol)
 
 
 def test_mu_dtype():

@@ -1,13 +1,11 @@
 """Grams against the authors' grams-pytorch 0.0.2 and pytorch_optimizer.Grams, step by step."""
 
 import grams as grams_pytorch  # the authors' package installs a top-level module `grams`
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import pytorch_optimizer
-import torch
 
 from jaxpeft.optim.grams import grams
 from tests.optim import reference
@@ -74,53 +72,21 @@ def test_extreme_gradients_match_authors(grad_scale):
   reference.assert_trajectories_close(ours, expected)
 
 
-class _ScheduledTorch:
-  """Sets the torch optimizer's lr from `schedule(step)` before each step."""
-
-  def __init__(self, optimizer: torch.optim.Optimizer, schedule: optax.Schedule):
-    self.optimizer, self.schedule, self.count = optimizer, schedule, 0
-
-  def step(self):
-    lr = float(self.schedule(self.count))
-    for group in self.optimizer.param_groups:
-      group["lr"] = lr
-    self.count += 1
-    self.optimizer.step()
-
-
 def test_schedule_and_inject_hyperparams_match_authors():
   # Powers of two: optax evaluates schedules in float32 even in a float64 run; these are exact.
   schedule = optax.piecewise_constant_schedule(2.0**-6, {8: 0.5, 16: 0.25})
   params, grads = reference.random_problem(SHAPES, NUM_STEPS, seed=4, grad_scale=SMALL)
-  expected = reference.run_torch(
-      lambda t: _ScheduledTorch(grams_pytorch.Grams(t, lr=1.0, weight_decay=0.1), schedule), params, grads
+  expected = reference.run_torch(authors(lr=1.0, weight_decay=0.1), params, grads, schedule=schedule)
+  # b2 and eps (the defaults) passed explicitly: inject_hyperparams also injects float hyperparameters.
+  reference.assert_schedule_and_injection_follow(
+      grams, schedule, params, grads, expected, weight_decay=0.1, b2=0.999, eps=1e-6
   )
-  reference.assert_trajectories_close(reference.run_optax(grams(schedule, weight_decay=0.1), params, grads), expected)
-  injected = optax.inject_hyperparams(grams)(learning_rate=schedule, weight_decay=0.1, b2=0.999, eps=1e-6)
-  reference.assert_trajectories_close(reference.run_optax(injected, params, grads), expected)
 
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
 def test_low_precision_keeps_dtype_and_tracks_float64(dtype, atol):
   params, grads = reference.random_problem(SHAPES, 10, seed=5)
-  expected = reference.run_optax(grams(LR, weight_decay=0.1), params, grads)[-1]
-  tx = grams(LR, weight_decay=0.1)
-  p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-  state = tx.init(p)
-
-  @jax.jit
-  def step(p, state, g):
-    updates, state = tx.update(g, state, p)
-    return optax.apply_updates(p, updates), state, updates
-
-  for g in grads:
-    p, state, updates = step(p, state, {k: jnp.asarray(v, dtype) for k, v in g.items()})
-  assert jax.tree.structure(updates) == jax.tree.structure(p)
-  for leaf in jax.tree.leaves((p, updates, state)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      assert leaf.dtype == dtype
-  for k in params:
-    np.testing.assert_allclose(np.asarray(p[k], np.float64), expected[k], atol=atol, err_msg=k)
+  reference.assert_low_precision_tracks_float64(grams(LR, weight_decay=0.1), params, grads, dtype, atol)
 
 
 def test_mu_dtype():
