@@ -72,8 +72,9 @@ def scale_by_adamod(
   check_hyperparameters("AdaMod", NON_NEGATIVE, eps=eps)
 
   def init_fn(params: optax.Params) -> AdaModState:
-    zeros = optax.tree.zeros_like(params)
-    return AdaModState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros, eta=zeros)
+    # Three distinct buffers (one shared buffer could not be donated three times to a jitted step).
+    mu, nu, eta = (optax.tree.zeros_like(params) for _ in range(3))
+    return AdaModState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, eta=eta)
 
   def update_fn(
     updates: optax.Updates, state: AdaModState, params: optax.Params | None = None

@@ -82,7 +82,8 @@ def _is_factored(x: jax.Array) -> bool:
 
 
 def _empty(x: jax.Array) -> jax.Array:
-  return jnp.zeros((0,), x.dtype)
+  """Placeholder for a statistic a leaf does not use: one element, as Orbax cannot save zero-size arrays."""
+  return jnp.zeros((1,), x.dtype)
 
 
 def _row_zeros(x: jax.Array) -> jax.Array:

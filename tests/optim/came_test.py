@@ -86,10 +86,11 @@ def test_factored_state_sizes_grow_with_rows_plus_cols():
   params = {k: jnp.zeros(s) for k, s in shapes.items()}
   state = came(1e-3).init(params)[0]
   size = lambda tree: {k: v.size for k, v in tree.items()}
-  assert size(state.nu_row) == {"dense": 64, "conv": 3 * 3 * 16, "bias": 0}
-  assert size(state.nu_col) == {"dense": 32, "conv": 3 * 3 * 32, "bias": 0}
+  # Statistics a leaf does not use are one-element placeholders.
+  assert size(state.nu_row) == {"dense": 64, "conv": 3 * 3 * 16, "bias": 1}
+  assert size(state.nu_col) == {"dense": 32, "conv": 3 * 3 * 32, "bias": 1}
   assert size(state.res_row) == size(state.nu_row) and size(state.res_col) == size(state.nu_col)
-  assert size(state.nu) == {"dense": 0, "conv": 0, "bias": 32}
+  assert size(state.nu) == {"dense": 1, "conv": 1, "bias": 32}
   assert size(state.mu) == {k: math.prod(s) for k, s in shapes.items()}
 
   # Same statistics shapes as the authors' optimizer keeps.
