@@ -14,7 +14,9 @@ No TensorFlow is needed: datasets are stored as `array_record` and read through
   global batch of size `B`.
 * `eval_batches` walks a whole split once in split order, padded to full batches, with a boolean
   `mask` of real rows, so metrics summed over `mask` are exact over the split.
-* `DATASETS[name].preprocess` / `get_preprocess(name)` turn raw batches into model inputs.
+* `get_preprocess(name, dataset_config)` turns raw batches into model inputs: each of our datasets
+  has a preprocess factory (`DATASETS[name].make_preprocess(dataset_config)`), so a preprocess can
+  depend on the config (the text datasets' tokenizer and `max_len`).
 """
 
 import contextlib
@@ -24,10 +26,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxpeft.data import digits
+from jaxpeft.data import digits, text_classification
+from jaxpeft.models import hf_loader
 
 Batch = dict[str, np.ndarray]
 Preprocess = Callable[[Batch], Batch]
@@ -65,22 +69,71 @@ def uint8_image_preprocess(batch: Batch) -> Batch:
   return _image_and_label(batch, _UINT8_MAX)
 
 
+def text_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preprocess:
+  """A preprocess tokenizing a batch's `text` for BERT-style models.
+
+  The tokenizer is the `tokenizer.json` of `dataset_config.tokenizer` (a Hugging Face folder, or
+  'all-MiniLM-L6-v2' for the embedded default; see `jaxpeft.models.hf_loader.resolve_model_dir`),
+  loaded once here. Texts become `[CLS] tokens [SEP]`, truncated and right-padded to
+  `dataset_config.max_len`.
+
+  Returns:
+    `preprocess(batch) -> {input_ids, attention_mask, token_type_ids, label}`, int32 arrays of
+    shape (batch, max_len) (label: (batch,)), in the argument order of `BertEncoder.__call__`.
+  """
+  tokenizer_name = getattr(dataset_config, "tokenizer", None) if dataset_config else None
+  max_len = getattr(dataset_config, "max_len", None) if dataset_config else None
+  if not tokenizer_name or not max_len:
+    raise ValueError(
+        "A text dataset needs config.dataset.tokenizer (a Hugging Face folder with tokenizer.json,"
+        " or 'all-MiniLM-L6-v2') and config.dataset.max_len (tokens per example); got"
+        f" tokenizer={tokenizer_name!r}, max_len={max_len!r}."
+    )
+  folder = hf_loader.resolve_model_dir(tokenizer_name)
+  if not (folder / "tokenizer.json").exists():
+    raise FileNotFoundError(f"config.dataset.tokenizer={tokenizer_name!r}: {folder} has no tokenizer.json.")
+  tokenizer = hf_loader.Tokenizer(folder / "tokenizer.json")
+
+  def preprocess(batch: Batch) -> Batch:
+    if "text" not in batch or "label" not in batch:
+      raise ValueError(
+          f"The text preprocess needs features 'text' and 'label'; this batch has {sorted(batch)}."
+      )
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"]]
+    return {**tokenizer.encode(texts, int(max_len)), "label": batch["label"].astype(np.int32)}
+
+  return preprocess
+
+
 class DatasetEntry(NamedTuple):
-  """One of jaxpeft's own datasets: its TFDS builder class and its preprocess."""
+  """One of jaxpeft's own datasets: its TFDS builder class and its preprocess factory.
+
+  `make_preprocess(dataset_config)` returns the batch preprocess; the config (`config.dataset`,
+  possibly None) carries what the preprocess needs, e.g. a tokenizer.
+  """
 
   builder: type[tfds.core.GeneratorBasedBuilder]
-  preprocess: Preprocess
+  make_preprocess: Callable[[ml_collections.ConfigDict | None], Preprocess]
 
 
 # jaxpeft's own datasets, which prepare offline. Other names go to the TFDS catalog.
 DATASETS: dict[str, DatasetEntry] = {
-    digits.Digits.name: DatasetEntry(digits.Digits, digits_preprocess),
+    digits.Digits.name: DatasetEntry(digits.Digits, lambda _: digits_preprocess),
+    text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
 }
 
 
-def get_preprocess(name: str) -> Preprocess:
-  """The preprocess of dataset `name`: its own for `DATASETS`, else `uint8_image_preprocess`."""
-  return DATASETS[name].preprocess if name in DATASETS else uint8_image_preprocess
+def get_preprocess(
+    name: str, dataset_config: ml_collections.ConfigDict | None = None
+) -> Preprocess:
+  """The preprocess of dataset `name` for `dataset_config` (`config.dataset`).
+
+  jaxpeft's own datasets (`DATASETS`) build theirs from the config; TFDS catalog datasets get
+  `uint8_image_preprocess`.
+  """
+  if name in DATASETS:
+    return DATASETS[name].make_preprocess(dataset_config)
+  return uint8_image_preprocess
 
 
 @contextlib.contextmanager

@@ -1,15 +1,46 @@
 """Builds a model from a config's `model` section by name."""
 
+import json
 from collections.abc import Callable
 
 import flax.linen as nn
 import ml_collections
 
-from jaxpeft.models import cnn
+from jaxpeft.models import cnn, hf_loader
+from jaxpeft.models.bert import BertConfig, BertEncoder
+
+
+def bert_from_checkpoint(
+    checkpoint: str = hf_loader.EMBEDDED_MODEL_NAMES[0],
+    num_classes: int | None = None,
+    normalize: bool = False,
+) -> BertEncoder:
+  """A `BertEncoder` with the architecture of a Hugging Face folder's `config.json`.
+
+  Only the architecture is read here; the weights come from `config.init_from.params` (which
+  takes the same folder or name, see `jaxpeft.train.pretrained`).
+
+  Args:
+    checkpoint: a local Hugging Face BERT folder, or 'all-MiniLM-L6-v2' for the embedded default.
+    num_classes: add a classification head (`classifier/dense`) with this many classes.
+    normalize: L2-normalise the pooled embedding before the head. False by default: a linear
+      head on unit-norm embeddings needs large weights and learns slowly.
+  """
+  folder = hf_loader.resolve_model_dir(checkpoint)
+  config_file = folder / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(
+        f"config.model.checkpoint={checkpoint!r}: {folder} has no config.json. Pass a Hugging Face"
+        f" BERT folder, or {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}."
+    )
+  config = BertConfig.from_dict(json.loads(config_file.read_text()))
+  return BertEncoder(config, num_classes=num_classes, normalize=normalize)
+
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn.CNN,
     "mlp": cnn.MLP,
+    "bert": bert_from_checkpoint,
 }
 
 

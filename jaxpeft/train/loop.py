@@ -178,7 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     A dict with the final `step`, the `eval` metrics, `preempted` (True when a SIGTERM or
     preemption notice stopped the run early, after saving a checkpoint), `params_l1` (sum of
-    |params|, a fingerprint), `trainable_params`, the export sizes (`params_bytes`,
+    |params|, a fingerprint), `trainable_params` (scalars the optimizer updates),
+    `total_params`, `steps_per_sec` (median over the log intervals after the first, which holds
+    compilation), the export sizes (`params_bytes`,
     `adapter_bytes`) and the final TrainState as `state`.
   """
   _check_workdir(workdir)
@@ -245,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.save(step, runner.single_copy(state).replace(frozen={}),
                       {"step": step, "input_position": loader.position(step)})
 
-  pending, step, preempted, last_log = [], start, False, time.perf_counter()
+  pending, step, preempted, last_log, rates = [], start, False, time.perf_counter(), []
   try:
     with _StopRequest() as stop:
       while step < config.num_train_steps:
@@ -258,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           averaged = _checked_mean(step, pending)  # Waits for the steps, so the rate is real.
           now = time.perf_counter()
           averaged["steps_per_sec"] = len(pending) / (now - last_log)
+          if step - len(pending) > start:  # The first interval of a run holds compilation.
+            rates.append(averaged["steps_per_sec"])
           last_log = now
           writer.advance(len(pending))
           writer.write(step, "train", averaged)
@@ -274,8 +278,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.wait()
     checkpointer.close()
   final = runner.single_copy(state)
+  steps_per_sec = float(np.median(rates)) if rates else float("nan")
   result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(final.params),
-            "trainable_params": param_count(final.params)}
+            "trainable_params": trainable.num_trained(final.params),
+            "total_params": param_count(final.params["base"]) + param_count(final.frozen),
+            "steps_per_sec": steps_per_sec}
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     writer.write(step, "eval", result["eval"])

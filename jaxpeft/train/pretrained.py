@@ -1,51 +1,111 @@
-"""Starting a run from earlier weights: the merged params exported by another run.
+"""Starting a run from earlier weights: another run's export, or a Hugging Face BERT checkpoint.
 
-`config.init_from.params` names an `<workdir>/export/params` directory written by a previous
-run (e.g. a model pre-trained on other classes or another domain). Its leaves replace the fresh
-initialisation, except leaves whose path fully matches `config.init_from.keep_fresh` (e.g. a
-new classification head with another number of classes). Any other difference in structure or
-shape is an error that lists it.
+`config.init_from.params` is one of
+
+* an `<workdir>/export/params` directory written by a previous run (an Orbax checkpoint of the
+  model's full tree, e.g. a model pre-trained on other classes or another domain);
+* a Hugging Face BERT folder (`config.json` + `model.safetensors`), or the name
+  'all-MiniLM-L6-v2' for the embedded default, read by `jaxpeft.models.hf_loader` (the model
+  must be `config.model.name='bert'` with the same architecture).
+
+Its leaves replace the fresh initialisation, except leaves whose path fully matches
+`config.init_from.keep_fresh` (e.g. a new classification head, `classifier/.*`, which a Hugging
+Face encoder checkpoint does not have). Any other difference in structure or shape is an error
+that lists it.
 """
 
+import pathlib
 import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import safetensors.numpy
 from flax import traverse_util
 
+from jaxpeft.models import hf_loader
 from jaxpeft.train.checkpoint import tree_diff
 
 PyTree = Any
 
 
+def _kept(fresh: dict[str, Any], keep_fresh: str) -> set[str]:
+  regex = re.compile(keep_fresh) if keep_fresh else None
+  return {k for k in fresh if regex is not None and regex.fullmatch(k)}
+
+
+def _is_hf_checkpoint(path: str) -> bool:
+  folder = pathlib.Path(path).expanduser()
+  return path in hf_loader.EMBEDDED_MODEL_NAMES or (folder / "model.safetensors").is_file()
+
+
 def load_params(path: str, fresh_params: PyTree, keep_fresh: str = "") -> PyTree:
   """`fresh_params` with every leaf not matching `keep_fresh` replaced by the one at `path`."""
+  flat = traverse_util.flatten_dict(fresh_params, sep="/")
+  kept = _kept(flat, keep_fresh)
+  if _is_hf_checkpoint(path):
+    loaded = _load_hf(path, {k: v for k, v in flat.items() if k not in kept}, kept)
+  else:
+    loaded = _load_export(path, flat, kept)
+  merged = {k: (v if k in kept else np.asarray(loaded[k]).astype(v.dtype)) for k, v in flat.items()}
+  return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _load_export(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
+  """The leaves of an Orbax params checkpoint, checked against the fresh (non-kept) leaves."""
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(path)
   except (FileNotFoundError, ValueError) as e:
     raise ValueError(
         f"config.init_from.params={path!r} is not a params checkpoint ({e}). Point it at the"
-        " export/params directory of an earlier run."
+        " export/params directory of an earlier run, a Hugging Face BERT folder, or"
+        f" {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}."
     ) from e
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
   saved = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved_tree, sep="/").items()}
-  fresh = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(fresh_params, sep="/").items()}
-  regex = re.compile(keep_fresh) if keep_fresh else None
-  kept = {k for k in fresh if regex is not None and regex.fullmatch(k)}
+  shapes = {k: tuple(v.shape) for k, v in fresh.items()}
   diff = tree_diff({k: v for k, v in saved.items() if k not in kept},
-                   {k: v for k, v in fresh.items() if k not in kept})
+                   {k: v for k, v in shapes.items() if k not in kept})
   if diff:
     raise ValueError(
         f"The params at {path} do not fit this model:\n" + "\n".join(diff)
         + "\nSet config.init_from.keep_fresh to a regex of the leaves to initialise afresh."
     )
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)
-  loaded = traverse_util.flatten_dict(
+  return traverse_util.flatten_dict(
       ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy)), sep="/"
   )
-  flat = traverse_util.flatten_dict(fresh_params, sep="/")
-  merged = {k: (v if k in kept else loaded[k].astype(v.dtype)) for k, v in flat.items()}
-  return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _load_hf(path: str, wanted: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
+  """The leaves `wanted` (path -> fresh array) read from a Hugging Face BERT checkpoint.
+
+  The checkpoint's tensors for `kept` leaves (initialised afresh) are ignored.
+  """
+  without_counterpart = []
+  for leaf in wanted:
+    try:
+      hf_loader.hf_name(leaf)
+    except KeyError:
+      without_counterpart.append(leaf)
+  if without_counterpart:
+    raise ValueError(
+        f"config.init_from.params={path!r} is a Hugging Face BERT checkpoint, which has no"
+        f" weights for {without_counterpart}. Set config.init_from.keep_fresh to a regex matching"
+        " them (e.g. 'classifier/.*' for a new classification head) to keep their fresh"
+        " initialisation."
+    )
+  folder = hf_loader.resolve_model_dir(path)
+  tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+  ignored = set()
+  for leaf in kept:
+    try:
+      ignored.add(hf_loader.hf_name(leaf))
+    except KeyError:
+      pass  # A new leaf (e.g. the head) has no tensor to ignore.
+  tensors = {k: v for k, v in tensors.items() if k.removeprefix("bert.") not in ignored}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in wanted.items()}
+  params = hf_loader.params_from_hf(tensors, traverse_util.unflatten_dict(shapes, sep="/"))
+  return traverse_util.flatten_dict(params, sep="/")

@@ -104,6 +104,15 @@ class Trainable:
 
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
+  def num_trained(self, params: PyTree) -> int:
+    """Scalars the optimizer updates: trained base leaves plus adapter leaves the method trains."""
+    count = partition.param_count(params["base"])
+    if self.adapter is not None:
+      labels = partition.optimizer_labels(params["adapter"], self.adapter)
+      count += sum(int(x.size) for x, label in zip(jax.tree.leaves(params["adapter"]), jax.tree.leaves(labels))
+                   if label == "trainable")
+    return count
+
   def model_params(self, params: PyTree, frozen: PyTree) -> PyTree:
     """The full parameter tree the model consumes, with the adapter merged in (reparam mode)."""
     base = _join(frozen, params["base"])

@@ -1,0 +1,206 @@
+r"""Train-step time and peak memory: full fine-tuning vs LoRA (reparam, factored) vs DoRA, JAX vs PEFT.
+
+  python -m benchmarks.adapters [--steps 20] [--batch 16] [--length 64]
+
+The model is a small random BERT (`jaxpeft.models.bert.BertEncoder`: 4 layers, hidden 256, 4
+heads, MLP 1024, vocabulary 8000, mean pooling, 4-class head; 5.3M parameters) and, in PyTorch,
+`transformers.BertModel` of identical shapes with the same mean pooling and head. Dropout is off
+in both. Every variant trains the head; adapters are rank 8 (alpha 16) on the attention query
+and value projections, as Hugging Face PEFT's `LoraConfig(target_modules=["query", "value"])`.
+Both sides use AdamW (lr 1e-4) and the same batch of token ids.
+
+* jaxpeft: the harness's own train step (`jaxpeft.train.step.make_train_step` over
+  `jaxpeft.train.trainable.Trainable`), jitted with the state donated. LoRA in 'reparam' mode
+  rebuilds `W + s A B` each step; 'factored' mode computes `x W + s (x A) B` with activation hooks.
+* PEFT: `get_peft_model(BertModel, LoraConfig(...))` (`use_dora=True` for DoRA), `loss.backward()`
+  and `torch.optim.AdamW.step()`.
+
+Each variant runs in its own subprocess. Time: median wall time of `--steps` steps after 3
+warm-up steps (compilation excluded). Memory, two measures:
+
+* `RSS growth`: the process's peak resident set size (`resource.getrusage(...).ru_maxrss`) at the
+  end minus its value after building the model and batch, before the first step: what training
+  added (gradients, optimizer state, activations, and for JAX also the XLA compiler's working
+  memory during the first step's compilation). The same measure for both libraries.
+* `XLA buffers` (JAX only): the compiled step's `memory_analysis()`: arguments + outputs +
+  temporaries - aliased (donated) bytes, an exact count of the step's device buffers.
+
+The table prints ratios to jaxpeft's full fine-tuning and jaxpeft / PEFT for the same method.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ARCH = {"vocab_size": 8000, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 1024, "max_position_embeddings": 128, "type_vocab_size": 2,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+NUM_CLASSES = 4
+RANK, ALPHA = 8, 16.0
+LEARNING_RATE = 1e-4
+WARMUP = 3
+# name -> (library, adapter method or None, jaxpeft adapter mode)
+VARIANTS = {
+    "full (jaxpeft)": ("jax", None, "reparam"),
+    "lora reparam (jaxpeft)": ("jax", "lora", "reparam"),
+    "lora factored (jaxpeft)": ("jax", "lora", "factored"),
+    "dora (jaxpeft)": ("jax", "dora", "reparam"),
+    "full (torch)": ("torch", None, ""),
+    "lora (PEFT)": ("torch", "lora", ""),
+    "dora (PEFT)": ("torch", "dora", ""),
+}
+
+
+def _max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB.
+
+
+def _batch(batch: int, length: int):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, ARCH["vocab_size"], size=(batch, length), dtype=np.int32)
+  mask = np.ones((batch, length), np.int32)
+  mask[: batch // 2, length // 2 :] = 0  # half the rows padded to half length
+  return ids, mask, rng.integers(0, NUM_CLASSES, size=batch, dtype=np.int32)
+
+
+def _run_jax(method, mode, steps, batch, length):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxpeft.adapters.config import AdapterConfig  # pylint: disable=g-import-not-at-top
+  from jaxpeft.models.bert import BertConfig, BertEncoder  # pylint: disable=g-import-not-at-top
+  from jaxpeft.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  from jaxpeft.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  from jaxpeft.train.trainable import Trainable  # pylint: disable=g-import-not-at-top
+
+  model = BertEncoder(BertConfig.from_dict(ARCH), num_classes=NUM_CLASSES)
+  ids, mask, labels = _batch(batch, length)
+  data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+          "token_type_ids": jnp.zeros_like(jnp.asarray(ids)), "label": jnp.asarray(labels)}
+  base = model.init(jax.random.key(0), data["input_ids"][:1])["params"]
+  adapter = None
+  if method:
+    adapter = AdapterConfig(targets=r".*attention/(query|value)/kernel", method=method, rank=RANK, alpha=ALPHA)
+  trainable = Trainable(model, ".*" if method is None else "classifier/.*", adapter, mode)
+  tx = trainable.optimizer(optax.adamw(LEARNING_RATE))
+  params, frozen = trainable.split(jax.random.key(1), base)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                     opt_state=tx.init(params), rng=jax.random.key(2))
+  step = jax.jit(make_train_step(trainable, tx, ("input_ids", "attention_mask", "token_type_ids")),
+                 donate_argnums=0)
+  jax.block_until_ready(state)
+  rss_before = _max_rss_bytes()
+  compiled = step.lower(state, data).compile()
+  analysis = compiled.memory_analysis()
+  xla_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  times = []
+  for i in range(WARMUP + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    if i >= WARMUP:
+      times.append(time.perf_counter() - start)
+  trained = sum(x.size for x in jax.tree.leaves(state.params))
+  return {"seconds": statistics.median(times), "rss_growth": _max_rss_bytes() - rss_before,
+          "xla_bytes": xla_bytes, "trainable": int(trained), "loss": float(metrics["loss"])}
+
+
+def _run_torch(method, steps, batch, length):
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+
+  class Classifier(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.bert = transformers.BertModel(transformers.BertConfig(**ARCH), add_pooling_layer=False)
+      self.classifier = torch.nn.Linear(ARCH["hidden_size"], NUM_CLASSES)
+
+    def forward(self, input_ids, attention_mask):
+      hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+      m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+      return self.classifier((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9))
+
+  model = Classifier()
+  if method:
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"],
+                             modules_to_save=["classifier"], use_dora=method == "dora")
+    model = peft.get_peft_model(model, config)
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+  ids, mask, labels = (torch.from_numpy(x).long() for x in _batch(batch, length))
+  rss_before = _max_rss_bytes()
+  times = []
+  for i in range(WARMUP + steps):
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+    loss.backward()
+    optimizer.step()
+    if i >= WARMUP:
+      times.append(time.perf_counter() - start)
+  trained = sum(p.numel() for p in params)
+  return {"seconds": statistics.median(times), "rss_growth": _max_rss_bytes() - rss_before,
+          "xla_bytes": None, "trainable": int(trained), "loss": float(loss)}
+
+
+def _child(name: str, steps: int, batch: int, length: int) -> None:
+  library, method, mode = VARIANTS[name]
+  if library == "jax":
+    result = _run_jax(method, mode, steps, batch, length)
+  else:
+    result = _run_torch(method, steps, batch, length)
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def _measure(name: str, args) -> dict:
+  out = subprocess.run(
+      [sys.executable, "-m", "benchmarks.adapters", "--child", name, "--steps", str(args.steps),
+       "--batch", str(args.batch), "--length", str(args.length)],
+      check=True, capture_output=True, text=True)
+  (line,) = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+  return json.loads(line.removeprefix("RESULT "))
+
+
+def _mb(x) -> str:
+  return "—" if x is None else f"{x / 2**20:.0f} MiB"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--length", type=int, default=64)
+  parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    _child(args.child, args.steps, args.batch, args.length)
+    return
+  results = {}
+  for name in VARIANTS:
+    results[name] = _measure(name, args)
+    print(f"{name}: {1e3 * results[name]['seconds']:.1f} ms/step", file=sys.stderr, flush=True)
+  full = results["full (jaxpeft)"]["seconds"]
+  peft_name = {None: "full (torch)", "lora": "lora (PEFT)", "dora": "dora (PEFT)"}
+  print(f"BERT 4x256 (5.3M params), batch {args.batch} x {args.length} tokens, AdamW, median of"
+        f" {args.steps} steps\n")
+  print("| variant | trainable params | ms/step | time / jaxpeft full | time / PEFT-torch same method"
+        " | RSS growth | XLA buffers |\n|---|---:|---:|---:|---:|---:|---:|")
+  for name, r in results.items():
+    library, method, _ = VARIANTS[name]
+    versus = (f"{r['seconds'] / results[peft_name[method]]['seconds']:.2f}" if library == "jax" else "—")
+    print(f"| {name} | {r['trainable']:,} | {1e3 * r['seconds']:.1f} | {r['seconds'] / full:.2f} |"
+          f" {versus} | {_mb(r['rss_growth'])} | {_mb(r['xla_bytes'])} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,129 @@
+"""configs/minilm_text.py through the harness: a tiny random BERT folder, and the real MiniLM's weights."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import tokenizers
+from flax import traverse_util
+
+from configs import minilm_text
+from jaxpeft.data import input_pipeline
+from jaxpeft.models import hf_loader
+from jaxpeft.models.bert import BertConfig, BertEncoder
+from jaxpeft.models.registry import bert_from_checkpoint
+from jaxpeft.train.loop import train_and_evaluate
+from jaxpeft.train.pretrained import load_params
+
+SENTENCES = ["Return the lowest index in the string where substring sub is found.",
+             "Open a socket.", "Create a new thread and start it with the given arguments now."]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+  """A Hugging Face-format BERT folder: random weights of a 2-layer, hidden-16 BERT, the real tokenizer."""
+  folder = tmp_path_factory.mktemp("tiny_bert")
+  hf_config = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+               "type_vocab_size": 2, "hidden_act": "gelu"}
+  (folder / "config.json").write_text(json.dumps(hf_config))
+  model = BertEncoder(BertConfig.from_dict(hf_config))
+  params = model.init(jax.random.key(7), jnp.zeros((1, 4), jnp.int32))["params"]
+  tensors = {hf_loader.hf_name(path): np.asarray(v.T if path.endswith("/kernel") else v)  # torch Linear: (out, in)
+             for path, v in traverse_util.flatten_dict(params, sep="/").items()}
+  safetensors.numpy.save_file(tensors, folder / "model.safetensors")
+  shutil.copy(hf_loader.resolve_model_dir(None) / "tokenizer.json", folder / "tokenizer.json")
+  return folder, tensors
+
+
+def test_every_method_config_builds_and_smoke_is_small():
+  for method in minilm_text.METHODS:
+    config = minilm_text.get_config(f"{method}:smoke")
+    assert config.num_train_steps <= 3 and config.method == method
+  lora = minilm_text.get_config("lora")
+  assert (lora.adapter.method, lora.adapter.rank, lora.trainable.base) == ("lora", 8, "classifier/.*")
+  with pytest.raises(ValueError, match="linear_probe"):
+    minilm_text.get_config("adalora")
+
+
+def test_checkpoint_override_moves_tokenizer_and_weights_too(tiny_bert_dir):
+  config = minilm_text.get_config("lora")
+  config.model.checkpoint = str(tiny_bert_dir[0])
+  assert config.dataset.tokenizer == config.init_from.params == str(tiny_bert_dir[0])
+
+
+def test_text_preprocess_matches_the_tokenizers_package(tiny_bert_dir):
+  folder, _ = tiny_bert_dir
+  config = minilm_text.get_config("lora:smoke").dataset
+  config.tokenizer = str(folder)
+  batch = input_pipeline.get_preprocess("jaxpeft_pydoc", config)(
+      {"text": np.array([s.encode() for s in SENTENCES], dtype=object), "label": np.array([0, 3, 4])})
+  reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+  reference.no_padding()  # the file pads and truncates to 128 (sentence-transformers' setting)
+  reference.no_truncation()
+  for row, sentence in enumerate(SENTENCES):
+    ids = reference.encode(sentence).ids  # [CLS] ... [SEP], untruncated
+    n = min(len(ids), config.max_len)
+    expected = ids[: n - 1] + [ids[-1]] if len(ids) > config.max_len else ids
+    np.testing.assert_array_equal(batch["input_ids"][row, :n], expected)
+    np.testing.assert_array_equal(batch["input_ids"][row, n:], 0)
+    np.testing.assert_array_equal(batch["attention_mask"][row], np.arange(config.max_len) < n)
+  np.testing.assert_array_equal(batch["token_type_ids"], 0)
+  np.testing.assert_array_equal(batch["label"], [0, 3, 4])
+  with pytest.raises(ValueError, match="config.dataset.tokenizer"):
+    input_pipeline.get_preprocess("jaxpeft_pydoc", None)
+
+
+def test_lora_smoke_run_on_a_tiny_bert_folder(tiny_bert_dir, data_dir, tmp_path):
+  folder, tensors = tiny_bert_dir
+  config = minilm_text.get_config("lora:smoke")
+  config.model.checkpoint = str(folder)
+  config.dataset.data_dir = data_dir
+  config.sharding.num_devices = 1
+  result = train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 3 and 0.0 <= result["eval"]["accuracy"] <= 1.0
+  state = jax.device_get(result["state"])
+  flat = traverse_util.flatten_dict(state.params, sep="/")
+  # Rank-8 factors on 2 layers x (query, value) of 16 x 16, and the new 6-class head.
+  assert result["trainable_params"] == 2 * 2 * 8 * (16 + 16) + 16 * 6 + 6
+  assert sorted(k for k in flat if k.startswith("base/")) == ["base/classifier/dense/bias", "base/classifier/dense/kernel"]
+  assert any(np.any(v != 0) for k, v in flat.items() if k.endswith("/b"))  # LoRA's zero-initialised B moved
+  # The frozen encoder is the folder's checkpoint, untouched.
+  for path, value in traverse_util.flatten_dict(state.frozen, sep="/").items():
+    hf = tensors[hf_loader.hf_name(path)]
+    np.testing.assert_array_equal(value, hf.T if path.endswith("/kernel") else hf)
+  assert result["adapter_bytes"] < 0.2 * result["params_bytes"]
+
+
+def test_init_from_minilm_gives_the_hf_loader_embeddings():
+  model = bert_from_checkpoint("all-MiniLM-L6-v2", num_classes=6)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  fresh = model.init(jax.random.key(0), ids, ids, ids)["params"]
+  params = load_params("all-MiniLM-L6-v2", fresh, keep_fresh="classifier/.*")
+  ref_model, ref_params, tokenizer, _ = hf_loader.load_bert(None, normalize=False)
+  inputs = tokenizer.encode(SENTENCES, max_len=24)
+  ours = model.apply({"params": params}, **inputs, method=BertEncoder.embed)
+  reference = ref_model.apply({"params": ref_params}, **inputs)
+  np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+  fresh_head = traverse_util.flatten_dict(fresh["classifier"])
+  for path, value in traverse_util.flatten_dict(params["classifier"]).items():
+    np.testing.assert_array_equal(value, fresh_head[path])  # the head keeps its fresh init
+  with pytest.raises(ValueError, match="keep_fresh"):
+    load_params("all-MiniLM-L6-v2", fresh)
+
+
+def test_flagship_row_counts_only_trained_leaves_and_writes_table_and_plot(tiny_bert_dir, data_dir, tmp_path):
+  from experiments import flagship
+  row = flagship.run_method("salt", str(tmp_path), data_dir, ":smoke", str(tiny_bert_dir[0]))
+  # SALT on 4 matrices of 16 x 16 (ratio 0.1 -> k = 1 top singular value, rank 8 on the other 15):
+  # scale and shift (k each) and x, y (15 x 8 each); its U, s, V^T are fixed. Plus the 6-class head.
+  assert row["trainable_params"] == 4 * (2 * 1 + 2 * 15 * 8) + 16 * 6 + 6
+  assert row["steps_per_second"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+  table = flagship.markdown_table([row])
+  assert f"| salt | {row['trainable_params']:,} " in table
+  flagship.plot([row], str(tmp_path / "plot.png"))
+  assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
