@@ -22,8 +22,8 @@ the residual stream *before* the block's second LayerNorm; if your LayerNorm sit
 ``adapter_layernorm_option="in"`` with the block's (frozen or trained) LayerNorm. Put the LayerNorm inside the
 hooked module to get the exact paper setting. The reference's adapter dropout (0.1) is not implemented.
 
-Usage: ``with houlsby.intercept(params, adapter_params, config): model.apply(...)`` (the module-hook
-mechanism, see ``jaxpeft.adapters.houlsby``).
+Usage: ``with module_hooks.intercept(params, adapter_params, config): model.apply(...)`` (the module-hook
+mechanism, see ``jaxpeft.adapters.module_hooks``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import Leaves, Target, register_method
-from jaxpeft.adapters.houlsby import ModuleHookMethod, bottleneck
+from jaxpeft.adapters.module_hooks import ModuleHookMethod, bottleneck
 
 
 @register_method("adaptformer")
