@@ -27,6 +27,8 @@ sets the tokenizer and the weights (`dataset.tokenizer` and `init_from.params` r
 
 import ml_collections
 
+from configs import common
+
 ATTENTION_QUERY_VALUE = r".*attention/(query|value)/kernel"
 ATTENTION_ALL = r".*attention/(query|key|value|output)/kernel"
 
@@ -83,28 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable = ml_collections.ConfigDict()
   config.trainable.base = trained_base
 
-  config.adapter = ml_collections.ConfigDict()
-  config.adapter.method = adapter_method
-  config.adapter.targets = targets
-  config.adapter.rank = 8
-  config.adapter.alpha = 16.0
-  config.adapter.dropout = 0.0
-  config.adapter.use_rslora = False
-  config.adapter.init = "default"
-  config.adapter.mode = "reparam"  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
-  config.adapter.options = ml_collections.ConfigDict()
+  config.adapter = common.adapter(adapter_method, targets, rank=8, alpha=16.0)
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = learning_rate
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 10
-  config.optimizer.grad_clip_norm = 1.0
-  config.optimizer.b1 = None
-  config.optimizer.b2 = None
-  config.optimizer.b3 = None
-  config.optimizer.eps = None
-  config.optimizer.weight_decay = 1e-2
+  config.optimizer = common.optimizer(learning_rate, warmup_steps=10, weight_decay=1e-2, grad_clip_norm=1.0)
 
   config.batch_size = 32
   config.eval_batch_size = 64
@@ -112,15 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every = 10
   config.eval_every = 0
 
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 1000
-  config.checkpoint.max_to_keep = 1
-  config.checkpoint.async_save = True
-
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.parallelism = "jit"
-  config.sharding.fsdp = False
-  config.sharding.num_devices = 0
+  config.checkpoint = common.checkpoint(every_steps=1000, max_to_keep=1)
+  config.sharding = common.sharding()
 
   config.progress_bar = True
   config.export = True

@@ -17,6 +17,8 @@ Any optimizer by name, on 8 fake CPU devices with fully sharded state:
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg='smoke'` shrinks it to a few steps."""
@@ -46,30 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable = ml_collections.ConfigDict()
   config.trainable.base = ".*"
 
-  # An adapter from jaxpeft.adapters ('' for none), e.g. --config.adapter.method=lora.
-  config.adapter = ml_collections.ConfigDict()
-  config.adapter.method = ""
-  config.adapter.targets = ""
-  config.adapter.rank = 8
-  config.adapter.alpha = 8.0
-  config.adapter.dropout = 0.0
-  config.adapter.use_rslora = False
-  config.adapter.init = "default"
-  config.adapter.mode = "reparam"  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
-  config.adapter.options = ml_collections.ConfigDict()
+  config.adapter = common.adapter()
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 50
-  config.optimizer.grad_clip_norm = 0.0  # 0: off
-  # None keeps the optimizer's own default; only hyperparameters it takes may be set.
-  config.optimizer.b1 = None
-  config.optimizer.b2 = None
-  config.optimizer.b3 = None
-  config.optimizer.eps = None
-  config.optimizer.weight_decay = 1e-4
+  config.optimizer = common.optimizer(3e-3, warmup_steps=50, weight_decay=1e-4)
 
   config.batch_size = 64
   config.eval_batch_size = 120
@@ -77,15 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 200
 
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 200
-  config.checkpoint.max_to_keep = 3
-  config.checkpoint.async_save = True
-
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.parallelism = "jit"  # 'jit' (Mesh + NamedSharding) or 'pmap'
-  config.sharding.fsdp = False  # shard params and optimizer state over the data axis
-  config.sharding.num_devices = 0  # 0: every device; N: the first N (single-process jobs)
+  config.checkpoint = common.checkpoint(every_steps=200, max_to_keep=3)
+  config.sharding = common.sharding()
 
   config.progress_bar = True
   config.export = True  # write export/params (merged) and export/adapter.safetensors at the end

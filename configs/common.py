@@ -1,0 +1,54 @@
+"""Config sections every experiment shares, with their documented defaults.
+
+Each experiment's `get_config` builds its own dataset and model sections and takes these from
+here, overriding the values it needs, so a harness knob is added or documented in one place.
+"""
+
+import ml_collections
+
+
+def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8.0) -> ml_collections.ConfigDict:
+  """`config.adapter`: a `jaxpeft.adapters` method ('' for none), e.g. --config.adapter.method=lora."""
+  return ml_collections.ConfigDict({
+      "method": method,
+      "targets": targets,  # regex over '/'-joined parameter paths
+      "rank": rank,
+      "alpha": alpha,
+      "dropout": 0.0,  # factored mode only
+      "use_rslora": False,
+      "init": "default",
+      "mode": "reparam",  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
+      "options": ml_collections.ConfigDict(),  # method-specific options
+  })
+
+
+def optimizer(learning_rate: float, *, warmup_steps: int, weight_decay: float, grad_clip_norm: float = 0.0,
+              name: str = "adamw") -> ml_collections.ConfigDict:
+  """`config.optimizer`: any jaxpeft or optax optimizer by name, with a warm-up + cosine schedule."""
+  return ml_collections.ConfigDict({
+      "name": name,
+      "learning_rate": learning_rate,
+      "schedule": "cosine",  # or 'constant'
+      "warmup_steps": warmup_steps,
+      "grad_clip_norm": grad_clip_norm,  # 0: off
+      # None keeps the optimizer's own default; only hyperparameters it takes may be set.
+      "b1": None,
+      "b2": None,
+      "b3": None,
+      "eps": None,
+      "weight_decay": weight_decay,
+  })
+
+
+def checkpoint(every_steps: int, max_to_keep: int) -> ml_collections.ConfigDict:
+  """`config.checkpoint`: periodic (and final) asynchronous Orbax saves."""
+  return ml_collections.ConfigDict({"every_steps": every_steps, "max_to_keep": max_to_keep, "async_save": True})
+
+
+def sharding() -> ml_collections.ConfigDict:
+  """`config.sharding`: how the step is parallelised."""
+  return ml_collections.ConfigDict({
+      "parallelism": "jit",  # 'jit' (Mesh + NamedSharding) or 'pmap'
+      "fsdp": False,  # shard params and optimizer state over the data axis
+      "num_devices": 0,  # 0: every device; N: the first N (single-process jobs)
+  })
