@@ -1,9 +1,24 @@
-r"""Train-step time and peak memory: full fine-tuning vs LoRA (reparam, factored) vs DoRA, JAX vs PEFT.
+r"""Adapter benchmarks, in two parts.
 
-  python -m benchmarks.adapters [--steps 20] [--batch 16] [--length 64]
+  python -m benchmarks.adapters [--steps 20] [--batch 16] [--length 64]       # --part=speed (default)
+  python -m benchmarks.adapters --part=methods [--steps 50] [--methods=lora,sora] [--workdir DIR]
 
-The model is a small random BERT (`jaxpeft.models.bert.BertEncoder`: 4 layers, hidden 256, 4
-heads, MLP 1024, vocabulary 8000, mean pooling, 4-class head; 5.3M parameters) and, in PyTorch,
+Part `methods`: every method of `configs/minilm_text.py` (all-MiniLM-L6-v2 on the docstring-topic
+task, `jaxpeft_pydoc`) trained by the harness (`jaxpeft.train.loop.train_and_evaluate`, through
+`experiments.flagship.run_method`) for `--steps` steps of 32 (default 50, one epoch of the 1591
+training examples; warm-up 10 steps, cosine decay over the run), then evaluated on the held-out
+test split. The table gives each method's trainable parameters (share of the model's), train-step
+time (the harness's median over its log intervals after the first, so compilation, evaluation and
+export are excluded) and its ratio to LoRA's measured in the same run, and held-out accuracy; it is
+printed and written to `<workdir>/methods.md`. Hyperparameters are the config's (see the comment
+above its METHODS). On a shared CPU, step times move with the machine's load: compare ratios from
+one run. The convolution-kernel methods (LoRA-C / convLoRA / CP-LoRA and their DoRA variants,
+TLoRA) do not apply to BERT; the ViT/UNet pretrain-then-adapt recipe `experiments/vision_adapt.py`
+compares them. CorDA and prompt tuning are not in the config (its METHODS comment says why).
+
+Part `speed`: train-step time and peak memory, full fine-tuning vs LoRA (reparam, factored) vs
+DoRA, JAX vs PEFT. The model is a small random BERT (`jaxpeft.models.bert.BertEncoder`: 4
+layers, hidden 256, 4 heads, MLP 1024, vocabulary 8000, mean pooling, 4-class head; 5.3M parameters) and, in PyTorch,
 `transformers.BertModel` of identical shapes with the same mean pooling and head. Dropout is off
 in both. Every variant trains the head; adapters are rank 8 (alpha 16) on the attention query
 and value projections, as Hugging Face PEFT's `LoraConfig(target_modules=["query", "value"])`.
@@ -30,6 +45,7 @@ The table prints ratios to jaxpeft's full fine-tuning and jaxpeft / PEFT for the
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -175,13 +191,65 @@ def _mb(x) -> str:
   return "—" if x is None else f"{x / 2**20:.0f} MiB"
 
 
+def methods_table(rows: list[dict]) -> str:
+  """Markdown table of `experiments.flagship.run_method` rows; needs a 'lora' row for the time ratio."""
+  from experiments.flagship import trainable_cell  # pylint: disable=g-import-not-at-top
+
+  lora = [r for r in rows if r["method"] == "lora"]
+  if not lora:
+    raise ValueError("methods_table needs the 'lora' row: step times are given as ratios to LoRA's.")
+  lora_ms = 1e3 / lora[0]["steps_per_second"]
+  lines = ["| method | trainable params | ms/step | time / LoRA | held-out accuracy |",
+           "|---|---:|---:|---:|---:|"]
+  for r in rows:
+    ms = 1e3 / r["steps_per_second"]
+    lines.append(f"| {r['method']} | {trainable_cell(r)} | {ms:.0f} | {ms / lora_ms:.2f} |"
+                 f" {100 * r['accuracy']:.1f}% |")
+  return "\n".join(lines)
+
+
+def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = "", suffix: str = "",
+                checkpoint: str = "") -> str:
+  """Trains `methods` (LoRA first, for the ratios) and returns the table, also written to methods.md."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from configs import minilm_text  # pylint: disable=g-import-not-at-top
+  from experiments.flagship import run_method  # pylint: disable=g-import-not-at-top
+
+  unknown = sorted(set(methods) - set(minilm_text.METHODS))
+  if unknown:
+    raise ValueError(f"--methods: unknown {unknown}; choose from {list(minilm_text.METHODS)}.")
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(workdir, exist_ok=True)
+  rows, start = [], time.time()
+  for method in ["lora"] + [m for m in methods if m != "lora"]:
+    rows.append(run_method(method, workdir, data_dir, suffix, checkpoint, num_train_steps=steps))
+    r = rows[-1]
+    print(f"{method}: {r['trainable_params']:,} trainable, {1e3 / r['steps_per_second']:.0f} ms/step,"
+          f" accuracy {100 * r['accuracy']:.1f}%, {r['seconds']:.0f} s", file=sys.stderr, flush=True)
+  table = (f"all-MiniLM-L6-v2 on jaxpeft_pydoc, {steps} steps of 32, held-out test split\n\n"
+           + methods_table(rows) + f"\n\nTotal wall time: {time.time() - start:.0f} s.\n")
+  with open(os.path.join(workdir, "methods.md"), "w", encoding="utf-8") as f:
+    f.write(table)
+  return table
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--part", choices=("speed", "methods"), default="speed")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="speed: timed steps (default 20); methods: training steps (default 50)")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--length", type=int, default=64)
+  parser.add_argument("--methods", default="", help="methods: comma-separated config methods (default: all)")
+  parser.add_argument("--workdir", default="workdir/adapter_methods", help="methods: where the runs go")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.part == "methods":
+    from configs import minilm_text  # pylint: disable=g-import-not-at-top
+    methods = args.methods.split(",") if args.methods else list(minilm_text.METHODS)
+    print(run_methods(methods, args.steps or 50, args.workdir), flush=True)
+    return
+  args.steps = args.steps or 20
   if args.child:
     _child(args.child, args.steps, args.batch, args.length)
     return

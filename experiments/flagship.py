@@ -1,9 +1,9 @@
-r"""The flagship experiment: MiniLM on docstring topics with six fine-tuning methods, on CPU.
+r"""The flagship experiment: MiniLM on docstring topics with seven fine-tuning methods, on CPU.
 
   python -m experiments.flagship --workdir=workdir/flagship
 
-Each method of `configs/minilm_text.py` (linear probe, full fine-tuning, LoRA, DoRA, Hydra, SALT)
-is trained in turn by the harness (`jaxpeft.train.loop.train_and_evaluate`) in
+Each method of `FLAGSHIP_METHODS` (linear probe, full fine-tuning, LoRA, LoRA on q/k/v/o, DoRA,
+Hydra, SALT) is trained in turn by the harness (`jaxpeft.train.loop.train_and_evaluate`) in
 `<workdir>/<method>/` (a fresh run: an earlier run of the method there is deleted first). Then
 it writes
 
@@ -18,7 +18,6 @@ the first), so they exclude compilation, loading, evaluation and export.
 """
 
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -29,10 +28,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 
 from configs import minilm_text  # pylint: disable=wrong-import-position
-from jaxpeft.train.loop import train_and_evaluate  # pylint: disable=wrong-import-position
+from experiments.harness_runs import run_harness  # pylint: disable=wrong-import-position
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs, the table and the plot.")
-_METHODS = flags.DEFINE_list("methods", list(minilm_text.METHODS), "Methods of configs/minilm_text.py.")
+# The flagship's comparison; the other methods of configs/minilm_text.py are compared by
+# `python -m benchmarks.adapters --part=methods`.
+FLAGSHIP_METHODS = ("linear_probe", "full", "lora", "lora_qkvo", "dora", "hydra", "salt")
+
+_METHODS = flags.DEFINE_list("methods", list(FLAGSHIP_METHODS), "Methods of configs/minilm_text.py.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "A Hugging Face BERT folder instead of the embedded all-MiniLM-L6-v2.")
@@ -54,6 +57,11 @@ NOTES = (
 )
 
 
+def trainable_cell(row: dict) -> str:
+  """'<trainable params> (<share of the model's parameters>)' for a row of `run_method`."""
+  return f"{row['trainable_params']:,} ({100 * row['trainable_params'] / row['total_params']:.2f}%)"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
   """The results table (one row per method)."""
   lines = [
@@ -61,9 +69,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
       "|---|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
-    share = f"{100 * r['trainable_params'] / r['total_params']:.2f}%"
     lines.append(
-        f"| {r['method']} | {r['trainable_params']:,} ({share}) | {_size(r.get('adapter_bytes'))} |"
+        f"| {r['method']} | {trainable_cell(r)} | {_size(r.get('adapter_bytes'))} |"
         f" {100 * r['accuracy']:.1f}% | {r['steps_per_second']:.2f} | {r['seconds']:.0f} s |"
     )
   return "\n".join(lines)
@@ -92,21 +99,7 @@ def run_method(method: str, workdir: str, data_dir: str = "", suffix: str = "", 
   config.dataset.data_dir = data_dir
   if checkpoint:
     config.model.checkpoint = checkpoint  # also the tokenizer and init_from (one FieldReference)
-  run_dir = os.path.join(workdir, method)
-  shutil.rmtree(run_dir, ignore_errors=True)
-  start = time.time()
-  result = train_and_evaluate(config, run_dir)
-  seconds = time.time() - start
-  return {
-      "method": method,
-      "trainable_params": result["trainable_params"],
-      "total_params": result["total_params"],
-      "adapter_bytes": result.get("adapter_bytes"),
-      "params_bytes": result.get("params_bytes"),
-      "accuracy": result["eval"]["accuracy"],
-      "steps_per_second": result["steps_per_sec"],
-      "seconds": seconds,
-  }
+  return run_harness(config, os.path.join(workdir, method), method)
 
 
 def main(argv):

@@ -47,7 +47,8 @@ def save_adapter(path: str | os.PathLike, adapter_params: AdapterParams, config:
 
 
 def check_adapter(adapter_params: AdapterParams, config: AdapterConfig, base_params: Any) -> None:
-    """Raises ``ValueError`` with a diff if ``adapter_params`` does not fit ``config`` on ``base_params``."""
+    """Raises ``ValueError`` with a diff (missing / unexpected / wrong shape / wrong dtype leaves) if
+    ``adapter_params`` does not fit ``config`` on ``base_params``."""
     _, expected = jax.eval_shape(lambda p: init_with_base(jax.random.key(0), config, p), base_params)
     want = traverse_util.flatten_dict(expected, sep="/")
     got = traverse_util.flatten_dict(adapter_params, sep="/")
@@ -55,9 +56,12 @@ def check_adapter(adapter_params: AdapterParams, config: AdapterConfig, base_par
     unexpected = sorted(set(got) - set(want))
     wrong = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(got[k].shape)}"
              for k in sorted(set(want) & set(got)) if tuple(want[k].shape) != tuple(got[k].shape)]
-    if missing or unexpected or wrong:
+    wrong_dtype = [f"{k}: expected {jnp.dtype(want[k].dtype).name}, got {jnp.dtype(got[k].dtype).name}"
+                   for k in sorted(set(want) & set(got)) if jnp.dtype(want[k].dtype) != jnp.dtype(got[k].dtype)]
+    if missing or unexpected or wrong or wrong_dtype:
         raise ValueError("Adapter does not fit this model and config:\n"
-                         f"  missing: {missing}\n  unexpected: {unexpected}\n  wrong shape: {wrong}")
+                         f"  missing: {missing}\n  unexpected: {unexpected}\n  wrong shape: {wrong}\n"
+                         f"  wrong dtype: {wrong_dtype}")
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any = None) -> tuple[AdapterParams, AdapterConfig]:

@@ -56,6 +56,25 @@ activation-hook mode implements ``branch``. Leaves are arrays of the *per-layer*
 trained ones); their names must not contain "/". Leaves that are stored and checkpointed but never trained
 (e.g. saved random projections) are listed in ``frozen_leaves``: the front-ends stop their gradients and
 ``partition.optimizer_labels`` labels them ``"frozen"``.
+
+A method whose update also changes the layer's bias (``(IA)^3`` rescales the whole output ``l * (x W + b)``;
+Hydra's sequential branch reads the biased output) sets ``adapts_bias = True`` and implements
+``apply_bias`` / ``unmerge_bias`` on the bias folded to a float32 ``(d_out,)`` vector::
+
+    adapts_bias = True
+
+    def apply_bias(self, bias, leaves, target):    # bias: float32 (d_out,) -> the adapted bias
+        return leaves["l"] * bias
+
+    def unmerge_bias(self, merged_bias, leaves, target):
+        return merged_bias / leaves["l"]
+
+The bias is the kernel's sibling leaf named ``bias`` (Flax ``Dense``, ``DenseGeneral``, ``Conv``); target
+selection records its path in ``Target.bias_path`` (``None`` when the layer has no bias -- then the hooks are
+not called, and ``init`` can read ``target.bias_path`` to skip bias-only leaves). The front-ends handle the
+rest: ``reparam`` updates the bias leaf in ``apply / merge / unmerge`` (stacked axes, dtypes) and the
+activation-hook mode adds the constant ``apply_bias(b) - b`` to ``branch``'s output, so ``branch`` stays the
+input-dependent part ``x (W' - W)``.
 """
 
 from __future__ import annotations
@@ -90,6 +109,8 @@ class Target:
       dropout: adapter-branch input dropout rate (activation-hook mode only).
       init: the init scheme name (method-specific, e.g. ``"default"``, ``"gaussian"``, ``"pissa"``).
       options: the method's options (``option_defaults`` updated by ``config.options``), as sorted pairs.
+      bias_path: for methods with ``adapts_bias``, the path of the layer's bias (the sibling leaf ``bias``),
+        or ``None`` when the layer has none; always ``None`` for other methods.
     """
 
     path: str
@@ -104,6 +125,7 @@ class Target:
     dropout: float
     init: str
     options: tuple[tuple[str, Any], ...] = ()
+    bias_path: str | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -142,6 +164,7 @@ class AdapterMethod:
     name: ClassVar[str] = ""
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     frozen_leaves: ClassVar[frozenset[str]] = frozenset()
+    adapts_bias: ClassVar[bool] = False
 
     def validate(self, target: Target) -> None:
         """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
@@ -163,6 +186,14 @@ class AdapterMethod:
         """Inverse of ``apply`` given the adapter leaves; default ``merged - delta(leaves)``."""
         return merged - self.delta(leaves, target)
 
+    def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        """The adapted bias (``adapts_bias`` methods, layers with a bias); ``bias`` is float32 ``(d_out,)``."""
+        return bias
+
+    def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        """Inverse of ``apply_bias`` given the adapter leaves."""
+        return merged_bias
+
     def modifies_base(self, target: Target) -> bool:
         """True if the init is meant to be paired with a residual base (PiSSA-style inits).
 
@@ -172,6 +203,9 @@ class AdapterMethod:
 
     def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         """Activation-hook mode: the output added to the base layer's output ``x @ kernel + bias``.
+
+        For ``adapts_bias`` methods the front-end adds ``apply_bias(bias) - bias`` itself: ``branch`` returns
+        only the input-dependent part.
 
         ``x`` is the (already dropped-out) input folded to ``(..., d_in)`` in float32; ``kernel`` the folded
         float32 base matrix. Returns ``(..., d_out)``. Optional: methods without it are reparam-only.
@@ -223,3 +257,13 @@ def fold(leaf: jax.Array, target: Target) -> jax.Array:
 def unfold(matrix: jax.Array, target: Target) -> jax.Array:
     """Float32 ``(d_in, d_out)`` matrix -> one layer's leaf in the base dtype."""
     return matrix.reshape(target.layer_shape).astype(target.dtype)
+
+
+def fold_bias(bias: jax.Array) -> jax.Array:
+    """One layer's bias (e.g. DenseGeneral ``(heads, head_dim)``) -> float32 ``(d_out,)``."""
+    return bias.reshape(-1).astype(jnp.float32)
+
+
+def unfold_bias(vector: jax.Array, like: jax.Array) -> jax.Array:
+    """Float32 ``(d_out,)`` -> one layer's bias with the shape and dtype of ``like``."""
+    return vector.reshape(like.shape).astype(like.dtype)

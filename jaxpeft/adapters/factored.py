@@ -2,7 +2,8 @@
 
 Inside ``with intercept(params, adapter_params, config, ...)``, every call of a linen ``nn.Dense`` or
 ``nn.DenseGeneral`` whose kernel is a target of ``config`` returns ``base_output + method.branch(drop(x))``
-(``flax.linen.intercept_methods``); for LoRA that is ``x W + b + s (drop(x) a) b`` -- the ``(d_in, d_out)``
+(``flax.linen.intercept_methods``), plus ``method.apply_bias(bias) - bias`` for methods that adapt the layer's
+bias (``AdapterMethod.adapts_bias``); for LoRA that is ``x W + b + s (drop(x) a) b`` -- the ``(d_in, d_out)``
 update is never materialised, which saves memory and time on large layers. It reads the very same
 ``adapter_params`` as ``jaxpeft.adapters.reparam`` and, with dropout off, gives the same outputs.
 
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import get_method, stop_frozen
+from jaxpeft.adapters.core import fold_bias, get_method, stop_frozen
 from jaxpeft.adapters.reparam import AdapterParams, adapter_leaves
 from jaxpeft.adapters.selection import path_key, select_targets
 
@@ -115,7 +116,11 @@ def intercept(params: Any, adapter_params: AdapterParams, config: AdapterConfig,
             x = _dropout(key, x, config.dropout)
         calls[path] = calls.get(path, 0) + 1
         kernel = meta.unbox(module.get_variable("params", leaf_name)).reshape(target.matrix_shape).astype(jnp.float32)
-        out = method.branch(x, kernel, stop_frozen(method, by_path[path]), target)
+        leaves = stop_frozen(method, by_path[path])
+        out = method.branch(x, kernel, leaves, target)
+        if target.bias_path is not None:
+            bias = fold_bias(meta.unbox(module.get_variable("params", "bias")))
+            out = out + (method.apply_bias(bias, leaves, target) - bias)
         return y + out.reshape(y.shape).astype(y.dtype)
 
     with nn.intercept_methods(interceptor):

@@ -12,6 +12,12 @@ reparameterization of the folded ``(d_in, d_out)`` kernel ``W`` (Flax layout ``y
     output mode:       W' = W * l[None, :]             l: (d_out,)   (x W') = l * (x W)
     feedforward mode:  W' = W * l[:, None]             l: (c_in,)    (x W') = (l * x) W
 
+In output mode the layer's bias is rescaled too, as in PEFT (``y = l * (x W + bias)``)::
+
+    output mode:       bias' = l * bias            feedforward mode: bias' = bias
+
+(the core's ``adapts_bias`` hook; the bias is the kernel's sibling leaf ``bias``, if the layer has one).
+
 A target is in feedforward mode when its path fully matches the ``feedforward`` option (a regex, PEFT's
 ``feedforward_modules``; default ``None``: no target). For a conv kernel ``(kh, kw, c_in, c_out)`` set the
 ``spatial_axes`` option (2): the input vector then has length ``c_in`` and is broadcast over the window,
@@ -22,13 +28,9 @@ Init (``config.init``): ``"default"``: ``l = 1`` (PEFT ``init_ia3_weights=True``
 are unused).
 
 Trainable parameters per adapted matrix: ``d_out`` (output mode) or ``c_in`` (feedforward mode).
-Merge: yes (the rescaled kernel). Unmerge: ``W = W' / l`` -- exact division here (PEFT adds ``1e-8`` to
-``l``), undefined where an entry of ``l`` is 0 (it yields inf/nan: keep the base params instead).
-
-Deviation from PEFT: PEFT's output mode multiplies the whole layer output, bias included
-(``y = l * (x W + bias)``), and merges ``l`` into the bias too. The core hands a method one leaf, so here the
-bias is *not* rescaled: outputs agree with PEFT exactly for layers without bias (as in T5, the paper's
-model) and in feedforward mode; for biased layers in output mode they differ by ``(l - 1) * bias``.
+Merge: yes (the rescaled kernel, and in output mode the rescaled bias). Unmerge: ``W = W' / l`` (and
+``bias = bias' / l``) -- exact division here (PEFT adds ``1e-8`` to ``l``), undefined where an entry of ``l``
+is 0 (it yields inf/nan: keep the base params instead).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class IA3(AdapterMethod):
     """``W' = W * l`` on the output (columns) or, for feedforward targets, the input (rows) of the kernel."""
 
     option_defaults = {"feedforward": None, "spatial_axes": 0}
+    adapts_bias = True
 
     def validate(self, target: Target) -> None:
         spatial = target.option("spatial_axes")
@@ -91,6 +94,12 @@ class IA3(AdapterMethod):
 
     def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         return _scale(merged, 1.0 / leaves["l"], target)
+
+    def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        return bias if is_feedforward(target) else leaves["l"] * bias
+
+    def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+        return merged_bias if is_feedforward(target) else merged_bias / leaves["l"]
 
     def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         if is_feedforward(target):

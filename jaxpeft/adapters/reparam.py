@@ -7,8 +7,10 @@ modified in place; ``apply`` returns a tree of the same structure the unchanged 
 
 Numerics: each targeted leaf is folded to a ``(d_in, d_out)`` matrix (``jaxpeft.adapters.core``), cast to
 float32, adapted by the method in float32 and cast back to the base dtype (bfloat16 bases: the adapter
-math and the merge are float32, the result is rounded once). Stacked (scanned) leaves are handled by
-``vmap`` over their ``stacked_axes`` leading axes; ``init`` draws an independent key per layer.
+math and the merge are float32, the result is rounded once). Methods that also adapt the layer's bias
+(``AdapterMethod.adapts_bias``: (IA)^3, Hydra) update the kernel's sibling ``bias`` leaf the same way.
+Stacked (scanned) leaves are handled by ``vmap`` over their ``stacked_axes`` leading axes; ``init`` draws
+an independent key per layer.
 
 Dropout: the reparameterized mode builds weights, not activations, so it cannot drop the adapter
 branch's *inputs* as PEFT does; ``config.dropout`` is ignored here. Use the activation-hook mode
@@ -44,7 +46,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, fold, get_method, stop_frozen, unfold
+from jaxpeft.adapters.core import (AdapterMethod, Leaves, Target, fold, fold_bias, get_method, stop_frozen, unfold,
+                                   unfold_bias)
 from jaxpeft.adapters.selection import named_leaves, path_key, path_string, select_targets
 
 Params = Any
@@ -126,31 +129,34 @@ def init_with_base(rng: jax.Array, config: AdapterConfig, base_params: Params) -
     return base_params, adapter
 
 
-def _map_targets(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig,
-                 op: Callable[[AdapterMethod, jax.Array, Leaves, Target], jax.Array]) -> Params:
+def _map_targets(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig, *,
+                 unmerging: bool) -> Params:
+    """``base_params`` with each target's kernel (and, for ``adapts_bias`` methods, its bias) applied/unmerged."""
     method = get_method(config.method)
-    targets = {t.path: t for t in select_targets(config, base_params)}
-    by_path = adapter_leaves(adapter_params, list(targets.values()))
-
-    def update(key_path, leaf):
-        path = path_string(key_path)
-        if path not in targets:
-            return leaf
-        target = targets[path]
-        one = _per_layer(
-            lambda w, lv: unfold(op(method, fold(w, target), stop_frozen(method, lv), target), target), target)
-        return one(leaf, by_path[path])
-
-    return jax.tree_util.tree_map_with_path(update, base_params)
+    targets = select_targets(config, base_params)
+    by_path = adapter_leaves(adapter_params, targets)
+    leaves = dict(named_leaves(base_params))
+    kernel_fn, bias_fn = ((method.unmerge, method.unmerge_bias) if unmerging
+                          else (method.apply, method.apply_bias))
+    updates = {}
+    for t in targets:
+        lv = stop_frozen(method, by_path[t.path])
+        updates[t.path] = _per_layer(lambda w, lv, t=t: unfold(kernel_fn(fold(w, t), lv, t), t), t)(
+            leaves[t.path], lv)
+        if t.bias_path is not None:
+            updates[t.bias_path] = _per_layer(lambda b, lv, t=t: unfold_bias(
+                bias_fn(fold_bias(b), lv, t), b), t)(leaves[t.bias_path], lv)
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: updates.get(path_string(kp), leaf), base_params)
 
 
 def apply(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> Params:
     """The adapted parameters ``W' = method.apply(W, adapter)`` for every target (others unchanged).
 
-    Pure and differentiable in both arguments; safe under ``jit``, ``grad``, ``vmap`` and ``pmap``.
-    ``config.dropout`` is not used here (see the module docstring).
+    For methods that adapt the layer's bias (``AdapterMethod.adapts_bias``) the target's sibling ``bias`` leaf
+    becomes ``method.apply_bias(bias, adapter)``. Pure and differentiable in both arguments; safe under
+    ``jit``, ``grad``, ``vmap`` and ``pmap``. ``config.dropout`` is not used here (see the module docstring).
     """
-    return _map_targets(base_params, adapter_params, config, lambda m, w, lv, t: m.apply(w, lv, t))
+    return _map_targets(base_params, adapter_params, config, unmerging=False)
 
 
 def merge(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> Params:
@@ -165,7 +171,7 @@ def unmerge(merged_params: Params, adapter_params: AdapterParams, config: Adapte
     result differs from the original base by about one bfloat16 ulp of ``W'``. Raises for methods that
     cannot be inverted from the merged weights (DoRA).
     """
-    return _map_targets(merged_params, adapter_params, config, lambda m, w, lv, t: m.unmerge(w, lv, t))
+    return _map_targets(merged_params, adapter_params, config, unmerging=True)
 
 
 def apply_many(base_params: Params, adapters: Sequence[tuple[AdapterConfig, AdapterParams]]) -> Params:

@@ -1,5 +1,8 @@
 """Target selection: '/'-joined parameter paths, regex matching, and per-leaf ``Target`` records.
 
+For methods that adapt the layer's bias too (``AdapterMethod.adapts_bias``) the target records the path of
+the kernel's sibling leaf ``bias`` (``Target.bias_path``), checked to hold one entry per output feature.
+
 Works on any parameter pytree: linen ``variables['params']`` (nested dicts), nnx ``State`` from
 ``nnx.split`` (the ``.value`` of each ``nnx.Variable`` is dropped from the path, so an nnx path reads
 ``layers/0/kernel``), boxed linen params (``nn.Partitioned``, also ``.value``-wrapped) and plain dicts.
@@ -7,6 +10,8 @@ Works on any parameter pytree: linen ``variables['params']`` (nested dicts), nnx
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import zlib
 from collections.abc import Iterator
@@ -61,6 +66,23 @@ def _default_fan_in_axes(path: str, layer_ndim: int) -> int:
         "1; attention out (heads, head_dim, features): 2; Conv (kh, kw, in, out): ndim-1).")
 
 
+def _bias_path(path: str, shape: tuple[int, ...], stacked: int, d_out: int, leaves: dict[str, Any],
+               config: AdapterConfig) -> str | None:
+    """The path of the kernel's sibling ``bias`` leaf (checked to fit the kernel), or None if there is none."""
+    parent, _, _ = path.rpartition("/")
+    bias_path = f"{parent}/bias" if parent else "bias"
+    if bias_path not in leaves:
+        return None
+    if re.fullmatch(config.targets, bias_path):
+        raise ValueError(f"{bias_path!r} is both a target and the bias that method {config.method!r} adapts "
+                         f"together with {path!r}; narrow AdapterConfig.targets to exclude it.")
+    bias_shape = tuple(getattr(leaves[bias_path], "shape", ()))
+    if bias_shape[:stacked] != shape[:stacked] or math.prod(bias_shape[stacked:]) != d_out:
+        raise ValueError(f"Bias {bias_path!r} of shape {bias_shape} does not fit kernel {path!r} of shape {shape} "
+                         f"(expected the stacked axes {shape[:stacked]} then {d_out} output features).")
+    return bias_path
+
+
 def select_targets(config: AdapterConfig, params: Any) -> list[Target]:
     """The ``Target`` records of the leaves of ``params`` whose path fully matches ``config.targets``.
 
@@ -74,6 +96,7 @@ def select_targets(config: AdapterConfig, params: Any) -> list[Target]:
                          f"{sorted(method.option_defaults)}.")
     options = tuple(sorted({**method.option_defaults, **dict(config.options)}.items()))
     leaves = list(named_leaves(params))
+    by_path = dict(leaves)
     targets = []
     for path, leaf in leaves:
         if not re.fullmatch(config.targets, path):
@@ -98,6 +121,9 @@ def select_targets(config: AdapterConfig, params: Any) -> list[Target]:
             fan_in_axes=fan_in, kind="embedding" if path.rsplit("/", 1)[-1] == "embedding" else "kernel",
             rank=rank, alpha=float(config.pattern_value("alpha_pattern", path, config.alpha)),
             use_rslora=config.use_rslora, dropout=config.dropout, init=config.init, options=options)
+        if method.adapts_bias and target.fan_in_axes:
+            target = dataclasses.replace(target, bias_path=_bias_path(
+                path, shape, stacked, target.matrix_shape[1], by_path, config))
         method.validate(target)
         targets.append(target)
     if not targets:

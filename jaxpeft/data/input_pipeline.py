@@ -17,6 +17,9 @@ No TensorFlow is needed: datasets are stored as `array_record` and read through
 * `get_preprocess(name, dataset_config)` turns raw batches into model inputs: each of our datasets
   has a preprocess factory (`DATASETS[name].make_preprocess(dataset_config)`), so a preprocess can
   depend on the config (the text datasets' tokenizer and `max_len`).
+* Digits knobs: `config.dataset.classes` keeps and relabels some classes (`select_classes`),
+  `config.dataset.shift` applies a deterministic domain shift (`jaxpeft.data.domain_shift`);
+  `jaxpeft_digits_segmentation` is the digits with per-pixel labels.
 """
 
 import contextlib
@@ -30,7 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxpeft.data import digits, text_classification
+from jaxpeft.data import class_subset, digits, digits_segmentation, domain_shift, text_classification
 from jaxpeft.models import hf_loader
 
 Batch = dict[str, np.ndarray]
@@ -105,6 +108,45 @@ def text_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preproc
   return preprocess
 
 
+def _option(dataset_config: ml_collections.ConfigDict | None, key: str, default: Any) -> Any:
+  """`dataset_config.<key>`, or `default` when there is no config or it lacks the key."""
+  return default if dataset_config is None else getattr(dataset_config, key, default)
+
+
+def digits_shift_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preprocess:
+  """`digits_preprocess`, then the domain shift `dataset_config.shift` ('' for none).
+
+  The shifts are `jaxpeft.data.domain_shift.SHIFTS` (e.g. 'invert', 'rotate90').
+  """
+  shift = _option(dataset_config, "shift", "")
+  domain_shift.check_shift(shift)
+  return lambda batch: domain_shift.apply_shift(digits_preprocess(batch), shift)
+
+
+def digits_segmentation_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preprocess:
+  """Digits as per-pixel labels (`jaxpeft.data.digits_segmentation`), then `dataset_config.shift`.
+
+  The foreground threshold is `dataset_config.foreground_threshold` (default 0.5).
+  """
+  shift = _option(dataset_config, "shift", "")
+  threshold = _option(dataset_config, "foreground_threshold", digits_segmentation.DEFAULT_THRESHOLD)
+  domain_shift.check_shift(shift)
+
+  def preprocess(batch: Batch) -> Batch:
+    return domain_shift.apply_shift(digits_segmentation.segment(digits_preprocess(batch), threshold), shift)
+
+  return preprocess
+
+
+def select_classes(source: DataSource, dataset_config: ml_collections.ConfigDict | None) -> DataSource:
+  """`source` restricted to `dataset_config.classes`, relabelled 0..n-1 in that order; unchanged if unset.
+
+  See `jaxpeft.data.class_subset.ClassSubset` (e.g. `classes=(5, 6, 7, 8, 9)`: digit 5 gets label 0).
+  """
+  classes = tuple(_option(dataset_config, "classes", ()) or ())
+  return class_subset.ClassSubset(source, classes) if classes else source
+
+
 class DatasetEntry(NamedTuple):
   """One of jaxpeft's own datasets: its TFDS builder class and its preprocess factory.
 
@@ -118,7 +160,9 @@ class DatasetEntry(NamedTuple):
 
 # jaxpeft's own datasets, which prepare offline. Other names go to the TFDS catalog.
 DATASETS: dict[str, DatasetEntry] = {
-    digits.Digits.name: DatasetEntry(digits.Digits, lambda _: digits_preprocess),
+    digits.Digits.name: DatasetEntry(digits.Digits, digits_shift_preprocess),
+    # The digits examples with per-pixel labels (same prepared data as jaxpeft_digits).
+    "jaxpeft_digits_segmentation": DatasetEntry(digits.Digits, digits_segmentation_preprocess),
     text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
 }
 
@@ -384,3 +428,58 @@ def eval_batches(
     batch = fetch_batch(source, np.minimum(rows, num_examples - 1))
     batch = preprocess(batch) if preprocess is not None else batch
     yield {**batch, "mask": rows < num_examples}
+
+
+class LabelNoiseSource:
+  """A training source whose labels are flipped for a fixed random fraction of its examples.
+
+  `round(fraction * len(source))` examples, chosen by `numpy.random.default_rng(seed)`, get a
+  label drawn uniformly from the *other* `num_classes - 1` classes; the choice is made once, so an
+  example keeps its (noisy) label in every epoch and the result does not depend on the batch order.
+  Other features are passed through. Wrap only training splits: evaluation labels must stay clean.
+  The config knob is `config.dataset.label_noise` (a fraction in [0, 1), 0 = off), seeded by
+  `config.seed`; see `with_label_noise`.
+  """
+
+  def __init__(self, source: DataSource, *, fraction: float, num_classes: int, seed: int):
+    if not 0.0 <= fraction < 1.0:
+      raise ValueError(f"label_noise={fraction} must be a fraction in [0, 1); e.g. 0.2 flips 20% of the labels.")
+    if num_classes < 2:
+      raise ValueError(f"Label noise needs at least 2 classes to flip between; got num_classes={num_classes}.")
+    self.source = source
+    self.num_classes = num_classes
+    rng = np.random.default_rng(seed)
+    n = len(source)
+    self.flipped = np.sort(rng.choice(n, size=round(fraction * n), replace=False))
+    self.offsets = np.zeros(n, np.int64)  # label -> (label + offset) % num_classes
+    self.offsets[self.flipped] = rng.integers(1, num_classes, size=len(self.flipped))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def _noisy(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+    return {**example, "label": (int(example["label"]) + int(self.offsets[index])) % self.num_classes}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._noisy(index, self.source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    getitems = getattr(self.source, "__getitems__", None)
+    examples = getitems(indices) if getitems is not None else [self.source[i] for i in indices]
+    return [self._noisy(i, e) for i, e in zip(indices, examples)]
+
+
+def with_label_noise(
+    source: DataSource, info: tfds.core.DatasetInfo, dataset_config: ml_collections.ConfigDict, seed: int
+) -> DataSource:
+  """`source` with `dataset_config.label_noise` of its labels flipped (unchanged when 0 or unset)."""
+  fraction = dataset_config.get("label_noise", 0.0)
+  if not fraction:
+    return source
+  label = info.features["label"] if "label" in info.features else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(
+        f"config.dataset.label_noise={fraction} needs a ClassLabel feature 'label'; dataset {info.name!r} has"
+        f" features {sorted(info.features)}. Set label_noise=0 for this dataset."
+    )
+  return LabelNoiseSource(source, fraction=fraction, num_classes=label.num_classes, seed=seed)

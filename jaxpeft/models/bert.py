@@ -100,26 +100,32 @@ class BertConfig:
     return cls(**{k: v for k, v in config.items() if k in names})
 
 
-class SelfAttention(nn.Module):
-  """Multi-head self-attention with separate query/key/value/output `nn.Dense` projections."""
+class _BertModule(nn.Module):
+  """Base of the BERT submodules: the architecture, the dtypes, and the layers they build alike."""
 
   config: BertConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def dense(self, features: int, name: str) -> nn.Dense:
+    """A Dense layer with BERT's N(0, initializer_range^2) kernel init and zero bias."""
+    return nn.Dense(features, kernel_init=nn.initializers.normal(self.config.initializer_range),
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  def layer_norm(self, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=name)
+
+
+class SelfAttention(_BertModule):
+  """Multi-head self-attention with separate query/key/value/output `nn.Dense` projections."""
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
     cfg = self.config
-    dense = lambda name: nn.Dense(
-        cfg.hidden_size,
-        kernel_init=nn.initializers.normal(cfg.initializer_range),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=name,
-    )
     heads = cfg.num_attention_heads
     split = lambda y: y.reshape(*y.shape[:-1], heads, cfg.hidden_size // heads)
-    q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
+    q, k, v = (split(self.dense(cfg.hidden_size, name)(x)) for name in ("query", "key", "value"))
     dropout_rate = cfg.attention_probs_dropout_prob if train else 0.0
     attended = nn.dot_product_attention(
         q,
@@ -131,80 +137,49 @@ class SelfAttention(nn.Module):
         deterministic=dropout_rate == 0,
         dtype=self.dtype,
     )
-    return dense("output")(attended.reshape(*x.shape[:-1], cfg.hidden_size))
+    return self.dense(cfg.hidden_size, "output")(attended.reshape(*x.shape[:-1], cfg.hidden_size))
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(_BertModule):
   """One post-LN BERT layer: attention and MLP blocks, each `LayerNorm(x + Dropout(f(x)))`."""
-
-  config: BertConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
     cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dense_init = nn.initializers.normal(cfg.initializer_range)
     dropout = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)
-    layer_norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
-
-    a = SelfAttention(cfg, name="attention", **kw)(x, mask, train=train)
-    x = layer_norm("attention_layer_norm")(x + dropout(a))
-    h = nn.Dense(cfg.intermediate_size, kernel_init=dense_init, name="intermediate", **kw)(x)
-    h = nn.Dense(cfg.hidden_size, kernel_init=dense_init, name="output", **kw)(
-        _ACTIVATIONS[cfg.hidden_act](h)
-    )
-    return layer_norm("output_layer_norm")(x + dropout(h))
+    a = SelfAttention(cfg, self.dtype, self.param_dtype, name="attention")(x, mask, train=train)
+    x = self.layer_norm("attention_layer_norm")(x + dropout(a))
+    h = self.dense(cfg.intermediate_size, "intermediate")(x)
+    h = self.dense(cfg.hidden_size, "output")(_ACTIVATIONS[cfg.hidden_act](h))
+    return self.layer_norm("output_layer_norm")(x + dropout(h))
 
 
-class Embeddings(nn.Module):
+class Embeddings(_BertModule):
   """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
-
-  config: BertConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, train: bool):
     cfg = self.config
-    kw = dict(
-        embedding_init=nn.initializers.normal(cfg.initializer_range),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-    )
+    embed = lambda num, name: nn.Embed(
+        num, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.initializer_range),
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     positions = jnp.arange(input_ids.shape[-1])
     x = (
-        nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)(input_ids)
-        + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings", **kw)(
-            positions
-        )
-        + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings", **kw)(
-            token_type_ids
-        )
+        embed(cfg.vocab_size, "word_embeddings")(input_ids)
+        + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+        + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
     )
-    x = nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name="layer_norm",
-    )(x)
+    x = self.layer_norm("layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
 
 
-class Encoder(nn.Module):
+class Encoder(_BertModule):
   """The stack of `num_hidden_layers` transformer layers, named `layer_0`, `layer_1`, ..."""
-
-  config: BertConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
     for i in range(self.config.num_hidden_layers):
-      x = TransformerLayer(
-          self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer_{i}"
-      )(x, mask, train=train)
+      x = TransformerLayer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(x, mask, train=train)
     return x
 
 

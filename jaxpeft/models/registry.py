@@ -6,7 +6,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import ml_collections
 
-from jaxpeft.models import cnn, hf_loader
+from jaxpeft.models import cnn, hf_loader, unet, vit
 from jaxpeft.models.bert import BertConfig, BertEncoder
 
 
@@ -41,6 +41,8 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn.CNN,
     "mlp": cnn.MLP,
     "bert": bert_from_checkpoint,
+    "vit": vit.ViT,
+    "unet": unet.UNet,
 }
 
 

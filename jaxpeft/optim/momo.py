@@ -66,7 +66,9 @@ Scalars (:math:`\bar f, \gamma, f_*` and the inner products) are kept in at leas
 averaged gradients keep the parameters' dtype.
 """
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import NamedTuple, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,9 @@ import optax
 from jax.typing import ArrayLike
 
 from jaxpeft.optim._hyperparameter_checks import DECAY_RATE, NON_NEGATIVE, check_hyperparameters
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class MomoState(NamedTuple):
@@ -172,6 +177,33 @@ def _update_averages(
   )
 
 
+def _transformation(
+    name: str,
+    init_fn: Callable[[optax.Params], MomoState | MomoAdamState],
+    step: Callable[[optax.Updates, MomoState | MomoAdamState, optax.Params, ArrayLike, jax.Array],
+                   tuple[optax.Updates, MomoState | MomoAdamState]],
+) -> optax.GradientTransformationExtraArgs:
+  """The optax transformation of `init_fn` and `step(updates, state, params, value, new_count)`.
+
+  Its `update(grads, state, params, value=loss)` checks that `params` and the scalar loss are given
+  (other extra arguments are ignored) before taking the step.
+  """
+
+  def update_fn(
+      updates: optax.Updates,
+      state: MomoState | MomoAdamState,
+      params: optax.Params | None = None,
+      *,
+      value: ArrayLike | None = None,
+      **extra_args,
+  ) -> tuple[optax.Updates, MomoState | MomoAdamState]:
+    del extra_args
+    _check_update_args(name, params, value)
+    return step(updates, state, params, value, optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _model_step(
     config: _StepConfig,
     state: MomoState | MomoAdamState,
@@ -246,21 +278,8 @@ def scale_by_momo(
   check_hyperparameters("momo", DECAY_RATE, "The authors' default is 0.9.", beta=beta)
   config = _StepConfig(learning_rate, weight_decay, lower_bound, use_fstar, axis_name)
 
-  def init_fn(params: optax.Params) -> MomoState:
-    return _init_state(MomoState, params, lower_bound)
-
-  def update_fn(
-      updates: optax.Updates,
-      state: MomoState,
-      params: optax.Params | None = None,
-      *,
-      value: ArrayLike | None = None,
-      **extra_args,
-  ) -> tuple[optax.Updates, MomoState]:
-    del extra_args
-    _check_update_args("momo", params, value)
+  def step(updates, state, params, value, count):
     dtype = state.loss_avg.dtype
-    count = optax.safe_increment(state.count)
     if bias_correction:
       b, rho = beta, 1 - jnp.asarray(beta, dtype) ** count
     else:  # the averages start at the first values
@@ -273,7 +292,7 @@ def scale_by_momo(
     )
     return new_updates, MomoState(count, *averages, lb)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transformation("momo", lambda params: _init_state(MomoState, params, lower_bound), step)
 
 
 def scale_by_momo_adam(
@@ -313,18 +332,8 @@ def scale_by_momo_adam(
   def init_fn(params: optax.Params) -> MomoAdamState:
     return _init_state(MomoAdamState, params, lower_bound, exp_avg_sq=optax.tree.zeros_like(params))
 
-  def update_fn(
-      updates: optax.Updates,
-      state: MomoAdamState,
-      params: optax.Params | None = None,
-      *,
-      value: ArrayLike | None = None,
-      **extra_args,
-  ) -> tuple[optax.Updates, MomoAdamState]:
-    del extra_args
-    _check_update_args("momo_adam", params, value)
+  def step(updates, state, params, value, count):
     dtype = state.loss_avg.dtype
-    count = optax.safe_increment(state.count)
     averages = _update_averages(state, updates, params, value, b1, axis_name)
     exp_avg_sq = optax.tree.cast_like(
         optax.tree.update_moment_per_elem_norm(updates, state.exp_avg_sq, b2, 2), state.exp_avg_sq
@@ -338,48 +347,37 @@ def scale_by_momo_adam(
     )
     return new_updates, MomoAdamState(count, averages.exp_avg, exp_avg_sq, averages.loss_avg, averages.grad_dot_w, lb)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _transformation("momo_adam", init_fn, step)
 
 
-def momo(
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    beta: ArrayLike = 0.9,
-    lower_bound: ArrayLike = 0.0,
-    weight_decay: ArrayLike = 0.0,
-    *,
-    bias_correction: bool = False,
-    use_fstar: bool = False,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  """MoMo (SGD with momentum and a model-based step size), defaults of the authors' `momo.Momo`.
+def _factory(core: Callable[_P, _R], name: str, doc: str) -> Callable[_P, _R]:
+  """`core` under the factory's `name` and `doc`: MoMo's core transformation is already the whole update.
 
-  Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
-  `scale_by_momo`, which is the whole update (the step size itself needs the learning rate).
+  The factory keeps the core's signature (`inspect.signature` follows `__wrapped__`), so
+  `optax.inject_hyperparams` and the harness's keyword matching see the same arguments.
   """
-  return scale_by_momo(
-      learning_rate, beta, lower_bound, weight_decay,
-      bias_correction=bias_correction, use_fstar=use_fstar, axis_name=axis_name,
-  )
+
+  @functools.wraps(core)
+  def factory(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+    return core(*args, **kwargs)
+
+  factory.__name__ = factory.__qualname__ = name
+  factory.__doc__ = doc
+  return factory
 
 
-def momo_adam(
-    learning_rate: optax.ScalarOrSchedule = 1e-2,
-    b1: ArrayLike = 0.9,
-    b2: ArrayLike = 0.999,
-    eps: ArrayLike = 1e-8,
-    lower_bound: ArrayLike = 0.0,
-    weight_decay: ArrayLike = 0.0,
-    *,
-    divide: bool = True,
-    use_fstar: bool = False,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  """MoMo-Adam (Adam with a model-based step size), defaults of the authors' `momo.MomoAdam`.
+momo = _factory(
+    scale_by_momo, "momo",
+    """MoMo (SGD with momentum and a model-based step size), defaults of the authors' `momo.Momo`.
 
-  Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
-  `scale_by_momo_adam`, which is the whole update (the step size itself needs the learning rate).
-  """
-  return scale_by_momo_adam(
-      learning_rate, b1, b2, eps, lower_bound, weight_decay,
-      divide=divide, use_fstar=use_fstar, axis_name=axis_name,
-  )
+    Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
+    `scale_by_momo`, which is the whole update (the step size itself needs the learning rate).
+    """)
+
+momo_adam = _factory(
+    scale_by_momo_adam, "momo_adam",
+    """MoMo-Adam (Adam with a model-based step size), defaults of the authors' `momo.MomoAdam`.
+
+    Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
+    `scale_by_momo_adam`, which is the whole update (the step size itself needs the learning rate).
+    """)

@@ -149,7 +149,11 @@ class _Runner:
 
 
 def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> dict[str, float]:
-  """Exact loss and accuracy over the whole evaluation split."""
+  """Exact loss and accuracy over the whole evaluation split (per pixel for dense predictions).
+
+  For dense predictions (per-pixel labels) it also returns `mean_iou`: the mean over classes
+  present in the labels or predictions of intersection / union, accumulated over the split.
+  """
   totals = None
   for batch in input_pipeline.eval_batches(
       source, batch_size=config.eval_batch_size, process_index=jax.process_index(),
@@ -159,7 +163,11 @@ def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> 
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
-  return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+  metrics = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+  if "union" in totals:
+    present = totals["union"] > 0
+    metrics["mean_iou"] = float(np.mean(totals["intersection"][present] / totals["union"][present]))
+  return metrics
 
 
 @jax.jit
@@ -198,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_dir = _data_dir(config)
   train_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
+  train_source = input_pipeline.select_classes(train_source, config.dataset)
+  eval_source = input_pipeline.select_classes(eval_source, config.dataset)
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   loader = input_pipeline.BatchLoader(
       train_source, global_batch_size=config.batch_size, seed=config.seed,

@@ -1,5 +1,10 @@
 """Pure train and eval steps for classification: `(state, batch) -> (state, metrics)`.
 
+Labels may carry spatial axes (dense prediction, e.g. segmentation): logits `(batch, ..., classes)`
+with labels `(batch, ...)` give a cross-entropy and an accuracy per position (pixel), averaged over
+all positions; eval's per-example `mask` is broadcast over them, and eval also sums each class's
+intersection and union for the mean IoU.
+
 The model is called through `Trainable.apply(state.params, state.frozen, inputs, ...)` with
 `inputs = [batch[k] for k in input_keys]`; only `state.params` is differentiated. Optimizers
 that need more than the gradient receive optax's extra arguments: the loss as `value=` (MoMo),
@@ -82,17 +87,31 @@ def make_eval_step(
   """Returns `eval_step(state, batch) -> sums` of loss, correct predictions and real examples.
 
   Batches carry a boolean `mask` marking real rows (the last batch of a split is padded), so
-  summing over batches and dividing by `count` gives exact metrics over the whole split.
+  summing over batches and dividing by `count` gives exact metrics over the whole split. With
+  per-pixel labels the sums count pixels, and `intersection` / `union` (one entry per class)
+  are added.
   """
 
   def eval_step(state: TrainState, batch: Batch):
     logits = trainable.apply(state.params, state.frozen, [batch[k] for k in input_keys], train=False)
-    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    # One weight per label position: the example's mask repeated over its spatial axes.
+    mask = jnp.broadcast_to(
+        batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1)), labels.shape
+    ).astype(jnp.float32)
+    predictions = jnp.argmax(logits, -1)
     sums = {
-        "loss": jnp.sum(_cross_entropy(logits, batch["label"]) * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "loss": jnp.sum(_cross_entropy(logits, labels) * mask),
+        "correct": jnp.sum((predictions == labels) * mask),
         "count": jnp.sum(mask),
     }
+    if labels.ndim > 1:  # Dense prediction: per-class intersection and union for the mean IoU.
+      classes = jnp.arange(logits.shape[-1])
+      predicted = (predictions[..., None] == classes) * mask[..., None]
+      actual = (labels[..., None] == classes) * mask[..., None]
+      axes = tuple(range(labels.ndim))
+      sums["intersection"] = jnp.sum(predicted * actual, axes)
+      sums["union"] = jnp.sum(jnp.maximum(predicted, actual), axes)
     if axis_name:
       sums = jax.lax.psum(sums, axis_name)
     return sums

@@ -12,30 +12,17 @@ from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
 from jaxpeft.adapters import corda, factored, reparam
-from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.partition import adapter_value_and_grad, param_count
+from jaxpeft.adapters.partition import param_count
+from tests.adapters import method_checks as mc
 
 D_IN, D_OUT, R, ALPHA, TOKENS = 6, 5, 2, 3.0, 10
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 class _Model(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.Dense(D_OUT, name="layer")(x)
-
-
-def _t(x):
-    return np.asarray(x.detach().numpy(), np.float32)
 
 
 def _batches():
@@ -50,8 +37,9 @@ def _config(mode):
 
 def _peft(mode, batches):
     torch.manual_seed(0)
-    model = _Wrap(torch.nn.Linear(D_IN, D_OUT))
-    params = {"layer": {"kernel": jnp.asarray(_t(model.layer.weight).T), "bias": jnp.asarray(_t(model.layer.bias))}}
+    model = mc.Wrap(torch.nn.Linear(D_IN, D_OUT))
+    params = {"layer": {"kernel": jnp.asarray(mc.t2n(model.layer.weight).T),
+                        "bias": jnp.asarray(mc.t2n(model.layer.bias))}}
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"], init_lora_weights="corda",
                              corda_config=CordaConfig(corda_method=mode, prune_temporary_fields=False))
 
@@ -60,7 +48,7 @@ def _peft(mode, batches):
             model(torch.from_numpy(batch))
 
     preprocess_corda(model, config, run_model=run_model)
-    covariance = _t(model.layer.covariance_matrix)
+    covariance = mc.t2n(model.layer.covariance_matrix)
     peft_model = peft.get_peft_model(model, config)
     peft_model.eval()
     return peft_model, peft_model.base_model.model.layer, params, covariance
@@ -75,27 +63,27 @@ def test_matches_peft(mode):
     np.testing.assert_allclose(covs["layer/kernel"], peft_cov, rtol=1e-5, atol=1e-6)
     residual, adapter = corda.init_with_base(cfg, params, covs)
     a, b = adapter["layer"]["kernel"]["a"], adapter["layer"]["kernel"]["b"]
-    peft_a, peft_b = _t(layer.lora_A["default"].weight).T, _t(layer.lora_B["default"].weight).T
+    peft_a, peft_b = mc.t2n(layer.lora_A["default"].weight).T, mc.t2n(layer.lora_B["default"].weight).T
     # singular vector pairs are defined up to a joint sign: compare each rank-one component a_i b_i
     for i in range(R):
         np.testing.assert_allclose(np.outer(a[:, i], b[i]), np.outer(peft_a[:, i], peft_b[i]), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.abs(a[:, i]), np.abs(peft_a[:, i]), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(residual["layer"]["kernel"], _t(layer.base_layer.weight).T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(residual["layer"]["kernel"], mc.t2n(layer.base_layer.weight).T, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(residual["layer"]["bias"], params["layer"]["bias"])
 
     # same weights into both (PEFT's factors, moved away from the init), outputs equal, also after merging
     with torch.no_grad():
         layer.lora_B["default"].weight.mul_(torch.linspace(0.5, 1.5, D_OUT)[:, None])
-    ours = {"layer": {"kernel": {"a": jnp.asarray(peft_a), "b": jnp.asarray(_t(layer.lora_B["default"].weight).T)}}}
-    base = {"layer": {"kernel": jnp.asarray(_t(layer.base_layer.weight).T), "bias": params["layer"]["bias"]}}
+    ours = {"layer": {"kernel": {"a": jnp.asarray(peft_a), "b": jnp.asarray(mc.t2n(layer.lora_B["default"].weight).T)}}}
+    base = {"layer": {"kernel": jnp.asarray(mc.t2n(layer.base_layer.weight).T), "bias": params["layer"]["bias"]}}
     x = np.random.default_rng(1).normal(size=(4, D_IN)).astype(np.float32)
-    expect = _t(peft_model(torch.from_numpy(x)))
+    expect = mc.t2n(peft_model(torch.from_numpy(x)))
     np.testing.assert_allclose(_Model().apply({"params": reparam.apply(base, ours, cfg)}, x), expect,
                                rtol=1e-5, atol=1e-5)
     with factored.intercept(base, ours, cfg):
         np.testing.assert_allclose(_Model().apply({"params": base}, x), expect, rtol=1e-5, atol=1e-5)
     peft_model.merge_adapter()
-    np.testing.assert_allclose(reparam.merge(base, ours, cfg)["layer"]["kernel"], _t(layer.base_layer.weight).T,
+    np.testing.assert_allclose(reparam.merge(base, ours, cfg)["layer"]["kernel"], mc.t2n(layer.base_layer.weight).T,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -160,26 +148,10 @@ def test_collect_covariances_on_two_layers_param_count_and_training(tmp_path):
     assert param_count(adapter) == R * (D_IN + D_IN) + R * (D_IN + D_OUT)
     x = jnp.asarray(np.concatenate(batches), jnp.float32)
     y = jnp.cos(x[:, :D_OUT])
-    grad_fn = adapter_value_and_grad(lambda p, x, y: jnp.mean((Two().apply({"params": p}, x) - y) ** 2), cfg)
-    tx = optax.adam(0.02)
-
-    @jax.jit
-    def step(adapter, opt_state):
-        loss, grads = grad_fn(adapter, residual, x, y)
-        updates, opt_state = tx.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, loss
-
-    opt_state = tx.init(adapter)
-    losses = []
-    for _ in range(40):
-        adapter, opt_state, loss = step(adapter, opt_state)
-        losses.append(loss)
+    adapter, losses = mc.train(adapter, residual, cfg, optax.adam(0.02), x, y,
+                               loss_fn=lambda p, x, y: jnp.mean((Two().apply({"params": p}, x) - y) ** 2))
     assert losses[-1] < 0.5 * losses[0]
-    path = tmp_path / "corda_orbax"
-    save_adapter(path, adapter, cfg)
-    loaded, config = load_adapter(path, base_params=residual)
-    assert config == cfg
-    jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
+    mc.check_checkpoint_round_trip(tmp_path, residual, adapter, cfg, filename="corda_orbax")
 
 
 def test_errors():

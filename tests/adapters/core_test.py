@@ -242,3 +242,51 @@ def test_raw_uint32_keys_equal_typed_keys(base):
     jax.tree.map(np.testing.assert_array_equal, raw, typed)
     other = reparam.init(jax.random.key(4), cfg, base)
     assert not np.allclose(raw["dense"]["kernel"]["a"], other["dense"]["kernel"]["a"])
+
+
+def test_bias_hook_on_dense_general_nnx_and_stacked_layers(base):
+    """A method with ``adapts_bias`` ((IA)^3 output mode: bias' = l * bias) updates the sibling bias everywhere."""
+    cfg = _cfg(targets=r"(embed/embedding|query/kernel|out/kernel)", method="ia3", init="random")
+    targets = {t.path: t for t in select_targets(cfg, base)}
+    assert {p: t.bias_path for p, t in targets.items()} == {
+        "embed/embedding": None, "query/kernel": "query/bias", "out/kernel": "out/bias"}
+    adapter = reparam.init(jax.random.key(0), cfg, base)
+    applied = reparam.apply(base, adapter, cfg)
+    for name in ("query", "out"):
+        l = np.asarray(adapter[name]["kernel"]["l"])
+        np.testing.assert_allclose(applied[name]["bias"], (l * np.asarray(base[name]["bias"]).reshape(-1)).reshape(
+            base[name]["bias"].shape), rtol=1e-6)
+    np.testing.assert_allclose(reparam.unmerge(applied, adapter, cfg)["out"]["bias"], base["out"]["bias"], rtol=1e-5)
+
+    graphdef, state = nnx.split(_NnxMLP(nnx.Rngs(0)))
+    nnx_cfg = AdapterConfig(targets=r"layers/1/kernel", method="ia3", init="random")
+    adapter = reparam.init(jax.random.key(5), nnx_cfg, state)
+    x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+    hidden = np.asarray(nnx.merge(graphdef, state).layers[0](x))
+    w1, b1 = np.asarray(state["layers"][1]["kernel"][...]), np.asarray(state["layers"][1]["bias"][...])
+    expect = np.asarray(adapter["layers"]["1"]["kernel"]["l"]) * (np.tanh(hidden) @ w1 + b1)
+    np.testing.assert_allclose(nnx.merge(graphdef, reparam.apply(state, adapter, nnx_cfg))(x), expect, rtol=1e-5,
+                               atol=1e-6)
+
+    stacked = tm.init_params(tm.ScannedMLP(), jnp.ones((2, tm.WIDTH)))
+    st_cfg = AdapterConfig(targets="layers/dense/kernel", method="ia3", init="random", stacked_axes={"layers/.*": 1})
+    adapter = reparam.init(jax.random.key(1), st_cfg, stacked)
+    l = np.asarray(adapter["layers"]["dense"]["kernel"]["l"])
+    assert l.shape == (3, tm.WIDTH)
+    np.testing.assert_allclose(reparam.apply(stacked, adapter, st_cfg)["layers"]["dense"]["bias"],
+                               l * np.asarray(stacked["layers"]["dense"]["bias"]), rtol=1e-6)
+
+
+def test_bias_that_is_also_a_target_is_an_error(base):
+    @register_method("test_bias_and_vector_scale")
+    class Scale(AdapterMethod):
+        adapts_bias = True
+
+        def init(self, rng, kernel, target):
+            return {"l": jnp.ones((kernel.shape[1],), jnp.float32)}
+
+        def apply(self, kernel, leaves, target):
+            return kernel * leaves["l"]
+
+    with pytest.raises(ValueError, match="'dense/bias' is both a target and the bias"):
+        select_targets(AdapterConfig(targets="dense/(kernel|bias)", method="test_bias_and_vector_scale"), base)

@@ -18,12 +18,16 @@ def base():
     return tm.init_params(tm.TinyTransformer(), tm.tokens())
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "hydra"])
 def test_factored_equals_reparameterized(base, method):
+    """ia3 and hydra also adapt the (DenseGeneral-shaped) biases: the hook adds ``apply_bias(b) - b``."""
     model, x = tm.TinyTransformer(), tm.tokens()
-    cfg = AdapterConfig(targets=TARGETS, method=method, rank=2, alpha=3.0, init="random",
+    cfg = AdapterConfig(targets=TARGETS, method=method, rank=2, alpha=3.0,
                         fan_in_axes=tm.ATTENTION_FAN_IN, dropout=0.3)
     adapter = reparam.init(jax.random.key(1), cfg, base)
+    leaves, treedef = jax.tree.flatten(adapter)  # perturb every leaf so that every term matters
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    adapter = treedef.unflatten([v + 0.2 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
 
     @jax.jit
     def hooked(adapter, params):

@@ -67,8 +67,12 @@ def _peft_ia3(layer, feedforward):
     return model, model.base_model.model.layer
 
 
-@pytest.mark.parametrize("feedforward,bias", [(False, False), (True, True)])
+BOTH = pytest.mark.parametrize("feedforward,bias", [(ff, b) for ff in (False, True) for b in (False, True)])
+
+
+@BOTH
 def test_linear_parity_with_peft(feedforward, bias):
+    """Output mode rescales the bias too (PEFT: ``l * (x W + b)``), before and after merge."""
     torch.manual_seed(1)
     model, layer = _peft_ia3(torch.nn.Linear(6, 5, bias=bias), feedforward)
     adapter = {"kernel": {"l": jnp.asarray(mc.t2n(layer.ia3_l["default"]).reshape(-1))}}
@@ -76,7 +80,7 @@ def test_linear_parity_with_peft(feedforward, bias):
     assert mc.check_linear_parity(model, mc.linear_params(layer), adapter, cfg, 6) < 1e-5
 
 
-@pytest.mark.parametrize("feedforward,bias", [(False, False), (True, True)])
+@BOTH
 def test_conv2d_parity_with_peft(feedforward, bias):
     torch.manual_seed(2)
     model, layer = _peft_ia3(torch.nn.Conv2d(3, 4, 3, padding=1, bias=bias), feedforward)
@@ -86,17 +90,31 @@ def test_conv2d_parity_with_peft(feedforward, bias):
     assert mc.check_conv_parity(model, mc.conv_params(layer), adapter, cfg, 3) < 1e-5
 
 
-def test_output_mode_bias_deviation_is_exactly_l_minus_one_times_bias():
-    """Documented deviation: PEFT rescales the bias in output mode, we leave the bias leaf untouched."""
-    torch.manual_seed(3)
-    model, layer = _peft_ia3(torch.nn.Linear(6, 5), False)
-    params = mc.linear_params(layer)
-    l = mc.t2n(layer.ia3_l["default"]).reshape(-1)
-    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-    ours = nn.Dense(5).apply({"params": reparam.apply(params, {"kernel": {"l": jnp.asarray(l)}},
-                                                      _cfg(False, targets="kernel"))}, x)
-    np.testing.assert_allclose(ours + (l - 1) * mc.t2n(layer.base_layer.bias), mc.t2n(model(torch.from_numpy(x))),
-                               **mc.TOL)
+def test_bias_closed_form_on_stacked_dense_general_bfloat16():
+    """Output mode: bias' = l * bias per stacked layer, the (heads, head_dim) bias folded, cast back once."""
+    rng = np.random.default_rng(0)
+    base = {"layer": {"kernel": jnp.asarray(rng.normal(size=(2, 4, 3, 2)), jnp.bfloat16),
+                      "bias": jnp.asarray(rng.normal(size=(2, 3, 2)), jnp.bfloat16)}}
+    cfg = _cfg(False, init="random", stacked_axes={"layer/.*": 1}, fan_in_axes={"layer/kernel": 1})
+    adapter = reparam.init(jax.random.key(1), cfg, base)
+    l = np.asarray(adapter["layer"]["kernel"]["l"])
+    assert l.shape == (2, 6)
+    expect = l * np.asarray(base["layer"]["bias"], np.float32).reshape(2, 6)
+    merged = reparam.merge(base, adapter, cfg)["layer"]["bias"]
+    assert merged.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(merged, np.float32).reshape(2, 6), expect, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_bias_unmerge_and_feedforward_leaves_bias(feedforward):
+    base = mc.dense_params(6, 5)
+    cfg = _cfg(feedforward, init="random")
+    adapter = reparam.init(jax.random.key(1), cfg, base)
+    merged = reparam.merge(base, adapter, cfg)
+    l = np.asarray(adapter["layer"]["kernel"]["l"])
+    bias = np.asarray(base["layer"]["bias"])
+    np.testing.assert_allclose(merged["layer"]["bias"], bias if feedforward else l * bias, rtol=1e-6)
+    np.testing.assert_allclose(reparam.unmerge(merged, adapter, cfg)["layer"]["bias"], bias, rtol=1e-5, atol=1e-7)
 
 
 def test_init_matches_peft():

@@ -1,4 +1,4 @@
-"""Checks shared by the VeRA / NOLA / RandLoRA / LoHa / LoKr / (IA)^3 / BitFit tests.
+"""Checks and training scaffolding shared by the adapter-method tests.
 
 Every check compares against an independent computation (PEFT in PyTorch, or the base weights themselves),
 never against another output of the same jaxpeft code path.
@@ -12,7 +12,7 @@ import optax
 import torch
 from flax import traverse_util
 
-from jaxpeft.adapters import reparam
+from jaxpeft.adapters import factored, reparam
 from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
 from jaxpeft.adapters.core import get_method
 from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
@@ -60,40 +60,98 @@ def check_merge_unmerge(base, adapter, config, *, unmergeable=True):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), restored, base)
 
 
+def dense_loss(params, x, y):
+    """Mean squared error of the one-layer model ``x W + b`` held in ``params["layer"]``."""
+    return jnp.mean((x @ params["layer"]["kernel"] + params["layer"]["bias"] - y) ** 2)
+
+
+def regression_data(d_in, d_out, n=32):
+    """``(x, y)`` with ``y = sin(x M)`` for a random ``M``: a target no small adapter fits exactly."""
+    x = jax.random.normal(jax.random.key(10), (n, d_in))
+    return x, jnp.sin(x @ jax.random.normal(jax.random.key(11), (d_in, d_out)))
+
+
+def adapter_adam(lr, adapter, config):
+    """Adam on the trainable adapter leaves, ``set_to_zero`` (no state) on the method's frozen leaves."""
+    return optax.multi_transform({"trainable": optax.adam(lr), "frozen": optax.set_to_zero()},
+                                 optimizer_labels(adapter, config))
+
+
+def train(adapter, base, config, tx, *args, loss_fn=dense_loss, steps=40):
+    """``steps`` jitted steps of ``tx`` on the adapter only (``base`` frozen); returns ``(adapter, losses)``.
+
+    ``loss_fn(params, *args)`` is the full-model loss on ``reparam.apply(base, adapter, config)``; ``losses[i]``
+    is the loss before step ``i``.
+    """
+    grad_fn = adapter_value_and_grad(loss_fn, config)
+
+    @jax.jit
+    def step(adapter, opt_state):
+        loss, grads = grad_fn(adapter, base, *args)
+        updates, opt_state = tx.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state, loss
+
+    opt_state = tx.init(adapter)
+    losses = []
+    for _ in range(steps):
+        adapter, opt_state, loss = step(adapter, opt_state)
+        losses.append(float(loss))
+    return adapter, losses
+
+
+def check_svd_init(base, adapter, config):
+    """SVD-based inits: ``apply`` at init is exactly the base, and ``u diag(s) vt`` is the SVD of the kernel."""
+    kernel, lv = base["layer"]["kernel"], adapter["layer"]["kernel"]
+    np.testing.assert_array_equal(reparam.apply(base, adapter, config)["layer"]["kernel"], kernel)
+    np.testing.assert_allclose((lv["u"] * lv["s"]) @ lv["vt"], kernel, atol=1e-5)
+    np.testing.assert_allclose(lv["s"], np.linalg.svd(np.asarray(kernel), compute_uv=False), rtol=1e-5)
+
+
+class OneDense(nn.Module):
+    """The one-layer model of ``dense_params``: a ``Dense`` named ``layer``."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.features, use_bias=self.use_bias, name="layer")(x)
+
+
+def check_factored_equals_merged(base, adapter, config, *, seed=1):
+    """The activation-hook mode on ``OneDense`` gives the outputs of the merged weights."""
+    d_in, d_out = base["layer"]["kernel"].shape
+    model = OneDense(d_out, use_bias="bias" in base["layer"])
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(3, d_in)), jnp.float32)
+    with factored.intercept(base, adapter, config):
+        hooked = model.apply({"params": base}, x)
+    merged = model.apply({"params": reparam.merge(base, adapter, config)}, x)
+    assert not np.allclose(merged, model.apply({"params": base}, x), atol=1e-4), "the adapter changes nothing"
+    np.testing.assert_allclose(hooked, merged, rtol=1e-5, atol=1e-5)
+
+
 def check_training_reduces_loss(config, base, steps=40, lr=3e-2, max_ratio=0.8):
     """Adam on the adapter only (frozen leaves get ``set_to_zero``) lowers a regression loss on ``layer``."""
-    d_in, d_out = base["layer"]["kernel"].shape
-    x = jax.random.normal(jax.random.key(10), (32, d_in))
-    y = jnp.sin(x @ jax.random.normal(jax.random.key(11), (d_in, d_out))) + 0.5
-
-    def loss_fn(params, x, y):
-        return jnp.mean((x @ params["layer"]["kernel"] + params["layer"]["bias"] - y) ** 2)
-
+    x, y = regression_data(*base["layer"]["kernel"].shape)
+    y = y + 0.5
     adapter = reparam.init(jax.random.key(12), config, base)
-    tx = optax.multi_transform({"trainable": optax.adam(lr), "frozen": optax.set_to_zero()},
-                               optimizer_labels(adapter, config))
-    grad_fn = jax.jit(adapter_value_and_grad(loss_fn, config))
-    state = tx.init(adapter)
-    first = None
-    for _ in range(steps):
-        loss, grads = grad_fn(adapter, base, x, y)
-        first = loss if first is None else first
-        updates, state = tx.update(grads, state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-    last = loss_fn(reparam.apply(base, adapter, config), x, y)
-    assert last < max_ratio * first, (float(first), float(last))
+    tx = adapter_adam(lr, adapter, config)
+    adapter, losses = train(adapter, base, config, tx, x, y, steps=steps)
+    last = float(dense_loss(reparam.apply(base, adapter, config), x, y))
+    assert last < max_ratio * losses[0], (losses[0], last)
     # no optimizer state for frozen leaves: adam keeps 2 moments per trainable scalar (+ its step count)
-    assert param_count(state) == 2 * trainable_count(adapter, config) + 1
+    assert param_count(tx.init(adapter)) == 2 * trainable_count(adapter, config) + 1
 
 
-def check_checkpoint_round_trip(tmp_path, base, adapter, config):
-    path = tmp_path / "adapter.safetensors"
+def check_checkpoint_round_trip(tmp_path, base, adapter, config, filename="adapter.safetensors"):
+    """``save_adapter`` then ``load_adapter`` (validated against ``base``) gives back the adapter and config."""
+    path = tmp_path / filename
     save_adapter(path, adapter, config)
     loaded, loaded_config = load_adapter(path, base)
     assert loaded_config == config
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), loaded, adapter)
-    np.testing.assert_array_equal(reparam.apply(base, loaded, loaded_config)["layer"]["kernel"],
-                                  reparam.apply(base, adapter, config)["layer"]["kernel"])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b),
+                           reparam.apply(base, loaded, loaded_config), reparam.apply(base, adapter, config))
 
 
 def linear_params(layer) -> dict:
@@ -124,6 +182,8 @@ def check_linear_parity(model, params, adapter, config, d_in, *, seed=0):
     merged_torch = model.merge_and_unload().layer
     merged = reparam.merge(params, adapter, config)
     np.testing.assert_allclose(merged["kernel"], t2n(merged_torch.weight).T, **TOL)
+    if "bias" in params:
+        np.testing.assert_allclose(merged["bias"], t2n(merged_torch.bias), **TOL)
     np.testing.assert_allclose(dense.apply({"params": merged}, x), t2n(merged_torch(torch.from_numpy(x))), **TOL)
     return float(np.abs(dense.apply({"params": reparam.apply(params, adapter, config)}, x) - expect).max())
 

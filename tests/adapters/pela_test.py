@@ -1,6 +1,5 @@
 """PELA tests: Eckart-Young truncation at init, the reference's rank rule and inf-norm penalty, training."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from jaxpeft.adapters import reparam
-from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.partition import adapter_value_and_grad, param_count
+from jaxpeft.adapters.partition import param_count
 from jaxpeft.adapters.pela import weight_perturbation_penalty
+from tests.adapters import method_checks as mc
 
 D_IN, D_OUT = 30, 20
 
@@ -90,25 +89,6 @@ def test_training_loss_falls_and_checkpoint(tmp_path):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(32, D_IN)), jnp.float32)
     lv = adapter["layer"]["kernel"]
     y = x @ (lv["a"] @ (1.5 * lv["b"])) + base["layer"]["bias"]  # reachable rank-4 target away from the init
-    model = nn.Dense(D_OUT)
-    grad_fn = adapter_value_and_grad(lambda p, x, y: jnp.mean((model.apply({"params": p["layer"]}, x) - y) ** 2),
-                                     cfg)
-    tx = optax.adam(0.02)
-
-    @jax.jit
-    def step(adapter, opt_state):
-        loss, grads = grad_fn(adapter, base, x, y)
-        updates, opt_state = tx.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, loss
-
-    opt_state = tx.init(adapter)
-    losses = []
-    for _ in range(40):
-        adapter, opt_state, loss = step(adapter, opt_state)
-        losses.append(loss)
+    adapter, losses = mc.train(adapter, base, cfg, optax.adam(0.02), x, y)
     assert losses[-1] < 0.2 * losses[0]
-    path = tmp_path / "pela.safetensors"
-    save_adapter(path, adapter, cfg)
-    loaded, config = load_adapter(path, base_params=base)
-    assert config == cfg
-    jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
+    mc.check_checkpoint_round_trip(tmp_path, base, adapter, cfg)

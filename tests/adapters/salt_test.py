@@ -1,19 +1,16 @@
 """SALT tests: the reference's forward re-done in numpy, exact identity at init, init bounds vs torch, training."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
-from flax import traverse_util
 
-from jaxpeft.adapters import factored, reparam
-from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
+from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
+from jaxpeft.adapters.partition import param_count
 from jaxpeft.adapters.salt import regularizer
+from tests.adapters import method_checks as mc
 from tests.adapters import tiny_models as tm
 
 D_IN, D_OUT, R, RATIO = 9, 7, 2, 0.45  # n = 7, k = floor(0.45 * 7) = 3
@@ -54,10 +51,7 @@ def test_init_is_exact_identity_and_svd_reproduces_base():
     adapter = reparam.init(jax.random.key(1), CFG, base)
     lv = adapter["layer"]["kernel"]
     assert lv["scale"].shape == (K,) and lv["x"].shape == (N - K, R) and lv["y"].shape == (R, N - K)
-    np.testing.assert_array_equal(reparam.apply(base, adapter, CFG)["layer"]["kernel"], base["layer"]["kernel"])
-    np.testing.assert_allclose((lv["u"] * lv["s"]) @ lv["vt"], base["layer"]["kernel"], atol=1e-5)
-    np.testing.assert_allclose(lv["s"], np.linalg.svd(np.asarray(base["layer"]["kernel"]), compute_uv=False),
-                               rtol=1e-5)
+    mc.check_svd_init(base, adapter, CFG)
 
 
 def test_apply_matches_reference_forward(setup):
@@ -69,20 +63,8 @@ def test_apply_matches_reference_forward(setup):
 
 def test_merge_equals_branch_mode_unmerge_restores_and_regularizer(setup):
     base, adapter = setup
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, D_IN)), jnp.float32)
-    model = nn.Dense(D_OUT)
-
-    class Model(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(D_OUT, name="layer")(x)
-
-    with factored.intercept(base, adapter, CFG):
-        hooked = Model().apply({"params": base}, x)
-    merged = reparam.merge(base, adapter, CFG)
-    np.testing.assert_allclose(model.apply({"params": merged["layer"]}, x), hooked, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(reparam.unmerge(merged, adapter, CFG)["layer"]["kernel"], base["layer"]["kernel"],
-                               atol=1e-5)
+    mc.check_factored_equals_merged(base, adapter, CFG)
+    mc.check_merge_unmerge(base, adapter, CFG)
     lv = {k: np.asarray(v, np.float64) for k, v in adapter["layer"]["kernel"].items()}
     top = lv["s"][:K]
     expect = np.linalg.norm(lv["scale"] * top + lv["shift"] - top) + np.linalg.norm(lv["x"] @ lv["y"])
@@ -107,39 +89,17 @@ def test_x_init_matches_torch_kaiming_with_ignored_a():
 def test_param_count_training_and_checkpoint(tmp_path):
     base = _base()
     adapter = reparam.init(jax.random.key(3), CFG, base)
-    labels = optimizer_labels(adapter, CFG)
-    flat, flat_labels = (traverse_util.flatten_dict(t) for t in (adapter, labels))
-    trainable = sum(v.size for k, v in flat.items() if flat_labels[k] == "trainable")
+    trainable = mc.trainable_count(adapter, CFG)
     assert trainable == 2 * K + 2 * R * (N - K)
     assert param_count(adapter) - trainable == N * (D_IN + D_OUT + 1)
 
     x = jnp.asarray(np.random.default_rng(2).normal(size=(16, D_IN)), jnp.float32)
     y = jnp.sin(x @ jnp.ones((D_IN, D_OUT)))
-    model = nn.Dense(D_OUT)
-    grad_fn = adapter_value_and_grad(
-        lambda p, x, y: jnp.mean((model.apply({"params": p["layer"]}, x) - y) ** 2), CFG)
-    tx = optax.multi_transform({"trainable": optax.adam(0.05), "frozen": optax.set_to_zero()}, labels)
-
-    @jax.jit
-    def step(adapter, opt_state):
-        loss, grads = grad_fn(adapter, base, x, y)
-        updates, opt_state = tx.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, loss
-
-    opt_state = tx.init(adapter)
-    start = adapter
-    losses = []
-    for _ in range(40):
-        adapter, opt_state, loss = step(adapter, opt_state)
-        losses.append(loss)
+    trained, losses = mc.train(adapter, base, CFG, mc.adapter_adam(0.05, adapter, CFG), x, y)
     assert losses[-1] < 0.7 * losses[0]
     for name in ("u", "s", "vt"):  # frozen factors never move
-        np.testing.assert_array_equal(adapter["layer"]["kernel"][name], start["layer"]["kernel"][name])
-    path = tmp_path / "salt.safetensors"
-    save_adapter(path, adapter, CFG)
-    loaded, config = load_adapter(path, base_params=base)
-    assert config == CFG
-    jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
+        np.testing.assert_array_equal(trained["layer"]["kernel"][name], adapter["layer"]["kernel"][name])
+    mc.check_checkpoint_round_trip(tmp_path, base, trained, CFG)
 
 
 def test_stacked_layers_and_regularizer_sum():

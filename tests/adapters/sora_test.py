@@ -9,7 +9,6 @@ import pytest
 
 from jaxpeft.adapters import factored, reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.partition import adapter_value_and_grad
 from jaxpeft.adapters.sora import gate_mask, proximal_l1, prune_to_lora, sora_labels
 from tests.adapters import method_checks as mc
 
@@ -115,24 +114,11 @@ def test_prox_composes_with_adam_and_a_lambda_schedule():
 def test_training_sparsifies_gates_and_prunes_to_lora(tmp_path):
     base = mc.dense_params(8, 4)
     cfg = AdapterConfig(targets="layer/kernel", method="sora", rank=6, alpha=6.0)
-    x = jax.random.normal(jax.random.key(10), (32, 8))
-    y = jnp.sin(x @ jax.random.normal(jax.random.key(11), (8, 4)))
-
-    def loss_fn(params, x, y):
-        return jnp.mean((x @ params["layer"]["kernel"] + params["layer"]["bias"] - y) ** 2)
-
     adapter = reparam.init(jax.random.key(12), cfg, base)
     tx = optax.multi_transform({"factor": optax.adam(3e-2),
                                 "gate": optax.chain(optax.adam(3e-2), proximal_l1(0.02))}, sora_labels(adapter))
-    grad_fn = jax.jit(adapter_value_and_grad(loss_fn, cfg))
-    state = tx.init(adapter)
-    first = None
-    for _ in range(60):
-        loss, grads = grad_fn(adapter, base, x, y)
-        first = loss if first is None else first
-        updates, state = tx.update(grads, state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-    assert loss < 0.7 * first, (float(first), float(loss))
+    adapter, losses = mc.train(adapter, base, cfg, tx, *mc.regression_data(8, 4), steps=60)
+    assert losses[-1] < 0.7 * losses[0], losses
     gate = np.asarray(adapter["layer"]["kernel"]["gate"])
     assert 0 < np.count_nonzero(gate) < 6, gate  # the prox zeroed some ranks, not all
     lora, lora_cfg = prune_to_lora(adapter, cfg)

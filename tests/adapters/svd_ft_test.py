@@ -4,15 +4,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import traverse_util
 
 from jaxpeft.adapters import factored, reparam
-from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
+from tests.adapters import method_checks as mc
 from tests.adapters import tiny_models as tm
 
 D_IN, D_OUT = 6, 8
@@ -41,12 +40,7 @@ def setup():
 
 def test_init_is_exact_identity_and_svd_reproduces_base():
     base = _base()
-    adapter = reparam.init(jax.random.key(1), CFG, base)
-    lv = adapter["layer"]["kernel"]
-    np.testing.assert_array_equal(reparam.apply(base, adapter, CFG)["layer"]["kernel"], base["layer"]["kernel"])
-    np.testing.assert_allclose((lv["u"] * lv["s"]) @ lv["vt"], base["layer"]["kernel"], atol=1e-5)
-    np.testing.assert_allclose(lv["s"], np.linalg.svd(np.asarray(base["layer"]["kernel"]), compute_uv=False),
-                               rtol=1e-5)
+    mc.check_svd_init(base, reparam.init(jax.random.key(1), CFG, base), CFG)
 
 
 def test_matches_reference_svd_linear(setup):
@@ -83,31 +77,13 @@ def test_param_count_training_and_checkpoint(tmp_path):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(16, D_IN)), jnp.float32)
     u, s, vt = np.linalg.svd(np.asarray(base["layer"]["kernel"]), full_matrices=False)
     y = x @ ((u * (s * np.linspace(0.2, 2.0, n))) @ vt) + base["layer"]["bias"]  # reachable: new singular values
-    grad_fn = adapter_value_and_grad(lambda p, x, y: jnp.mean((_Model().apply({"params": p}, x) - y) ** 2), CFG)
-    tx = optax.multi_transform({"trainable": optax.adam(0.1), "frozen": optax.set_to_zero()}, labels)
-
-    @jax.jit
-    def step(adapter, opt_state):
-        loss, grads = grad_fn(adapter, base, x, y)
-        updates, opt_state = tx.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, loss
-
-    opt_state = tx.init(adapter)
-    _, grads = grad_fn(adapter, base, x, y)
-    flat = traverse_util.flatten_dict(grads)
-    for key, g in flat.items():
+    _, grads = adapter_value_and_grad(mc.dense_loss, CFG)(adapter, base, x, y)
+    for key, g in traverse_util.flatten_dict(grads).items():
         if key[-1] != "s":
             np.testing.assert_array_equal(g, 0.0)
-    losses = []
-    for _ in range(60):
-        adapter, opt_state, loss = step(adapter, opt_state)
-        losses.append(loss)
+    adapter, losses = mc.train(adapter, base, CFG, mc.adapter_adam(0.1, adapter, CFG), x, y, steps=60)
     assert losses[-1] < 0.1 * losses[0]
-    path = tmp_path / "svd_ft.safetensors"
-    save_adapter(path, adapter, CFG)
-    loaded, config = load_adapter(path, base_params=base)
-    assert config == CFG
-    jax.tree.map(np.testing.assert_array_equal, loaded, adapter)
+    mc.check_checkpoint_round_trip(tmp_path, base, adapter, CFG)
 
 
 def test_dense_general_fold_and_errors():

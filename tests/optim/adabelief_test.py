@@ -10,10 +10,10 @@ import torch
 
 from jaxpeft.optim.adabelief import adabelief
 from tests.optim.reference import (
-  assert_params_close,
-  assert_schedule_and_injection_follow,
+  assert_follows_torch,
+  assert_low_precision_follows_torch,
+  assert_schedule_follows_torch,
   assert_trajectories_close,
-  floating_leaves,
   random_problem,
   run_optax,
   run_optax_in_dtype,
@@ -50,9 +50,7 @@ def pytorch_opt(b1=0.9, b2=0.999, amsgrad=False, rectify=True, **kw):
 @pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
 def test_matches_torch_references(setting, make):
   kw = SETTINGS[setting]
-  params, grads = random_problem(SHAPES, NUM_STEPS)
-  ours = run_optax(adabelief(LR, **kw), params, grads)
-  assert_trajectories_close(ours, run_torch(make(**kw), params, grads))
+  assert_follows_torch(adabelief(LR, **kw), make(**kw), SHAPES, NUM_STEPS)
 
 
 @pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
@@ -91,27 +89,17 @@ def test_matches_optax_adabelief_without_rectify(grad_scale):
 def test_schedule_and_inject_hyperparams():
   schedule = optax.linear_schedule(LR, LR / 10, NUM_STEPS)
   kw = {"weight_decay": 0.1}
-  params, grads = random_problem(SHAPES, NUM_STEPS)
-  ref = run_torch(authors(**kw), params, grads, schedule=schedule)
-  assert_schedule_and_injection_follow(adabelief, schedule, params, grads, ref, **kw)
+  assert_schedule_follows_torch(adabelief, authors(**kw), schedule, SHAPES, NUM_STEPS, **kw)
 
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_low_precision_params(dtype, tol):
-  params, grads = random_problem(SHAPES, 10)
-  ref = run_torch(authors(), params, grads)[-1]
-  p, state, _ = run_optax_in_dtype(adabelief(LR), params, grads, dtype)
-  float_leaves = floating_leaves((p, state))
-  assert len(float_leaves) == 3 * len(SHAPES)  # params, mu, nu
-  assert all(x.dtype == dtype for x in float_leaves)
-  assert_params_close(p, ref, rtol=tol, atol=tol)
+  assert_low_precision_follows_torch(adabelief(LR), authors(), SHAPES, dtype, tol, state_copies=2)  # mu, nu
 
 
 def test_zero_gradients():
-  params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
-  ours = run_optax(adabelief(LR), params, grads)
-  assert_trajectories_close(ours, run_torch(authors(), params, grads))
+  assert_follows_torch(adabelief(LR), authors(), SHAPES, NUM_STEPS, grad_scale=0.0)
 
 
 def test_huge_gradients_float32():

@@ -10,10 +10,11 @@ import torch
 
 from jaxpeft.optim.adamod import adamod
 from tests.optim.reference import (
+  assert_follows_torch,
+  assert_low_precision_follows_torch,
   assert_params_close,
-  assert_schedule_and_injection_follow,
+  assert_schedule_follows_torch,
   assert_trajectories_close,
-  floating_leaves,
   random_problem,
   run_optax,
   run_optax_in_dtype,
@@ -46,9 +47,7 @@ def pytorch_opt(b1=0.9, b2=0.999, b3=0.999, **kw):
 @pytest.mark.parametrize("make", [authors, pytorch_opt], ids=["authors", "pytorch_optimizer"])
 def test_matches_torch_references(setting, make):
   kw = SETTINGS[setting]
-  params, grads = random_problem(SHAPES, NUM_STEPS)
-  ours = run_optax(adamod(LR, **kw), params, grads)
-  assert_trajectories_close(ours, run_torch(make(**kw), params, grads))
+  assert_follows_torch(adamod(LR, **kw), make(**kw), SHAPES, NUM_STEPS)
 
 
 def test_pytorch_optimizer_defaults_differ():
@@ -65,28 +64,18 @@ def test_schedule_and_inject_hyperparams(make):
   # The step-size EMA averages lr-scaled step sizes, so a schedule changes the bound itself.
   schedule = optax.warmup_cosine_decay_schedule(0.0, LR, 5, NUM_STEPS, LR / 10)
   kw = {"weight_decay": 0.1}
-  params, grads = random_problem(SHAPES, NUM_STEPS)
-  ref = run_torch(make(**kw), params, grads, schedule=schedule)
-  assert_schedule_and_injection_follow(adamod, schedule, params, grads, ref, **kw)
+  assert_schedule_follows_torch(adamod, make(**kw), schedule, SHAPES, NUM_STEPS, **kw)
 
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_low_precision_params(dtype, tol):
-  params, grads = random_problem(SHAPES, 10)
-  ref = run_torch(authors(), params, grads)[-1]
-  p, state, _ = run_optax_in_dtype(adamod(LR), params, grads, dtype)
-  float_leaves = floating_leaves((p, state))
-  assert len(float_leaves) == 4 * len(SHAPES)  # params, mu, nu, eta
-  assert all(x.dtype == dtype for x in float_leaves)
-  assert_params_close(p, ref, rtol=tol, atol=tol)
+  assert_low_precision_follows_torch(adamod(LR), authors(), SHAPES, dtype, tol, state_copies=3)  # mu, nu, eta
 
 
 def test_zero_gradients():
-  params, grads = random_problem(SHAPES, NUM_STEPS, grad_scale=0.0)
   kw = {"weight_decay": 0.1}
-  ours = run_optax(adamod(LR, **kw), params, grads)
-  assert_trajectories_close(ours, run_torch(authors(**kw), params, grads))
+  assert_follows_torch(adamod(LR, **kw), authors(**kw), SHAPES, NUM_STEPS, grad_scale=0.0)
 
 
 def test_huge_gradients_float32():

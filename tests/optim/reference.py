@@ -14,6 +14,9 @@ import optax
 import torch
 
 Params = dict[str, np.ndarray]
+# A learning-rate schedule of powers of two: optax evaluates schedules in float32 even in a float64
+# run, and these values are exact there.
+EXACT_SCHEDULE = optax.piecewise_constant_schedule(2.0**-6, {8: 0.5, 16: 0.25})
 MakeTorchOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -167,3 +170,57 @@ def assert_trajectories_close(
   assert len(ours) == len(ref), f"{len(ours)} steps vs {len(ref)} reference steps"
   for step, (a, b) in enumerate(zip(ours, ref)):
     assert_params_close(a, b, rtol, atol, f" diverges at step {step + 1}")
+
+
+def assert_follows_torch(
+  tx: optax.GradientTransformation,
+  make_optimizer: MakeTorchOptimizer,
+  shapes: dict[str, tuple[int, ...]],
+  num_steps: int,
+  seed: int = 0,
+  grad_scale: float = 1.0,
+) -> None:
+  """On `random_problem(shapes, num_steps, seed, grad_scale)`, `tx` stays finite and follows the torch optimizer."""
+  params, grads = random_problem(shapes, num_steps, seed, grad_scale)
+  ours = run_optax(tx, params, grads)
+  assert all(np.isfinite(v).all() for step in ours for v in step.values())
+  assert_trajectories_close(ours, run_torch(make_optimizer, params, grads))
+
+
+def assert_schedule_follows_torch(
+  factory: Callable[..., optax.GradientTransformation],
+  make_optimizer: MakeTorchOptimizer,
+  schedule: optax.Schedule,
+  shapes: dict[str, tuple[int, ...]],
+  num_steps: int,
+  seed: int = 0,
+  grad_scale: float = 1.0,
+  **kwargs,
+) -> None:
+  """`factory(schedule, **kwargs)` and its injected version follow the torch optimizer run with lr = `schedule`."""
+  params, grads = random_problem(shapes, num_steps, seed, grad_scale)
+  ref = run_torch(make_optimizer, params, grads, schedule=schedule)
+  assert_schedule_and_injection_follow(factory, schedule, params, grads, ref, **kwargs)
+
+
+def assert_low_precision_follows_torch(
+  tx: optax.GradientTransformation,
+  make_optimizer: MakeTorchOptimizer,
+  shapes: dict[str, tuple[int, ...]],
+  dtype: jnp.dtype,
+  tol: float,
+  state_copies: int,
+  num_steps: int = 10,
+) -> None:
+  """Runs `tx` in `dtype` against the float64 torch optimizer.
+
+  The params and the `state_copies` param-shaped state trees (the moments) must be every floating
+  leaf and keep `dtype`, and the final params must be within `tol` (absolute and relative).
+  """
+  params, grads = random_problem(shapes, num_steps)
+  ref = run_torch(make_optimizer, params, grads)[-1]
+  p, state, _ = run_optax_in_dtype(tx, params, grads, dtype)
+  float_leaves = floating_leaves((p, state))
+  assert len(float_leaves) == (1 + state_copies) * len(shapes)
+  assert all(x.dtype == dtype for x in float_leaves)
+  assert_params_close(p, ref, rtol=tol, atol=tol)

@@ -6,6 +6,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import safetensors.numpy
 import tokenizers
@@ -18,6 +19,7 @@ from jaxpeft.models.bert import BertConfig, BertEncoder
 from jaxpeft.models.registry import bert_from_checkpoint
 from jaxpeft.train.loop import train_and_evaluate
 from jaxpeft.train.pretrained import load_params
+from jaxpeft.train.trainable import Trainable
 
 SENTENCES = ["Return the lowest index in the string where substring sub is found.",
              "Open a socket.", "Create a new thread and start it with the given arguments now."]
@@ -48,6 +50,128 @@ def test_every_method_config_builds_and_smoke_is_small():
   assert (lora.adapter.method, lora.adapter.rank, lora.trainable.base) == ("lora", 8, "classifier/.*")
   with pytest.raises(ValueError, match="linear_probe"):
     minilm_text.get_config("adalora")
+
+
+# The tiny BERT below: hidden d = 16, 2 layers, MLP width 32, 6 classes; every method also trains the
+# head (16 x 6 + 6). Query/value targets are 4 matrices of 16 x 16; r = 8 unless the config says otherwise.
+TINY = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 16, "type_vocab_size": 2}
+HEAD = 16 * 6 + 6
+LAYER_NORMS = 32 * (1 + 2 * 2)  # scale + bias of the embeddings' LayerNorm and of 2 per layer
+# method -> trainable scalars on TINY, from each method's parameter-count formula (its module docstring).
+EXPECTED_TRAINABLE = {
+    "linear_probe": HEAD,
+    "lora": 4 * 8 * (16 + 16) + HEAD,  # r (d_in + d_out)
+    "lora_qkvo": 8 * 8 * (16 + 16) + HEAD,
+    "dora": 4 * (8 * (16 + 16) + 16) + HEAD,  # + the magnitude, d_out
+    "hydra": 4 * (8 * (16 + 16) + 2 * 8 * 16 + 2 * 8 + 2 * 16) + HEAD,  # r (d_in + d_out) + 2 r d_out + biases
+    "salt": 4 * (2 * 1 + 2 * 8 * 15) + HEAD,  # 2k + 2r(n - k), k = 1 (ratio 0.1 of n = 16)
+    "svd_ft": 4 * 16 + HEAD,  # min(d_in, d_out)
+    "pela": 4 * 2 * (16 + 16) + HEAD,  # r (d_in + d_out), r = floor(16 * 16 / (3 * 32)) = 2
+    "sora": 4 * (8 * (16 + 16) + 8) + HEAD,  # r (d_in + d_out) + r gates
+    "allora": 4 * 8 * (16 + 16) + HEAD,
+    "houlsby": 4 * (2 * 8 * 16 + 8 + 16) + LAYER_NORMS + HEAD,  # 2 m d + m + d at 2 sites per layer
+    "adaptformer": 2 * (2 * 8 * 16 + 8 + 16) + HEAD,  # 2 m d + m + d per layer
+    "nola": 4 * (128 + 128) + HEAD,  # k_a + k_b
+    "randlora": 4 * (2 * 8 + 2 * 16) + HEAD,  # N r + N n, N = ceil(16 / 8)
+    "vera": 4 * (16 + 256) + HEAD,  # d_out + r, r = 256
+    "loha": 4 * 2 * 8 * (16 + 16) + HEAD,  # 2 r (d_in + d_out)
+    "lokr": 4 * (4 * 4 + 4 * 4) + HEAD,  # 16 = 4 x 4 on both sides; r = 8 >= 4 / 2: both Kronecker factors full
+    "ia3": 2 * (16 + 16 + 32) + HEAD,  # d_out for key and value, the MLP width 32 for the FFN output's input
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_params():
+  model = BertEncoder(BertConfig.from_dict(TINY), num_classes=6)
+  params = model.init(jax.random.key(0), jnp.ones((2, 8), jnp.int32))["params"]
+  return model, params
+
+
+def _expected_trainable(method, params):
+  flat = traverse_util.flatten_dict(params, sep="/")
+  if method == "full":
+    return sum(int(np.size(v)) for v in flat.values())
+  if method == "sara":  # the query/value entries below the threshold, + the head
+    return HEAD + sum(int(np.sum(np.abs(np.asarray(v)) < 2e-3)) for k, v in flat.items()
+                      if k.endswith(("query/kernel", "value/kernel")))
+  return EXPECTED_TRAINABLE[method]
+
+
+def test_every_method_is_counted_and_its_trainable_count_is_the_formula(tiny_model_and_params):
+  model, params = tiny_model_and_params
+  assert set(minilm_text.METHODS) == set(EXPECTED_TRAINABLE) | {"full", "sara"}
+  for method in minilm_text.METHODS:
+    trainable = Trainable.from_config(model, minilm_text.get_config(f"{method}:smoke"))
+    trained, _ = trainable.split(jax.random.key(1), params)
+    assert trainable.num_trained(trained) == _expected_trainable(method, params), method
+
+
+def _one_sgd_step(method, model, params, grads_fn):
+  """The update of `Trainable.optimizer(sgd(1))` (the config's update rule chained after it)."""
+  trainable = Trainable.from_config(model, minilm_text.get_config(f"{method}:smoke"))
+  trained, _ = trainable.split(jax.random.key(1), params)
+  tx = trainable.optimizer(optax.sgd(1.0))
+  grads = grads_fn(trained)
+  updates, _ = tx.update(grads, tx.init(trained), trained)
+  return trained, grads, updates
+
+
+def test_sora_gates_take_the_proximal_step_and_other_leaves_plain_sgd(tiny_model_and_params):
+  model, params = tiny_model_and_params
+  xi = minilm_text.METHODS["sora"].update["sparse_lambda"]
+  grads_fn = lambda p: jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)
+  trained, grads, updates = _one_sgd_step("sora", model, params, grads_fn)
+  for path, u in traverse_util.flatten_dict(updates, sep="/").items():
+    g = np.asarray(traverse_util.flatten_dict(grads, sep="/")[path])
+    p = np.asarray(traverse_util.flatten_dict(trained, sep="/")[path])
+    if path.endswith("/gate"):  # soft-threshold of the SGD step: sign(z) max(|z| - xi, 0), z = p - g
+      z = p - g
+      np.testing.assert_allclose(u, np.sign(z) * np.maximum(np.abs(z) - xi, 0) - p, rtol=1e-6, atol=1e-7)
+    else:
+      np.testing.assert_allclose(u, -g, rtol=1e-6)
+
+
+def test_allora_scales_each_adapter_row_and_leaves_the_head_alone(tiny_model_and_params):
+  model, params = tiny_model_and_params
+  eta = minilm_text.METHODS["allora"].update["eta"]
+  grads_fn = lambda p: jax.tree.map(lambda x: jnp.ones_like(x), p)
+  trained, _, updates = _one_sgd_step("allora", model, params, grads_fn)
+  flat_params = traverse_util.flatten_dict(trained, sep="/")
+  for path, u in traverse_util.flatten_dict(updates, sep="/").items():
+    p = np.asarray(flat_params[path], np.float64)
+    if path.startswith("adapter/"):  # -1 / sqrt(||row||^2 + 1 / eta^2), rows along the last axis
+      expected = -np.ones_like(p) / np.sqrt(np.sum(p**2, axis=-1, keepdims=True) + eta**-2)
+    else:
+      expected = -np.ones_like(p)
+    np.testing.assert_allclose(u, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reparam", "factored"])
+def test_module_adding_adapters_run_through_their_hooks_in_either_mode(tiny_model_and_params, mode):
+  model, params = tiny_model_and_params
+  config = minilm_text.get_config("adaptformer:smoke")
+  config.adapter.mode = mode
+  trainable = Trainable.from_config(model, config)
+  trained, frozen = trainable.split(jax.random.key(1), params)
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % TINY["vocab_size"]
+  inputs = [ids, jnp.ones_like(ids), jnp.zeros_like(ids)]
+  base = model.apply({"params": params}, *inputs)
+  np.testing.assert_allclose(trainable.apply(trained, frozen, inputs, train=False), base, atol=1e-6)  # up = 0
+  moved = jax.tree.map(lambda x: x + 0.1, trained)
+  assert np.abs(trainable.apply(moved, frozen, inputs, train=False) - model.apply(
+      {"params": trainable.merged(moved, frozen)}, *inputs)).max() > 1e-3  # the hook adds the bottleneck
+
+
+def test_update_options_for_a_method_without_an_update_rule_are_an_error(tiny_model_and_params):
+  config = minilm_text.get_config("lora:smoke")
+  config.adapter.update = {"eta": 1.0}
+  with pytest.raises(ValueError, match="no update rule"):
+    Trainable.from_config(tiny_model_and_params[0], config)
+  config = minilm_text.get_config("sora:smoke")
+  config.adapter.update = {"eta": 1.0}
+  with pytest.raises(ValueError, match="sparse_lambda"):
+    Trainable.from_config(tiny_model_and_params[0], config)
 
 
 def test_checkpoint_override_moves_tokenizer_and_weights_too(tiny_bert_dir):

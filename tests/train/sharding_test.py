@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxpeft.adapters import reparam
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.train import sharding
 
 
@@ -30,3 +32,24 @@ def test_global_batch_is_split_over_devices():
 def test_indivisible_batch_size_names_the_fix():
   with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\).*batch_size=8"):
     sharding.check_batch_size(12, sharding.make_mesh())
+
+
+def test_fsdp_spreads_lora_factors_and_sharded_apply_equals_unsharded():
+  """LoRA `a` splits along d_in, `b` along d_out; a jitted apply on FSDP-sharded trees gives the same weights."""
+  mesh = sharding.make_mesh()
+  k1, k2 = jax.random.split(jax.random.key(0))
+  base = {"up": {"kernel": jax.random.normal(k1, (16, 32))}, "down": {"kernel": jax.random.normal(k2, (32, 16))}}
+  cfg = AdapterConfig(targets=r".*/kernel", rank=8, init="random")
+  adapter = reparam.init(jax.random.key(1), cfg, base)
+  specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(adapter, mesh, fsdp=True))
+  for name in ("up", "down"):
+    assert specs[name]["kernel"] == {"a": P("data", None), "b": P(None, "data")}
+  base_sh = sharding.state_shardings(base, mesh, fsdp=True)
+  adapter_sh = sharding.state_shardings(adapter, mesh, fsdp=True)
+  apply = jax.jit(lambda b, a: reparam.apply(b, a, cfg), out_shardings=base_sh)
+  out = apply(jax.device_put(base, base_sh), jax.device_put(adapter, adapter_sh))
+  assert out["up"]["kernel"].sharding.spec == P(None, "data")
+  for name in ("up", "down"):  # alpha = rank: scale 1
+    lv = {k: np.asarray(v, np.float64) for k, v in adapter[name]["kernel"].items()}
+    expect = np.asarray(base[name]["kernel"], np.float64) + lv["a"] @ lv["b"]
+    np.testing.assert_allclose(np.asarray(out[name]["kernel"]), expect, rtol=1e-5, atol=1e-5)

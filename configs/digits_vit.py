@@ -1,0 +1,53 @@
+r"""A small ViT on the digits: pretrain on digits 0-4, then adapt to digits 5-9 (a new 5-class head).
+
+Methods (the config argument; each adaptation method starts from the pretrain run's export):
+
+  pretrain      every parameter, digits 0-4 (run it first)
+  linear_probe  only the new head, digits 5-9
+  full          every parameter, digits 5-9
+  lora          rank-4 LoRA on the attention query and value projections, + the head
+  lora_qkvo     the same LoRA on the query, key, value and output projections, + the head
+
+Launch (the whole comparison and its table: `python -m experiments.vision_adapt`):
+
+  python -m launch.train --config=configs/digits_vit.py:pretrain --workdir=workdir/digits_vit/pretrain
+  python -m launch.train --config=configs/digits_vit.py:lora --workdir=workdir/digits_vit/lora
+
+The adaptation methods read `workdir/digits_vit/pretrain/export/params` (relative to the current
+directory); another pretrain run: `--config.init_from.params=/abs/path/to/export/params`.
+Smoke variant (4 steps, for tests and CI): append ':smoke', e.g. `configs/digits_vit.py:lora:smoke`.
+"""
+
+import ml_collections
+
+from configs import digits_recipe
+from configs.digits_recipe import Method
+
+QUERY_VALUE = r".*attention/(query|value)/kernel"
+QUERY_KEY_VALUE_OUT = r".*attention/(query|key|value|out)/kernel"
+
+RECIPE = digits_recipe.Recipe(
+    name="digits_vit",
+    dataset="jaxpeft_digits",
+    model={"name": "vit", "num_classes": 5, "patch_size": 2, "hidden": 32, "depth": 2, "num_heads": 4,
+           "mlp_dim": 64, "pool": "cls"},
+    smoke_model={"hidden": 8, "depth": 1, "num_heads": 2, "mlp_dim": 8},
+    source={"classes": (0, 1, 2, 3, 4)},
+    target={"classes": (5, 6, 7, 8, 9)},
+    keep_fresh="head/.*",
+    # nn.MultiHeadDotProductAttention's DenseGeneral kernels: q/k/v (D, heads, D/heads), out (heads, D/heads, D).
+    fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/out/kernel", 2)),
+    methods={
+        digits_recipe.PRETRAIN: Method(".*", 3e-3),
+        "linear_probe": Method("head/.*", 1e-2),
+        "full": Method(".*", 1e-3),
+        "lora": Method("head/.*", 1e-2, "lora", QUERY_VALUE),
+        "lora_qkvo": Method("head/.*", 1e-2, "lora", QUERY_KEY_VALUE_OUT),
+    },
+    num_train_steps={digits_recipe.PRETRAIN: 600, "adapt": 300},
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg` = '<method>' or '<method>:smoke' (see the module docstring; default 'pretrain')."""
+  return digits_recipe.build(RECIPE, arg)

@@ -1,0 +1,67 @@
+r"""Reproduces the source papers' qualitative claims at small scale and writes a results table.
+
+  python experiments/run.py --small                  # the whole set, about 20 minutes on 2 CPU cores
+  python experiments/run.py --only=adopt,came        # a subset
+  python -m experiments.run --workdir=workdir/claims  # the longer setting
+
+Each claim is a module of experiments/claims/ with `run(small, workdir) -> rows` and its own plot
+(`<workdir>/<name>.png`); its hyperparameters are an ml_collections `get_config(small)` at the top
+of the module, next to the measurement and the verdict rule they belong to (these are not harness
+jobs launched with `--config`, so they do not go in configs/). The script writes
+`<workdir>/results.md`: claim | paper's statement | our measurement | reproduced?, where the
+verdict is computed from the checks each module states in code (experiments/claims/results.py).
+"""
+
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `python experiments/run.py`: make the repository root importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # pylint: disable=wrong-import-position
+
+from experiments.claims import adabelief, adapters, adopt, came, sharpness  # pylint: disable=wrong-import-position
+from experiments.claims.results import ClaimRow, markdown_table  # pylint: disable=wrong-import-position
+
+CLAIMS = {module.NAME: module for module in (adopt, came, sharpness, adabelief, adapters)}
+
+_SMALL = flags.DEFINE_bool("small", False, "Shorter runs (the whole set in about 20 minutes on 2 CPU cores).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/claims", "Directory for the runs, the plots and results.md.")
+_ONLY = flags.DEFINE_list("only", list(CLAIMS), f"Claims to run, a subset of {list(CLAIMS)}.")
+
+
+def results_markdown(rows: list[ClaimRow], command: str, seconds: dict[str, float]) -> str:
+  """results.md: the command that produced it, the table, and each claim's wall time."""
+  timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+  return (f"Produced by `{command}` (wall time: {timing}).\n\n" + markdown_table(rows) + "\n\n"
+          "Verdicts are computed from the checks in experiments/claims/: yes = every check holds,"
+          " partly = some, no = none; failed checks are named.\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  unknown = [name for name in _ONLY.value if name not in CLAIMS]
+  if unknown:
+    raise app.UsageError(f"--only: unknown {unknown}; choose from {list(CLAIMS)}.")
+  logging.set_verbosity(logging.WARNING)
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  rows, seconds = [], {}
+  for name in _ONLY.value:
+    print(f"[{name}] running ...", flush=True)
+    start = time.time()
+    rows += CLAIMS[name].run(_SMALL.value, workdir)
+    seconds[name] = time.time() - start
+    print(f"[{name}] done in {seconds[name]:.0f} s", flush=True)
+  command = "python experiments/run.py" + (" --small" if _SMALL.value else "") + (
+      f" --only={','.join(_ONLY.value)}" if list(_ONLY.value) != list(CLAIMS) else "")
+  text = results_markdown(rows, command, seconds)
+  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  print("\n" + text + f"\nresults.md and the plots are in {workdir}.", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
