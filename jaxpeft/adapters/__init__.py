@@ -8,17 +8,29 @@
 
 Methods are selected by name (`cfg.method`) and live one per module in this package; see
 `jaxpeft.adapters.core` for the interface and how to add one.
+
+Many adapters on one model: `AdapterSet` (named add / select / delete / save), `combine` (linear,
+concatenation, TIES, SVD on the weight update), `pad_to_rank` (hot-swap without recompiling),
+`jaxpeft.adapters.mixed_batch` (a different adapter per example in one pass). Hugging Face PEFT's
+on-disk format: `export_peft` / `import_peft` / `export_merged`. Low-precision bases:
+`jaxpeft.adapters.low_precision_merge`.
 """
 
+from jaxpeft.adapters.adapter_set import AdapterSet, load_adapter_set, save_adapter_set
 from jaxpeft.adapters.checkpoint import check_adapter, load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig
+from jaxpeft.adapters.combine import combine, combined_deltas
 from jaxpeft.adapters.core import AdapterMethod, Target, get_method, register_method
+from jaxpeft.adapters.hot_swap import pad_to_rank
 from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
+from jaxpeft.adapters.peft_format import bert_module_name, default_module_name, export_merged, export_peft, import_peft
 from jaxpeft.adapters.reparam import apply, apply_many, init, init_with_base, merge, unmerge, unmerge_many
 
 __all__ = [
-    "AdapterConfig", "AdapterMethod", "Target",
-    "adapter_value_and_grad", "apply", "apply_many", "check_adapter", "get_method", "init",
-    "init_with_base", "load_adapter", "merge", "optimizer_labels", "param_count", "register_method",
-    "save_adapter", "unmerge", "unmerge_many",
+    "AdapterConfig", "AdapterMethod", "AdapterSet", "Target",
+    "adapter_value_and_grad", "apply", "apply_many", "bert_module_name", "check_adapter", "combine",
+    "combined_deltas", "default_module_name", "export_merged", "export_peft", "get_method", "import_peft",
+    "init", "init_with_base", "load_adapter", "load_adapter_set", "merge", "optimizer_labels",
+    "pad_to_rank", "param_count", "register_method", "save_adapter", "save_adapter_set", "unmerge",
+    "unmerge_many",
 ]

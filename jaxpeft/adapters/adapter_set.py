@@ -16,7 +16,8 @@ Names. An adapter's name is a file name in a saved set and a key users pass arou
 empty, is not made of letters, digits, ``_``, ``-``, ``.`` (no ``/``), starts with ``.``, or equals a component
 of a base parameter path (``"kernel"``, ``"dense"``, ``"lora"`` if the model has a module called so...): PEFT
 stores adapters inside the model's state dict under their names, where such names collided with parameter
-keys (huggingface/peft#2699); refusing them keeps checkpoints of both libraries unambiguous.
+keys (huggingface/peft#2699; #3584: an adapter named like a module path segment emptied the saved file);
+refusing them keeps checkpoints of both libraries unambiguous.
 
 Saved layout (``save_adapter_set``): a directory with ``adapter_set.json`` (names in insertion order and the
 active selection) and one ``<name>.safetensors`` per adapter written by ``checkpoint.save_adapter`` (config,

@@ -8,6 +8,7 @@ parameters are copied from the torch modules with the transposition rules of the
 
 import json
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -369,43 +370,17 @@ def test_unsupported_peft_options_and_stacked_layers_are_refused(tmp_path):
         export_peft(tmp_path / "scanned", reparam.init(jax.random.key(0), stacked, scanned), stacked, scanned)
 
 
-README_EXAMPLE = '''
-import jax, jax.numpy as jnp, numpy as np, optax, peft, torch, transformers
-from jaxpeft.adapters import AdapterConfig, apply, init
-from jaxpeft.adapters.peft_format import bert_module_name, export_peft
-from jaxpeft.models.hf_loader import load_bert, resolve_model_dir
-
-model, params, tokenizer, _ = load_bert()  # all-MiniLM-L6-v2, shipped in a pip package
-batch = tokenizer.encode(["JAX compiles.", "PEFT adapters are small."], max_len=12)
-cfg = AdapterConfig(targets=r".*attention/(query|value)/kernel", method="lora", rank=8, alpha=16)
-adapter = init(jax.random.key(0), cfg, params)
-
-def loss_fn(adapter):  # toy objective: pull the two sentence embeddings together
-    e = model.apply({"params": apply(params, adapter, cfg)}, **batch)
-    return -jnp.dot(e[0], e[1])
-
-tx = optax.adam(1e-2)
-opt_state, grad_fn = tx.init(adapter), jax.jit(jax.grad(loss_fn))
-for _ in range(3):
-    updates, opt_state = tx.update(grad_fn(adapter), opt_state)
-    adapter = optax.apply_updates(adapter, updates)
-export_peft("minilm-lora", adapter, cfg, params, module_name=bert_module_name)
-
-torch_model = transformers.BertModel.from_pretrained(resolve_model_dir())  # the same checkpoint in PyTorch
-peft_model = peft.PeftModel.from_pretrained(torch_model, "minilm-lora").eval()
-with torch.no_grad():
-    hidden = peft_model(**{k: torch.from_numpy(v).long() for k, v in batch.items()}).last_hidden_state
-mask = torch.from_numpy(batch["attention_mask"]).float()[..., None]
-theirs = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
-ours = model.apply({"params": apply(params, adapter, cfg)}, **batch)
-print("max |jaxpeft - PEFT| =", np.abs(ours - theirs).max())
-'''
+def _readme_example() -> str:
+    """The code block under the README's "Train in jaxpeft, serve with Hugging Face PEFT" heading."""
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Train in jaxpeft, serve with Hugging Face PEFT", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(README_EXAMPLE, "README_EXAMPLE", "exec"), namespace)  # pylint: disable=exec-used
+    exec(compile(_readme_example(), "README.md", "exec"), namespace)  # pylint: disable=exec-used
     assert (tmp_path / "minilm-lora" / "adapter_config.json").exists()
     np.testing.assert_allclose(namespace["ours"], namespace["theirs"], **TOL)
     trained_b = [leaves["b"] for leaves in jax.tree_util.tree_leaves(
