@@ -5,7 +5,7 @@ r"""Adapter benchmarks, in two parts.
 
 Part `methods`: every method of `configs/minilm_text.py` (all-MiniLM-L6-v2 on the docstring-topic
 task, `jaxpeft_pydoc`) trained by the harness (`jaxpeft.train.loop.train_and_evaluate`, through
-`experiments.flagship.run_method`) for `--steps` steps of 32 (default 50, one epoch of the 1591
+`experiments.harness_runs.run_harness`) for `--steps` steps of 32 (default 50, one epoch of the 1591
 training examples; warm-up 10 steps, cosine decay over the run), then evaluated on the held-out
 test split. The table gives each method's trainable parameters (share of the model's), train-step
 time (the harness's median over its log intervals after the first, so compilation, evaluation and
@@ -192,7 +192,7 @@ def _mb(x) -> str:
 
 
 def methods_table(rows: list[dict]) -> str:
-  """Markdown table of `experiments.flagship.run_method` rows; needs a 'lora' row for the time ratio."""
+  """Markdown table of `experiments.harness_runs.run_harness` rows; needs a 'lora' row for the time ratio."""
   from experiments.flagship import trainable_cell  # pylint: disable=g-import-not-at-top
 
   lora = [r for r in rows if r["method"] == "lora"]
@@ -213,7 +213,7 @@ def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = ""
   """Trains `methods` (LoRA first, for the ratios) and returns the table, also written to methods.md."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from configs import minilm_text  # pylint: disable=g-import-not-at-top
-  from experiments.flagship import run_method  # pylint: disable=g-import-not-at-top
+  from experiments.harness_runs import run_harness  # pylint: disable=g-import-not-at-top
 
   unknown = sorted(set(methods) - set(minilm_text.METHODS))
   if unknown:
@@ -222,7 +222,12 @@ def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = ""
   os.makedirs(workdir, exist_ok=True)
   rows, start = [], time.time()
   for method in ["lora"] + [m for m in methods if m != "lora"]:
-    rows.append(run_method(method, workdir, data_dir, suffix, checkpoint, num_train_steps=steps))
+    config = minilm_text.get_config(method + suffix)
+    config.dataset.data_dir = data_dir
+    if checkpoint:
+      config.model.checkpoint = checkpoint  # also the tokenizer and init_from (one FieldReference)
+    config.num_train_steps = steps  # warm-up and cosine decay follow it
+    rows.append(run_harness(config, os.path.join(workdir, method), method))
     r = rows[-1]
     print(f"{method}: {r['trainable_params']:,} trainable, {1e3 / r['steps_per_second']:.0f} ms/step,"
           f" accuracy {100 * r['accuracy']:.1f}%, {r['seconds']:.0f} s", file=sys.stderr, flush=True)

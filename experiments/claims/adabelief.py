@@ -89,7 +89,8 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
         key = (lr, fname, oname)
         steps[key], finals[key], paths[key] = steps_to_tolerance(values, c.tolerance), float(values[-1]), points
 
-  fig, axes = plt.subplots(len(c.learning_rates), len(FUNCTIONS), figsize=(3 * len(FUNCTIONS), 2.7 * len(c.learning_rates)))
+  fig, axes = plt.subplots(len(c.learning_rates), len(FUNCTIONS), squeeze=False,
+                           figsize=(3 * len(FUNCTIONS), 2.7 * len(c.learning_rates)))
   grid = np.linspace(-2.5, 2.5, 101)
   xx, yy = np.meshgrid(grid, grid)
   for row, lr in zip(axes, c.learning_rates):
@@ -115,7 +116,8 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
       for lr in c.learning_rates for fn in FUNCTIONS)
   return [ClaimRow(
       claim="AdaBelief: 2-D toy functions",
-      paper="AdaBelief reaches the optimum fastest on the toy functions (fast in flat regions, stable where the gradient/curvature is large).",
+      paper="AdaBelief reaches the optimum fastest on the toy functions (fast in flat regions, stable where"
+            " the gradient/curvature is large).",
       measurement=f"steps until f < {c.tolerance:g} (of {c.num_steps}): {measured}. Plot: {NAME}.png",
       checks={
           "AdaBelief before Adam everywhere": faster("AdaBelief", "Adam"),

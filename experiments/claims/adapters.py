@@ -103,7 +103,8 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
 
   return [
       ClaimRow("LoRA vs full fine-tuning vs DoRA (MiniLM)",
-               "LoRA matches full fine-tuning with a tiny fraction of the parameters; DoRA beats LoRA at about the same count.",
+               "LoRA matches full fine-tuning with a tiny fraction of the parameters; DoRA beats LoRA at about"
+               " the same count.",
                measured("full", "lora", "dora"),
                {"LoRA within 3 points of full": acc["lora"] >= acc["full"] - 0.03,
                 "LoRA trains < 1% of full's params": params["lora"] < 0.01 * params["full"],

@@ -83,15 +83,15 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
             for b2 in c.b2s for name, tx in optimizers(c.b1, b2, schedule).items()}
   final = {key: float(curve[-1]) for key, curve in curves.items()}
 
-  fig, axes = plt.subplots(1, len(c.b2s), figsize=(3 * len(c.b2s), 3), sharey=True)
-  for ax, b2 in zip(axes, c.b2s):
+  fig, axes = plt.subplots(1, len(c.b2s), figsize=(3 * len(c.b2s), 3), sharey=True, squeeze=False)
+  for ax, b2 in zip(axes[0], c.b2s):
     for name in optimizers(c.b1, b2, schedule):
       ax.plot(curves[(name, b2)], label=name)
     ax.axhline(-1.0, color="gray", lw=0.5, ls="--")
     ax.set_title(f"beta2={b2}")
     ax.set_xlabel("step")
-  axes[0].set_ylabel("median theta (optimum -1)")
-  axes[0].legend(fontsize=7)
+  axes[0][0].set_ylabel("median theta (optimum -1)")
+  axes[0][0].legend(fontsize=7)
   save_figure(fig, workdir, NAME)
 
   smallest = min(c.b2s)

@@ -129,7 +129,8 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   base = results[BASE]
   papers = {
       "SAM": "SAM (Foret et al. 2021) finds flatter minima and is robust to label noise.",
-      "ASAM": "ASAM (Kwon et al. 2021): adaptive sharpness gives flatter minima, better generalization and robustness to label noise.",
+      "ASAM": "ASAM (Kwon et al. 2021): adaptive sharpness gives flatter minima, better generalization and"
+              " robustness to label noise.",
       "TRAM": "TRAM (Sherborne et al. 2024): trust-region-aware SAM reaches flatter minima that generalize better.",
   }
   rows = []
@@ -137,7 +138,8 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
     r = results[name]
     checks = {f"sharpness < {BASE}'s": r["sharpness"] < base["sharpness"]}
     for noise in c.label_noise:
-      checks[f"test acc > {BASE}'s at {100 * noise:.0f}% noise"] = r["noisy_accuracy"][noise] > base["noisy_accuracy"][noise]
+      better = r["noisy_accuracy"][noise] > base["noisy_accuracy"][noise]
+      checks[f"test acc > {BASE}'s at {100 * noise:.0f}% noise"] = better
     rows.append(ClaimRow(
         claim=f"{name} vs {BASE}: flatness, label noise",
         paper=paper,

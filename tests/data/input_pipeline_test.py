@@ -308,3 +308,57 @@ def test_eval_batches_on_digits_with_preprocess(digits_test):
 def test_eval_batches_rejects_indivisible_batch():
   with pytest.raises(ValueError, match="multiple of the number of processes"):
     next(eval_batches(ListSource(10), batch_size=6, process_count=4))
+
+
+# --- label noise -----------------------------------------------------------------------------
+
+
+class LabelledSource(ListSource):
+  """`ListSource` with a label: example `i` has label `i % 10`."""
+
+  def __getitem__(self, i: int) -> dict:
+    return {**super().__getitem__(i), "label": i % 10}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.4])
+def test_label_noise_flips_exactly_the_stated_fraction_to_other_classes(fraction):
+  clean = LabelledSource(500)
+  noisy = input_pipeline.LabelNoiseSource(clean, fraction=fraction, num_classes=10, seed=3)
+  before = input_pipeline.fetch_batch(clean, range(500))
+  after = input_pipeline.fetch_batch(noisy, range(500))
+  changed = after["label"] != before["label"]
+  assert changed.sum() == round(fraction * 500)
+  assert np.all((0 <= after["label"]) & (after["label"] < 10))
+  np.testing.assert_array_equal(after["id"], before["id"])  # other features untouched
+  # The same example keeps its noisy label however it is read (per item, in another order).
+  assert [noisy[i]["label"] for i in (7, 3, 7)] == [after["label"][7], after["label"][3], after["label"][7]]
+
+
+def test_label_noise_flips_are_spread_over_classes_and_seeded():
+  clean = LabelledSource(2000)
+  a = input_pipeline.LabelNoiseSource(clean, fraction=0.5, num_classes=10, seed=0)
+  b = input_pipeline.LabelNoiseSource(clean, fraction=0.5, num_classes=10, seed=1)
+  new = np.array([a[i]["label"] for i in a.flipped])
+  counts = np.bincount(new, minlength=10)
+  assert counts.min() > 0.5 * counts.mean()  # roughly uniform targets
+  assert not np.array_equal(a.flipped, b.flipped)
+
+
+def test_label_noise_config_knob_touches_only_the_wrapped_train_split(data_dir):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  train, info = get_data_source(DIGITS, "train", data_dir)
+  test, _ = get_data_source(DIGITS, "test", data_dir)
+  test_before = input_pipeline.fetch_batch(test, range(len(test)))["label"]
+  noisy = input_pipeline.with_label_noise(train, info, ml_collections.ConfigDict({"label_noise": 0.3}), seed=0)
+  labels = input_pipeline.fetch_batch(noisy, range(len(noisy)))["label"]
+  clean = input_pipeline.fetch_batch(train, range(len(train)))["label"]
+  assert (labels != clean).sum() == round(0.3 * len(train))
+  np.testing.assert_array_equal(input_pipeline.fetch_batch(test, range(len(test)))["label"], test_before)
+  assert input_pipeline.with_label_noise(train, info, ml_collections.ConfigDict({}), seed=0) is train
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_label_noise_rejects_fractions_outside_0_1(fraction):
+  with pytest.raises(ValueError, match=r"must be a fraction in \[0, 1\)"):
+    input_pipeline.LabelNoiseSource(LabelledSource(10), fraction=fraction, num_classes=10, seed=0)

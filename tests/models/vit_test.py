@@ -1,7 +1,6 @@
 """The small ViT: shapes, parameter count against its closed form, and LoRA on its DenseGeneral attention."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
