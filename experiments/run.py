@@ -21,22 +21,12 @@ if __package__ in (None, ""):  # `python experiments/run.py`: make the repositor
 
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 
-from experiments.claims import adabelief, adapters, adopt, came, sharpness  # pylint: disable=wrong-import-position
-from experiments.claims.results import ClaimRow, markdown_table  # pylint: disable=wrong-import-position
-
-CLAIMS = {module.NAME: module for module in (adopt, came, sharpness, adabelief, adapters)}
+from experiments.claims.all_claims import CLAIMS  # pylint: disable=wrong-import-position
+from experiments.claims.results import results_markdown  # pylint: disable=wrong-import-position
 
 _SMALL = flags.DEFINE_bool("small", False, "Shorter runs (the whole set in about 20 minutes on 2 CPU cores).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/claims", "Directory for the runs, the plots and results.md.")
 _ONLY = flags.DEFINE_list("only", list(CLAIMS), f"Claims to run, a subset of {list(CLAIMS)}.")
-
-
-def results_markdown(rows: list[ClaimRow], command: str, seconds: dict[str, float]) -> str:
-  """results.md: the command that produced it, the table, and each claim's wall time."""
-  timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-  return (f"Produced by `{command}` (wall time: {timing}).\n\n" + markdown_table(rows) + "\n\n"
-          "Verdicts are computed from the checks in experiments/claims/: yes = every check holds,"
-          " partly = some, no = none; failed checks are named.\n")
 
 
 def main(argv):

@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import run as run_script
+from experiments.claims.all_claims import CLAIMS
 from experiments.claims import adabelief, adapters, adopt, came, sharpness
-from experiments.claims.results import ClaimRow, markdown_table
+from experiments.claims.results import ClaimRow, markdown_table, results_markdown
 from jaxpeft.optim.came import came as came_optimizer
 
 
@@ -74,11 +74,11 @@ def test_verdict_rule_and_table_has_a_row_per_claim():
   rows = [ClaimRow("a", "p", "m", {"x": True}), ClaimRow("b", "p", "m", {"x": True, "y": False}),
           ClaimRow("c", "p | q", "m", {"x": False})]
   assert [r.verdict for r in rows] == ["yes", "partly", "no"]
-  table = run_script.results_markdown(rows, "python experiments/run.py --small", {"a": 1.0})
+  table = results_markdown(rows, "python experiments/run.py --small", {"a": 1.0})
   lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
   assert [line.split(" | ")[0][2:] for line in lines] == ["a", "b", "c"]
   assert "partly (fails: y)" in table and "p \\| q" in table
   with pytest.raises(ValueError, match="no checks"):
     ClaimRow("d", "p", "m", {})
-  assert set(run_script.CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters"}
+  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters"}
   assert markdown_table([]).count("\n") == 1
