@@ -44,6 +44,7 @@ The table prints ratios to jaxpeft's full fine-tuning and jaxpeft / PEFT for the
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -193,48 +194,42 @@ def _mb(x) -> str:
 
 def methods_table(rows: list[dict]) -> str:
   """Markdown table of `experiments.harness_runs.run_harness` rows; needs a 'lora' row for the time ratio."""
-  from experiments.flagship import trainable_cell  # pylint: disable=g-import-not-at-top
+  from experiments import report  # pylint: disable=g-import-not-at-top
 
   lora = [r for r in rows if r["method"] == "lora"]
   if not lora:
     raise ValueError("methods_table needs the 'lora' row: step times are given as ratios to LoRA's.")
-  lora_ms = 1e3 / lora[0]["steps_per_second"]
-  lines = ["| method | trainable params | ms/step | time / LoRA | held-out accuracy |",
-           "|---|---:|---:|---:|---:|"]
-  for r in rows:
-    ms = 1e3 / r["steps_per_second"]
-    lines.append(f"| {r['method']} | {trainable_cell(r)} | {ms:.0f} | {ms / lora_ms:.2f} |"
-                 f" {100 * r['accuracy']:.1f}% |")
-  return "\n".join(lines)
+  cells = {**report.CELLS, "time / LoRA": lambda r: f"{lora[0]['steps_per_second'] / r['steps_per_second']:.2f}"}
+  return report.markdown_table(
+      rows, ("method", "trainable params", "ms/step", "time / LoRA", "held-out accuracy"), cells)
 
 
 def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = "", suffix: str = "",
                 checkpoint: str = "") -> str:
-  """Trains `methods` (LoRA first, for the ratios) and returns the table, also written to methods.md."""
+  """Trains `methods` (LoRA first, for the ratios); prints the table, writes it to methods.md and returns it."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from configs import minilm_text  # pylint: disable=g-import-not-at-top
+  from experiments import report  # pylint: disable=g-import-not-at-top
   from experiments.harness_runs import run_harness  # pylint: disable=g-import-not-at-top
 
   unknown = sorted(set(methods) - set(minilm_text.METHODS))
   if unknown:
     raise ValueError(f"--methods: unknown {unknown}; choose from {list(minilm_text.METHODS)}.")
   logging.set_verbosity(logging.WARNING)
-  os.makedirs(workdir, exist_ok=True)
-  rows, start = [], time.time()
-  for method in ["lora"] + [m for m in methods if m != "lora"]:
+
+  def run_method(method: str) -> dict:
     config = minilm_text.get_config(method + suffix)
     config.dataset.data_dir = data_dir
     if checkpoint:
       config.model.checkpoint = checkpoint  # also the tokenizer and init_from (one FieldReference)
     config.num_train_steps = steps  # warm-up and cosine decay follow it
-    rows.append(run_harness(config, os.path.join(workdir, method), method))
-    r = rows[-1]
-    print(f"{method}: {r['trainable_params']:,} trainable, {1e3 / r['steps_per_second']:.0f} ms/step,"
-          f" accuracy {100 * r['accuracy']:.1f}%, {r['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return run_harness(config, os.path.join(workdir, method), method)
+
+  jobs = {m: functools.partial(run_method, m) for m in ["lora"] + [m for m in methods if m != "lora"]}
+  rows, seconds = report.run_each(jobs, report.describe_row)
   table = (f"all-MiniLM-L6-v2 on jaxpeft_pydoc, {steps} steps of 32, held-out test split\n\n"
-           + methods_table(rows) + f"\n\nTotal wall time: {time.time() - start:.0f} s.\n")
-  with open(os.path.join(workdir, "methods.md"), "w", encoding="utf-8") as f:
-    f.write(table)
+           + methods_table(rows) + f"\n\nTotal wall time: {sum(seconds.values()):.0f} s.\n")
+  report.write_report(os.path.join(workdir, "methods.md"), table)
   return table
 
 
@@ -252,7 +247,7 @@ def main() -> None:
   if args.part == "methods":
     from configs import minilm_text  # pylint: disable=g-import-not-at-top
     methods = args.methods.split(",") if args.methods else list(minilm_text.METHODS)
-    print(run_methods(methods, args.steps or 50, args.workdir), flush=True)
+    run_methods(methods, args.steps or 50, args.workdir)
     return
   args.steps = args.steps or 20
   if args.child:

@@ -19,6 +19,10 @@ def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8
       "init": "default",
       "mode": "reparam",  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
       "options": ml_collections.ConfigDict(),  # method-specific options
+      # The method's loss term, e.g. SaRA's nuclear norm: penalty.lambda_rank (+ min_dim, sample).
+      "penalty": ml_collections.ConfigDict(),
+      "reselect_every": 0,  # steps between the method's re-selections (SaRA's progressive schedule); 0: off
+      "calibration_batches": 8,  # training batches a calibrated init (CorDA) reads before training
   })
 
 

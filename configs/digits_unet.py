@@ -11,7 +11,7 @@ keeps the 1x1 head of the pretrained model:
   convlora   convLoRA: loralib's ConvLoRA, inner width r k (conv_lora variant 'convlora')
   cp_lora    CP-LoRA: a rank-4 CP decomposition of each kernel update (cp_lora)
   conv_dora  DoRA-C: DoRA's magnitude/direction split over LoRA-C (conv_dora)
-  tlora      TLoRA: a TT-matrix transform of each folded kernel + a tensor-ring residual (tlora)
+  tlora      TLoRA: a tensor-ring-matrix transform of each folded kernel + a tensor-ring residual (tlora)
 
 Launch (the whole comparison and its table: `python -m experiments.vision_adapt`):
 

@@ -12,14 +12,17 @@ family, 1591 train / 399 test). The argument picks the method:
   dora          DoRA, same targets and rank, + the head
   hydra         Hydra (parallel + sequential low-rank branches), same targets and rank, + the head
   salt          SALT (top singular values scaled/shifted + rank-8 LoRA on the rest), + the head
-  svd_ft, pela, sara, sora, allora, houlsby, adaptformer, nola, randlora, vera, loha, lokr, ia3
+  svd_ft, pela, sara, sora, allora, houlsby, adaptformer, nola, randlora, vera, loha, lokr, ia3, corda
                 the other adapters of `jaxpeft.adapters` that apply to BERT, + the head (targets and
                 hyperparameters: the comment above METHODS); `benchmarks/adapters.py --part=methods`
                 compares them all
+  prompt_tuning 20 soft-prompt tokens in front of the word embeddings (initialised from sampled
+                vocabulary rows), + the head
 
 Launch one method (the whole comparison is `python -m experiments.flagship`):
 
   python -m launch.train --config=configs/minilm_text.py:lora --workdir=workdir/minilm_lora
+  python -m launch.train --config=configs/minilm_text.py:prompt_tuning --workdir=workdir/minilm_prompt_tuning
 
 Smoke variant (3 steps on short sequences, for tests and CI): append ':smoke', e.g.
 
@@ -51,7 +54,10 @@ class Method(NamedTuple):
   learning_rate: float  # peak learning rate
   rank: int = 8
   options: dict[str, Any] = {}  # adapter method options (`config.adapter.options`)
-  update: dict[str, Any] = {}  # the method's own update rule (`config.adapter.update`: SoRA, ALLoRA)
+  update: dict[str, Any] = {}  # the method's own update rule (`config.adapter.update`: SoRA)
+  init: str = "default"  # the adapter's init (`config.adapter.init`)
+  penalty: dict[str, Any] = {}  # the method's loss term (`config.adapter.penalty`: SaRA's nuclear norm)
+  reselect_every: int = 0  # steps between the method's re-selections (`config.adapter.reselect_every`: SaRA)
 
 
 # AdamW, 100 steps of 32 (2 epochs): LoRA's held-out accuracy was 72.7% at 2e-3, 79.2% at 5e-3, 75.2%
@@ -65,11 +71,16 @@ class Method(NamedTuple):
 # (scale 0.1) have bottleneck width 8. This BERT has no MLP submodule, so AdaptFormer's hook (one level
 # above the feed-forward `intermediate` kernel) wraps the whole layer: a parallel adapter beside the
 # layer, not beside its MLP alone. (IA)^3 follows PEFT's BERT targets: key, value (scaled outputs) and
-# the feed-forward output projection (scaled inputs). Not here: CorDA (its init needs calibration
-# activations and a residual base, which the harness does not collect), prompt tuning (BERT adds the
-# position embeddings after the word embeddings, so prepended prompts change the sequence length the
-# model and the attention mask expect), SaRA's progressive reselection and nuclear-norm term (loop- and
-# loss-level), and the convolution-kernel methods (benchmarks/adapters.py says where they are measured).
+# the feed-forward output projection (scaled inputs). Prompt tuning prepends p = 20 soft tokens (the
+# `rank`) to the word embeddings, initialised from random vocabulary rows (PEFT's SAMPLE_VOCAB), and
+# jaxpeft.models.bert extends the attention mask and positions as PEFT does; its rate 3e-2 is the usual
+# one for prompt tuning with Adam (Lester et al. used 0.3 with Adafactor), untuned here, and the
+# prompts make the smoke sequences 12 + 20 tokens long. CorDA (instruction-previewed mode, the paper's
+# for task adaptation) collects its covariances from `adapter.calibration_batches` = 8 training batches
+# and trains LoRA's rate on the residual base. SaRA runs the reference's full schedule: the nuclear
+# norm with its example's lambda_rank 5e-4 on one random eligible matrix per step, and one progressive
+# re-selection half-way (the reference re-selects once, at `progressive_iter`). Not here: the
+# convolution-kernel methods (benchmarks/adapters.py says where they are measured).
 METHODS: dict[str, Method] = {
     "linear_probe": Method(HEAD, "", "", 1e-2),
     "full": Method(".*", "", "", 1e-4),
@@ -80,9 +91,11 @@ METHODS: dict[str, Method] = {
     "salt": Method(HEAD, "salt", ATTENTION_QUERY_VALUE, 5e-3),
     "svd_ft": Method(HEAD, "svd_ft", ATTENTION_QUERY_VALUE, 5e-3),
     "pela": Method(HEAD, "pela", ATTENTION_QUERY_VALUE, 5e-3, options={"compress_ratio": 3}),
-    "sara": Method(HEAD, "sara", ATTENTION_QUERY_VALUE, 1e-3, options={"threshold": 2e-3}),
+    "sara": Method(HEAD, "sara", ATTENTION_QUERY_VALUE, 1e-3, options={"threshold": 2e-3},
+                   penalty={"lambda_rank": 5e-4}, reselect_every=50),
+    "corda": Method(HEAD, "corda", ATTENTION_QUERY_VALUE, 5e-3, options={"mode": "ipm"}),
     "sora": Method(HEAD, "sora", ATTENTION_QUERY_VALUE, 5e-3, update={"sparse_lambda": 1e-3}),
-    "allora": Method(HEAD, "allora", ATTENTION_QUERY_VALUE, 5e-3, update={"eta": 4.0}),
+    "allora": Method(HEAD, "allora", ATTENTION_QUERY_VALUE, 5e-3, options={"eta": 4.0}),
     "houlsby": Method(HEAD + "|.*layer_norm/.*", "houlsby", SUBLAYER_OUTPUTS, 5e-3),
     "adaptformer": Method(HEAD, "adaptformer", r".*intermediate/kernel", 5e-3),
     "nola": Method(HEAD, "nola", ATTENTION_QUERY_VALUE, 5e-3),
@@ -92,6 +105,8 @@ METHODS: dict[str, Method] = {
     "lokr": Method(HEAD, "lokr", ATTENTION_QUERY_VALUE, 5e-3),
     "ia3": Method(HEAD, "ia3", r".*attention/(key|value)/kernel|.*layer_\d+/output/kernel", 5e-3,
                   options={"feedforward": r".*layer_\d+/output/kernel"}),
+    "prompt_tuning": Method(HEAD, "prompt_tuning", r"embeddings/word_embeddings/embedding", 3e-2, rank=20,
+                            init="sample_vocab"),
 }
 
 
@@ -134,8 +149,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable.base = spec.base
 
   config.adapter = common.adapter(spec.adapter, spec.targets, rank=spec.rank, alpha=2.0 * spec.rank)
+  config.adapter.init = spec.init
   config.adapter.options = ml_collections.ConfigDict(spec.options)
   config.adapter.update = ml_collections.ConfigDict(spec.update)
+  config.adapter.penalty = ml_collections.ConfigDict(spec.penalty)
+  config.adapter.reselect_every = spec.reselect_every
 
   config.optimizer = common.optimizer(spec.learning_rate, warmup_steps=10, weight_decay=1e-2, grad_clip_norm=1.0)
 

@@ -12,15 +12,16 @@ jobs launched with `--config`, so they do not go in configs/). The script writes
 verdict is computed from the checks each module states in code (experiments/claims/results.py).
 """
 
+import functools
 import os
 import sys
-import time
 
 if __package__ in (None, ""):  # `python experiments/run.py`: make the repository root importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 
+from experiments import report  # pylint: disable=wrong-import-position
 from experiments.claims.all_claims import CLAIMS  # pylint: disable=wrong-import-position
 from experiments.claims.results import results_markdown  # pylint: disable=wrong-import-position
 
@@ -30,27 +31,15 @@ _ONLY = flags.DEFINE_list("only", list(CLAIMS), f"Claims to run, a subset of {li
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  unknown = [name for name in _ONLY.value if name not in CLAIMS]
-  if unknown:
-    raise app.UsageError(f"--only: unknown {unknown}; choose from {list(CLAIMS)}.")
+  report.check_command_line(argv, "only", _ONLY.value, CLAIMS)
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  rows, seconds = [], {}
-  for name in _ONLY.value:
-    print(f"[{name}] running ...", flush=True)
-    start = time.time()
-    rows += CLAIMS[name].run(_SMALL.value, workdir)
-    seconds[name] = time.time() - start
-    print(f"[{name}] done in {seconds[name]:.0f} s", flush=True)
+  jobs = {name: functools.partial(CLAIMS[name].run, _SMALL.value, workdir) for name in _ONLY.value}
+  claims, seconds = report.run_each(jobs)
   command = "python experiments/run.py" + (" --small" if _SMALL.value else "") + (
       f" --only={','.join(_ONLY.value)}" if list(_ONLY.value) != list(CLAIMS) else "")
-  text = results_markdown(rows, command, seconds)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(text)
-  print("\n" + text + f"\nresults.md and the plots are in {workdir}.", flush=True)
+  rows = [row for claim_rows in claims for row in claim_rows]
+  report.write_report(os.path.join(workdir, "results.md"), results_markdown(rows, command, seconds))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ Verdict checks (accuracy a, trained parameters p):
 
 import os
 
-import matplotlib.pyplot as plt
 import ml_collections
 
 from configs import minilm_text
 from experiments.claims.results import ClaimRow, save_figure
 from experiments.harness_runs import run_harness
+from experiments.report import accuracy_vs_params_figure
 
 NAME = "adapters"
 
@@ -82,16 +82,7 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   c = get_config(small)
   rows = {m: run_harness(method_config(m, c), os.path.join(workdir, NAME, m), m) for m in METHODS}
 
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
-  for m, r in rows.items():
-    ax.scatter(r["trainable_params"], 100 * r["accuracy"])
-    ax.annotate(m, (r["trainable_params"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("trainable parameters")
-  ax.set_ylabel("held-out accuracy (%)")
-  ax.set_title("all-MiniLM-L6-v2 on jaxpeft_pydoc", fontsize=9)
-  ax.grid(True, alpha=0.3)
-  save_figure(fig, workdir, NAME)
+  save_figure(accuracy_vs_params_figure(list(rows.values()), "all-MiniLM-L6-v2 on jaxpeft_pydoc"), workdir, NAME)
 
   acc = {m: r["accuracy"] for m, r in rows.items()}
   params = {m: r["trainable_params"] for m, r in rows.items()}

@@ -16,7 +16,6 @@ import optax
 from configs import quickstart
 from jaxpeft.data import input_pipeline
 from jaxpeft.models.registry import build_model
-from jaxpeft.train.loop import _data_dir  # pylint: disable=protected-access
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_train_step
 from jaxpeft.train.trainable import Trainable
@@ -29,8 +28,9 @@ class DigitsTask:
     self.config = config or quickstart.get_config()
     data = self.config.dataset
     self.input_keys = tuple(data.input_keys)
-    train_source, self.info = input_pipeline.get_data_source(data.name, data.train_split, _data_dir(self.config))
-    test_source, _ = input_pipeline.get_data_source(data.name, data.eval_split, _data_dir(self.config))
+    data_dir = input_pipeline.resolve_data_dir(data.data_dir)
+    train_source, self.info = input_pipeline.get_data_source(data.name, data.train_split, data_dir)
+    test_source, _ = input_pipeline.get_data_source(data.name, data.eval_split, data_dir)
     # Held in memory (a few hundred kB): the claims read every example many times.
     self.train_source = [train_source[i] for i in range(len(train_source))]
     self.test_source = [test_source[i] for i in range(len(test_source))]

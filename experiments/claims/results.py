@@ -8,10 +8,9 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from experiments import report
 
 PLOT_DPI = 80  # keeps each PNG well under 150 kB
 
@@ -51,13 +50,11 @@ def markdown_table(rows: Sequence[ClaimRow]) -> str:
   return "\n".join(lines)
 
 
-def save_figure(fig: plt.Figure, workdir: str, name: str) -> str:
+def save_figure(fig: Figure, workdir: str, name: str) -> str:
   """Saves `fig` as `<workdir>/<name>.png` at PLOT_DPI, closes it, and returns the path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, f"{name}.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=PLOT_DPI)
-  plt.close(fig)
+  report.save_figure(fig, path, PLOT_DPI)
   return path
 
 

@@ -21,10 +21,11 @@ The per-output-channel norm is PEFT's conv DoRA norm (PyTorch ``W_t: (O, I, kh, 
 ``(1, 2, 3)``; PyTorch to Flax: ``K = W_t.permute(2, 3, 1, 0)``). As in PEFT and the DoRA paper, the norm is
 detached in backpropagation. Param count: the variant's count plus ``O``.
 
-[reconstructed] The paper's text was not readable here: "DoRA variants (DoRA-C, convDoRA, CP-DoRA) that
-decompose weight matrices into magnitude and directional components" is implemented as standard DoRA (the
-NVlabs/PEFT definition) with the variant's update in place of ``s B A``. Unmerge is impossible from merged
-weights alone (as for DoRA): keep the base params.
+[reconstructed] The paper's body and code were not found (see ``cp_lora`` for what was searched): "DoRA
+variants (DoRA-C, convDoRA, CP-DoRA) that decompose weight matrices into magnitude and directional components"
+(abstract) is implemented as standard DoRA (the NVlabs / PEFT definition, with PEFT's per-output-channel conv
+norm) with the variant's update in place of ``s B A``. Unmerge is impossible from merged weights alone (as for
+DoRA): keep the base params.
 """
 
 from __future__ import annotations

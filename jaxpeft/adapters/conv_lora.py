@@ -30,10 +30,17 @@ Init (loralib): ``a ~ U(-1/sqrt(I k), 1/sqrt(I k))`` (PyTorch ``kaiming_uniform_
 fan-in ``I k``), ``b = 0``; ``init="random"`` also draws ``b ~ U(-1/sqrt(q), 1/sqrt(q))`` (tests).
 Param count: ``q k (I + O)``, i.e. ``r k (I + O)`` (LoRA-C) or ``r k^2 (I + O)`` (convLoRA).
 
+Sources checked (verification pass): the LoRA-C authors' code ``alexyyds2024/lora-C``, ``loralib/layers.py``
+(``ConvLoRA``: ``lora_A (r k, I k)``, ``lora_B (O k / groups, r k)``, ``(B A).view(W.shape) * alpha / r``, A kaiming
+``a=sqrt(5)``, B zero; used for every 3x3 and 1x1 conv of ``model/resnet_lora.py``) and Aleem et al.'s
+``aleemsidra/ConvLoRA``, ``LoRA/loralib/layers.py`` (the same ``ConvLoRA`` and a ``Conv2d`` with the same shapes)
+both equal loralib's ``ConvLoRA`` -- our variant ``"convlora"`` exactly (tested against loralib in
+``tests/adapters/conv_lora_test.py``). So, as released, LoRA-C and convLoRA are the same update.
 Which variant is which [reconstructed]: the full texts of arXiv:2410.16954 and arXiv:2508.01772 were not
-readable here; the released LoRA-C code is loralib's ConvLoRA (inner width ``r k``), and the LoRA-C paper
-compares the two rank settings ``r`` and ``r k`` and argues for a layer-level rank. We therefore name the
-``q = r`` setting LoRA-C and loralib's ``q = r k`` convLoRA (Aleem et al. use loralib's layer unchanged).
+readable here (only their abstracts; no code of arXiv:2508.01772 was found, see ``cp_lora``). The LoRA-C abstract
+says it "performs low-rank decomposition in convolutional layers rather than kernel units" and "analyzes two
+different rank settings"; we name the layer-level setting ``q = r`` LoRA-C (default) and loralib's ``q = r k``
+convLoRA. If arXiv:2508.01772 used the released LoRA-C code, its "LoRA-C" is ``variant="convlora"``.
 Hugging Face PEFT's Conv2d LoRA is a third matricisation (``(O) x (I k k)``: a k x k conv to ``r`` channels,
 then a 1 x 1 conv); it is ``method="lora"`` with ``fan_in_axes=3`` in jaxpeft, not one of these variants.
 The update is merged (``W + Delta W``); there is no activation-hook form (the reshape has no conv-branch form).

@@ -31,6 +31,11 @@ Usage::
     covs = corda.collect_covariances(lambda p, x: model.apply({"params": p}, x), params, batches, config)
     residual_base, adapter = corda.init_with_base(config, params, covs)   # train `adapter` on `residual_base`
 
+The training harness does this before a fresh run (``config.adapter.method='corda'``; covariances from
+``config.adapter.calibration_batches`` training batches, model in eval mode; see ``jaxpeft.train.trainable``),
+freezes the residual base and exports ``K_res + s a b``. The adapter alone is relative to ``K_res``: applied to
+the original base it needs the rank-``2r`` form above.
+
 ``reparam.init_with_base`` with ``method="corda"`` (no covariances) uses ``C = I``: plain SVD of ``W``, i.e.
 PiSSA for ``ipm`` and MiLoRA-style minor components for ``kpm``. It exists so that checkpoints can be
 validated against a model (``checkpoint.load_adapter(path, base_params)``); use ``init_with_base`` of this

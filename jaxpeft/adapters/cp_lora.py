@@ -1,8 +1,20 @@
 """CP-LoRA: the kernel update as a rank-R CP (canonical polyadic) tensor over all kernel axes.
 
 Paper: Minoccheri, Hodgman, Ma, Merchant, Wittrup, Williamson, Najarian, "LoRA-based methods on Unet for
-transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772 (introduces CP-LoRA; no code
-released). CP format as in Kolda & Bader, "Tensor Decompositions and Applications", SIAM Review 2009.
+transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772 (also BMC Medical Imaging
+26(1):58, doi:10.1186/s12880-025-02116-y; introduces CP-LoRA). CP format as in Kolda & Bader, "Tensor
+Decompositions and Applications", SIAM Review 2009, and tensorly's ``CPTensor`` (weights + one factor matrix
+per mode).
+
+Sources [reconstructed]: the paper's body and its CP-LoRA code were not found (searched: arXiv HTML v1-v3 and
+abstract pages, which hold only the abstract; code search for CP-LoRA / CP-DoRA / convDoRA / DoRA-C; the group's
+public repositories). What was found: the abstract ("a novel CP-LoRA method based on tensor canonical polyadic
+(CP) decomposition"), a review note reporting CP-LoRA at performance comparable to LoRA-C / convLoRA with
+30-40% fewer trainable parameters, and the group's earlier code ``kayvanlabs/Transfer-Learning-SAH-Seg``
+(``tune_cv.py``: tensorly ``parafac`` of each PyTorch conv weight ``(O, I, kh, kw)`` as one 4-way tensor, used
+there to compress kernels, not as an adapter). We therefore take CP-LoRA as the rank-R 4-way CP tensor
+(weights and one factor per kernel axis, as tensorly's CP) added to the kernel like LoRA's update; the init
+and the scale are LoRA's conventions, not the paper's.
 
 Math, for a Flax conv kernel ``K: (k_1, ..., k_n, I, O)`` (2-D: ``(kh, kw, I, O)``; PyTorch ``W_t: (O, I, kh,
 kw)`` is ``K.permute(3, 2, 0, 1)``; a Dense kernel ``(I, O)`` is the case ``n = 0``)::
@@ -14,7 +26,7 @@ leaves ``spatial_<t>: (k_t, R)`` (one per spatial axis t), ``in: (I, R)``, ``out
 (the CP weights [[lam; U^(1), ..., U^(n), C, D]]). In PyTorch order the same tensor is
 ``Delta W_t[o, i, h, w] = s * sum_j lam_j d[o, j] c[i, j] u1[h, j] u2[w, j]``.
 
-Init [reconstructed; the paper's text was not readable here]: ``lam = 1``, every factor but ``out`` drawn from
+Init [reconstructed]: ``lam = 1``, every factor but ``out`` drawn from
 ``U(-1/sqrt(n_t), 1/sqrt(n_t))`` with ``n_t`` the size of its own axis, ``out = 0`` (LoRA's zero ``B``), so
 ``K' = K`` at init and the first step already trains ``out``; ``init="random"`` also draws ``out`` (tests).
 Param count: ``R (k_1 + ... + k_n + I + O + 1)`` (``R (2k + I + O + 1)`` for a k x k conv) -- against

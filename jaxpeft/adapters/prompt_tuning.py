@@ -13,6 +13,7 @@ Init (``config.init``): ``"default"`` = PEFT's RANDOM (``torch.nn.Embedding``'s 
 ``"sample_vocab"`` = rows of the (frozen) embedding table drawn uniformly at random (PEFT SAMPLE_VOCAB).
 Parameters: ``p d``. Not mergeable. The model must accept the longer sequence: extend the attention mask
 (and position ids, where the model adds them after the embedding) by ``p`` -- the hook cannot see them.
+``jaxpeft.models.bert`` does so as PEFT does for BERT (``configs/minilm_text.py:prompt_tuning`` trains it).
 
 Usage: ``with module_hooks.intercept(params, adapter_params, config): model.apply(...)`` (the module-hook
 mechanism, see ``jaxpeft.adapters.module_hooks``).

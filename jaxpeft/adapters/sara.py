@@ -17,11 +17,18 @@ This equals the reference's ``W = W_0 (1 - M) + theta M`` with ``theta = W_0 + d
 entries. The mask is stored explicitly (the reference re-derives it from ``tau`` at load time, which silently
 changes if the base weights were cast, e.g. to bfloat16).
 
-Progressive schedule (``reselect``): after ``progressive_iter`` steps the reference recomputes the mask
-with the same ``tau`` on the *current* weights (the entries that are still ineffective, trained or not)
-and restarts the optimizer state. ``reselect(base, adapter, config) -> (merged_base, fresh_adapter)`` does
-that: it merges the first round into the base and draws a new mask on it; re-``init`` the optimizer
-state afterwards. The final weights are ``reparam.apply_many(W_0, [(config, round_1), (config, round_2)])``.
+Progressive schedule (``reselect``): after ``progressive_iter`` steps the reference (``optim/adamw.py``,
+its default) recomputes the mask with the same ``tau`` on the *current* weights (the entries that are
+still ineffective, trained or not; entries that left the mask keep their trained values, frozen) and
+builds a fresh optimizer on the new entries (moments and Adam's step count restart; its learning-rate
+scheduler runs on). ``reselect(base, adapter, config) -> (merged_base, fresh_adapter)`` does that: it
+merges the first round into the base and draws a new mask on it; restart the optimizer state afterwards.
+The final weights are ``reparam.apply_many(W_0, [(config, round_1), (config, round_2)])``. The training
+harness runs it every ``config.adapter.reselect_every`` steps between two steps and restarts the optimizer
+state but the schedule's position (``jaxpeft.train.step.make_reselect_step``); the reference re-selects
+once, and drops the update of the step it re-selects in (its ``step()`` returns early), which we do not.
+(Its alternative ``optim/adamw2.py``, without unstructural backpropagation, instead intersects the new
+mask with the old one and keeps the optimizer state.)
 
 Low-rank regulariser (``nuclear_norm_penalty``): ``lambda_rank * ||M * W'||_*`` (the nuclear norm of the
 trainable entries' current values, as the reference's ``param * mask``), summed over the targets whose

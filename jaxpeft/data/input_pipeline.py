@@ -240,6 +240,14 @@ def _prepare(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> Non
     ) from e
 
 
+def resolve_data_dir(data_dir: str = "") -> str:
+  """`data_dir`, or where jaxpeft keeps prepared datasets when it is '' (`config.dataset.data_dir`'s default).
+
+  That place is `$JAXPEFT_DATA_DIR` when it is set, else `~/tensorflow_datasets`.
+  """
+  return data_dir or os.environ.get("JAXPEFT_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+
+
 def get_data_source(
     name: str, split: str, data_dir: str
 ) -> tuple[DataSource, tfds.core.DatasetInfo]:

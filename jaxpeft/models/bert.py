@@ -18,6 +18,22 @@ Mean pooling over the real (unpadded) tokens and the L2 normalisation are the `P
 Gurevych, "Sentence-BERT", 2019, arXiv:1908.10084), with the same epsilons. BERT's `pooler`
 (tanh dense on [CLS], trained for next-sentence prediction) is not part of this model.
 
+Soft prompts (`jaxpeft.adapters.prompt_tuning`, a module hook on `embeddings/word_embeddings`):
+when the word-embedding output has p more tokens than `input_ids`, [P; E_word[ids]], the model
+does what Hugging Face PEFT does for prompt tuning of a BERT encoder (peft/peft_model.py,
+`PeftModelForSequenceClassification.forward`: the prompts are concatenated in front of
+`inputs_embeds`, the attention mask gets p leading ones and `token_type_ids` p leading zeros, and
+`position_ids` are dropped, so `BertEmbeddings` numbers the whole sequence):
+
+  h_0 = LayerNorm([P; E_word[ids]] + E_pos[0..p+L-1] + E_type[[0]*p; token_type_ids])
+  m   = [1]*p; attention_mask          (the mask every layer attends with, and the pooling mask)
+
+So the prompts get positions 0..p-1 and token type 0, and the text's positions shift by p; the
+length limit is p + L <= max_position_embeddings. The sentence embedding averages over that
+extended mask, prompts included: it is sentence-transformers' mean pooling given the mask the
+encoder used (sentence-transformers itself has no soft-prompt support: its `Pooling` sees a mask
+shorter than the token embeddings and falls back to all ones, which would also average padding).
+
 With `num_classes` set, the model returns logits of a dropout + dense head on the sentence
 embedding instead of the embedding itself.
 
@@ -155,7 +171,11 @@ class TransformerLayer(_BertModule):
 
 
 class Embeddings(_BertModule):
-  """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
+  """Word + absolute position + token type embeddings, then LayerNorm and dropout.
+
+  Leading soft-prompt rows that a hook added to the word embeddings (see the module docstring)
+  get positions 0..p-1 and token type 0, as in PEFT.
+  """
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, train: bool):
@@ -163,11 +183,27 @@ class Embeddings(_BertModule):
     embed = lambda num, name: nn.Embed(
         num, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.initializer_range),
         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    positions = jnp.arange(input_ids.shape[-1])
+    words = embed(cfg.vocab_size, "word_embeddings")(input_ids)
+    length = words.shape[-2]
+    num_prompts = length - input_ids.shape[-1]
+    if num_prompts < 0:
+      raise ValueError(
+          f"The word embeddings have {length} tokens for {input_ids.shape[-1]} input ids; a hook on"
+          " embeddings/word_embeddings may only prepend tokens (prompt tuning), not remove them."
+      )
+    if length > cfg.max_position_embeddings:
+      prompts = f" ({num_prompts} soft prompts + {input_ids.shape[-1]} tokens)" if num_prompts else ""
+      raise ValueError(
+          f"Sequences of length {length}{prompts} exceed max_position_embeddings="
+          f"{cfg.max_position_embeddings}; tokenize with max_len <= "
+          f"{cfg.max_position_embeddings - num_prompts}."
+      )
+    prompt_types = jnp.zeros((*token_type_ids.shape[:-1], num_prompts), token_type_ids.dtype)
     x = (
-        embed(cfg.vocab_size, "word_embeddings")(input_ids)
-        + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
-        + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        words
+        + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(length))
+        + embed(cfg.type_vocab_size, "token_type_embeddings")(
+            jnp.concatenate([prompt_types, token_type_ids], axis=-1))
     )
     x = self.layer_norm("layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)
@@ -253,20 +289,17 @@ class BertEncoder(nn.Module):
     """Sentence embeddings (batch, hidden) of int token ids (batch, length).
 
     Padding positions have `attention_mask` 0 (default: all ones); `token_type_ids` default
-    to 0. `train=True` enables dropout and needs a 'dropout' rng.
+    to 0. `train=True` enables dropout and needs a 'dropout' rng. Soft prompts prepended by a
+    prompt-tuning hook are attended to and pooled (the mask gets leading ones; module docstring).
     """
-    cfg = self.config
-    length = input_ids.shape[-1]
-    if length > cfg.max_position_embeddings:
-      raise ValueError(
-          f"Sequences of length {length} exceed max_position_embeddings="
-          f"{cfg.max_position_embeddings}; tokenize with max_len <= {cfg.max_position_embeddings}."
-      )
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids, train=train)
+    num_prompts = x.shape[-2] - input_ids.shape[-1]
+    prompt_mask = jnp.ones((*attention_mask.shape[:-1], num_prompts), attention_mask.dtype)
+    attention_mask = jnp.concatenate([prompt_mask, attention_mask], axis=-1)
     keys_mask = nn.make_attention_mask(jnp.ones_like(attention_mask), attention_mask)
     x = mean_pool(self.encoder(x, keys_mask, train=train), attention_mask)
     return l2_normalize(x) if self.normalize else x

@@ -9,6 +9,13 @@ Eq. 1-4 and the big_vision / vision_transformer reference code:
   z   = z' + MLP(LN(z'))                         MLP: Dense(mlp_dim) -> GELU -> Dense(D)
   y   = head(LN(z_L)[0])                         class-token pooling ('mean': mean over tokens)
 
+Visual prompts (`jaxpeft.adapters.vpt`, a module hook on the blocks) enter after the position
+embedding, right after the first `num_prefix_tokens` tokens (the VPT option: 1 for the class token
+of 'cls', 0 for 'mean'). 'cls' pooling reads z_L[0], still the class token; 'mean' pooling averages
+every token, prompts included, which is the default output of the VPT reference code for
+mean-pooled backbones (KMnP/vpt, src/models/vit_prompt/vit_mae.py, VIT_POOL_TYPE 'original'; its
+'img_pool' variant would average the patches alone).
+
 The head is one Dense layer, as ViT uses when fine-tuning (the paper's pre-training MLP head is
 replaced by a linear layer for downstream tasks), so a linear probe is `trainable.base='head/.*'`.
 No dropout: the model is the same function in train and eval.
@@ -57,7 +64,8 @@ class ViT(nn.Module):
     depth: number of transformer blocks.
     num_heads: attention heads per block.
     mlp_dim: hidden width of each block's MLP.
-    pool: 'cls' (a learned class token, ViT's default) or 'mean' (mean over the patch tokens).
+    pool: 'cls' (a learned class token, ViT's default) or 'mean' (mean over the patch tokens, and
+      over VPT's prompt tokens when it inserts them).
   """
 
   num_classes: int

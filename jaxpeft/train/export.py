@@ -4,13 +4,16 @@
   inference overhead), an Orbax checkpoint that `config.init_from.params` and plain
   `ocp.StandardCheckpointer().restore` read;
 * `<workdir>/export/adapter.safetensors` — only the adapter leaves plus their config record
-  (`jaxpeft.adapters.checkpoint.load_adapter` rebuilds it in a fresh process).
+  (`jaxpeft.adapters.checkpoint.load_adapter` rebuilds it in a fresh process). Not written when the
+  run trained on a rewritten base (PiSSA / CorDA residual inits, SaRA re-selection): those leaves
+  applied to the original weights would not give the trained model, so only the merged export is.
 """
 
 import os
 from typing import Any
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -35,7 +38,11 @@ def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree) -
   checkpointer.save(params_dir, merged, force=True)
   checkpointer.wait_until_finished()
   sizes = {"params_bytes": _bytes(params_dir)}
-  if trainable.adapter is not None:
+  if trainable.adapter is not None and not trainable.adapter_fits_original_base(frozen, params):
+    logging.warning("No export/adapter.safetensors: this run trained %r on a rewritten base (residual init"
+                    " or re-selection), so the adapter alone does not apply to the original weights; use"
+                    " export/params (merged).", trainable.adapter.method)
+  elif trainable.adapter is not None:
     adapter = multihost_utils.process_allgather(params["adapter"], tiled=True)
     adapter_path = os.path.join(out, "adapter.safetensors")
     if jax.process_index() == 0:

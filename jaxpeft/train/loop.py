@@ -6,7 +6,19 @@ pmapped) train step, logging every `config.log_every` steps, evaluating every
 `config.eval_every` steps, checkpointing every `config.checkpoint.every_steps` steps and at the
 end. A SIGTERM (or a JAX preemption notice) saves a checkpoint at the current step and returns.
 Because the input batch of step `s` and the step's randomness depend only on `s`, a resumed run
-continues bit for bit as if it had never stopped.
+continues bit for bit as if it had never stopped. `config.dataset.label_noise` flips that fraction of
+the training labels (after `config.dataset.classes` selects and relabels classes, among those);
+evaluation labels stay clean.
+
+Adapter methods with more than a train step (hooks of `jaxpeft.train.trainable`):
+
+* a calibrated init (CorDA) reads `config.adapter.calibration_batches` batches of the training split
+  (the first batches of the run's order, the same on every process) before a fresh run; its residual
+  base is frozen and saved once in `checkpoints/frozen/`, so a resumed run restores it and never
+  recalibrates;
+* a re-selection (SaRA's progressive schedule, every `config.adapter.reselect_every` steps) runs
+  between two steps, before that step's checkpoint and eval. It rewrites the frozen base, so such runs
+  save the frozen params inside every numbered checkpoint (and none in `checkpoints/frozen/`).
 """
 
 import json
@@ -34,7 +46,7 @@ from jaxpeft.train.metrics import MetricWriter, check_finite
 from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
-from jaxpeft.train.step import make_eval_step, make_train_step
+from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step
 from jaxpeft.train.trainable import Trainable
 
 PMAP_AXIS = "devices"
@@ -74,12 +86,6 @@ def _check_workdir(workdir: str) -> None:
     ) from e
 
 
-def _data_dir(config: ml_collections.ConfigDict) -> str:
-  return config.dataset.data_dir or os.environ.get(
-      "JAXPEFT_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-  )
-
-
 def _checked_mean(last_step: int, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Averages the metrics of the steps ending at `last_step`, failing on any NaN or Inf."""
   host = jax.device_get(pending)
@@ -110,6 +116,8 @@ class _Runner:
           donate_argnums=0,
       )
       self._eval = jax.jit(make_eval_step(trainable, input_keys), in_shardings=(self.shardings, batch_sh))
+      self._reselect = jax.jit(make_reselect_step(trainable, tx), in_shardings=(self.shardings,),
+                               out_shardings=self.shardings, donate_argnums=0)
     elif self.mode == "pmap":
       if config.sharding.fsdp:
         raise ValueError("config.sharding.fsdp=True needs parallelism='jit'; pmap replicates state.")
@@ -120,11 +128,16 @@ class _Runner:
                              axis_name=PMAP_AXIS, donate_argnums=0, devices=self.local_devices)
       self._eval = jax.pmap(make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS),
                             axis_name=PMAP_AXIS, devices=self.local_devices)
+      self._reselect = jax.pmap(make_reselect_step(trainable, tx), donate_argnums=0, devices=self.local_devices)
     else:
       raise ValueError(f"config.sharding.parallelism={self.mode!r}: use 'jit' or 'pmap'.")
 
-  def init(self, rng, base_params):
-    return self.place(self._init(rng, base_params))
+  def init(self, rng, base_params, calibration=None):
+    return self.place(self._init(rng, base_params, calibration))
+
+  def reselect(self, state):
+    """The adapter method's re-selection between two steps (`make_reselect_step`)."""
+    return self._reselect(state)
 
   def place(self, state):
     """A single-copy state as the step expects it (replicated over devices under pmap)."""
@@ -180,6 +193,32 @@ def _l1_norm(params) -> float:
   return float(_l1_norm_device(params))
 
 
+def _noisy_labels(source, info, config) -> input_pipeline.DataSource:
+  """The training source with `config.dataset.label_noise` of its labels flipped (after class selection).
+
+  With `config.dataset.classes` the labels are flipped among the selected classes (relabelled 0..n-1),
+  not among all of the dataset's.
+  """
+  classes = tuple(config.dataset.get("classes", ()) or ())
+  if not classes or not config.dataset.get("label_noise", 0.0):
+    return input_pipeline.with_label_noise(source, info, config.dataset, config.seed)
+  return input_pipeline.LabelNoiseSource(source, fraction=config.dataset.label_noise, num_classes=len(classes),
+                                         seed=config.seed)
+
+
+def _calibration_inputs(config, source, preprocess, input_keys) -> list[list[jax.Array]]:
+  """The model inputs of the first `config.adapter.calibration_batches` training batches (global batches)."""
+  count = config.adapter.get("calibration_batches", 0)
+  if count < 1:
+    raise ValueError(f"Adapter method {config.adapter.method!r} initialises from activations: set"
+                     f" config.adapter.calibration_batches to a positive number of training batches (e.g. 8),"
+                     f" got {count}.")
+  # Every process reads the same global batches, so all of them compute the same residual base.
+  loader = input_pipeline.BatchLoader(source, global_batch_size=config.batch_size, seed=config.seed,
+                                      preprocess=preprocess)
+  return [[jnp.asarray(batch[k]) for k in input_keys] for batch in map(loader.batch, range(count))]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
 
@@ -203,10 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.eval_batch_size % len(devices):
     raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the"
                      f" {len(devices)} devices.")
-  data_dir = _data_dir(config)
-  train_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
+  data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
+  train_source, info = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
-  train_source = input_pipeline.select_classes(train_source, config.dataset)
+  train_source = _noisy_labels(input_pipeline.select_classes(train_source, config.dataset), info, config)
   eval_source = input_pipeline.select_classes(eval_source, config.dataset)
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   loader = input_pipeline.BatchLoader(
@@ -221,8 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
   base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)
 
-  def make_state(rng, base_params):
-    params, frozen = trainable.split(rng, base_params)
+  def make_state(rng, base_params, calibration=None):
+    params, frozen = trainable.split(rng, base_params, calibration)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(params), rng=state_rng)
 
@@ -239,12 +278,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               async_save=config.checkpoint.async_save)
   latest = checkpointer.latest_step()
   if latest is None:
-    state, start = runner.init(adapter_rng, base_params()), 0
-    checkpointer.save_frozen(runner.single_copy(state).frozen)
+    base, calibration = base_params(), None
+    if trainable.needs_calibration:
+      calibration = trainable.calibrate(
+          base, _calibration_inputs(config, train_source, preprocess, config.dataset.input_keys))
+    state, start = runner.init(adapter_rng, base, calibration), 0
+    if not trainable.rewrites_base:
+      checkpointer.save_frozen(runner.single_copy(state).frozen)
   else:
-    restored, meta = checkpointer.restore(latest, runner.abstract.replace(frozen={}))
-    frozen = checkpointer.restore_frozen(runner.abstract.frozen)
-    state, start = runner.place(restored.replace(frozen=frozen)), int(meta["step"])
+    # A run that rewrites its base keeps the frozen params in every numbered checkpoint.
+    restored, meta = checkpointer.restore(
+        latest, runner.abstract if trainable.rewrites_base else runner.abstract.replace(frozen={}))
+    if not trainable.rewrites_base:
+      restored = restored.replace(frozen=checkpointer.restore_frozen(runner.abstract.frozen))
+    state, start = runner.place(restored), int(meta["step"])
     logging.info("Resumed from %s at step %d (input position %s).", checkpointer.directory, start,
                  meta["input_position"])
 
@@ -254,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, config.num_train_steps, start, show_progress=config.progress_bar)
 
   def save(step):
-    checkpointer.save(step, runner.single_copy(state).replace(frozen={}),
+    saved = runner.single_copy(state)
+    checkpointer.save(step, saved if trainable.rewrites_base else saved.replace(frozen={}),
                       {"step": step, "input_position": loader.position(step)})
 
   pending, step, preempted, last_log, rates = [], start, False, time.perf_counter(), []
@@ -264,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = runner.train_step(state, loader.batch(step))
         pending.append(metrics)
         step += 1
+        if trainable.reselects_after(step) and step < config.num_train_steps:
+          state = runner.reselect(state)
         stopping = stop.requested or checkpointer.reached_preemption(step)
         saving = step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or stopping
         if pending and (step % config.log_every == 0 or saving):

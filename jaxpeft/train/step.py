@@ -12,6 +12,16 @@ the batch objective as `obj_fn=` (AdaHessian) and its gradient as `grad_fn=` (SA
 `jax.pmap` pass `axis_name` so gradients, metrics and the extra arguments' values are averaged
 across devices (the optimizers then need no `axis_name` of their own); under
 `jax.jit` with shardings the batch mean is already global.
+
+An adapter method's loss term (`Trainable.regularizer`, e.g. SaRA's nuclear norm) is part of the
+objective: the metric `loss` is cross-entropy + term (what is differentiated, and what MoMo's `value=`,
+AdaHessian's `obj_fn` and SAM's `grad_fn` see), and the term alone is the metric `penalty`. Its random
+choice (SaRA draws one matrix per step) uses a key derived from the step's, so it is the same on every
+device and after a resume.
+
+`make_reselect_step` builds the between-steps update of methods that re-select their trained entries
+(SaRA's progressive schedule): `Trainable.reselect`, then the optimizer state restarts as at step 0,
+except that the learning-rate schedule keeps its position (see `restart_optimizer_state`).
 """
 
 from collections.abc import Callable
@@ -41,11 +51,14 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: Batch):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
+    penalty_rng = jax.random.fold_in(dropout_rng, 1)
     inputs = [batch[k] for k in input_keys]
 
     def loss_fn(params):
       logits = trainable.apply(params, state.frozen, inputs, train=True, rng=dropout_rng)
-      return _cross_entropy(logits, batch["label"]).mean(), logits
+      loss = _cross_entropy(logits, batch["label"]).mean()
+      penalty = trainable.regularizer(params, state.frozen, penalty_rng)  # None for most methods
+      return (loss if penalty is None else loss + penalty), (logits, penalty)
 
     def batch_mean(x):
       return jax.lax.pmean(x, axis_name) if axis_name else x
@@ -65,7 +78,7 @@ def make_train_step(
       kl = jnp.sum(target * (jnp.log(target + 1e-12) - jax.nn.log_softmax(logits)), axis=-1)
       return batch_mean(jnp.mean(kl))
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     grads, loss, accuracy = batch_mean((grads, loss, accuracy))
     updates, opt_state = tx.update(
@@ -76,9 +89,54 @@ def make_train_step(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    if penalty is not None:
+      metrics["penalty"] = penalty
     return new_state, metrics
 
   return train_step
+
+
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def restart_optimizer_state(tx: optax.GradientTransformation, opt_state: optax.OptState,
+                            params: optax.Params) -> optax.OptState:
+  """`tx.init(params)`, except that learning-rate schedules keep their position from `opt_state`.
+
+  Moments and step counts (so bias corrections) restart; `ScaleByScheduleState` (optax's
+  `scale_by_learning_rate` with a schedule, used by every optax alias and jaxpeft optimizer) and
+  the count and hyperparameters of `inject_hyperparams` keep theirs. Optimizers that read their
+  schedule from their own step count (MoMo, AdaMod) restart the schedule with it.
+  """
+  def keep_schedule(fresh, old):
+    if isinstance(fresh, optax.ScaleByScheduleState):
+      return old
+    if isinstance(fresh, _SCHEDULE_STATES):  # inject_hyperparams: its inner state restarts
+      return old._replace(inner_state=restart(fresh.inner_state, old.inner_state))
+    return fresh
+
+  def restart(fresh, old):
+    return jax.tree.map(keep_schedule, fresh, old, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+
+  return restart(tx.init(params), opt_state)
+
+
+def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -> Callable[[TrainState], TrainState]:
+  """Returns `reselect_step(state) -> state` for methods that re-select their trained entries.
+
+  SaRA (Hu et al., arXiv:2409.06633, reference `optim/adamw.py`): after `reselect_every` updates the
+  trained delta is merged into the base, the mask is redrawn with the same threshold on the merged
+  weights (`jaxpeft.adapters.sara.reselect`), and the optimizer starts afresh on the new entries (the
+  reference builds a new optimizer, while its learning-rate scheduler runs on): here all optimizer
+  state restarts but the schedule's position (`restart_optimizer_state`). The model's function does
+  not change. `tx` is the transformation the state was made with (`Trainable.optimizer(...)`).
+  """
+
+  def reselect_step(state: TrainState) -> TrainState:
+    params, frozen = trainable.reselect(state.params, state.frozen)
+    return state.replace(params=params, frozen=frozen, opt_state=restart_optimizer_state(tx, state.opt_state, params))
+
+  return reselect_step
 
 
 def make_eval_step(

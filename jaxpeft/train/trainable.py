@@ -16,14 +16,32 @@ through their module hooks, and are exported unmerged (the adapter file holds th
 
 Methods with their own update rule get it chained after the optimizer on their adapter leaves, with
 the keyword arguments of `config.adapter.update`: SoRA's proximal L1 step on the gates
-(`jaxpeft.adapters.sora.proximal_l1`, e.g. `update.sparse_lambda=1e-3`) and ALLoRA's per-row rate
-(`jaxpeft.adapters.allora.scale_by_allora`, `update.eta`).
+(`jaxpeft.adapters.sora.proximal_l1`, e.g. `update.sparse_lambda=1e-3`). (ALLoRA's per-row gradient
+scale is part of its adapter's differentiation, `jaxpeft.adapters.allora`, set by `options.eta`.)
+
+Three more per-method hooks, each a registry entry below (the loop and step stay method-agnostic):
+
+* a loss term, built from the keyword arguments of `config.adapter.penalty` and added to the training
+  loss inside the step: SaRA's nuclear norm (`jaxpeft.adapters.sara.nuclear_norm_penalty`;
+  `penalty.lambda_rank`, optional `penalty.min_dim` (64) and `penalty.sample` (True: one eligible
+  matrix drawn per step, as the reference; False: all of them));
+* a re-selection every `config.adapter.reselect_every` steps (0: never), run between two steps:
+  SaRA's progressive schedule (`jaxpeft.adapters.sara.reselect`: the trained delta is merged into the
+  base and the mask redrawn on the merged weights). It rewrites base leaves (`rewrites_base`), so the
+  loop saves `state.frozen` in every checkpoint of such runs;
+* a calibrated init, from activations of `config.adapter.calibration_batches` training batches:
+  CorDA (`jaxpeft.adapters.corda`: input covariances of the targets, then the residual base
+  `W - s a0 b0` and the adapter `a0, b0`). The residual base is what `split` returns and the run
+  freezes; `merged` gives `W_res + s a b`, the trained model in the original layout.
+
+Base-modifying inits without data (LoRA's `init='pissa'`) also get their residual base from `split`.
 """
 
 import contextlib
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,17 +49,41 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from jaxpeft.adapters import allora, factored, module_hooks, partition, reparam, sara, sora
+from jaxpeft.adapters import corda, factored, module_hooks, partition, reparam, sara, sora
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import get_method
+from jaxpeft.adapters.selection import select_targets
 
 PyTree = Any
+# term(base_params, adapter_params, rng) -> scalar added to the training loss.
+Penalty = Callable[[PyTree, PyTree, jax.Array], jax.Array]
+
+
+def _sara_penalty(config: AdapterConfig, *, lambda_rank: float, min_dim: int = 64, sample: bool = True) -> Penalty:
+  if not lambda_rank > 0:
+    raise ValueError(f"config.adapter.penalty.lambda_rank={lambda_rank} must be > 0 (the reference uses 5e-4).")
+
+  def term(base_params, adapter_params, rng):
+    return sara.nuclear_norm_penalty(base_params, adapter_params, config, lambda_rank, min_dim=min_dim,
+                                     rng=rng if sample else None)
+
+  return term
+
+
+class _CalibratedInit(NamedTuple):
+  collect: Callable[..., PyTree]  # (apply_fn, base_params, batches, adapter_config) -> calibration
+  init: Callable[..., tuple[PyTree, PyTree]]  # (adapter_config, base_params, calibration) -> (base, adapter)
+
 
 # method -> its update rule, built from `config.adapter.update` and applied to the adapter leaves.
-_UPDATE_RULES = {
-    "sora": lambda **kw: optax.masked(sora.proximal_l1(**kw), sora.gate_mask),
-    "allora": allora.scale_by_allora,
-}
+_UPDATE_RULES = {"sora": lambda **kw: optax.masked(sora.proximal_l1(**kw), sora.gate_mask)}
+# method -> its loss term, built as `factory(adapter_config, **config.adapter.penalty)`.
+_PENALTIES = {"sara": _sara_penalty}
+# method -> rule(base_params, adapter_params, adapter_config) -> (base_params, adapter_params), run every
+# `config.adapter.reselect_every` steps.
+_RESELECT_RULES = {"sara": sara.reselect}
+# method -> its init from calibration activations.
+_CALIBRATED_INITS = {"corda": _CalibratedInit(corda.collect_covariances, corda.init_with_base)}
 
 
 def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
@@ -58,7 +100,7 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
 
 
 def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
-  """The method's own update rule from `config.adapter.update` (SoRA, ALLoRA), or None."""
+  """The method's own update rule from `config.adapter.update` (SoRA), or None."""
   options = dict(config.adapter.get("update") or {})
   rule = _UPDATE_RULES.get(config.adapter.method)
   if rule is None:
@@ -70,7 +112,34 @@ def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return rule(**options)
   except TypeError as e:
     raise ValueError(f"config.adapter.update={options} does not fit {config.adapter.method!r}'s update rule"
-                     f" ({e}); e.g. sora: update.sparse_lambda, allora: update.eta.") from None
+                     f" ({e}); e.g. sora: update.sparse_lambda.") from None
+
+
+def adapter_penalty(config: ml_collections.ConfigDict) -> Penalty | None:
+  """The method's loss term from `config.adapter.penalty` (SaRA's nuclear norm), or None."""
+  options = dict(config.adapter.get("penalty") or {})
+  factory = _PENALTIES.get(config.adapter.method)
+  if not options:
+    return None
+  if factory is None:
+    raise ValueError(f"config.adapter.penalty={options} is set, but method {config.adapter.method!r} has no"
+                     f" loss term (only {sorted(_PENALTIES)} do); leave it empty.")
+  try:
+    return factory(adapter_config(config), **options)
+  except TypeError as e:
+    raise ValueError(f"config.adapter.penalty={options} does not fit {config.adapter.method!r}'s loss term"
+                     f" ({e}); e.g. sara: penalty.lambda_rank, penalty.min_dim, penalty.sample.") from None
+
+
+def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
+  """`config.adapter.reselect_every`, checked against the method (0: no re-selection)."""
+  every = int(config.adapter.get("reselect_every") or 0)
+  if every < 0:
+    raise ValueError(f"config.adapter.reselect_every={every} must be >= 0 (0: off).")
+  if every and config.adapter.method not in _RESELECT_RULES:
+    raise ValueError(f"config.adapter.reselect_every={every} is set, but method {config.adapter.method!r} has no"
+                     f" re-selection (only {sorted(_RESELECT_RULES)} do); set it to 0.")
+  return every
 
 
 def _split(tree: PyTree, pattern: str) -> tuple[PyTree, PyTree]:
@@ -97,6 +166,8 @@ class Trainable:
     adapter: the adapter config, or None.
     mode: 'reparam' or 'factored' (how the adapter enters the model).
     update: the adapter method's own update rule (`adapter_update`), chained after the optimizer.
+    penalty: the adapter method's loss term (`adapter_penalty`), added to the training loss.
+    reselect_every: steps between the method's re-selections (`reselect`); 0: never.
   """
 
   model: nn.Module
@@ -104,24 +175,72 @@ class Trainable:
   adapter: AdapterConfig | None = None
   mode: str = "reparam"
   update: optax.GradientTransformation | None = None
+  penalty: Penalty | None = None
+  reselect_every: int = 0
 
   @classmethod
   def from_config(cls, model: nn.Module, config: ml_collections.ConfigDict) -> "Trainable":
     if config.adapter.mode not in ("reparam", "factored"):
       raise ValueError(f"config.adapter.mode={config.adapter.mode!r}: use 'reparam' or 'factored'.")
-    return cls(model, config.trainable.base, adapter_config(config), config.adapter.mode, adapter_update(config))
+    return cls(model, config.trainable.base, adapter_config(config), config.adapter.mode, adapter_update(config),
+               adapter_penalty(config), adapter_reselect_every(config))
 
   @property
   def adds_modules(self) -> bool:
     """Whether the adapter adds modules (runs through module hooks and cannot be merged)."""
     return self.adapter is not None and isinstance(get_method(self.adapter.method), module_hooks.ModuleHookMethod)
 
-  def split(self, rng: jax.Array, base_params: PyTree) -> tuple[PyTree, PyTree]:
-    """`(params, frozen)` for a fresh run from the model's (pretrained) `base_params`."""
+  @property
+  def needs_calibration(self) -> bool:
+    """Whether the adapter's init reads activations (CorDA): pass `calibrate`'s result to `split`."""
+    return self.adapter is not None and self.adapter.method in _CALIBRATED_INITS
+
+  @property
+  def rewrites_base(self) -> bool:
+    """Whether training rewrites base leaves between steps (a re-selection merges into them)."""
+    return self.reselect_every > 0
+
+  def adapter_fits_original_base(self, frozen: PyTree, params: PyTree) -> bool:
+    """Whether the adapter leaves alone, applied to the *original* base weights, give the trained model.
+
+    Not so when the run trains on a rewritten base: a residual-base init (PiSSA, CorDA: `W - s a0 b0`)
+    or a re-selection that merges into the base (SaRA). Then only the merged export is meaningful.
+    """
+    if self.adapter is None or self.rewrites_base:
+      return False
+    method = get_method(self.adapter.method)
+    base = _join(frozen, params["base"])
+    return not any(method.modifies_base(t) for t in select_targets(self.adapter, base))
+
+  def calibrate(self, base_params: PyTree, batches: Iterable[list[jax.Array]]) -> PyTree:
+    """What the calibrated init needs (CorDA: the targets' input covariances) from batches of model inputs.
+
+    Each batch is the list of the model's positional inputs; the model runs with `train=False`.
+    """
+    if not self.needs_calibration:
+      raise ValueError(f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init"
+                       f" (only {sorted(_CALIBRATED_INITS)} do); call split without calibration.")
+    apply_fn = lambda params, inputs: self.model.apply({"params": params}, *inputs, train=False)
+    return _CALIBRATED_INITS[self.adapter.method].collect(apply_fn, base_params, batches, self.adapter)
+
+  def split(self, rng: jax.Array, base_params: PyTree, calibration: PyTree = None) -> tuple[PyTree, PyTree]:
+    """`(params, frozen)` for a fresh run from the model's (pretrained) `base_params`.
+
+    Base-modifying inits replace the targeted base leaves by their residual (PiSSA; CorDA). CorDA uses
+    `calibration` (from `calibrate`); without it, it falls back to its data-free form (``C = I``: the
+    plain SVD of the kernel), which has the same shapes, for shape-only tracing.
+    """
+    if calibration is not None and not self.needs_calibration:
+      raise ValueError("split got a calibration, but the adapter method has no calibrated init.")
+    adapter = None
+    if calibration is not None:
+      base_params, adapter = _CALIBRATED_INITS[self.adapter.method].init(self.adapter, base_params, calibration)
+    elif self.adapter is not None:
+      base_params, adapter = reparam.init_with_base(rng, self.adapter, base_params)
     trained_base, frozen = _split(base_params, self.base_pattern)
     params = {"base": trained_base}
-    if self.adapter is not None:
-      params["adapter"] = reparam.init(rng, self.adapter, base_params)
+    if adapter is not None:
+      params["adapter"] = adapter
     if not jax.tree.leaves(params):
       paths = list(traverse_util.flatten_dict(base_params, sep="/"))
       raise ValueError(
@@ -165,6 +284,27 @@ class Trainable:
         mask = flat.get(f"{path.rpartition('/')[0]}/{sara.MASK}")
         count += int(x.size) if mask is None or mask.shape != x.shape else int((mask != 0).sum())
     return count
+
+  def regularizer(self, params: PyTree, frozen: PyTree, rng: jax.Array) -> jax.Array | None:
+    """The method's loss term at `params` (None when it has none); `rng` draws its random choices."""
+    if self.penalty is None:
+      return None
+    return self.penalty(_join(frozen, params["base"]), params["adapter"], rng)
+
+  def reselects_after(self, step: int) -> bool:
+    """Whether the method re-selects its trained entries after `step` updates."""
+    return self.reselect_every > 0 and step > 0 and step % self.reselect_every == 0
+
+  def reselect(self, params: PyTree, frozen: PyTree) -> tuple[PyTree, PyTree]:
+    """`(params, frozen)` after the method's re-selection (SaRA: merge the delta, redraw the mask).
+
+    The model's function is unchanged; the optimizer state must be restarted by the caller
+    (`jaxpeft.train.step.make_reselect_step` does both).
+    """
+    rule = _RESELECT_RULES[self.adapter.method]
+    base, adapter = rule(_join(frozen, params["base"]), params["adapter"], self.adapter)
+    trained_base, frozen = _split(base, self.base_pattern)
+    return {"base": trained_base, "adapter": adapter}, frozen
 
   def model_params(self, params: PyTree, frozen: PyTree) -> PyTree:
     """The full parameter tree the model consumes, with the adapter merged in (reparam mode)."""

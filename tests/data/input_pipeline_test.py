@@ -362,3 +362,12 @@ def test_label_noise_config_knob_touches_only_the_wrapped_train_split(data_dir):
 def test_label_noise_rejects_fractions_outside_0_1(fraction):
   with pytest.raises(ValueError, match=r"must be a fraction in \[0, 1\)"):
     input_pipeline.LabelNoiseSource(LabelledSource(10), fraction=fraction, num_classes=10, seed=0)
+
+
+def test_resolve_data_dir_prefers_the_argument_then_the_environment_then_home(monkeypatch, tmp_path):
+  monkeypatch.setenv("JAXPEFT_DATA_DIR", str(tmp_path / "env"))
+  assert input_pipeline.resolve_data_dir(str(tmp_path / "arg")) == str(tmp_path / "arg")
+  assert input_pipeline.resolve_data_dir("") == str(tmp_path / "env")
+  monkeypatch.delenv("JAXPEFT_DATA_DIR")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert input_pipeline.resolve_data_dir() == str(tmp_path / "home" / "tensorflow_datasets")

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from jaxpeft.adapters import module_hooks, reparam
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.models.bert import BertEncoder
 from jaxpeft.models.hf_loader import load_bert, resolve_model_dir
 
@@ -140,10 +142,56 @@ def test_dropout_in_training_follows_the_rng(tiny_bert):
   np.testing.assert_array_equal(apply(0), apply(0))
 
 
+def _prompts(params, num_prompts):
+  config = AdapterConfig(
+      targets="embeddings/word_embeddings/embedding", method="prompt_tuning", rank=num_prompts
+  )
+  return config, reparam.init(jax.random.key(3), config, params)
+
+
 def test_too_long_input_is_an_error(tiny_bert):
   model, params, _, _ = load_bert(tiny_bert[0])
   with pytest.raises(ValueError, match="max_position_embeddings=32"):
     model.apply({"params": params}, np.zeros((1, 33), np.int32))
+  config, adapter = _prompts(params, 30)  # the prompts count against the positions too
+  with pytest.raises(ValueError, match=r"length 34 \(30 soft prompts \+ 4 tokens\).*max_len <= 2\."):
+    with module_hooks.intercept(params, adapter, config):
+      model.apply({"params": params}, np.zeros((1, 4), np.int32))
+
+
+def test_soft_prompts_match_peft_prompt_tuning_of_a_transformers_bert(tiny_bert):
+  """PEFT prepends the prompts to `inputs_embeds`, extends the mask by ones and the token types by
+  zeros, and lets BertEmbeddings number all p + L positions; we pool its last hidden state over the
+  extended mask."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from peft import PromptTuningConfig, TaskType, get_peft_model  # pylint: disable=g-import-not-at-top
+
+  folder, _ = tiny_bert
+  model, params, tokenizer, _ = load_bert(folder)
+  batch = tokenizer.encode(SENTENCES, 12)  # padded rows and truncated rows
+  batch["token_type_ids"][:, 2:5] = 1
+  num_prompts = 5
+  config, adapter = _prompts(params, num_prompts)
+  with module_hooks.intercept(params, adapter, config):
+    ours = model.apply({"params": params}, **batch)
+
+  torch.manual_seed(0)
+  reference = get_peft_model(
+      transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2),
+      PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=num_prompts),
+  ).eval()
+  prompt = adapter["embeddings"]["word_embeddings"]["embedding"]["prompt"]
+  with torch.no_grad():
+    reference.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(np.array(prompt)))
+    hidden = reference(
+        **{k: torch.from_numpy(v).long() for k, v in batch.items()}, output_hidden_states=True
+    ).hidden_states[-1].numpy()
+  mask = np.concatenate(
+      [np.ones((len(SENTENCES), num_prompts)), batch["attention_mask"]], axis=1
+  )[..., None]
+  assert hidden.shape[1] == num_prompts + 12 and batch["attention_mask"].min() == 0
+  np.testing.assert_allclose(ours, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)
+  assert not np.allclose(ours, model.apply({"params": params}, **batch), atol=1e-3)
 
 
 def test_init_from_scratch_has_the_loaded_structure(tiny_bert):

@@ -1,14 +1,14 @@
-"""The small ViT: shapes, parameter count against its closed form, and LoRA on its DenseGeneral attention."""
+"""The small ViT: shapes, parameter count against its closed form, LoRA on its DenseGeneral attention, VPT."""
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxpeft.adapters import factored, reparam
+from jaxpeft.adapters import factored, module_hooks, reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import param_count
-from jaxpeft.models.vit import ViT
+from jaxpeft.models.vit import EncoderBlock, ViT
 
 D, HEADS, MLP, DEPTH, P, CLASSES = 8, 2, 12, 2, 2, 3
 FAN_IN = {r".*attention/(query|key|value)/kernel": 1, r".*attention/out/kernel": 2}
@@ -68,3 +68,32 @@ def test_lora_on_attention_folds_dense_general_and_merge_equals_apply():
     hooked = model.apply({"params": base}, _images())
   np.testing.assert_allclose(hooked, outputs, rtol=1e-5, atol=1e-5)
   assert not np.allclose(outputs, model.apply({"params": base}, _images()), atol=1e-4)
+
+
+def test_vpt_deep_prompts_follow_the_class_token_that_cls_pooling_reads():
+  model = _model()
+  base = model.init(jax.random.key(0), _images())["params"]
+  base["cls_token"] = jax.random.normal(jax.random.key(3), base["cls_token"].shape)
+  p = 3
+  config = AdapterConfig(targets=r"block_\d+/ln_attention/scale", method="vpt", rank=p, options={"patch_size": P})
+  adapter = reparam.init(jax.random.key(2), config, base)
+  with module_hooks.intercept(base, adapter, config):
+    ours = model.apply({"params": base}, _images())
+
+  # By hand: patch embedding, [CLS, patches] + E_pos; before block 0 insert [CLS, P_0, patches], before each
+  # later block replace the previous prompts' outputs by P_i; final LayerNorm and head on token 0.
+  np_base = jax.tree.map(np.asarray, base)
+  x, n, side = np.asarray(_images()), 3, 8 // P
+  patches = x.reshape(n, side, P, side, P, 1).transpose(0, 1, 3, 2, 4, 5).reshape(n, side * side, P * P)
+  z = patches @ np_base["patch_embed"]["kernel"].reshape(P * P, D) + np_base["patch_embed"]["bias"]
+  z = np.concatenate([np.broadcast_to(np_base["cls_token"], (n, 1, D)), z], axis=1) + np_base["pos_embedding"]
+  for i in range(DEPTH):
+    prompt = np.broadcast_to(np.asarray(adapter[f"block_{i}"]["ln_attention"]["scale"]["prompt"]), (n, p, D))
+    z = np.concatenate([z[:, :1], prompt, z[:, 1 if i == 0 else 1 + p:]], axis=1)
+    z = np.asarray(EncoderBlock(HEADS, MLP).apply({"params": base[f"block_{i}"]}, z))
+  cls = z[:, 0]
+  cls = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(cls.var(-1, keepdims=True) + 1e-6)
+  cls = cls * np_base["norm"]["scale"] + np_base["norm"]["bias"]
+  expected = cls @ np_base["head"]["kernel"] + np_base["head"]["bias"]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(ours, model.apply({"params": base}, _images()), atol=1e-3)

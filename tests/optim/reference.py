@@ -142,9 +142,15 @@ def assert_schedule_and_injection_follow(
   **kwargs,
 ) -> None:
   """`factory(schedule, **kwargs)` and its `optax.inject_hyperparams` version both follow `ref`."""
-  assert_trajectories_close(run_optax(factory(schedule, **kwargs), params, grads), ref)
-  injected = optax.inject_hyperparams(factory)(learning_rate=schedule, **kwargs)
-  assert_trajectories_close(run_optax(injected, params, grads), ref)
+  for tx in _direct_and_injected(factory, schedule, **kwargs):
+    assert_trajectories_close(run_optax(tx, params, grads), ref)
+
+
+def _direct_and_injected(
+  factory: Callable[..., optax.GradientTransformation], schedule: optax.Schedule, **kwargs
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """`factory(schedule, **kwargs)` and the same under `optax.inject_hyperparams`."""
+  return factory(schedule, **kwargs), optax.inject_hyperparams(factory)(learning_rate=schedule, **kwargs)
 
 
 def floating_leaves(tree) -> list[jax.Array]:
@@ -179,12 +185,16 @@ def assert_follows_torch(
   num_steps: int,
   seed: int = 0,
   grad_scale: float = 1.0,
+  schedule: optax.Schedule | None = None,
 ) -> None:
-  """On `random_problem(shapes, num_steps, seed, grad_scale)`, `tx` stays finite and follows the torch optimizer."""
+  """On `random_problem(shapes, num_steps, seed, grad_scale)`, `tx` stays finite and follows the torch optimizer.
+
+  With `schedule`, the torch optimizer's lr is `schedule(k)` at step k (see `run_torch`).
+  """
   params, grads = random_problem(shapes, num_steps, seed, grad_scale)
   ours = run_optax(tx, params, grads)
   assert all(np.isfinite(v).all() for step in ours for v in step.values())
-  assert_trajectories_close(ours, run_torch(make_optimizer, params, grads))
+  assert_trajectories_close(ours, run_torch(make_optimizer, params, grads, schedule=schedule))
 
 
 def assert_schedule_follows_torch(
@@ -198,9 +208,8 @@ def assert_schedule_follows_torch(
   **kwargs,
 ) -> None:
   """`factory(schedule, **kwargs)` and its injected version follow the torch optimizer run with lr = `schedule`."""
-  params, grads = random_problem(shapes, num_steps, seed, grad_scale)
-  ref = run_torch(make_optimizer, params, grads, schedule=schedule)
-  assert_schedule_and_injection_follow(factory, schedule, params, grads, ref, **kwargs)
+  for tx in _direct_and_injected(factory, schedule, **kwargs):
+    assert_follows_torch(tx, make_optimizer, shapes, num_steps, seed, grad_scale, schedule)
 
 
 def assert_low_precision_follows_torch(
