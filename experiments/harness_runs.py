@@ -174,7 +174,8 @@ def sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
     raise ValueError(f"One sweep table compares one metric; these rows have {sorted(metrics)}.")
   metric = metrics.pop() if metrics else "accuracy"
   chosen = best_learning_rates(rows)
-  lines = [f"| method | learning rate | validation {metric.replace('_', ' ')} | chosen |", "|---|---:|---:|:---:|"]
+  label = {"accuracy": "accuracy", "mean_iou": "mean IoU"}[metric]
+  lines = [f"| method | learning rate | validation {label} | chosen |", "|---|---:|---:|:---:|"]
   for row in rows:
     mark = "yes" if chosen.get(row["method"]) == row["learning_rate"] else ""
     lines.append(f"| {row['method']} | {row['learning_rate']:g} | {_cell(metric, row['value'])} | {mark} |")
