@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make flagship     the main job: MiniLM fine-tuned six ways, offline (workdir: ./workdir/flagship)
+#   make flagship     the main job: MiniLM fine-tuned seven ways, offline (workdir: ./workdir/flagship)
 #   make test         installs the test extra and runs the whole test suite
 # make quickstart is the one-minute harness demo (digits CNN, workdir: ./workdir/quickstart).
 PYTHON ?= python3

@@ -51,8 +51,9 @@ COLUMNS = ("recipe", "method", "trainable params", "held-out accuracy", "mean Io
 NOTES = (
     "digits_vit: pretrained on digits 0-4, rows other than `pretrain` adapt to digits 5-9 with a new head"
     " (accuracy on the test images of 5-9). digits_unet: per-pixel labels (0 background, digit + 1 on"
-    " strokes), pretrained on clean images, rows other than `pretrain` adapt to inverted images (1 -"
-    " intensity); accuracy is per pixel on the inverted test split. Trainable params: share of the model's."
+    " strokes), pretrained on clean images, rows other than `pretrain` adapt to images rotated by"
+    " 90 degrees (labels rotated with them); accuracy is per pixel on the rotated test split."
+    " Trainable params: share of the model's."
 )
 
 
