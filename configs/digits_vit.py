@@ -33,8 +33,7 @@ QUERY_KEY_VALUE_OUT = r".*attention/(query|key|value|out)/kernel"
 PATCH_SIZE = 2
 # VPT targets a width-D leaf of each prompted block (its first LayerNorm's scale) and hooks that block; the
 # number of prompt tokens is the recipe's rank (4). Prompts go after the class token (num_prefix_tokens=1), so
-# the 'cls' pooling still reads the class token; the init bound uses the model's patch size. Learning rate:
-# LoRA's (untuned; KMnP/vpt's default is SGD at 1e-2).
+# the 'cls' pooling still reads the class token; the init bound uses the model's patch size.
 VPT = {"num_prefix_tokens": 1, "patch_size": PATCH_SIZE}
 
 RECIPE = digits_recipe.Recipe(
@@ -48,13 +47,14 @@ RECIPE = digits_recipe.Recipe(
     keep_fresh="head/.*",
     # nn.MultiHeadDotProductAttention's DenseGeneral kernels: q/k/v (D, heads, D/heads), out (heads, D/heads, D).
     fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/out/kernel", 2)),
+    # Adaptation learning rates chosen on a validation slice of train (experiments/results/lr_sweep_vit.md).
     methods={
         digits_recipe.PRETRAIN: Method(".*", 3e-3),
-        "linear_probe": Method("head/.*", 1e-2),
-        "full": Method(".*", 1e-3),
-        "lora": Method("head/.*", 1e-2, "lora", QUERY_VALUE),
-        "lora_qkvo": Method("head/.*", 1e-2, "lora", QUERY_KEY_VALUE_OUT),
-        "vpt_shallow": Method("head/.*", 1e-2, "vpt", r"block_0/ln_attention/scale", VPT),
+        "linear_probe": Method("head/.*", 1e-1),
+        "full": Method(".*", 3e-2),
+        "lora": Method("head/.*", 1e-1, "lora", QUERY_VALUE),
+        "lora_qkvo": Method("head/.*", 3e-2, "lora", QUERY_KEY_VALUE_OUT),
+        "vpt_shallow": Method("head/.*", 3e-2, "vpt", r"block_0/ln_attention/scale", VPT),
         "vpt_deep": Method("head/.*", 1e-2, "vpt", r"block_\d+/ln_attention/scale", VPT),
     },
     num_train_steps={digits_recipe.PRETRAIN: 600, "adapt": 300},

@@ -8,12 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from configs import minilm_text
 from jaxpeft.models import hf_loader
 from jaxpeft.models.registry import build_model
 from jaxpeft.train.loop import train_and_evaluate
 from jaxpeft.train.trainable import Trainable
-from tests.train.minilm_config_test import tiny_bert_dir  # noqa: F401  (a fixture)
 from tests.train.saved_params import flat, save_initial_params, train_loader
 
 RANK, ALPHA, CALIBRATION_BATCHES = 2, 4.0, 2
@@ -126,13 +124,9 @@ def test_corda_run_without_calibration_batches_is_a_clear_error(start, smoke_con
     train_and_evaluate(make(smoke_config, adapter__calibration_batches=0), str(tmp_path))
 
 
-def test_minilm_corda_smoke_config_runs_on_a_tiny_bert(tiny_bert_dir, data_dir, tmp_path):
-  folder, tensors = tiny_bert_dir
-  config = minilm_text.get_config("corda:smoke")
-  config.model.checkpoint = str(folder)
-  config.dataset.data_dir = data_dir
-  config.sharding.num_devices = 1
-  result = train_and_evaluate(config, str(tmp_path))
+def test_minilm_corda_smoke_config_runs_on_a_tiny_bert(tiny_bert_dir, tiny_minilm_run):
+  _, tensors = tiny_bert_dir
+  _, result = tiny_minilm_run("corda")
   frozen = flat(result["state"].frozen)
   # The 2 layers' query and value kernels (16 x 16) became residuals; every other encoder leaf is the folder's.
   targets = [p for p in frozen if p.endswith(("attention/query/kernel", "attention/value/kernel"))]

@@ -1,14 +1,10 @@
 """configs/minilm_text.py through the harness: a tiny random BERT folder, and the real MiniLM's weights."""
 
-import json
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import safetensors.numpy
 import tokenizers
 from flax import traverse_util
 
@@ -17,29 +13,11 @@ from jaxpeft.data import input_pipeline
 from jaxpeft.models import hf_loader
 from jaxpeft.models.bert import BertConfig, BertEncoder
 from jaxpeft.models.registry import bert_from_checkpoint
-from jaxpeft.train.loop import train_and_evaluate
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.trainable import Trainable
 
 SENTENCES = ["Return the lowest index in the string where substring sub is found.",
              "Open a socket.", "Create a new thread and start it with the given arguments now."]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-  """A Hugging Face-format BERT folder: random weights of a 2-layer, hidden-16 BERT, the real tokenizer."""
-  folder = tmp_path_factory.mktemp("tiny_bert")
-  hf_config = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-               "type_vocab_size": 2, "hidden_act": "gelu"}
-  (folder / "config.json").write_text(json.dumps(hf_config))
-  model = BertEncoder(BertConfig.from_dict(hf_config))
-  params = model.init(jax.random.key(7), jnp.zeros((1, 4), jnp.int32))["params"]
-  tensors = {hf_loader.hf_name(path): np.asarray(v.T if path.endswith("/kernel") else v)  # torch Linear: (out, in)
-             for path, v in traverse_util.flatten_dict(params, sep="/").items()}
-  safetensors.numpy.save_file(tensors, folder / "model.safetensors")
-  shutil.copy(hf_loader.resolve_model_dir(None) / "tokenizer.json", folder / "tokenizer.json")
-  return folder, tensors
 
 
 def test_every_method_config_builds_and_smoke_is_small():
@@ -189,13 +167,9 @@ def test_text_preprocess_matches_the_tokenizers_package(tiny_bert_dir):
     input_pipeline.get_preprocess("jaxpeft_pydoc", None)
 
 
-def test_lora_smoke_run_on_a_tiny_bert_folder(tiny_bert_dir, data_dir, tmp_path):
-  folder, tensors = tiny_bert_dir
-  config = minilm_text.get_config("lora:smoke")
-  config.model.checkpoint = str(folder)
-  config.dataset.data_dir = data_dir
-  config.sharding.num_devices = 1
-  result = train_and_evaluate(config, str(tmp_path))
+def test_lora_smoke_run_on_a_tiny_bert_folder(tiny_bert_dir, tiny_minilm_run):
+  _, tensors = tiny_bert_dir
+  _, result = tiny_minilm_run("lora")
   assert result["step"] == 3 and 0.0 <= result["eval"]["accuracy"] <= 1.0
   state = jax.device_get(result["state"])
   flat = traverse_util.flatten_dict(state.params, sep="/")

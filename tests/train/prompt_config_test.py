@@ -11,8 +11,6 @@ from jaxpeft.models.bert import BertConfig, BertEncoder
 from jaxpeft.models.registry import build_model
 from jaxpeft.train.loop import train_and_evaluate
 from jaxpeft.train.trainable import Trainable
-# The random tiny BERT folder (a pytest fixture) of configs/minilm_text.py's own tests.
-from tests.train.minilm_config_test import tiny_bert_dir  # pylint: disable=unused-import
 
 PROMPT = "adapter/embeddings/word_embeddings/embedding/prompt"
 HIDDEN, CLASSES = 16, 6  # tiny_bert_dir's BERT and the config's head
@@ -43,13 +41,9 @@ def test_prompt_tuning_config_counts_p_d_plus_head_and_samples_vocabulary_rows()
   assert all(r.size == 1 for r in rows) and len({int(r[0]) for r in rows}) > 10  # PEFT's SAMPLE_VOCAB
 
 
-def test_prompt_tuning_smoke_run_trains_the_prompts_and_the_head(tiny_bert_dir, data_dir, tmp_path):
-  folder, tensors = tiny_bert_dir
-  config = minilm_text.get_config("prompt_tuning:smoke")
-  config.model.checkpoint = str(folder)
-  config.dataset.data_dir = data_dir
-  config.sharding.num_devices = 1
-  result = train_and_evaluate(config, str(tmp_path))
+def test_prompt_tuning_smoke_run_trains_the_prompts_and_the_head(tiny_bert_dir, tiny_minilm_run):
+  _, tensors = tiny_bert_dir
+  config, result = tiny_minilm_run("prompt_tuning")
   p = config.adapter.rank
   assert result["step"] == 3 and 0.0 <= result["eval"]["accuracy"] <= 1.0
   assert result["trainable_params"] == p * HIDDEN + HIDDEN * CLASSES + CLASSES
