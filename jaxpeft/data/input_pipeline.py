@@ -480,10 +480,17 @@ class LabelNoiseSource:
 def with_label_noise(
     source: DataSource, info: tfds.core.DatasetInfo, dataset_config: ml_collections.ConfigDict, seed: int
 ) -> DataSource:
-  """`source` with `dataset_config.label_noise` of its labels flipped (unchanged when 0 or unset)."""
+  """`source` with `dataset_config.label_noise` of its labels flipped (unchanged when 0 or unset).
+
+  With `dataset_config.classes` set, `source` must be the class-selected one (`select_classes`): the
+  labels are flipped among those classes (relabelled 0..n-1), not among all of the dataset's.
+  """
   fraction = dataset_config.get("label_noise", 0.0)
   if not fraction:
     return source
+  classes = tuple(dataset_config.get("classes", ()) or ())
+  if classes:
+    return LabelNoiseSource(source, fraction=fraction, num_classes=len(classes), seed=seed)
   label = info.features["label"] if "label" in info.features else None
   if not isinstance(label, tfds.features.ClassLabel):
     raise ValueError(

@@ -193,19 +193,6 @@ def _l1_norm(params) -> float:
   return float(_l1_norm_device(params))
 
 
-def _noisy_labels(source, info, config) -> input_pipeline.DataSource:
-  """The training source with `config.dataset.label_noise` of its labels flipped (after class selection).
-
-  With `config.dataset.classes` the labels are flipped among the selected classes (relabelled 0..n-1),
-  not among all of the dataset's.
-  """
-  classes = tuple(config.dataset.get("classes", ()) or ())
-  if not classes or not config.dataset.get("label_noise", 0.0):
-    return input_pipeline.with_label_noise(source, info, config.dataset, config.seed)
-  return input_pipeline.LabelNoiseSource(source, fraction=config.dataset.label_noise, num_classes=len(classes),
-                                         seed=config.seed)
-
-
 def _calibration_inputs(config, source, preprocess, input_keys) -> list[list[jax.Array]]:
   """The model inputs of the first `config.adapter.calibration_batches` training batches (global batches)."""
   count = config.adapter.get("calibration_batches", 0)
@@ -245,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
   train_source, info = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
-  train_source = _noisy_labels(input_pipeline.select_classes(train_source, config.dataset), info, config)
+  train_source = input_pipeline.with_label_noise(input_pipeline.select_classes(train_source, config.dataset), info,
+                                                config.dataset, config.seed)
   eval_source = input_pipeline.select_classes(eval_source, config.dataset)
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   loader = input_pipeline.BatchLoader(

@@ -99,36 +99,37 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
   )
 
 
-def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
-  """The method's own update rule from `config.adapter.update` (SoRA), or None."""
-  options = dict(config.adapter.get("update") or {})
-  rule = _UPDATE_RULES.get(config.adapter.method)
-  if rule is None:
+def _method_rule(config: ml_collections.ConfigDict, field: str, registry: dict[str, Callable[..., Any]], what: str,
+                 example: str, *args: Any) -> Any:
+  """`registry[method](*args, **config.adapter.<field>)`, or None for a method without an entry.
+
+  Options set for a method without an entry, or options its entry does not take, are errors.
+  """
+  options = dict(config.adapter.get(field) or {})
+  factory = registry.get(config.adapter.method)
+  if factory is None:
     if options:
-      raise ValueError(f"config.adapter.update={options} is set, but method {config.adapter.method!r} has no"
-                       f" update rule (only {sorted(_UPDATE_RULES)} do); leave it empty.")
+      raise ValueError(f"config.adapter.{field}={options} is set, but method {config.adapter.method!r} has no"
+                       f" {what} (only {sorted(registry)} do); leave it empty.")
     return None
   try:
-    return rule(**options)
+    return factory(*args, **options)
   except TypeError as e:
-    raise ValueError(f"config.adapter.update={options} does not fit {config.adapter.method!r}'s update rule"
-                     f" ({e}); e.g. sora: update.sparse_lambda.") from None
+    raise ValueError(f"config.adapter.{field}={options} does not fit {config.adapter.method!r}'s {what}"
+                     f" ({e}); e.g. {example}.") from None
+
+
+def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
+  """The method's own update rule from `config.adapter.update` (SoRA), or None."""
+  return _method_rule(config, "update", _UPDATE_RULES, "update rule", "sora: update.sparse_lambda")
 
 
 def adapter_penalty(config: ml_collections.ConfigDict) -> Penalty | None:
-  """The method's loss term from `config.adapter.penalty` (SaRA's nuclear norm), or None."""
-  options = dict(config.adapter.get("penalty") or {})
-  factory = _PENALTIES.get(config.adapter.method)
-  if not options:
+  """The method's loss term from `config.adapter.penalty` (SaRA's nuclear norm), or None when it is unset."""
+  if not config.adapter.get("penalty"):
     return None
-  if factory is None:
-    raise ValueError(f"config.adapter.penalty={options} is set, but method {config.adapter.method!r} has no"
-                     f" loss term (only {sorted(_PENALTIES)} do); leave it empty.")
-  try:
-    return factory(adapter_config(config), **options)
-  except TypeError as e:
-    raise ValueError(f"config.adapter.penalty={options} does not fit {config.adapter.method!r}'s loss term"
-                     f" ({e}); e.g. sara: penalty.lambda_rank, penalty.min_dim, penalty.sample.") from None
+  return _method_rule(config, "penalty", _PENALTIES, "loss term",
+                      "sara: penalty.lambda_rank, penalty.min_dim, penalty.sample", adapter_config(config))
 
 
 def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
