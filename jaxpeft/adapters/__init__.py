@@ -6,7 +6,8 @@
     logits = model.apply({"params": adapters.apply(params, adapter, cfg)}, x)
     merged = adapters.merge(params, adapter, cfg)
 
-Methods are selected by name (`cfg.method`) and live one per module in this package; see
+Methods are selected by name (`cfg.method`) and live one per module in `jaxpeft.adapters.methods`
+(`list_methods()` names them all); see
 `jaxpeft.adapters.core` for the interface and how to add one.
 
 Many adapters on one model: `AdapterSet` (named add / select / delete / save), `combine` (linear,
@@ -20,7 +21,7 @@ from jaxpeft.adapters.adapter_set import AdapterSet, load_adapter_set, save_adap
 from jaxpeft.adapters.checkpoint import check_adapter, load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.combine import combine, combined_deltas
-from jaxpeft.adapters.core import AdapterMethod, Target, get_method, register_method
+from jaxpeft.adapters.core import AdapterMethod, Target, get_method, list_methods, register_method
 from jaxpeft.adapters.hot_swap import pad_to_rank
 from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
 from jaxpeft.adapters.peft_format import bert_module_name, default_module_name, export_merged, export_peft, import_peft
@@ -30,7 +31,7 @@ __all__ = [
     "AdapterConfig", "AdapterMethod", "AdapterSet", "Target",
     "adapter_value_and_grad", "apply", "apply_many", "bert_module_name", "check_adapter", "combine",
     "combined_deltas", "default_module_name", "export_merged", "export_peft", "get_method", "import_peft",
-    "init", "init_with_base", "load_adapter", "load_adapter_set", "merge", "optimizer_labels",
+    "init", "init_with_base", "list_methods", "load_adapter", "load_adapter_set", "merge", "optimizer_labels",
     "pad_to_rank", "param_count", "register_method", "save_adapter", "save_adapter_set", "unmerge",
     "unmerge_many",
 ]

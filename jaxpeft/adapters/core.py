@@ -28,7 +28,7 @@ given in the config's ``fan_in_axes`` pattern; stacked (scanned) leading layer a
 
 How to add a method
 -------------------
-Write ``jaxpeft/adapters/<name>.py`` with the math and the paper in the module docstring::
+Write ``jaxpeft/adapters/methods/<name>.py`` with the math and the paper in the module docstring::
 
     from jaxpeft.adapters.core import AdapterMethod, Target, register_method
 
@@ -49,8 +49,8 @@ Write ``jaxpeft/adapters/<name>.py`` with the math and the paper in the module d
         def delta(self, leaves, target):           # linear update => apply, merge, unmerge for free
             return leaves["c"] * jnp.eye(target.matrix_shape[0], dtype=jnp.float32)
 
-``get_method("scaled_identity")`` imports ``jaxpeft.adapters.scaled_identity`` on first use, so the
-built-in methods need no explicit import. A method whose update is not ``kernel + delta`` (DoRA)
+and import it in ``jaxpeft/adapters/methods/__init__.py``: ``get_method`` and ``list_methods`` import that
+package on first use, so the built-in methods need no explicit import. A method whose update is not ``kernel + delta`` (DoRA)
 overrides ``apply`` (and ``unmerge``, or makes it raise with the reason). A method that also supports the
 activation-hook mode implements ``branch``. Leaves are arrays of the *per-layer* shape (float32 for
 trained ones); their names must not contain "/". Leaves that are stored and checkpointed but never trained
@@ -229,14 +229,21 @@ def register_method(name: str):
     return decorator
 
 
+def _import_methods() -> None:
+    """Imports every built-in method module, so that the registry lists them all."""
+    importlib.import_module("jaxpeft.adapters.methods")
+
+
+def list_methods() -> list[str]:
+    """The names of every registered adapter method (the built-in ones and any registered since), sorted."""
+    _import_methods()
+    return sorted(_REGISTRY)
+
+
 def get_method(name: str) -> AdapterMethod:
-    """An instance of the method registered as ``name``, importing ``jaxpeft.adapters.<name>`` if needed."""
+    """An instance of the method registered as ``name`` (built-in methods are imported on first use)."""
     if name not in _REGISTRY:
-        try:
-            importlib.import_module(f"jaxpeft.adapters.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"jaxpeft.adapters.{name}":
-                raise
+        _import_methods()
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown adapter method {name!r}. Registered methods: {sorted(_REGISTRY)}. A new method is an "

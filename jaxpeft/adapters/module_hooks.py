@@ -1,6 +1,6 @@
 """Module hooks: the activation-hook mechanism of adapters that add modules to the forward pass.
 
-Used by Houlsby adapters (``jaxpeft.adapters.houlsby``), AdaptFormer (``adaptformer``), prompt tuning
+Used by Houlsby adapters (``jaxpeft.adapters.methods.houlsby``), AdaptFormer (``adaptformer``), prompt tuning
 (``prompt_tuning``) and visual prompt tuning (``vpt``). Like ``jaxpeft.adapters.factored``, ``intercept`` is a
 linen ``nn.intercept_methods`` interceptor that reads the adapter leaves from the same ``adapter_params`` tree
 (keyed by the targeted leaf's path), but it wraps the *whole call* of a module -- the owner of the targeted

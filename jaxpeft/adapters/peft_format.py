@@ -45,7 +45,7 @@ Per method, jaxpeft leaf -> PEFT tensor (``in(x)`` = ``_input_side`` above with 
     lokr       w1 -> lokr_w1 = w1.T     w1_a -> lokr_w1_b = w1_a.T     w1_b -> lokr_w1_a = w1_b.T
                w2_b -> lokr_w2_a = w2_b.T
                w2 -> lokr_w2 = in_d(w2) (b, d[, *window])  w2_a -> lokr_w2_b = in_d(w2_a).reshape(r, -1)
-               (in_d: ``_input_side`` with ``c = d``, the second input factor of ``jaxpeft.adapters.lokr``)
+               (in_d: ``_input_side`` with ``c = d``, the second input factor of ``jaxpeft.adapters.methods.lokr``)
     ia3        l -> ia3_l: output mode (out, 1), feedforward mode (1, in); conv (1, c, 1, 1)
     vera       d -> vera_lambda_d,  b -> vera_lambda_b;  shared: proj_a.T, proj_b.T are the top-left slices
                of base_model.vera_A (r, max in) and base_model.vera_B (max out, r)
@@ -70,7 +70,7 @@ not change outputs and are not imported.
 Deviations and limits:
 * VeRA/RandLoRA projections: jaxpeft stores a slice per target; export rebuilds PEFT's single shared buffer
   from the slices and refuses targets whose slices disagree (build the adapter with one ``projection_shape``,
-  the elementwise maximum, as ``jaxpeft.adapters.vera`` explains). RandLoRA's shared buffer may be larger
+  the elementwise maximum, as ``jaxpeft.adapters.methods.vera`` explains). RandLoRA's shared buffer may be larger
   than every slice any target uses (PEFT sizes it from the largest in/out dimensions separately); entries no
   layer reads are written as zeros. PEFT checkpoints saved with ``save_projection=False`` cannot be imported
   (their projections are ``torch.Generator`` draws).
@@ -109,8 +109,8 @@ from flax import traverse_util
 from jaxpeft.adapters.checkpoint import check_adapter
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import Target
-from jaxpeft.adapters.ia3 import is_feedforward
-from jaxpeft.adapters.lokr import kron_shapes
+from jaxpeft.adapters.methods.ia3 import is_feedforward
+from jaxpeft.adapters.methods.lokr import kron_shapes
 from jaxpeft.adapters.reparam import AdapterParams, adapter_leaves, init_with_base, merge
 from jaxpeft.adapters.selection import named_leaves, select_targets
 from jaxpeft.models.hf_loader import hf_name

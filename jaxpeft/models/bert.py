@@ -18,7 +18,7 @@ Mean pooling over the real (unpadded) tokens and the L2 normalisation are the `P
 Gurevych, "Sentence-BERT", 2019, arXiv:1908.10084), with the same epsilons. BERT's `pooler`
 (tanh dense on [CLS], trained for next-sentence prediction) is not part of this model.
 
-Soft prompts (`jaxpeft.adapters.prompt_tuning`, a module hook on `embeddings/word_embeddings`):
+Soft prompts (`jaxpeft.adapters.methods.prompt_tuning`, a module hook on `embeddings/word_embeddings`):
 when the word-embedding output has p more tokens than `input_ids`, [P; E_word[ids]], the model
 does what Hugging Face PEFT does for prompt tuning of a BERT encoder (peft/peft_model.py,
 `PeftModelForSequenceClassification.forward`: the prompts are concatenated in front of

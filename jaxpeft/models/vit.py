@@ -9,7 +9,7 @@ Eq. 1-4 and the big_vision / vision_transformer reference code:
   z   = z' + MLP(LN(z'))                         MLP: Dense(mlp_dim) -> GELU -> Dense(D)
   y   = head(LN(z_L)[0])                         class-token pooling ('mean': mean over tokens)
 
-Visual prompts (`jaxpeft.adapters.vpt`, a module hook on the blocks) enter after the position
+Visual prompts (`jaxpeft.adapters.methods.vpt`, a module hook on the blocks) enter after the position
 embedding, right after the first `num_prefix_tokens` tokens (the VPT option: 1 for the class token
 of 'cls', 0 for 'mean'). 'cls' pooling reads z_L[0], still the class token; 'mean' pooling averages
 every token, prompts included, which is the default output of the VPT reference code for

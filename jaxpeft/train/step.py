@@ -126,7 +126,7 @@ def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -
 
   SaRA (Hu et al., arXiv:2409.06633, reference `optim/adamw.py`): after `reselect_every` updates the
   trained delta is merged into the base, the mask is redrawn with the same threshold on the merged
-  weights (`jaxpeft.adapters.sara.reselect`), and the optimizer starts afresh on the new entries (the
+  weights (`jaxpeft.adapters.methods.sara.reselect`), and the optimizer starts afresh on the new entries (the
   reference builds a new optimizer, while its learning-rate scheduler runs on): here all optimizer
   state restarts but the schedule's position (`restart_optimizer_state`). The model's function does
   not change. `tx` is the transformation the state was made with (`Trainable.optimizer(...)`).

@@ -16,21 +16,21 @@ through their module hooks, and are exported unmerged (the adapter file holds th
 
 Methods with their own update rule get it chained after the optimizer on their adapter leaves, with
 the keyword arguments of `config.adapter.update`: SoRA's proximal L1 step on the gates
-(`jaxpeft.adapters.sora.proximal_l1`, e.g. `update.sparse_lambda=1e-3`). (ALLoRA's per-row gradient
-scale is part of its adapter's differentiation, `jaxpeft.adapters.allora`, set by `options.eta`.)
+(`jaxpeft.adapters.methods.sora.proximal_l1`, e.g. `update.sparse_lambda=1e-3`). (ALLoRA's per-row gradient
+scale is part of its adapter's differentiation, `jaxpeft.adapters.methods.allora`, set by `options.eta`.)
 
 Three more per-method hooks, each a registry entry below (the loop and step stay method-agnostic):
 
 * a loss term, built from the keyword arguments of `config.adapter.penalty` and added to the training
-  loss inside the step: SaRA's nuclear norm (`jaxpeft.adapters.sara.nuclear_norm_penalty`;
+  loss inside the step: SaRA's nuclear norm (`jaxpeft.adapters.methods.sara.nuclear_norm_penalty`;
   `penalty.lambda_rank`, optional `penalty.min_dim` (64) and `penalty.sample` (True: one eligible
   matrix drawn per step, as the reference; False: all of them));
 * a re-selection every `config.adapter.reselect_every` steps (0: never), run between two steps:
-  SaRA's progressive schedule (`jaxpeft.adapters.sara.reselect`: the trained delta is merged into the
+  SaRA's progressive schedule (`jaxpeft.adapters.methods.sara.reselect`: the trained delta is merged into the
   base and the mask redrawn on the merged weights). It rewrites base leaves (`rewrites_base`), so the
   loop saves `state.frozen` in every checkpoint of such runs;
 * a calibrated init, from activations of `config.adapter.calibration_batches` training batches:
-  CorDA (`jaxpeft.adapters.corda`: input covariances of the targets, then the residual base
+  CorDA (`jaxpeft.adapters.methods.corda`: input covariances of the targets, then the residual base
   `W - s a0 b0` and the adapter `a0, b0`). The residual base is what `split` returns and the run
   freezes; `merged` gives `W_res + s a b`, the trained model in the original layout.
 
@@ -49,7 +49,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from jaxpeft.adapters import corda, factored, module_hooks, partition, reparam, sara, sora
+from jaxpeft.adapters import factored, module_hooks, partition, reparam
+from jaxpeft.adapters.methods import corda, sara, sora
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import get_method
 from jaxpeft.adapters.selection import select_targets

@@ -2,7 +2,7 @@
 
 The same base weights and the same adapter weights go into a PEFT-wrapped torch layer and into a Flax
 layer adapted by jaxpeft; outputs must agree to 1e-5 in float32, before and after merging.
-Transposition rules (see ``jaxpeft.adapters.lora``):
+Transposition rules (see ``jaxpeft.adapters.methods.lora``):
   Linear    kernel = W.T, a = lora_A.T, b = lora_B.T
   Conv2d    kernel = W.permute(2, 3, 1, 0), a = lora_A.permute(2, 3, 1, 0).reshape(-1, r), b = lora_B[:, :, 0, 0].T
   Embedding embedding = W, a = lora_embedding_A.T, b = lora_embedding_B.T

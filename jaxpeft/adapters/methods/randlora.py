@@ -28,7 +28,7 @@ std of the whole matrix; ``"sparse"`` / ``"very_sparse"``: ternary ``{-1, 0, 1}`
 
 Shared bases: as PEFT (one buffer pair sliced per layer), drawn from ``jax.random.key(projection_seed)``
 with the shared shape ``projection_shape = (D_in, D_out)`` (option; ``None``: the target's own shape) and
-stored per target as ``frozen_leaves`` -- see ``jaxpeft.adapters.vera`` for the same design and its
+stored per target as ``frozen_leaves`` -- see ``jaxpeft.adapters.methods.vera`` for the same design and its
 difference from PEFT's single buffer (per-target storage; JAX draws, not ``torch.Generator``'s).
 
 Trainable parameters per adapted matrix: ``N r + N n`` (``N = ceil(n/r)``; about ``n + n^2/r``: a *smaller*

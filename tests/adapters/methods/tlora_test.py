@@ -14,7 +14,7 @@ import torch
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import param_count
-from jaxpeft.adapters.tlora import balanced_modes
+from jaxpeft.adapters.methods.tlora import balanced_modes
 from tests.adapters.method_checks import (check_checkpoint_round_trip, check_merge_unmerge,
                                           check_training_reduces_loss, dense_params)
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxpeft.adapters import factored, reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.nola import nola_bases
+from jaxpeft.adapters.methods.nola import nola_bases
 from jaxpeft.adapters.selection import select_targets
 from tests.adapters import method_checks as mc
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.lora import lora_factors_init, validate_lora_target
+from jaxpeft.adapters.methods.lora import lora_factors_init, validate_lora_target
 
 
 def column_norm(w: jax.Array) -> jax.Array:

@@ -3,9 +3,9 @@
 Paper: Minoccheri, Hodgman, Ma, Merchant, Wittrup, Williamson, Najarian, "LoRA-based methods on Unet for
 transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772 (introduces the three
 variants; no code released). DoRA: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024,
-arXiv:2402.09353. Reference implementations followed: ``jaxpeft.adapters.dora`` (= Hugging Face PEFT's DoRA,
-``peft/tuners/lora/dora.py``) for the magnitude/direction part, ``jaxpeft.adapters.conv_lora`` (loralib
-ConvLoRA) and ``jaxpeft.adapters.cp_lora`` for the update.
+arXiv:2402.09353. Reference implementations followed: ``jaxpeft.adapters.methods.dora`` (= Hugging Face PEFT's DoRA,
+``peft/tuners/lora/dora.py``) for the magnitude/direction part, ``jaxpeft.adapters.methods.conv_lora`` (loralib
+ConvLoRA) and ``jaxpeft.adapters.methods.cp_lora`` for the update.
 
 Math, on the folded Flax conv kernel ``W: (kh*kw*I, O)`` (one column per output channel)::
 
@@ -33,9 +33,9 @@ from __future__ import annotations
 import jax
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.conv_lora import ConvLoRA
-from jaxpeft.adapters.cp_lora import CPLoRA
-from jaxpeft.adapters.dora import column_norm, magnitude_scale
+from jaxpeft.adapters.methods.conv_lora import ConvLoRA
+from jaxpeft.adapters.methods.cp_lora import CPLoRA
+from jaxpeft.adapters.methods.dora import column_norm, magnitude_scale
 
 _UPDATES: dict[str, AdapterMethod] = {"lora_c": ConvLoRA(), "convlora": ConvLoRA(), "cp": CPLoRA()}
 

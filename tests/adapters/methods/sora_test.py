@@ -9,7 +9,7 @@ import pytest
 
 from jaxpeft.adapters import factored, reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.sora import gate_mask, proximal_l1, prune_to_lora, sora_labels
+from jaxpeft.adapters.methods.sora import gate_mask, proximal_l1, prune_to_lora, sora_labels
 from tests.adapters import method_checks as mc
 
 CFG = AdapterConfig(targets="layer/kernel", method="sora", rank=4, alpha=6.0, init="random")

@@ -11,7 +11,7 @@ Parameterisation (method ``"sora"``), on the folded ``(d_in, d_out)`` kernel ``W
 i.e. ``Delta W = s * a diag(g) b`` (PyTorch layout ``B diag(g) A``). Activation-hook mode:
 ``y = x W + s * ((drop(x) a) * g) b``. Init as the reference: ``a`` PyTorch ``kaiming_uniform_(a=sqrt(5))``
 (``U(-1/sqrt(d_in), 1/sqrt(d_in))``), ``b = 0``, ``g ~ N(0, 1)``; the reference defaults are ``r = 8``,
-``alpha = 16``. ``config.init`` "gaussian" / "random" change ``a`` / ``b`` as in ``jaxpeft.adapters.lora``.
+``alpha = 16``. ``config.init`` "gaussian" / "random" change ``a`` / ``b`` as in ``jaxpeft.adapters.methods.lora``.
 Trainable parameters per matrix: ``r (d_in + d_out) + r``; after pruning the zero gates,
 ``nnz(g) (d_in + d_out)``. Mergeable (the update is linear in the leaves).
 
@@ -55,7 +55,7 @@ from flax import traverse_util
 
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.lora import lora_factors_init
+from jaxpeft.adapters.methods.lora import lora_factors_init
 
 _INITS = ("default", "gaussian", "random")
 GATE = "gate"

@@ -11,7 +11,8 @@ import torch
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
 
-from jaxpeft.adapters import corda, factored, reparam
+from jaxpeft.adapters import factored, reparam
+from jaxpeft.adapters.methods import corda
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import param_count
 from tests.adapters import method_checks as mc

@@ -2,7 +2,7 @@
 
 Paper: Lester, Al-Rfou, Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning", EMNLP 2021,
 arXiv:2104.08691. Init options follow Hugging Face PEFT (``peft/tuners/prompt_tuning``: ``PromptEmbedding``,
-``PromptTuningInit.RANDOM`` / ``SAMPLE_VOCAB``). The visual variant (VPT) is ``jaxpeft.adapters.vpt``.
+``PromptTuningInit.RANDOM`` / ``SAMPLE_VOCAB``). The visual variant (VPT) is ``jaxpeft.adapters.methods.vpt``.
 
 Math (method ``"prompt_tuning"``): the target is the ``embedding`` table of a linen ``Embed``
 (``(vocab, d)``); its call's output ``E(x)`` of shape ``(..., T, d)`` becomes::

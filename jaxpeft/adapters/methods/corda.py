@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import Leaves, Target, register_method
-from jaxpeft.adapters.lora import LoRA
+from jaxpeft.adapters.methods.lora import LoRA
 from jaxpeft.adapters.selection import select_targets
 
 _MODES = ("ipm", "kpm")

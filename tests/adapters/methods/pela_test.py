@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import param_count
-from jaxpeft.adapters.pela import weight_perturbation_penalty
+from jaxpeft.adapters.methods.pela import weight_perturbation_penalty
 from tests.adapters import method_checks as mc
 
 D_IN, D_OUT = 30, 20

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.core import Leaves, Target, register_method
 from jaxpeft.adapters.module_hooks import ModuleHookMethod
-from jaxpeft.adapters.prompt_tuning import PROMPT, insert_tokens
+from jaxpeft.adapters.methods.prompt_tuning import PROMPT, insert_tokens
 
 
 @register_method("vpt")

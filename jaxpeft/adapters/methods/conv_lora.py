@@ -7,7 +7,7 @@ Papers:
     arXiv:2402.04964 (code: github.com/aleemsidra/ConvLoRA).
   * Both are the baselines of Minoccheri, Hodgman, Ma, Merchant, Wittrup, Williamson, Najarian, "LoRA-based
     methods on Unet for transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772,
-    which builds its DoRA variants on them (``jaxpeft.adapters.conv_dora``).
+    which builds its DoRA variants on them (``jaxpeft.adapters.methods.conv_dora``).
 Reference implementation followed: ``loralib.ConvLoRA`` (microsoft/LoRA, PyPI ``loralib`` 0.1.2), which both
 authors' repositories vendor unchanged.
 
@@ -35,7 +35,7 @@ Sources checked (verification pass): the LoRA-C authors' code ``alexyyds2024/lor
 ``a=sqrt(5)``, B zero; used for every 3x3 and 1x1 conv of ``model/resnet_lora.py``) and Aleem et al.'s
 ``aleemsidra/ConvLoRA``, ``LoRA/loralib/layers.py`` (the same ``ConvLoRA`` and a ``Conv2d`` with the same shapes)
 both equal loralib's ``ConvLoRA`` -- our variant ``"convlora"`` exactly (tested against loralib in
-``tests/adapters/conv_lora_test.py``). So, as released, LoRA-C and convLoRA are the same update.
+``tests/adapters/methods/conv_lora_test.py``). So, as released, LoRA-C and convLoRA are the same update.
 Which variant is which [reconstructed]: the full texts of arXiv:2410.16954 and arXiv:2508.01772 were not
 readable here (only their abstracts; no code of arXiv:2508.01772 was found, see ``cp_lora``). The LoRA-C abstract
 says it "performs low-rank decomposition in convolutional layers rather than kernel units" and "analyzes two

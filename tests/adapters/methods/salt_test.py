@@ -9,7 +9,7 @@ import torch
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.partition import param_count
-from jaxpeft.adapters.salt import regularizer
+from jaxpeft.adapters.methods.salt import regularizer
 from tests.adapters import method_checks as mc
 from tests.adapters import tiny_models as tm
 

@@ -26,7 +26,7 @@ Flax layout: the folded kernel is ``K = Wᵀ: (d_in, d_out)``, the leaves are ``
 ``b = Bᵀ: (r, d_out)``, ``K' = K + a b``; the rows of ``B A`` are the columns of ``a b``, whose norms are computed
 without materialising ``a b``: ``||(a b)_{:,j}||^2 = b_jᵀ (aᵀ a) b_j``.
 ``options={"eta": ...}`` is required (the paper gives no default). Init as LoRA's default (``a ~ U(-1/sqrt(d_in),
-1/sqrt(d_in))``, ``b = 0``; ``config.init`` "gaussian" and "random" as in ``jaxpeft.adapters.lora``), so ``K' = K``
+1/sqrt(d_in))``, ``b = 0``; ``config.init`` "gaussian" and "random" as in ``jaxpeft.adapters.methods.lora``), so ``K' = K``
 at init. ``config.alpha`` is ignored; a non-zero ``config.dropout`` is an error. Trainable parameters per matrix:
 ``r (d_in + d_out)``. Mergeable (``a b`` is a plain LoRA update). The activation-hook ``branch`` applies the
 same ``a b`` (materialised) to the input.
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.lora import lora_factors_init
+from jaxpeft.adapters.methods.lora import lora_factors_init
 
 _INITS = ("default", "gaussian", "random")
 

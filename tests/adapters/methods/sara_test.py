@@ -7,7 +7,7 @@ import pytest
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.sara import nuclear_norm_penalty, reselect
+from jaxpeft.adapters.methods.sara import nuclear_norm_penalty, reselect
 from tests.adapters import method_checks as mc
 
 TAU = 0.2

@@ -10,7 +10,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.lokr import factorization
+from jaxpeft.adapters.methods.lokr import factorization
 from tests.adapters import method_checks as mc
 
 ALPHA = 3.0
