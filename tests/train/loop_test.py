@@ -98,7 +98,7 @@ def test_metrics_jsonl_and_tensorboard_events(smoke_config, tmp_path):
 
 def test_quickstart_reaches_95_percent(smoke_config, tmp_path):
   config = smoke_config(num_train_steps=300, log_every=100, checkpoint__every_steps=300,
-                        model__features=(32, 64), model__hidden=128, optimizer__warmup_steps=50)
+                        model__cnn__features=(32, 64), model__cnn__hidden=128, optimizer__warmup_steps=50)
   result = train_and_evaluate(config, str(tmp_path))
   assert result["eval"]["accuracy"] >= 0.95, result["eval"]
 
@@ -141,5 +141,5 @@ def test_unknown_dataset_is_a_clear_error(smoke_config, tmp_path):
 def test_checkpoint_of_another_model_is_refused_with_a_diff(smoke_config, tmp_path):
   train_and_evaluate(smoke_config(), str(tmp_path))
   with pytest.raises(IncompatibleCheckpointError, match="shape mismatch at params/base/dense/kernel"):
-    train_and_evaluate(smoke_config(model__hidden=24), str(tmp_path))
+    train_and_evaluate(smoke_config(model__cnn__hidden=24), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]

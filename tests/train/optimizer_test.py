@@ -41,7 +41,7 @@ def test_unknown_optimizer_names_the_choices():
 
 
 def test_hyperparameter_the_optimizer_lacks_is_an_error():
-  with pytest.raises(ValueError, match="has no 'b3' hyperparameter"):
+  with pytest.raises(ValueError, match="has no 'b3' argument"):
     build_optimizer(_opt_config(name="adamw", b3=0.9), total_steps=10)
 
 
