@@ -32,11 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.eval_split = "test"
   config.dataset.input_keys = ("image",)
 
+  # `model.name` picks the model; the section named after it holds its own options.
   config.model = ml_collections.ConfigDict()
-  config.model.name = "cnn"
+  config.model.name = "cnn"  # or 'mlp'
   config.model.num_classes = 10
-  config.model.features = (32, 64)
-  config.model.hidden = 128
+  config.model.cnn = ml_collections.ConfigDict({"features": (32, 64), "hidden": 128})
+  config.model.mlp = ml_collections.ConfigDict({"hidden": (256, 128)})
 
   # Start from another run's exported weights (export/params); leaves matching keep_fresh
   # (a regex over '/'-joined paths) keep their fresh initialisation.
@@ -69,8 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 2
     config.eval_every = 0
     config.checkpoint.every_steps = 3
-    config.model.features = (8,)
-    config.model.hidden = 16
+    config.model.cnn.features = (8,)
+    config.model.cnn.hidden = 16
+    config.model.mlp.hidden = (16,)
     config.optimizer.warmup_steps = 2
     config.progress_bar = False
   elif arg:

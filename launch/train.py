@@ -3,7 +3,10 @@ r"""Trains a jaxpeft experiment described by an ml_collections config file.
   python -m launch.train --config=configs/quickstart.py --workdir=workdir/quickstart \
       [--config.optimizer.name=came] [--config.batch_size=128]
 
-The config is locked: a mistyped `--config.key=value` fails with the list of keys that exist.
+`--config.key=value` overrides are parsed by `launch.config_overrides`: `None` sets any field to
+None, `--config.optimizer.kwargs.<arg>=...` passes any argument to the optimizer's factory, and a
+mistyped key fails with one line naming the nearest valid keys. Errors in the config, the workdir or
+the disk (`jaxpeft.train.errors.UserError`) are printed as one line, with exit status 2.
 
 Multi-host (one process per host; the same command on every host):
   * TPU pod: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd jaxpeft &&
@@ -16,14 +19,18 @@ Multi-host (one process per host; the same command on every host):
 """
 
 import logging as pylogging
+import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
+from jaxpeft.train.errors import UserError
 from jaxpeft.train.loop import train_and_evaluate
+from launch import config_overrides
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_OVERRIDES: list[tuple[str, str]] = []
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -59,7 +66,13 @@ def main(argv):
   initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    config = _CONFIG.value
+    config_overrides.apply_overrides(config, _OVERRIDES)
+    result = train_and_evaluate(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if "eval" in result:
     print(f"Final eval at step {result['step']}: " +
           ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()) +
@@ -68,5 +81,17 @@ def main(argv):
     print(f"Stopped early at step {result['step']}; checkpoint saved. Run again to resume.", flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the `--config.<key>=<value>` overrides set aside for `main`."""
+  try:
+    rest, overrides = config_overrides.split_argv(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  _OVERRIDES.extend(overrides)
+  sys.argv = rest  # ml_collections' config flag reads overrides from sys.argv itself.
+  return app.parse_flags_with_usage(rest)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

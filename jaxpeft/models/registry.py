@@ -52,9 +52,15 @@ def register_model(name: str, constructor: Callable[..., nn.Module]) -> None:
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-  """Instantiates `config.model` ({'name': ..., **kwargs})."""
-  kwargs = dict(model_config)
+  """Instantiates `config.model` ({'name': ..., **kwargs}).
+
+  A config that offers several models keeps each one's options in a section named after it
+  (`config.model.cnn.features`, `config.model.mlp.hidden`): the chosen model's section is merged
+  into its keyword arguments and the other models' sections are left out.
+  """
+  kwargs = {k: v for k, v in dict(model_config).items() if k not in _MODELS}
   name = kwargs.pop("name")
+  kwargs.update(dict(model_config.get(name) or {}))
   if name not in _MODELS:
     raise ValueError(
         f"Unknown model {name!r}. Available: {sorted(_MODELS)}. Set --config.model.name to one of"

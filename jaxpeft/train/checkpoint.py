@@ -5,21 +5,36 @@ saved sharded by StandardSave, without its `frozen` params) and `meta` (JSON: th
 input position). The frozen params (a pretrained base under an adapter) never change, so they
 are saved once per run, in `<workdir>/checkpoints/frozen/`. Orbax writes into a temporary directory and renames it when complete, so a save
 that fails or is killed never replaces the last good checkpoint; old checkpoints are deleted
-only after a newer one is finalised. Restoring takes an abstract state that carries the
+only after a newer one is finalised. A checkpoint that does not restore (a truncated array file, a
+missing `_METADATA` or `meta`) is moved, never deleted, to `<workdir>/checkpoints_damaged/<step>`
+and the run falls back to the newest one that restores, saying which and why. Restoring takes an abstract state that carries the
 *current* shardings, so a checkpoint written on 8 devices restores onto 1 (or the reverse).
 """
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
 
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint's tree does not match the model being trained."""
+
+
+class DamagedCheckpointError(ValueError):
+  """No checkpoint in the directory restores, or the frozen params it depends on are unreadable."""
+
+
+def _reason(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _path_str(path) -> str:
@@ -96,10 +111,78 @@ class Checkpointer:
     checkpointer.wait_until_finished()
 
   def restore_frozen(self, abstract_frozen: PyTree) -> PyTree:
-    """The parameters written by `save_frozen`, onto the shardings of `abstract_frozen`."""
+    """The parameters written by `save_frozen`, onto the shardings of `abstract_frozen`.
+
+    Raises:
+      DamagedCheckpointError: `checkpoints/frozen/` is missing, unreadable or holds another tree.
+    """
     if not jax.tree.leaves(abstract_frozen):
       return abstract_frozen
-    return ocp.StandardCheckpointer().restore(self._frozen_dir(), abstract_frozen)
+    checkpointer = ocp.StandardCheckpointer()
+    advice = (f" Every numbered checkpoint in {self.directory} depends on this single copy. Restore"
+              f" {self._frozen_dir()} from a backup, or start afresh in a new --workdir (the numbered"
+              " checkpoints alone cannot rebuild it).")
+    try:
+      saved = checkpointer.metadata(self._frozen_dir())
+      saved_tree = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+      diff = tree_diff(_shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),
+                       _shapes(abstract_frozen))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} are missing or damaged"
+                                   f" ({_reason(e)}).{advice}") from e
+    if diff:
+      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} do not fit this model:\n"
+                                   + "\n".join(diff) + f"\n{advice}")
+    try:
+      return checkpointer.restore(self._frozen_dir(), abstract_frozen)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}") from e
+
+  def _set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `<workdir>/checkpoints_damaged/<step>[.<time>]`; returns where."""
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged", str(step))
+    if jax.process_index() == 0:
+      if os.path.exists(target):
+        target += f".{int(time.time())}"
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxpeft_set_aside_{step}")
+    self._manager.reload()
+    return target
+
+  def restore_latest(self, abstract_state: PyTree) -> tuple[PyTree, dict] | None:
+    """The newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails to restore for a reason other than holding another model's tree is
+    moved aside (see the module docstring) with a warning naming it and the reason, and the next
+    older one is tried.
+
+    Raises:
+      IncompatibleCheckpointError: the newest readable checkpoint holds another model's tree.
+      DamagedCheckpointError: there are checkpoints, but none restores.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any library error means: unreadable)
+        where = self._set_aside(step)
+        failures.append(f"step {step} ({_reason(e)}; moved to {where})")
+        logging.warning("Checkpoint %s/%d does not restore (%s); moved it to %s and trying the next older one.",
+                        self.directory, step, _reason(e), where)
+        continue
+      if failures:
+        logging.warning("Resuming from checkpoint %d, the newest that restores; damaged: %s.", step,
+                        "; ".join(failures))
+      return restored
+    if failures:
+      raise DamagedCheckpointError(
+          f"No checkpoint in {self.directory} restores: " + "; ".join(failures)
+          + ". They were kept, not deleted. Start afresh with a new --workdir (or rerun here to start from step 0).")
+    return None
 
   def reached_preemption(self, step: int) -> bool:
     """True when JAX's preemption service (TPU/multi-host) asks this job to stop at `step`."""
@@ -112,7 +195,12 @@ class Checkpointer:
       IncompatibleCheckpointError: the saved tree differs from `abstract_state` (missing,
         unexpected or differently shaped leaves), listing every difference.
     """
-    saved = self._manager.item_metadata(step)["state"]
+    meta = self._manager.item_metadata(step)
+    if meta.get("meta") is None and not os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+      raise DamagedCheckpointError(f"checkpoint {step} has no 'meta' item")
+    saved = meta["state"]
+    if saved is None:
+      raise DamagedCheckpointError(f"checkpoint {step} has no readable 'state' item")
     saved_tree = getattr(saved, "tree", saved)
     diff = tree_diff(
         _shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),

@@ -21,7 +21,10 @@ Adapter methods with more than a train step (hooks of `jaxpeft.train.trainable`)
   save the frozen params inside every numbered checkpoint (and none in `checkpoints/frozen/`).
 """
 
+import contextlib
+import fcntl
 import json
+import math
 import os
 import signal
 import tempfile
@@ -41,8 +44,9 @@ from jaxpeft.models.registry import build_model
 from jaxpeft.train import sharding
 from jaxpeft.adapters.partition import param_count
 from jaxpeft.train.checkpoint import Checkpointer
+from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError, is_disk_full
 from jaxpeft.train.export import export
-from jaxpeft.train.metrics import MetricWriter, check_finite
+from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
@@ -84,6 +88,85 @@ def _check_workdir(workdir: str) -> None:
         f"--workdir={workdir!r} is not a writable directory ({e.strerror}). Pass a directory you"
         " can write to; checkpoints, metrics and TensorBoard files go there."
     ) from e
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Holds an exclusive flock on `<workdir>/.lock` for the run (process 0 of a multi-process job).
+
+  The kernel drops the lock when the process ends, however it ends, so a killed run never leaves
+  the workdir locked.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirBusyError(
+          f"--workdir={workdir} is in use by another run ({holder}). Wait for it to finish, or pass"
+          " another --workdir; two runs on one workdir would overwrite each other's checkpoints."
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would make a run do nonsense, with a one-line message each."""
+  checks = [
+      ("num_train_steps", config.num_train_steps, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+      ("batch_size", config.batch_size, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+      ("log_every", config.log_every, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+      ("eval_every", config.eval_every, lambda v: isinstance(v, int) and v >= 0, "0 (off) or a positive integer"),
+      ("checkpoint.every_steps", config.checkpoint.every_steps, lambda v: isinstance(v, int) and v > 0,
+       "a positive integer (saves also happen at the end)"),
+      ("checkpoint.max_to_keep", config.checkpoint.max_to_keep, lambda v: isinstance(v, int) and v > 0,
+       "a positive integer"),
+      ("optimizer.learning_rate", config.optimizer.learning_rate,
+       lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a positive finite number"),
+      ("optimizer.warmup_steps", config.optimizer.warmup_steps, lambda v: isinstance(v, int) and v >= 0,
+       "a non-negative integer"),
+  ]
+  for key, value, ok, expected in checks:
+    if not ok(value):
+      raise UserError(f"config.{key}={value!r}: expected {expected}.")
+
+
+@jax.jit
+def _first_non_finite(tree) -> jax.Array:
+  """Index (in `jax.tree.leaves` order) of the first floating leaf holding a NaN or Inf, or -1."""
+  flags = [jnp.logical_not(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not flags:
+    return jnp.array(-1)
+  flags = jnp.stack(flags)
+  return jnp.where(jnp.any(flags), jnp.argmax(flags), -1)
+
+
+def check_state_finite(state: TrainState, step: int, last_saved: int | None) -> None:
+  """Raises NonFiniteLossError when a trainable leaf or the optimizer state holds a NaN or Inf."""
+  tree = {"params": state.params, "opt_state": state.opt_state}
+  index = int(_first_non_finite(tree))
+  if index < 0:
+    return
+  paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  kept = (f"the last checkpoint (step {last_saved}) is intact" if last_saved is not None
+          else "no checkpoint was written")
+  raise NonFiniteLossError(
+      f"Non-finite values in the updated state {paths[index]} by step {step}; not saved, {kept}. Lower"
+      " the learning rate, enable --config.optimizer.grad_clip_norm, or check the input data."
+  )
 
 
 def _checked_mean(last_step: int, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -193,6 +276,15 @@ def _l1_norm(params) -> float:
   return float(_l1_norm_device(params))
 
 
+def _json_safe(value: Any) -> Any:
+  """`value` with every NaN or Inf float replaced by None (results.json stays valid JSON)."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
 def _calibration_inputs(config, source, preprocess, input_keys) -> list[list[jax.Array]]:
   """The model inputs of the first `config.adapter.calibration_batches` training batches (global batches)."""
   count = config.adapter.get("calibration_batches", 0)
@@ -217,7 +309,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compilation), the export sizes (`params_bytes`,
     `adapter_bytes`) and the final TrainState as `state`.
   """
+  validate_config(config)
   _check_workdir(workdir)
+  with _workdir_lock(workdir):
+    try:
+      return _train_and_evaluate(config, workdir)
+    except Exception as e:  # pylint: disable=broad-except  (library errors wrap the OSError)
+      if is_disk_full(e):
+        raise DiskFullError(f"No space left on the device of --workdir={os.path.abspath(workdir)}. Free space"
+                            " there (or pass another --workdir) and rerun: the run resumes from its last"
+                            " complete checkpoint.") from e
+      raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate` once the config is validated and the workdir locked."""
   devices = jax.devices()
   if config.sharding.num_devices:
     if jax.process_count() > 1 or config.sharding.num_devices > len(devices):
@@ -264,8 +370,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               max_to_keep=config.checkpoint.max_to_keep,
                               async_save=config.checkpoint.async_save)
-  latest = checkpointer.latest_step()
-  if latest is None:
+  # A run that rewrites its base keeps the frozen params in every numbered checkpoint.
+  restored = checkpointer.restore_latest(
+      runner.abstract if trainable.rewrites_base else runner.abstract.replace(frozen={}))
+  if restored is None:
     base, calibration = base_params(), None
     if trainable.needs_calibration:
       calibration = trainable.calibrate(
@@ -274,9 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not trainable.rewrites_base:
       checkpointer.save_frozen(runner.single_copy(state).frozen)
   else:
-    # A run that rewrites its base keeps the frozen params in every numbered checkpoint.
-    restored, meta = checkpointer.restore(
-        latest, runner.abstract if trainable.rewrites_base else runner.abstract.replace(frozen={}))
+    restored, meta = restored
     if not trainable.rewrites_base:
       restored = restored.replace(frozen=checkpointer.restore_frozen(runner.abstract.frozen))
     state, start = runner.place(restored), int(meta["step"])
@@ -288,7 +394,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
   writer = MetricWriter(workdir, config.num_train_steps, start, show_progress=config.progress_bar)
 
+  last_saved = start if restored is not None else None
+
   def save(step):
+    nonlocal last_saved
+    check_state_finite(state, step, last_saved)
+    last_saved = step
     saved = runner.single_copy(state)
     checkpointer.save(step, saved if trainable.rewrites_base else saved.replace(frozen={}),
                       {"step": step, "input_position": loader.position(step)})
@@ -321,12 +432,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if stopping:
           preempted = True
           break
-  finally:
-    # Also after an error: finish the saves already started (they are good checkpoints).
-    checkpointer.wait()
-    checkpointer.close()
+  except BaseException:
+    # Finish the saves already started (they are good checkpoints); the error that stopped the run
+    # is the one to report, so a second one from the same cause (a full disk) is only logged.
+    try:
+      checkpointer.wait()
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("While stopping, the checkpointer also failed: %s", str(e).splitlines()[0][:200])
+    writer.close()
+    raise
+  checkpointer.wait()
+  checkpointer.close()
   final = runner.single_copy(state)
-  steps_per_sec = float(np.median(rates)) if rates else float("nan")
+  steps_per_sec = float(np.median(rates)) if rates else None  # None: no interval after compilation
   result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(final.params),
             "trainable_params": trainable.num_trained(final.params),
             "total_params": param_count(final.params["base"]) + param_count(final.frozen),
@@ -338,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       result.update(export(workdir, trainable, final.params, final.frozen))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        json.dump(_json_safe(result), f, indent=2, allow_nan=False)
   writer.close()
   logging.info("Finished at step %d: %s", step, result)
   return {**result, "state": final}

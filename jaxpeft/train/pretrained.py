@@ -14,6 +14,7 @@ Face encoder checkpoint does not have). Any other difference in structure or sha
 that lists it.
 """
 
+import os
 import pathlib
 import re
 from typing import Any
@@ -26,6 +27,7 @@ from flax import traverse_util
 
 from jaxpeft.models import hf_loader
 from jaxpeft.train.checkpoint import tree_diff
+from jaxpeft.train.errors import UserError
 
 PyTree = Any
 
@@ -54,15 +56,19 @@ def load_params(path: str, fresh_params: PyTree, keep_fresh: str = "") -> PyTree
 
 def _load_export(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
   """The leaves of an Orbax params checkpoint, checked against the fresh (non-kept) leaves."""
+  advice = (" Point it at the export/params directory of an earlier run (written at its end when"
+            " config.export=True), a Hugging Face BERT folder, or"
+            f" {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}.")
+  given, path = path, os.path.abspath(os.path.expanduser(path))  # Orbax needs absolute paths.
+  if not os.path.isdir(path):
+    raise UserError(f"config.init_from.params={given!r}: no such directory ({path}).{advice}")
+  if not os.path.isfile(os.path.join(path, "_METADATA")):
+    raise UserError(f"config.init_from.params={given!r} is not a params export (no _METADATA in {path}).{advice}")
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(
-        f"config.init_from.params={path!r} is not a params checkpoint ({e}). Point it at the"
-        " export/params directory of an earlier run, a Hugging Face BERT folder, or"
-        f" {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}."
-    ) from e
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises AssertionError, ValueError, ...)
+    raise UserError(f"config.init_from.params={given!r} is not a readable params checkpoint ({e}).{advice}") from e
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
   saved = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved_tree, sep="/").items()}
   shapes = {k: tuple(v.shape) for k, v in fresh.items()}

@@ -75,7 +75,7 @@ def test_factored_mode_matches_reparam(smoke_config, pretrained, tmp_path):
 
 def test_pretrained_params_of_another_shape_are_refused(smoke_config, pretrained, tmp_path):
   with pytest.raises(ValueError, match="shape mismatch at dense/kernel"):
-    train_and_evaluate(smoke_config(init_from__params=pretrained, model__hidden=24), str(tmp_path))
+    train_and_evaluate(smoke_config(init_from__params=pretrained, model__cnn__hidden=24), str(tmp_path))
   # keep_fresh re-initialises the named leaves instead.
   result = train_and_evaluate(
       smoke_config(init_from__params=pretrained, model__num_classes=12, init_from__keep_fresh="head/.*"),

@@ -1,4 +1,7 @@
-"""Tests for jaxpeft/train/checkpoint.py: round trip, resharding, incompatible trees, failed saves."""
+"""Tests for jaxpeft/train/checkpoint.py: round trip, resharding, incompatible trees, failed saves, damage."""
+
+import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,7 @@ import optax
 import pytest
 
 from jaxpeft.train import sharding
-from jaxpeft.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxpeft.train.checkpoint import Checkpointer, DamagedCheckpointError, IncompatibleCheckpointError
 from jaxpeft.train.state import TrainState
 
 
@@ -73,3 +76,61 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   assert reopened.latest_step() == 1
   restored, _ = reopened.restore(1, _abstract(good, sharding.make_mesh(), fsdp=False))
   np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"]), np.asarray(good.params["dense"]["kernel"]))
+
+
+def _two_checkpoints(tmp_path):
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(directory), max_to_keep=3, async_save=False)
+  ckpt.save(1, _state(seed=1), {"step": 1})
+  ckpt.save(2, _state(seed=2), {"step": 2})
+  ckpt.wait()
+  ckpt.close()
+  return directory
+
+
+def _truncate_array_files(step_dir):
+  files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files, sorted(step_dir.rglob("*"))
+  for p in files:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _remove_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def _remove_meta(step_dir):
+  shutil.rmtree(step_dir / "meta")
+
+
+@pytest.mark.parametrize("damage", [_truncate_array_files, _remove_metadata, _remove_meta],
+                         ids=["truncated_array", "no_METADATA", "no_meta"])
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, damage, caplog):
+  directory = _two_checkpoints(tmp_path)
+  damage(directory / "2")
+  ckpt = Checkpointer(str(directory), max_to_keep=3)
+  with caplog.at_level(logging.WARNING):
+    restored, meta = ckpt.restore_latest(_abstract(_state(), sharding.make_mesh(), fsdp=False))
+  assert meta == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"]),
+                                np.asarray(_state(seed=1).params["dense"]["kernel"]))
+  assert "Resuming from checkpoint 1" in caplog.text and "step 2 (" in caplog.text
+  assert (tmp_path / "checkpoints_damaged" / "2").is_dir()  # kept, not deleted
+  assert ckpt.all_steps() == [1]
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path):
+  directory = _two_checkpoints(tmp_path)
+  for step in ("1", "2"):
+    _remove_meta(directory / step)
+  with pytest.raises(DamagedCheckpointError, match="No checkpoint in .* restores: step 2 .* step 1"):
+    Checkpointer(str(directory), max_to_keep=3).restore_latest(_abstract(_state(), sharding.make_mesh(), False))
+
+
+def test_damaged_frozen_params_name_the_directory_and_the_fix(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=1)
+  frozen = _state().params
+  ckpt.save_frozen(frozen)
+  (tmp_path / "checkpoints" / "frozen" / "_METADATA").unlink()
+  with pytest.raises(DamagedCheckpointError, match="frozen params in .*frozen are missing or damaged.*backup"):
+    ckpt.restore_frozen(jax.eval_shape(lambda: frozen))

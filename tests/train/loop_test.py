@@ -1,9 +1,13 @@
 """End-to-end tests of train_and_evaluate (in-process, tiny smoke config, 8 fake devices)."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,9 +15,13 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from jaxpeft.data import input_pipeline
-from jaxpeft.train.checkpoint import IncompatibleCheckpointError
-from jaxpeft.train.loop import train_and_evaluate
+from jaxpeft.train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError
+from jaxpeft.train.loop import _workdir_lock, train_and_evaluate
 from jaxpeft.train.metrics import NonFiniteLossError
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _train_losses(workdir):
@@ -98,7 +106,7 @@ def test_metrics_jsonl_and_tensorboard_events(smoke_config, tmp_path):
 
 def test_quickstart_reaches_95_percent(smoke_config, tmp_path):
   config = smoke_config(num_train_steps=300, log_every=100, checkpoint__every_steps=300,
-                        model__features=(32, 64), model__hidden=128, optimizer__warmup_steps=50)
+                        model__cnn__features=(32, 64), model__cnn__hidden=128, optimizer__warmup_steps=50)
   result = train_and_evaluate(config, str(tmp_path))
   assert result["eval"]["accuracy"] >= 0.95, result["eval"]
 
@@ -141,5 +149,85 @@ def test_unknown_dataset_is_a_clear_error(smoke_config, tmp_path):
 def test_checkpoint_of_another_model_is_refused_with_a_diff(smoke_config, tmp_path):
   train_and_evaluate(smoke_config(), str(tmp_path))
   with pytest.raises(IncompatibleCheckpointError, match="shape mismatch at params/base/dense/kernel"):
-    train_and_evaluate(smoke_config(model__hidden=24), str(tmp_path))
+    train_and_evaluate(smoke_config(model__cnn__hidden=24), str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def _tensorboard_history(logdir):
+  """(step, tag) pairs TensorBoard shows: a SessionLog START at step s hides earlier events of steps >= s."""
+  shown = []
+  for name in sorted(os.listdir(logdir)):
+    with open(os.path.join(logdir, name), "rb") as f:
+      while header := f.read(12):
+        (length,) = struct.unpack("<Q", header[:8])
+        event = event_pb2.Event.FromString(f.read(length))
+        f.read(4)
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+          shown = [(s, t) for s, t in shown if s < event.step]
+        shown += [(event.step, v.tag) for v in event.summary.value]
+  return shown
+
+
+def test_resumed_history_reads_as_one_run_and_results_are_valid_json(smoke_config, tmp_path):
+  train_and_evaluate(smoke_config(), str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if killed after logging step 6, before its save
+  train_and_evaluate(smoke_config(), str(tmp_path))  # resumes at 3, replays 4..6
+  train_and_evaluate(smoke_config(), str(tmp_path))  # a rerun of the finished run
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [(r["step"], r["split"]) for r in map(json.loads, f)]
+  assert rows == [(s, "train") for s in range(1, 7)] + [(6, "eval")]
+  shown = _tensorboard_history(tmp_path / "tensorboard")
+  assert sorted(s for s, t in shown if t == "train/loss") == [1, 2, 3, 4, 5, 6]
+  assert [s for s, t in shown if t == "eval/accuracy"] == [6]
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+  assert results["steps_per_sec"] is None  # no interval after compilation in a rerun
+
+
+def test_huge_learning_rate_never_reaches_a_checkpoint(smoke_config, tmp_path):
+  config = smoke_config(optimizer__learning_rate=1e39, optimizer__schedule="constant", optimizer__warmup_steps=0,
+                        checkpoint__every_steps=1)
+  with pytest.raises(NonFiniteLossError, match="Non-finite values in the updated state .* by step 1; not saved"):
+    train_and_evaluate(config, str(tmp_path))
+  assert [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()] == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optimizer__learning_rate": -1e-3}, "config.optimizer.learning_rate=-0.001: expected a positive finite number"),
+    ({"num_train_steps": -5}, "config.num_train_steps=-5: expected a positive integer"),
+    ({"checkpoint__every_steps": 0}, "config.checkpoint.every_steps=0: expected a positive integer"),
+])
+def test_nonsense_values_are_one_line_errors(smoke_config, tmp_path, override, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    train_and_evaluate(smoke_config(**override), str(tmp_path))
+
+
+def test_second_run_on_a_busy_workdir_fails_at_once_and_a_killed_run_leaves_no_lock(smoke_config, tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, time\n"  # another run's lock, without its imports
+       f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+       "f.write(f'pid {os.getpid()} on here'); f.flush(); print('locked', flush=True); time.sleep(600)"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusyError, match=f"is in use by another run \\(pid {holder.pid} "):
+      train_and_evaluate(smoke_config(), str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  with _workdir_lock(str(tmp_path)):  # SIGKILL released it
+    pass
+
+
+def test_disk_full_is_one_error_naming_the_workdir(smoke_config, tmp_path, monkeypatch):
+  def full(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(Checkpointer, "save", full)
+  with pytest.raises(DiskFullError, match=f"No space left on the device of --workdir={re.escape(str(tmp_path))}"):
+    train_and_evaluate(smoke_config(), str(tmp_path))
+
+
+def test_mlp_runs_with_the_quickstart_config(smoke_config, tmp_path):
+  result = train_and_evaluate(smoke_config(model__name="mlp", export=False), str(tmp_path))
+  assert set(result["state"].params["base"]) == {"dense_0", "head"}
