@@ -41,7 +41,7 @@ from configs import common
 ATTENTION_QUERY_VALUE = r".*attention/(query|value)/kernel"
 ATTENTION_ALL = r".*attention/(query|key|value|output)/kernel"
 # Each layer's attention output and feed-forward output projections (Houlsby's adapter sites).
-SUBLAYER_OUTPUTS = r".*layer_\d+/(attention/)?output/kernel"
+SUBLAYER_OUTPUTS = r".*layer_\d+/(attention|mlp)/output/kernel"
 HEAD = "classifier/.*"
 
 
@@ -70,15 +70,15 @@ class Method(NamedTuple):
 # reference's threshold 2e-3 and, being a sparse full fine-tuning of the small weights, 1e-3; SoRA's
 # gate threshold is the reference's raw sparse_lambda 1e-3 per step; ALLoRA's eta = 4 (the factor at
 # zero parameters); VeRA PEFT's default rank 256; Houlsby (which also trains the LayerNorms, as the
-# paper) and AdaptFormer (scale 0.1) have bottleneck width 8. This BERT has no MLP submodule, so
-# AdaptFormer's hook (one level above the feed-forward `intermediate` kernel) wraps the whole layer: a
-# parallel adapter beside the layer, not beside its MLP alone. (IA)^3 follows PEFT's BERT targets: key,
-# value (scaled outputs) and the feed-forward output projection (scaled inputs). Prompt tuning prepends
-# p = 20 soft tokens (the `rank`) to the word embeddings, initialised from random vocabulary rows
-# (PEFT's SAMPLE_VOCAB), and jaxpeft.models.bert extends the attention mask and positions as PEFT does;
-# its rate 3e-2 is the usual one for prompt tuning with Adam (Lester et al. used 0.3 with Adafactor),
-# untuned here, and the prompts make the smoke sequences 12 + 20 tokens long. CorDA
-# (instruction-previewed mode, the paper's for task adaptation) collects its covariances from
+# paper) and AdaptFormer (scale 0.1) have bottleneck width 8; AdaptFormer's hook wraps each layer's MLP
+# branch (`mlp`, the module above its `intermediate` kernel), as the reference's parallel adapter: it
+# reads the MLP's input and adds to its output, before the residual LayerNorm. (IA)^3 follows PEFT's
+# BERT targets: key, value (scaled outputs) and the feed-forward output projection (scaled inputs).
+# Prompt tuning prepends p = 20 soft tokens (the `rank`) to the word embeddings, initialised from
+# random vocabulary rows (PEFT's SAMPLE_VOCAB), and jaxpeft.models.bert extends the attention mask
+# and positions as PEFT does; its rate 3e-2 is the usual one for prompt tuning with Adam (Lester et
+# al. used 0.3 with Adafactor), untuned here, and the prompts make the smoke sequences 12 + 20 tokens
+# long. CorDA (instruction-previewed mode, the paper's for task adaptation) collects its covariances from
 # `adapter.calibration_batches` = 8 training batches and trains LoRA's rate on the residual base. SaRA
 # runs the reference's full schedule: the nuclear norm with its example's lambda_rank 5e-4 on one random
 # eligible matrix per step, and one progressive re-selection half-way (the reference re-selects once, at
@@ -100,14 +100,14 @@ METHODS: dict[str, Method] = {
     "sora": Method(HEAD, "sora", ATTENTION_QUERY_VALUE, 5e-3, update={"sparse_lambda": 1e-3}),
     "allora": Method(HEAD, "allora", ATTENTION_QUERY_VALUE, 5e-3, options={"eta": 4.0}),
     "houlsby": Method(HEAD + "|.*layer_norm/.*", "houlsby", SUBLAYER_OUTPUTS, 5e-3),
-    "adaptformer": Method(HEAD, "adaptformer", r".*intermediate/kernel", 5e-3),
+    "adaptformer": Method(HEAD, "adaptformer", r".*mlp/intermediate/kernel", 5e-3),
     "nola": Method(HEAD, "nola", ATTENTION_QUERY_VALUE, 5e-3),
     "randlora": Method(HEAD, "randlora", ATTENTION_QUERY_VALUE, 5e-3),
     "vera": Method(HEAD, "vera", ATTENTION_QUERY_VALUE, 5e-3, rank=256),
     "loha": Method(HEAD, "loha", ATTENTION_QUERY_VALUE, 5e-3),
     "lokr": Method(HEAD, "lokr", ATTENTION_QUERY_VALUE, 5e-3),
-    "ia3": Method(HEAD, "ia3", r".*attention/(key|value)/kernel|.*layer_\d+/output/kernel", 5e-3,
-                  options={"feedforward": r".*layer_\d+/output/kernel"}),
+    "ia3": Method(HEAD, "ia3", r".*attention/(key|value)/kernel|.*layer_\d+/mlp/output/kernel", 5e-3,
+                  options={"feedforward": r".*layer_\d+/mlp/output/kernel"}),
     "prompt_tuning": Method(HEAD, "prompt_tuning", r"embeddings/word_embeddings/embedding", 3e-2, rank=20,
                             init="sample_vocab"),
 }

@@ -63,6 +63,9 @@ class ModuleHookMethod(AdapterMethod):
     def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         return self.apply(merged, leaves, target)
 
+    def check_module(self, module_params: Any, module_path: str, target: Target) -> None:
+        """Refuses a hooked module the method cannot wrap; ``module_params`` is its parameter subtree."""
+
     def validate(self, target: Target) -> None:
         if target.dropout:
             raise ValueError(f"{target.path}: {self.name!r} has no adapter dropout; set AdapterConfig.dropout=0.")
@@ -74,6 +77,12 @@ def _module_path(target: Target, levels_up: int) -> str:
         raise ValueError(f"{target.path}: the hooked module is {levels_up} level(s) above the leaf's owner, but "
                          "the path is not that deep; target a leaf of a submodule of the module to hook.")
     return "/".join(owner[: len(owner) - levels_up])
+
+
+def _subtree(params: Any, module_path: str) -> Any:
+    for name in filter(None, module_path.split("/")):
+        params = params[name]
+    return params
 
 
 @contextlib.contextmanager
@@ -101,6 +110,7 @@ def intercept(params: Any, adapter_params: AdapterParams, config: AdapterConfig)
             raise ValueError(f"Targets {hooked[module].path!r} and {target.path!r} hook the same module "
                              f"{module!r}; narrow AdapterConfig.targets to one leaf per module.")
         hooked[module] = target
+        method.check_module(_subtree(params, module), module, target)
     calls: list[str] = []
 
     def interceptor(next_fun, args, kwargs, context):

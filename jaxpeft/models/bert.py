@@ -15,8 +15,11 @@ Hugging Face `transformers.BertModel` does, so that Hugging Face checkpoints loa
 
 Mean pooling over the real (unpadded) tokens and the L2 normalisation are the `Pooling` and
 `Normalize` modules of the sentence-transformers pipeline of all-MiniLM-L6-v2 (Reimers &
-Gurevych, "Sentence-BERT", 2019, arXiv:1908.10084), with the same epsilons. BERT's `pooler`
-(tanh dense on [CLS], trained for next-sentence prediction) is not part of this model.
+Gurevych, "Sentence-BERT", 2019, arXiv:1908.10084), with the same epsilons. BERT's pooler (a tanh
+dense layer on [CLS], trained for next-sentence prediction) does not enter the embedding; with
+`add_pooling_layer=True` the model carries it as `transformers.BertModel` does (params
+`pooler/dense`, loaded from the checkpoint, so that adapters trained on it import) and
+`pooler_output` computes `tanh(h_L[:, 0] W_p + b_p)`.
 
 Soft prompts (`jaxpeft.adapters.methods.prompt_tuning`, a module hook on `embeddings/word_embeddings`):
 when the word-embedding output has p more tokens than `input_ids`, [P; E_word[ids]], the model
@@ -43,9 +46,10 @@ Parameter paths ('/'-joined, as adapter target regexes see them):
   embeddings/layer_norm/{scale,bias}
   encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}   kernels (d_in, d_out)
   encoder/layer_{i}/attention_layer_norm/{scale,bias}
-  encoder/layer_{i}/intermediate/{kernel,bias}                         (hidden, intermediate)
-  encoder/layer_{i}/output/{kernel,bias}                               (intermediate, hidden)
+  encoder/layer_{i}/mlp/intermediate/{kernel,bias}                     (hidden, intermediate)
+  encoder/layer_{i}/mlp/output/{kernel,bias}                           (intermediate, hidden)
   encoder/layer_{i}/output_layer_norm/{scale,bias}
+  pooler/dense/{kernel,bias}                                           only with add_pooling_layer
   classifier/dense/{kernel,bias}                                       only with num_classes
 
 so LoRA on the attention query and value projections is `r".*attention/(query|value)/kernel"`.
@@ -156,6 +160,20 @@ class SelfAttention(_BertModule):
     return self.dense(cfg.hidden_size, "output")(attended.reshape(*x.shape[:-1], cfg.hidden_size))
 
 
+class FeedForward(_BertModule):
+  """The MLP branch of a layer, `Dropout(act(x W_1 + b_1) W_2 + b_2)`: its input is the residual stream.
+
+  A submodule of its own so that adapters placed around the MLP (AdaptFormer) hook exactly it.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    cfg = self.config
+    h = self.dense(cfg.intermediate_size, "intermediate")(x)
+    h = self.dense(cfg.hidden_size, "output")(_ACTIVATIONS[cfg.hidden_act](h))
+    return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(h)
+
+
 class TransformerLayer(_BertModule):
   """One post-LN BERT layer: attention and MLP blocks, each `LayerNorm(x + Dropout(f(x)))`."""
 
@@ -165,9 +183,8 @@ class TransformerLayer(_BertModule):
     dropout = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)
     a = SelfAttention(cfg, self.dtype, self.param_dtype, name="attention")(x, mask, train=train)
     x = self.layer_norm("attention_layer_norm")(x + dropout(a))
-    h = self.dense(cfg.intermediate_size, "intermediate")(x)
-    h = self.dense(cfg.hidden_size, "output")(_ACTIVATIONS[cfg.hidden_act](h))
-    return self.layer_norm("output_layer_norm")(x + dropout(h))
+    h = FeedForward(cfg, self.dtype, self.param_dtype, name="mlp")(x, train=train)
+    return self.layer_norm("output_layer_norm")(x + h)
 
 
 class Embeddings(_BertModule):
@@ -219,6 +236,14 @@ class Encoder(_BertModule):
     return x
 
 
+class Pooler(_BertModule):
+  """BERT's pooler, `tanh(h[:, 0] W_p + b_p)` on the first token (transformers' `BertPooler`)."""
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    return jnp.tanh(self.dense(self.config.hidden_size, "dense")(hidden[..., 0, :]))
+
+
 class ClassificationHead(nn.Module):
   """Dropout, then a dense layer to `num_classes` logits."""
 
@@ -260,12 +285,15 @@ class BertEncoder(nn.Module):
       `classifier`) on the pooled embedding; `embed` still returns the embedding.
     normalize: L2-normalise the pooled embedding (before the head, if any); all-MiniLM-L6-v2's
       sentence-transformers pipeline does.
+    add_pooling_layer: carry BERT's [CLS] pooler (submodule `pooler`, read by `pooler_output`
+      only), as `transformers.BertModel(add_pooling_layer=True)` does.
     dtype: computation dtype; param_dtype: parameter dtype. float32 by default.
   """
 
   config: BertConfig
   num_classes: int | None = None
   normalize: bool = False
+  add_pooling_layer: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -273,6 +301,8 @@ class BertEncoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(self.config, **kw)
     self.encoder = Encoder(self.config, **kw)
+    if self.add_pooling_layer:
+      self.pooler = Pooler(self.config, **kw)
     if self.num_classes is not None:
       self.classifier = ClassificationHead(
           self.num_classes, self.config.hidden_dropout_prob, self.config.initializer_range, **kw
@@ -292,6 +322,27 @@ class BertEncoder(nn.Module):
     to 0. `train=True` enables dropout and needs a 'dropout' rng. Soft prompts prepended by a
     prompt-tuning hook are attended to and pooled (the mask gets leading ones; module docstring).
     """
+    hidden, attention_mask = self._hidden_states(input_ids, attention_mask, token_type_ids, train)
+    if self.add_pooling_layer and self.is_initializing():
+      self.pooler(hidden)  # Creates the pooler's parameters; the embedding does not use it.
+    x = mean_pool(hidden, attention_mask)
+    return l2_normalize(x) if self.normalize else x
+
+  def pooler_output(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      token_type_ids: jax.Array | None = None,
+      *,
+      train: bool = False,
+  ) -> jax.Array:
+    """`tanh(h_L[:, 0] W_p + b_p)` (batch, hidden), transformers' `pooler_output`; needs the pooler."""
+    if not self.add_pooling_layer:
+      raise ValueError("pooler_output needs BertEncoder(add_pooling_layer=True) (a checkpoint with a pooler).")
+    return self.pooler(self._hidden_states(input_ids, attention_mask, token_type_ids, train)[0])
+
+  def _hidden_states(self, input_ids, attention_mask, token_type_ids, train):
+    """The last layer's hidden states and the attention mask extended over soft prompts, if any."""
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
@@ -301,8 +352,7 @@ class BertEncoder(nn.Module):
     prompt_mask = jnp.ones((*attention_mask.shape[:-1], num_prompts), attention_mask.dtype)
     attention_mask = jnp.concatenate([prompt_mask, attention_mask], axis=-1)
     keys_mask = nn.make_attention_mask(jnp.ones_like(attention_mask), attention_mask)
-    x = mean_pool(self.encoder(x, keys_mask, train=train), attention_mask)
-    return l2_normalize(x) if self.normalize else x
+    return self.encoder(x, keys_mask, train=train), attention_mask
 
   def __call__(
       self,

@@ -15,9 +15,9 @@ Where the folder comes from (`resolve_model_dir`):
   where a network exists.
 
 Checkpoint tensors that the encoder has no use for are skipped: `embeddings.position_ids` (a
-buffer), `pooler.*` (the [CLS] pooler trained for next-sentence prediction; mean pooling replaces
-it) and `cls.*` (pre-training heads). A leading `bert.` (as in `BertForMaskedLM` checkpoints) is
-stripped. Any other mismatch -- a missing tensor, an unknown one, a wrong shape -- is an error
+buffer), `pooler.*` when the encoder is built without its pooler (`load_bert` builds it with one
+when the checkpoint has one, as `transformers.BertModel` does) and `cls.*` (pre-training heads).
+A leading `bert.` (as in `BertForMaskedLM` checkpoints) is stripped. Any other mismatch -- a missing tensor, an unknown one, a wrong shape -- is an error
 that lists them all.
 """
 
@@ -46,9 +46,10 @@ _HF_MODULE = (
     (r"encoder/layer_(\d+)/attention/(query|key|value)", r"encoder.layer.\1.attention.self.\2"),
     (r"encoder/layer_(\d+)/attention/output", r"encoder.layer.\1.attention.output.dense"),
     (r"encoder/layer_(\d+)/attention_layer_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
-    (r"encoder/layer_(\d+)/intermediate", r"encoder.layer.\1.intermediate.dense"),
-    (r"encoder/layer_(\d+)/output", r"encoder.layer.\1.output.dense"),
+    (r"encoder/layer_(\d+)/mlp/intermediate", r"encoder.layer.\1.intermediate.dense"),
+    (r"encoder/layer_(\d+)/mlp/output", r"encoder.layer.\1.output.dense"),
     (r"encoder/layer_(\d+)/output_layer_norm", r"encoder.layer.\1.output.LayerNorm"),
+    (r"pooler/dense", r"pooler.dense"),
 )
 _HF_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 _SKIPPED = re.compile(r"embeddings\.position_ids|pooler\..*|cls\..*")
@@ -230,6 +231,7 @@ def load_bert(
     *,
     num_classes: int | None = None,
     normalize: bool | None = None,
+    add_pooling_layer: bool | None = None,
     rng: jax.Array | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
@@ -243,6 +245,9 @@ def load_bert(
       `classifier/...`), initialised from `rng`.
     normalize: L2-normalise embeddings; by default, as the folder's sentence-transformers
       pipeline (`modules.json`) does, and False without one.
+    add_pooling_layer: carry BERT's [CLS] pooler (`pooler/dense`); by default when the checkpoint
+      has one, as `transformers.BertModel` loads it (so PEFT adapters that adapted `pooler.dense`
+      import with `import_peft`).
     rng: PRNG key for the head's initialisation (default `jax.random.key(0)`).
     dtype, param_dtype: computation and parameter dtypes of the model.
 
@@ -258,10 +263,14 @@ def load_bert(
           " and tokenizer.json (save a torch model with save_pretrained(safe_serialization=True))."
       )
   config = BertConfig.from_dict(json.loads((folder / "config.json").read_text()))
+  tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+  if add_pooling_layer is None:
+    add_pooling_layer = any(k.removeprefix("bert.").startswith("pooler.") for k in tensors)
   model = BertEncoder(
       config,
       num_classes=num_classes,
       normalize=_normalizes(folder) if normalize is None else normalize,
+      add_pooling_layer=add_pooling_layer,
       dtype=dtype,
       param_dtype=param_dtype,
   )
@@ -270,9 +279,7 @@ def load_bert(
   encoder_shapes = jax.eval_shape(
       lambda: model.init(rng, dummy, method=BertEncoder.embed)["params"]
   )
-  params = params_from_hf(
-      safetensors.numpy.load_file(folder / "model.safetensors"), encoder_shapes, param_dtype
-  )
+  params = params_from_hf(tensors, encoder_shapes, param_dtype)
   if num_classes is not None:
     head = model.init(
         rng, jnp.zeros((1, config.hidden_size), dtype), method=lambda m, x: m.classifier(x)

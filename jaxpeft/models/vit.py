@@ -23,10 +23,10 @@ No dropout: the model is the same function in train and eval.
 Parameter paths ('/'-joined, as adapter target regexes see them):
 
   patch_embed/{kernel (p, p, C, D), bias}        cls_token (1, 1, D)   pos_embedding (1, T, D)
-  block_{i}/ln_attention/{scale,bias}  block_{i}/ln_mlp/{scale,bias}
+  block_{i}/ln_attention/{scale,bias}            block_{i}/mlp/ln/{scale,bias}   (the MLP's LayerNorm)
   block_{i}/attention/{query,key,value}/kernel   (D, heads, D/heads)   DenseGeneral: fan_in_axes=1
   block_{i}/attention/out/kernel                 (heads, D/heads, D)   DenseGeneral: fan_in_axes=2
-  block_{i}/mlp_{0,1}/{kernel,bias}              norm/{scale,bias}     head/{kernel,bias}
+  block_{i}/mlp/{fc1,fc2}/{kernel,bias}          norm/{scale,bias}     head/{kernel,bias}
 
 so LoRA on the attention query and value projections is targets=r".*attention/(query|value)/kernel"
 with fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/out/kernel", 2)).
@@ -36,6 +36,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 POOLINGS = ("cls", "mean")
+
+
+class FeedForward(nn.Module):
+  """The MLP branch of a pre-LN block, `fc2(GELU(fc1(LN(z))))`: its input is the residual stream z.
+
+  Its own submodule (LayerNorm included) so that adapters placed around the MLP branch (AdaptFormer,
+  whose reference adapter reads the residual stream before the block's second LayerNorm) hook exactly it.
+  """
+
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
+    y = nn.Dense(self.mlp_dim, name="fc1")(nn.LayerNorm(name="ln")(z))
+    return nn.Dense(z.shape[-1], name="fc2")(nn.gelu(y, approximate=False))
 
 
 class EncoderBlock(nn.Module):
@@ -48,10 +63,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
     y = nn.LayerNorm(name="ln_attention")(z)
     z = z + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(y, y)
-    y = nn.LayerNorm(name="ln_mlp")(z)
-    y = nn.Dense(self.mlp_dim, name="mlp_0")(y)
-    y = nn.Dense(z.shape[-1], name="mlp_1")(nn.gelu(y, approximate=False))
-    return z + y
+    return z + FeedForward(self.mlp_dim, name="mlp")(z)
 
 
 class ViT(nn.Module):

@@ -386,3 +386,33 @@ def test_readme_example(tmp_path, monkeypatch):
     trained_b = [leaves["b"] for leaves in jax.tree_util.tree_leaves(
         namespace["adapter"], is_leaf=lambda node: isinstance(node, dict) and "b" in node)]
     assert len(trained_b) == 12 and all(np.abs(b).max() > 0 for b in trained_b)  # LoRA's b starts at 0: it trained
+
+
+@pytest.mark.parametrize("target_modules", [["dense"], "all-linear"])
+def test_peft_adapter_of_a_bert_with_its_pooler_imports(target_modules, tmp_path):
+    """PEFT's "dense" and all-linear targets adapt BertModel's pooler.dense too; load_bert carries the pooler."""
+    import transformers  # pylint: disable=g-import-not-at-top
+
+    from jaxpeft.models.bert import BertEncoder
+    from jaxpeft.models.hf_loader import load_bert, resolve_model_dir
+
+    torch.manual_seed(3)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16)
+    base = transformers.BertModel(config).eval()
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    (tmp_path / "base" / "tokenizer.json").write_bytes((resolve_model_dir() / "tokenizer.json").read_bytes())
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=target_modules,
+                                                       init_lora_weights=False)).eval()
+    assert "pooler.dense" in {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                              if hasattr(m, "lora_A")}
+    theirs.save_pretrained(tmp_path / "adapter")
+    model, params, _, _ = load_bert(tmp_path / "base")
+    adapter, adapter_config = import_peft(tmp_path / "adapter", params, module_name=bert_module_name)
+    ids = np.random.default_rng(1).integers(0, 99, size=(2, 6))
+    adapted = reparam.apply(params, adapter, adapter_config)
+    with torch.no_grad():
+        out = theirs(input_ids=torch.from_numpy(ids))
+    np.testing.assert_allclose(model.apply({"params": adapted}, ids), _n(out.last_hidden_state.mean(1)), **TOL)
+    np.testing.assert_allclose(model.apply({"params": adapted}, ids, method=BertEncoder.pooler_output),
+                               _n(out.pooler_output), **TOL)

@@ -66,12 +66,11 @@ def test_minilm_parameter_paths_read_naturally(minilm, sentence_transformer):
   _, params, _, config = minilm
   paths = flax.traverse_util.flatten_dict(params, sep="/")
   assert paths["encoder/layer_0/attention/query/kernel"].shape == (config.hidden_size,) * 2
-  assert paths["encoder/layer_5/intermediate/kernel"].shape == (
+  assert paths["encoder/layer_5/mlp/intermediate/kernel"].shape == (
       config.hidden_size, config.intermediate_size
   )
-  reference_sizes = [
-      p.numel() for n, p in sentence_transformer.named_parameters() if ".pooler." not in n
-  ]
+  assert paths["pooler/dense/kernel"].shape == (config.hidden_size,) * 2  # carried, as BertModel
+  reference_sizes = [p.numel() for p in sentence_transformer.parameters()]
   assert sum(v.size for v in paths.values()) == sum(reference_sizes)
 
 
@@ -112,6 +111,10 @@ def test_tiny_bert_matches_transformers_with_token_types(tiny_bert):
 
   assert not model.normalize  # no modules.json: plain mean pooling
   np.testing.assert_allclose(ours, _torch_mean_pooled(reference_model, batch), atol=1e-5)
+  with torch.no_grad():  # the checkpoint's pooler is carried, as transformers.BertModel does
+    expect = reference_model(**{k: torch.from_numpy(v).long() for k, v in batch.items()}).pooler_output
+  pooled = model.apply({"params": params}, **batch, method=BertEncoder.pooler_output)
+  np.testing.assert_allclose(pooled, expect.numpy(), atol=1e-5)
 
 
 def test_classification_head_on_loaded_encoder(tiny_bert):
@@ -197,6 +200,7 @@ def test_soft_prompts_match_peft_prompt_tuning_of_a_transformers_bert(tiny_bert)
 def test_init_from_scratch_has_the_loaded_structure(tiny_bert):
   model, params, _, _ = load_bert(tiny_bert[0])
   fresh = jax.eval_shape(
-      BertEncoder(model.config).init, jax.random.key(0), np.zeros((1, 4), np.int32)
+      BertEncoder(model.config, add_pooling_layer=True).init, jax.random.key(0),
+      np.zeros((1, 4), np.int32)
   )["params"]
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, params)
