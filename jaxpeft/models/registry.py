@@ -4,9 +4,10 @@ import json
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
-from jaxpeft.models import cnn, hf_loader, unet, vit
+from jaxpeft.models import cnn, gemma3, gemma3_loader, hf_loader, unet, vit
 from jaxpeft.models.bert import BertConfig, BertEncoder
 
 
@@ -37,12 +38,18 @@ def bert_from_checkpoint(
   return BertEncoder(config, num_classes=num_classes, normalize=normalize)
 
 
+def gemma3_from_checkpoint(checkpoint: str, scan_layers: bool = False, dtype: str = "float32") -> gemma3.Gemma3:
+  """A `Gemma3` with the architecture of a GGUF file or a Hugging Face folder (weights not read)."""
+  return gemma3.Gemma3(gemma3_loader.read_config(checkpoint), scan_layers=scan_layers, dtype=jnp.dtype(dtype))
+
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn.CNN,
     "mlp": cnn.MLP,
     "bert": bert_from_checkpoint,
     "vit": vit.ViT,
     "unet": unet.UNet,
+    "gemma3": gemma3_from_checkpoint,
 }
 
 

@@ -1,0 +1,208 @@
+"""Loads Gemma 3 text weights into `jaxpeft.models.gemma3.Gemma3`, without torch.
+
+Two sources, one path: every checkpoint is first turned into Hugging Face `Gemma3ForCausalLM`
+tensor names (numpy arrays, torch layout), then `params_from_hf` renames them onto the Flax tree
+(`gemma3.hf_name`), transposing `Linear` weights (out, in) to kernels (in, out), and lists every
+missing, unexpected and misshaped tensor at once.
+
+* A Hugging Face folder (`load_hf`): `config.json` (a `Gemma3ForCausalLM` text config, or a
+  `Gemma3ForConditionalGeneration` one whose `text_config` is used) and `*.safetensors`, any
+  size. Multimodal checkpoints' `language_model.` prefix is stripped and their vision tower and
+  projector skipped; `lm_head.weight` is skipped (the output is tied to the embedding).
+* A GGUF file (`load_gguf`), as llama.cpp's converter writes Gemma 3, dequantised to float32 with
+  the `gguf` package (any ggml quantisation it knows: Q4_K, Q5_0, Q6_K, Q8_0, ...). The converter
+  stores RMSNorm weights as 1 + w; `w` is recovered by subtracting 1 (as transformers' GGUF loader
+  does). The architecture comes from the `gemma3.*` metadata: GGUF has no layer pattern, query
+  scale or local rope base, so llama.cpp's fixed Gemma 3 values are used -- every 6th layer
+  global, local rope base 10000, query_pre_attn_scalar = head_dim except for the 62-layer 27B
+  model where it is hidden_size / num_heads (llama.cpp `llm_build_gemma3`).
+"""
+
+import json
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from jaxpeft.models import gemma3
+
+_SKIPPED = re.compile(r"lm_head\.weight|vision_tower\..*|multi_modal_projector\..*")
+_MAX_LISTED = 20
+_GGUF_ARCHITECTURE = "gemma3"
+# GGUF tensor name -> transformers name ({i}: the layer).
+_GGUF_NAMES = (
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"blk\.(\d+)\.attn_(q|k|v)\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+)
+
+
+def _listed(names: Sequence[str]) -> str:
+  shown = ", ".join(names[:_MAX_LISTED])
+  return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def expected_params(config: gemma3.Gemma3Config) -> dict[str, Any]:
+  """The unscanned parameter tree of `Gemma3(config)` as `jax.ShapeDtypeStruct`s (no compute)."""
+  model = gemma3.Gemma3(config)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: gemma3.Gemma3Config,
+                   param_dtype: Any = jnp.float32, scan_layers: bool = False) -> dict[str, Any]:
+  """The Flax parameter tree of `Gemma3(config)` from transformers-named tensors.
+
+  Args:
+    tensors: transformers `Gemma3ForCausalLM` name -> array (torch layout).
+    config: the architecture the tensors must fit.
+    param_dtype: dtype of the returned parameters.
+    scan_layers: return the layers stacked for `Gemma3(..., scan_layers=True)`.
+
+  Raises:
+    ValueError: listing every missing tensor, unknown tensor and tensor of the wrong shape.
+  """
+  tensors = {re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", k): v for k, v in tensors.items()}
+  flat = flax.traverse_util.flatten_dict(expected_params(config), sep="/")
+  names = {path: gemma3.hf_name(path) for path in flat}
+  known = set(names.values())
+  missing = sorted(n for n in known if n not in tensors)
+  unexpected = sorted(k for k in tensors if k not in known and not _SKIPPED.fullmatch(k))
+  params, wrong_shape = {}, []
+  for path, name in names.items():
+    if name not in tensors:
+      continue
+    value = np.asarray(tensors[name])
+    value = value.T if path.endswith("/kernel") else value
+    if value.shape != tuple(flat[path].shape):
+      wrong_shape.append(f"{name}: {np.shape(tensors[name])} in the checkpoint, {path} needs"
+                         f" {tuple(flat[path].shape)}" + (" (transposed)" if path.endswith("/kernel") else ""))
+    params[path] = jnp.asarray(value, dtype=param_dtype)
+  if missing or unexpected or wrong_shape:
+    problems = [f"missing tensors: {_listed(missing)}" if missing else "",
+                f"unexpected tensors: {_listed(unexpected)}" if unexpected else "",
+                f"wrong shapes: {_listed(sorted(wrong_shape))}" if wrong_shape else ""]
+    raise ValueError("The checkpoint does not fit the Gemma 3 architecture its config describes; "
+                     + "; ".join(p for p in problems if p)
+                     + ". Check that the config belongs to these weights and that they are Gemma 3 text weights.")
+  params = flax.traverse_util.unflatten_dict(params, sep="/")
+  return gemma3.stack_layers(params, config.num_hidden_layers) if scan_layers else params
+
+
+def load_hf(folder: str | pathlib.Path, param_dtype: Any = jnp.float32,
+            scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+  """`(config, params)` from a Hugging Face Gemma 3 folder (config.json + *.safetensors)."""
+  folder = pathlib.Path(folder)
+  config_file = folder / "config.json"
+  files = sorted(folder.glob("*.safetensors"))
+  if not config_file.exists() or not files:
+    raise FileNotFoundError(f"{folder} must hold config.json and *.safetensors (a Hugging Face Gemma 3"
+                            " checkpoint folder); found " + (", ".join(p.name for p in folder.iterdir())
+                                                              if folder.is_dir() else "no folder") + ".")
+  config = gemma3.Gemma3Config.from_hf_dict(json.loads(config_file.read_text()))
+  tensors = {}
+  for file in files:
+    tensors.update(safetensors.numpy.load_file(file))
+  return config, params_from_hf(tensors, config, param_dtype, scan_layers)
+
+
+def _reader(path: str | pathlib.Path):
+  """A `gguf.GGUFReader` for a Gemma 3 file, with clear errors for other files."""
+  import gguf  # A test/optional dependency: only GGUF loading needs it.
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"GGUF file {path} does not exist.")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # The reader raises ValueError/IndexError/KeyError alike on bad bytes.
+    raise ValueError(f"{path} could not be read as a GGUF file ({type(e).__name__}: {e}); the file is"
+                     " truncated or not GGUF. Download or assemble it again.") from e
+  size = path.stat().st_size
+  short = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
+  if short:
+    raise ValueError(f"{path} is truncated: {len(short)} tensor(s) end past its {size} bytes"
+                     f" ({_listed(short)}). Download or assemble it again.")
+  architecture = _field(reader, "general.architecture")
+  if architecture != _GGUF_ARCHITECTURE:
+    raise ValueError(f"{path} holds a {architecture!r} model; jaxpeft.models.gemma3 loads only"
+                     f" {_GGUF_ARCHITECTURE!r} GGUF files.")
+  return reader
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def gguf_config(reader) -> gemma3.Gemma3Config:
+  """The `Gemma3Config` of an open Gemma 3 GGUF (see the module docstring for the fixed values)."""
+  arch = _GGUF_ARCHITECTURE
+  get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
+  layers = get("block_count")
+  hidden, heads = get("embedding_length"), get("attention.head_count")
+  head_dim = get("attention.key_length", hidden // heads)
+  embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  scaling = get("rope.scaling.factor", 1.0) if get("rope.scaling.type", "none") == "linear" else 1.0
+  return gemma3.Gemma3Config(
+      vocab_size=int(embedding.shape[-1]), hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=get("attention.head_count_kv"),
+      head_dim=head_dim, rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      query_pre_attn_scalar=hidden / heads if layers == 62 else head_dim,
+      sliding_window=get("attention.sliding_window"), rope_theta=float(get("rope.freq_base")),
+      global_rope_scaling=float(scaling), max_position_embeddings=get("context_length"))
+
+
+def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
+  """The architecture of a GGUF file or a Hugging Face folder, without reading the weights."""
+  checkpoint = pathlib.Path(checkpoint)
+  if checkpoint.is_dir():
+    config_file = checkpoint / "config.json"
+    if not config_file.exists():
+      raise FileNotFoundError(f"{checkpoint} has no config.json; pass a Hugging Face Gemma 3 folder or a GGUF file.")
+    return gemma3.Gemma3Config.from_hf_dict(json.loads(config_file.read_text()))
+  return gguf_config(_reader(checkpoint))
+
+
+def load(checkpoint: str | pathlib.Path, param_dtype: Any = jnp.float32,
+         scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+  """`load_hf` for a folder, `load_gguf` for a file."""
+  loader = load_hf if pathlib.Path(checkpoint).is_dir() else load_gguf
+  return loader(checkpoint, param_dtype, scan_layers)
+
+
+def load_gguf(path: str | pathlib.Path, param_dtype: Any = jnp.float32,
+              scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+  """`(config, params)` from a Gemma 3 GGUF file, every tensor dequantised to float32.
+
+  Raises:
+    ValueError: the file is truncated, not GGUF, of another architecture, or its tensors do not
+      fit its metadata (listing them).
+  """
+  import gguf
+
+  reader = _reader(path)
+  config = gguf_config(reader)
+  tensors = {}
+  for tensor in reader.tensors:
+    name = tensor.name
+    for pattern, replacement in _GGUF_NAMES:
+      if re.fullmatch(pattern, tensor.name):
+        name = re.sub(pattern, replacement, tensor.name)
+        break
+    value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    tensors[name] = value - 1.0 if name.endswith("norm.weight") else value
+  return config, params_from_hf(tensors, config, param_dtype, scan_layers)
