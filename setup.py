@@ -37,6 +37,8 @@ TEST_REQUIRES = [
     "torch-adopt==0.1.0",
     "grams-pytorch==0.0.2",
     "peft>=0.17",
+    # NF4 / double-quantization reference (its CPU quantize_4bit / Linear4bit) for jaxpeft.quantize.
+    "bitsandbytes==0.50.2",
     "loralib==0.1.2",
     "sentence-transformers>=5",
     "nbclient>=0.10",
