@@ -14,9 +14,9 @@ from jaxpeft.merging.linear import linear
 from jaxpeft.merging.lora_updates import combine, combined_deltas, deltas
 from jaxpeft.merging.task_arithmetic import task_arithmetic
 from jaxpeft.merging.task_vectors import add_task_vectors, task_vector
-from jaxpeft.merging.ties import ties
+from jaxpeft.merging.ties import ties, ties_deltas
 
 __all__ = [
     "add_task_vectors", "combine", "combined_deltas", "dare", "deltas", "linear", "task_arithmetic",
-    "task_vector", "ties",
+    "task_vector", "ties", "ties_deltas",
 ]
