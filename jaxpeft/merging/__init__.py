@@ -10,6 +10,7 @@ reference code it equals.
 """
 
 from jaxpeft.merging.dare import dare
+from jaxpeft.merging.fisher import empirical_fisher, expected_fisher, fisher_merge
 from jaxpeft.merging.linear import linear
 from jaxpeft.merging.lora_updates import combine, combined_deltas, deltas
 from jaxpeft.merging.task_arithmetic import task_arithmetic
@@ -17,6 +18,7 @@ from jaxpeft.merging.task_vectors import add_task_vectors, task_vector
 from jaxpeft.merging.ties import ties, ties_deltas
 
 __all__ = [
-    "add_task_vectors", "combine", "combined_deltas", "dare", "deltas", "linear", "task_arithmetic",
+    "add_task_vectors", "combine", "combined_deltas", "dare", "deltas", "empirical_fisher", "expected_fisher",
+    "fisher_merge", "linear", "task_arithmetic",
     "task_vector", "ties", "ties_deltas",
 ]

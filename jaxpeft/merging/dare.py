@@ -23,7 +23,7 @@ import jax
 from jaxpeft.merging.sparsify import Rescale, bernoulli_mask, random_drop
 from jaxpeft.merging.task_arithmetic import weighted_sum
 from jaxpeft.merging.ties import Convention, SignMethod, sign_consensus
-from jaxpeft.merging.trees import PyTree, check_compatible, check_densities, leaf_path, map_leaves, per_task
+from jaxpeft.merging.trees import PyTree, check_densities, leaf_path, map_leaves, per_task
 
 
 def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0,
@@ -43,22 +43,18 @@ def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float
     raise ValueError("DARE needs exactly one of key= (random masks) or masks= (one keep-mask tree per model).")
   if combination not in ("linear", "ties"):
     raise ValueError(f"combination must be 'linear' or 'ties', got {combination!r}.")
-  if masks is not None:
-    if len(masks) != n:
-      raise ValueError(f"Got {len(masks)} mask trees for {n} models: give one per model.")
-    check_compatible(base, masks, "mask tree")
-    flat_masks = [jax.tree_util.tree_leaves(m) for m in masks]
+  if masks is not None and len(masks) != n:
+    raise ValueError(f"Got {len(masks)} mask trees for {n} models: give one per model.")
   if normalize is None:
     normalize = combination == "ties"
   index = {leaf_path(kp): i for i, (kp, _) in enumerate(jax.tree_util.tree_leaves_with_path(base))}
 
-  def leaf(path, b, ms):
-    i = index[path]
-    if masks is None:
-      keep = [bernoulli_mask(jax.random.fold_in(jax.random.fold_in(key, t), i), d, b.shape)
+  def leaf(path, b, ms, mask=None):
+    if mask is None:
+      keep = [bernoulli_mask(jax.random.fold_in(jax.random.fold_in(key, t), index[path]), d, b.shape)
               for t, d in enumerate(densities)]
     else:
-      keep = [m[i] for m in flat_masks]
+      keep = mask
     dropped = [random_drop(m - b, k, d, rescale) for m, k, d in zip(ms, keep, densities)]
     if combination == "linear":
       merged = weighted_sum(dropped, w, normalize)
@@ -66,4 +62,4 @@ def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float
       merged = sign_consensus(dropped, w, majority_sign_method, convention, normalize)
     return (b + scale * merged).astype(b.dtype)
 
-  return map_leaves(leaf, base, models)
+  return map_leaves(leaf, base, models, aux=None if masks is None else {"mask": masks})

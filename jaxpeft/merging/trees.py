@@ -8,7 +8,7 @@ full trees). Each leaf keeps its input sharding: nothing is gathered to one host
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,13 +52,21 @@ def check_densities(densities: Sequence[float]) -> None:
     raise ValueError(f"density must be in [0, 1] (the fraction of each task vector's entries kept), got {bad}.")
 
 
-def map_leaves(fn: Callable[[str, jax.Array, list[jax.Array]], jax.Array], base: PyTree,
-               models: Sequence[PyTree], what: str = "model") -> PyTree:
-  """``fn(path, base_leaf, model_leaves)`` over every leaf, after checking all trees match the base."""
+def map_leaves(fn: Callable[..., jax.Array], base: PyTree, models: Sequence[PyTree], what: str = "model",
+               aux: Mapping[str, Sequence[PyTree]] | None = None) -> PyTree:
+  """``fn(path, base_leaf, model_leaves, **aux_leaves)`` over every leaf, after checking all trees match the base.
+
+  ``aux`` maps a keyword to trees matching the base (masks, Fishers, ...): ``fn`` gets that leaf of each.
+  """
   if not models:
     raise ValueError(f"Nothing to merge: give at least one {what}.")
   check_compatible(base, models, what)
+  aux = dict(aux or {})
+  for name, trees in aux.items():
+    check_compatible(base, trees, name)
   flat_models = [jax.tree_util.tree_leaves(m) for m in models]
+  flat_aux = {name: [jax.tree_util.tree_leaves(t) for t in trees] for name, trees in aux.items()}
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
-  out = [fn(leaf_path(kp), leaf, [m[i] for m in flat_models]) for i, (kp, leaf) in enumerate(paths_and_leaves)]
+  out = [fn(leaf_path(kp), leaf, [m[i] for m in flat_models], **{k: [t[i] for t in v] for k, v in flat_aux.items()})
+         for i, (kp, leaf) in enumerate(paths_and_leaves)]
   return jax.tree_util.tree_unflatten(treedef, out)
