@@ -13,12 +13,13 @@ from jaxpeft.merging.dare import dare
 from jaxpeft.merging.fisher import empirical_fisher, expected_fisher, fisher_merge
 from jaxpeft.merging.linear import linear
 from jaxpeft.merging.lora_updates import combine, combined_deltas, deltas
+from jaxpeft.merging.regmean import gram_matrices, regmean
 from jaxpeft.merging.task_arithmetic import task_arithmetic
 from jaxpeft.merging.task_vectors import add_task_vectors, task_vector
 from jaxpeft.merging.ties import ties, ties_deltas
 
 __all__ = [
     "add_task_vectors", "combine", "combined_deltas", "dare", "deltas", "empirical_fisher", "expected_fisher",
-    "fisher_merge", "linear", "task_arithmetic",
+    "fisher_merge", "gram_matrices", "linear", "regmean", "task_arithmetic",
     "task_vector", "ties", "ties_deltas",
 ]
