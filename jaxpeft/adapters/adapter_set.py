@@ -6,7 +6,7 @@ keeps to validate what is added::
 
     adapters = AdapterSet.for_model(base_params)
     adapters = adapters.add("math", cfg_math, math_params).add("code", cfg_code, code_params)
-    adapters = adapters.combine("both", ["math", "code"], [0.5, 0.5])          # a new LoRA (see combine.py)
+    adapters = adapters.combine("both", ["math", "code"], [0.5, 0.5])          # a new LoRA (jaxpeft.merging.lora_updates)
     params = adapters.select("both").apply(base_params)                        # or several: select("math", "code")
 
 Several active adapters are applied in selection order with ``reparam.apply_many`` (for additive methods the
@@ -37,7 +37,7 @@ from typing import Any
 
 import jax
 
-from jaxpeft.adapters import combine as combine_lib
+from jaxpeft.merging import lora_updates as combine_lib
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.checkpoint import check_adapter, load_adapter, save_adapter
 from jaxpeft.adapters.config import AdapterConfig

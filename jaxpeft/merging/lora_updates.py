@@ -1,4 +1,4 @@
-"""Combining adapters into a new LoRA adapter, defined on the weight updates ``ΔW``, not on the factors.
+"""Merging LoRA-family adapters on their weight-space updates ``ΔW`` (not on the factors) into a new LoRA adapter.
 
 For every module targeted by at least one input adapter ``i`` (weight ``w_i``, update ``ΔW_i`` on the folded
 ``(d_in, d_out)`` matrix of each layer; ``ΔW_i = 0`` where adapter ``i`` does not target the module)::
@@ -8,10 +8,10 @@ For every module targeted by at least one input adapter ``i`` (weight ``w_i``, u
              γ   = sign(Σ_i τ_i)  ("total")  or  sign(Σ_i sign τ_i)  ("frequency"), with γ = +1 where the sum is 0
              ΔW  = Σ_i w_i τ_i [sign τ_i = γ]  /  max(1, Σ_i [sign τ_i = γ])
 
-TIES is Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When Merging Models",
-2023, arXiv:2306.01708, exactly as Hugging Face PEFT's ``peft.utils.merge_utils.ties`` computes it per tensor
-(trim, elect on the *unweighted* trimmed tensors, weight, disjoint mean), applied per layer. The paper ranks
-magnitudes over the whole flattened model per task; PEFT (and this module) rank per tensor.
+TIES is ``jaxpeft.merging.ties`` (Yadav et al., arXiv:2306.01708) in its "paper" convention, exactly as Hugging
+Face PEFT's ``peft.utils.merge_utils.ties`` computes it per tensor (trim, elect on the *unweighted* trimmed
+tensors, weight, disjoint mean), applied per layer (scanned layers ranked one layer at a time). Full-model
+merging methods (task arithmetic, DARE, ...) apply to adapters' updates through ``deltas`` as well.
 
 The combined ``ΔW`` becomes a LoRA adapter (``method="lora"``, scale 1: ``alpha = r`` per module) by::
 
@@ -39,7 +39,6 @@ random DARE variants are not implemented.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -53,6 +52,8 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Target, get_method
 from jaxpeft.adapters.reparam import AdapterParams, Params
 from jaxpeft.adapters.selection import named_leaves, path_string, select_targets
+from jaxpeft.merging.ties import ties_deltas
+from jaxpeft.merging.trees import check_densities
 
 Adapter = tuple[AdapterConfig, AdapterParams]
 
@@ -81,32 +82,6 @@ def deltas(base_params: Params, adapter_params: AdapterParams, config: AdapterCo
     return {p: flat[p].reshape(t.stack_shape + t.matrix_shape) for p, t in targets.items()}
 
 
-def _trim(delta: jax.Array, density: float) -> jax.Array:
-    """Keeps the ``int(density * numel)`` largest-magnitude entries of each layer (PEFT's magnitude pruning)."""
-    if density >= 1.0:
-        return delta
-    layers = delta.reshape((-1, math.prod(delta.shape[-2:])))
-    k = int(density * layers.shape[1])
-    _, idx = jax.lax.top_k(jnp.abs(layers), k)
-    mask = jnp.zeros_like(layers).at[jnp.arange(layers.shape[0])[:, None], idx].set(1.0)
-    return (layers * mask).reshape(delta.shape)
-
-
-def ties(task_deltas: Sequence[jax.Array], weights: Sequence[float], density: float,
-         majority_sign_method: Literal["total", "frequency"] = "total") -> jax.Array:
-    """TIES merge of same-shape updates (per layer: the last two axes); see the module docstring."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"TIES density must be in [0, 1] (the fraction of entries kept), got {density}.")
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
-    trimmed = jnp.stack([_trim(d, density) for d in task_deltas])
-    signs = jnp.sign(trimmed)
-    mass = trimmed.sum(0) if majority_sign_method == "total" else signs.sum(0)
-    keep = signs == jnp.where(mass >= 0, 1.0, -1.0)
-    w = jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (trimmed.ndim - 1))
-    return (w * trimmed * keep).sum(0) / jnp.maximum(keep.sum(0), 1)
-
-
 def combined_deltas(base_params: Params, adapters: Sequence[Adapter], weights: Sequence[float],
                     combination: Literal["linear", "ties"] = "linear", *, density: float | None = None,
                     majority_sign_method: Literal["total", "frequency"] = "total") -> dict[str, jax.Array]:
@@ -118,6 +93,8 @@ def combined_deltas(base_params: Params, adapters: Sequence[Adapter], weights: S
         raise ValueError(f"Unknown combination {combination!r}; expected 'linear' or 'ties'.")
     if combination == "ties" and density is None:
         raise ValueError("combination='ties' needs density= (the fraction of each ΔW's entries kept, e.g. 0.2).")
+    if combination == "ties":
+        check_densities([density])
     per_adapter = [deltas(base_params, params, config) for config, params in adapters]
     out = {}
     for path in sorted(set().union(*per_adapter)):
@@ -126,7 +103,7 @@ def combined_deltas(base_params: Params, adapters: Sequence[Adapter], weights: S
         if combination == "linear":
             out[path] = sum(w * d for w, d in zip(weights, stack))
         else:
-            out[path] = ties(stack, weights, density, majority_sign_method)
+            out[path] = ties_deltas(stack, weights, density, majority_sign_method, batch_dims=len(shape) - 2)
     return out
 
 

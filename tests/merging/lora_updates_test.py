@@ -1,4 +1,4 @@
-"""Combinations on ΔW: linear / concatenation / TIES / SVD against numpy and PEFT's merge_utils."""
+"""Merging LoRA-family updates on ΔW: linear / concatenation / TIES / SVD against numpy and PEFT's merge_utils."""
 
 import re
 
@@ -10,7 +10,7 @@ import torch
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
-from jaxpeft.adapters.combine import combine, combined_deltas
+from jaxpeft.merging.lora_updates import combine, combined_deltas
 from jaxpeft.adapters.config import AdapterConfig
 from tests.adapters import tiny_models as tm
 
