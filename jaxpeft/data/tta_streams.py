@@ -30,8 +30,9 @@ def dirichlet_order(labels: np.ndarray, concentration: float, seed: int, num_slo
   """A permutation of `range(len(labels))` with temporally correlated labels.
 
   Time is cut into `num_slots` slots (default: the number of classes); each class's examples (in a
-  random order) are dealt to the slots in proportions drawn from Dirichlet(concentration * 1); each
-  slot is shuffled, and the slots are concatenated.
+  random order) are dealt to the slots in proportions drawn from Dirichlet(concentration * 1); within
+  a slot the classes follow each other in a random order, and the slots are concatenated. A large
+  concentration gives about `num_slots * classes` runs; a small one about one run per class.
   """
   if concentration <= 0:
     raise ValueError(f"Dirichlet concentration must be > 0 (e.g. 0.1 for strongly correlated labels), got {concentration}.")
@@ -40,13 +41,13 @@ def dirichlet_order(labels: np.ndarray, concentration: float, seed: int, num_slo
   classes = np.unique(labels)
   num_slots = num_slots or len(classes)
   slots = [[] for _ in range(num_slots)]
-  for c in classes:
+  for c in rng.permutation(classes):
     members = rng.permutation(np.flatnonzero(labels == c))
     shares = rng.dirichlet(np.full(num_slots, float(concentration)))
     cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
     for slot, part in zip(slots, np.split(members, cuts)):
-      slot.extend(part.tolist())
-  return np.concatenate([rng.permutation(np.asarray(s, dtype=np.int64)) for s in slots])
+      slot.append(part)
+  return np.concatenate([part for slot in slots for part in slot]).astype(np.int64)
 
 
 def _batches(images, labels, order, corruption_of, severity_of, batch_size, name, severity, reset_first):
