@@ -6,7 +6,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import ml_collections
 
-from jaxpeft.models import cnn, hf_loader, unet, vit
+from jaxpeft.models import cnn, hf_loader, resnet, unet, vit
 from jaxpeft.models.bert import BertConfig, BertEncoder
 
 
@@ -43,6 +43,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "bert": bert_from_checkpoint,
     "vit": vit.ViT,
     "unet": unet.UNet,
+    "resnet": resnet.ResNet,
 }
 
 
