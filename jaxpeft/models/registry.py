@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpeft.models import cnn, gemma3, gemma3_loader, hf_loader, unet, vit
+from jaxpeft.models import cnn, gemma3, gemma3_loader, hf_loader, resnet, unet, vit
 from jaxpeft.models.bert import BertConfig, BertEncoder
 
 
@@ -50,6 +50,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit": vit.ViT,
     "unet": unet.UNet,
     "gemma3": gemma3_from_checkpoint,
+    "resnet": resnet.ResNet,
 }
 
 

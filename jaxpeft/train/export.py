@@ -3,6 +3,8 @@
 * `<workdir>/export/params` — the model's full parameter tree with any adapter merged in (zero
   inference overhead), an Orbax checkpoint that `config.init_from.params` and plain
   `ocp.StandardCheckpointer().restore` read;
+* `<workdir>/export/model_state` — the model's other collections (BatchNorm's `batch_stats`), an Orbax
+  checkpoint beside `params`; only for models that have them;
 * `<workdir>/export/adapter.safetensors` — only the adapter leaves plus their config record
   (`jaxpeft.adapters.checkpoint.load_adapter` rebuilds it in a fresh process). Not written when the
   run trained on a rewritten base (PiSSA / CorDA residual inits, SaRA re-selection): those leaves
@@ -29,8 +31,9 @@ def _bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree) -> dict[str, int]:
-  """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`)."""
+def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree,
+           model_state: PyTree | None = None) -> dict[str, int]:
+  """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`, `model_state_bytes`)."""
   out = os.path.join(os.path.abspath(workdir), "export")
   params_dir = os.path.join(out, "params")
   merged = jax.jit(trainable.merged)(params, frozen)
@@ -38,6 +41,11 @@ def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree) -
   checkpointer.save(params_dir, merged, force=True)
   checkpointer.wait_until_finished()
   sizes = {"params_bytes": _bytes(params_dir)}
+  if model_state:
+    state_dir = os.path.join(out, "model_state")
+    checkpointer.save(state_dir, model_state, force=True)
+    checkpointer.wait_until_finished()
+    sizes["model_state_bytes"] = _bytes(state_dir)
   if trainable.adapter is not None and not trainable.adapter_fits_original_base(frozen, params):
     logging.warning("No export/adapter.safetensors: this run trained %r on a rewritten base (residual init"
                     " or re-selection), so the adapter alone does not apply to the original weights; use"

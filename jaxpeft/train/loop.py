@@ -354,10 +354,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
   base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)
 
+  collections = set(jax.eval_shape(model.init, base_rng, *example_inputs)) - {"params"}
+
   def make_state(rng, base_params, calibration=None):
     params, frozen = trainable.split(rng, base_params, calibration)
+    # Mutable collections (BatchNorm's batch_stats) start from their fresh init.
+    model_state = {k: v for k, v in model.init(base_rng, *example_inputs).items() if k in collections}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng, model_state=model_state)
 
   def base_params():
     fresh = jax.jit(model.init)(base_rng, *example_inputs)["params"]
@@ -454,7 +458,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     writer.write(step, "eval", result["eval"])
     if config.export:
-      result.update(export(workdir, trainable, final.params, final.frozen))
+      result.update(export(workdir, trainable, final.params, final.frozen, final.model_state))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2, allow_nan=False)

@@ -1,4 +1,4 @@
-"""The train state: trainable params, frozen params, optimizer state, step and RNG key."""
+"""The train state: trainable params, frozen params, model state, optimizer state, step and RNG key."""
 
 from typing import Any
 
@@ -21,6 +21,8 @@ class TrainState:
     opt_state: the optimizer's state, for `params` only.
     rng: the run's base PRNG key; step `s` uses `fold_in(rng, s)`, so the randomness of a step
       does not depend on how many devices or restarts came before it.
+    model_state: the model's mutable collections other than params, e.g. `{'batch_stats': ...}` of
+      BatchNorm; updated by the train step, never differentiated; `{}` for models without any.
   """
 
   step: jax.Array
@@ -28,3 +30,4 @@ class TrainState:
   frozen: PyTree
   opt_state: optax.OptState
   rng: jax.Array
+  model_state: PyTree = flax.struct.field(default_factory=dict)

@@ -13,6 +13,10 @@ the batch objective as `obj_fn=` (AdaHessian) and its gradient as `grad_fn=` (SA
 across devices (the optimizers then need no `axis_name` of their own); under
 `jax.jit` with shardings the batch mean is already global.
 
+Models with mutable collections (BatchNorm `batch_stats`, kept in `state.model_state`) run the train step
+with batch statistics and return the updated running averages in the new state (averaged across devices
+under pmap); eval uses the running averages.
+
 An adapter method's loss term (`Trainable.regularizer`, e.g. SaRA's nuclear norm) is part of the
 objective: the metric `loss` is cross-entropy + term (what is differentiated, and what MoMo's `value=`,
 AdaHessian's `obj_fn` and SAM's `grad_fn` see), and the term alone is the metric `penalty`. Its random
@@ -53,12 +57,15 @@ def make_train_step(
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     penalty_rng = jax.random.fold_in(dropout_rng, 1)
     inputs = [batch[k] for k in input_keys]
+    mutable = list(state.model_state)  # BatchNorm: normalise by the batch, update the running averages.
 
     def loss_fn(params):
-      logits = trainable.apply(params, state.frozen, inputs, train=True, rng=dropout_rng)
+      out = trainable.apply(params, state.frozen, inputs, train=True, rng=dropout_rng,
+                            model_state=state.model_state, mutable=mutable or False)
+      logits, model_state = out if mutable else (out, state.model_state)
       loss = _cross_entropy(logits, batch["label"]).mean()
       penalty = trainable.regularizer(params, state.frozen, penalty_rng)  # None for most methods
-      return (loss if penalty is None else loss + penalty), (logits, penalty)
+      return (loss if penalty is None else loss + penalty), (logits, penalty, model_state)
 
     def batch_mean(x):
       return jax.lax.pmean(x, axis_name) if axis_name else x
@@ -73,20 +80,23 @@ def make_train_step(
       if reference_params is None:
         raise ValueError("The harness computes TRAM's distance against reference parameters;"
                          " use reference_decay in [0, 1], not None.")
-      target = jax.nn.softmax(trainable.apply(reference_params, state.frozen, inputs, train=False))
-      logits = trainable.apply(params, state.frozen, inputs, train=False)
+      target = jax.nn.softmax(trainable.apply(reference_params, state.frozen, inputs, train=False,
+                                              model_state=state.model_state))
+      logits = trainable.apply(params, state.frozen, inputs, train=False, model_state=state.model_state)
       kl = jnp.sum(target * (jnp.log(target + 1e-12) - jax.nn.log_softmax(logits)), axis=-1)
       return batch_mean(jnp.mean(kl))
 
-    (loss, (logits, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, penalty, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    grads, loss, accuracy = batch_mean((grads, loss, accuracy))
+    # Under pmap each device's running averages saw its own shard: averaged, they stay replicated.
+    grads, loss, accuracy, model_state = batch_mean((grads, loss, accuracy, model_state))
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, value=loss, obj_fn=objective, grad_fn=grad_fn,
         trust_region_fn=trust_region_fn,
     )
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+        model_state=model_state,
     )
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
     if penalty is not None:
@@ -151,7 +161,8 @@ def make_eval_step(
   """
 
   def eval_step(state: TrainState, batch: Batch):
-    logits = trainable.apply(state.params, state.frozen, [batch[k] for k in input_keys], train=False)
+    logits = trainable.apply(state.params, state.frozen, [batch[k] for k in input_keys], train=False,
+                             model_state=state.model_state)
     labels = batch["label"]
     # One weight per label position: the example's mask repeated over its spatial axes.
     mask = jnp.broadcast_to(

@@ -316,8 +316,12 @@ class Trainable:
     return reparam.apply(base, params["adapter"], self.adapter)
 
   def apply(self, params: PyTree, frozen: PyTree, inputs: list[jax.Array], *, train: bool,
-            rng: jax.Array | None = None) -> jax.Array:
-    """Runs the model on `inputs` with the trained and frozen parameters."""
+            rng: jax.Array | None = None, model_state: PyTree | None = None, mutable: Any = False) -> Any:
+    """Runs the model on `inputs` with the trained and frozen parameters.
+
+    `model_state` holds the model's other collections (BatchNorm's `batch_stats`); with `mutable` a list
+    of collection names, returns `(logits, updated collections)` as `flax.linen.Module.apply` does.
+    """
     model_params = self.model_params(params, frozen)
     rngs = {"dropout": rng} if rng is not None else {}
     if self.adds_modules:
@@ -327,7 +331,8 @@ class Trainable:
     else:
       hooks = contextlib.nullcontext()
     with hooks:
-      return self.model.apply({"params": model_params}, *inputs, train=train, rngs=rngs)
+      return self.model.apply({"params": model_params, **(model_state or {})}, *inputs, train=train, rngs=rngs,
+                              mutable=mutable)
 
   def merged(self, params: PyTree, frozen: PyTree) -> PyTree:
     """Base and adapter merged into one tree of the model's own structure (for export).
