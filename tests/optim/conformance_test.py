@@ -29,6 +29,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpeft.optim.adabelief import adabelief
+from jaxpeft.optim.adabound import adabound
 from jaxpeft.optim.adahessian import adahessian
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
@@ -88,6 +89,9 @@ class Entry:
 
 REGISTRY = {
     "adabelief": Entry(adabelief, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    # gamma=0.1: the bounds close within the run, so the clipping is exercised.
+    "adabound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2)),
+    "amsbound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2, amsbound=True)),
     "adahessian": Entry(adahessian, dict(learning_rate=1e-2, weight_decay=1e-2), _obj_fn),
     # b3=0.9: with the default 0.999 AdaMod's step bound grows too slowly to move in 30 steps.
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
