@@ -34,6 +34,7 @@ from jaxpeft.optim.adahessian import adahessian
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
+from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.sam import sam
@@ -97,6 +98,7 @@ REGISTRY = {
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
     "adopt": Entry(adopt, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "came": Entry(came, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    "exadam": Entry(exadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "grams": Entry(grams, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
