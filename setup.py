@@ -33,6 +33,7 @@ TEST_REQUIRES = [
     "adabelief-pytorch==0.2.1",
     "came-pytorch==0.1.3",
     "adamod==0.0.3",
+    "adabound==0.0.5",
     "momo-opt==0.1.0",
     "torch-adopt==0.1.0",
     "grams-pytorch==0.0.2",

@@ -6,20 +6,23 @@ Every optimizer `<name>(learning_rate, ...)` returns an `optax.GradientTransform
 """
 
 from jaxpeft.optim.adabelief import AdaBeliefState, adabelief, scale_by_adabelief
+from jaxpeft.optim.adabound import AdaBoundState, adabound, scale_by_adabound
 from jaxpeft.optim.adahessian import ScaleByAdaHessianState, adahessian, hutchinson_hessian_diagonal, scale_by_adahessian
 from jaxpeft.optim.adamod import AdaModState, adamod, scale_by_adamod
 from jaxpeft.optim.adopt import AdoptState, adopt, scale_by_adopt
 from jaxpeft.optim.came import CameState, came, scale_by_came
+from jaxpeft.optim.exadam import EXAdamState, exadam, scale_by_exadam
 from jaxpeft.optim.grams import GramsState, grams, scale_by_grams
+from jaxpeft.optim.mars import MarsState, mars, scale_by_mars
 from jaxpeft.optim.momo import MomoAdamState, MomoState, momo, momo_adam, scale_by_momo, scale_by_momo_adam
 from jaxpeft.optim.sam import sam, scale_by_sam
 from jaxpeft.optim.tram import TramState, scale_by_tram, tram
 
 __all__ = [
-    "AdaBeliefState", "AdaModState", "AdoptState", "CameState", "GramsState", "MomoAdamState",
+    "AdaBeliefState", "AdaBoundState", "AdaModState", "AdoptState", "CameState", "EXAdamState", "GramsState", "MarsState", "MomoAdamState",
     "MomoState", "ScaleByAdaHessianState", "TramState",
-    "adabelief", "adahessian", "adamod", "adopt", "came", "grams", "momo", "momo_adam", "sam", "tram",
+    "adabelief", "adabound", "adahessian", "adamod", "adopt", "came", "exadam", "grams", "mars", "momo", "momo_adam", "sam", "tram",
     "hutchinson_hessian_diagonal",
-    "scale_by_adabelief", "scale_by_adahessian", "scale_by_adamod", "scale_by_adopt", "scale_by_came",
-    "scale_by_grams", "scale_by_momo", "scale_by_momo_adam", "scale_by_sam", "scale_by_tram",
+    "scale_by_adabelief", "scale_by_adabound", "scale_by_adahessian", "scale_by_adamod", "scale_by_adopt", "scale_by_came", "scale_by_exadam",
+    "scale_by_grams", "scale_by_mars", "scale_by_momo", "scale_by_momo_adam", "scale_by_sam", "scale_by_tram",
 ]

@@ -29,11 +29,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpeft.optim.adabelief import adabelief
+from jaxpeft.optim.adabound import adabound
 from jaxpeft.optim.adahessian import adahessian
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
+from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
+from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.sam import sam
 from jaxpeft.optim.tram import tram
@@ -88,12 +91,18 @@ class Entry:
 
 REGISTRY = {
     "adabelief": Entry(adabelief, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    # gamma=0.1: the bounds close within the run, so the clipping is exercised.
+    "adabound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2)),
+    "amsbound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2, amsbound=True)),
     "adahessian": Entry(adahessian, dict(learning_rate=1e-2, weight_decay=1e-2), _obj_fn),
     # b3=0.9: with the default 0.999 AdaMod's step bound grows too slowly to move in 30 steps.
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
     "adopt": Entry(adopt, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "came": Entry(came, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    "exadam": Entry(exadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "grams": Entry(grams, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    "mars": Entry(mars, dict(learning_rate=1e-2, lr_1d=1e-2, weight_decay=1e-2)),
+    "mars_lion": Entry(mars, dict(learning_rate=1e-3, lr_1d=1e-2, mars_type="lion")),
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
