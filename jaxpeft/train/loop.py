@@ -12,11 +12,11 @@ evaluation labels stay clean.
 
 Adapter methods with more than a train step (hooks of `jaxpeft.train.trainable`):
 
-* a calibrated init (CorDA) reads `config.adapter.calibration_batches` batches of the training split
+* a calibrated init reads `config.adapter.calibration_batches` batches of the training split
   (the first batches of the run's order, the same on every process) before a fresh run; its residual
   base is frozen and saved once in `checkpoints/frozen/`, so a resumed run restores it and never
   recalibrates;
-* a re-selection (SaRA's progressive schedule, every `config.adapter.reselect_every` steps) runs
+* a re-selection (every `config.adapter.reselect_every` steps) runs
   between two steps, before that step's checkpoint and eval. It rewrites the frozen base, so such runs
   save the frozen params inside every numbered checkpoint (and none in `checkpoints/frozen/`).
 """

@@ -69,19 +69,17 @@ def _scale(kernel: jax.Array, scale: jax.Array, target: Target) -> jax.Array:
 class IA3(AdapterMethod):
     """``W' = W * l`` on the output (columns) or, for feedforward targets, the input (rows) of the kernel."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"feedforward": None, "spatial_axes": 0}
     adapts_bias = True
 
     def validate(self, target: Target) -> None:
         spatial = target.option("spatial_axes")
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: (IA)^3 needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
         if spatial and target.fan_in_axes != spatial + 1:
             raise ValueError(f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
                              f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes}.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown (IA)^3 init {target.init!r}; expected one of {_INITS}.")
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         size = _windowed(kernel, target).shape[1] if is_feedforward(target) else kernel.shape[1]

@@ -59,12 +59,8 @@ def _hadamard_delta(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array, 
 class LoHa(AdapterMethod):
     """``W' = W + s (a1 b1) * (a2 b2)``. See the module docstring."""
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: LoHa needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown LoHa init {target.init!r}; expected one of {_INITS}.")
+    inits = _INITS
+    needs_matrix = True
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         d_in, d_out = target.matrix_shape

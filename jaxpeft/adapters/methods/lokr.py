@@ -104,19 +104,17 @@ def _uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, zero: bool = F
 class LoKr(AdapterMethod):
     """``W' = W + s * (w1 kron w2)`` (window axes carried by ``w2``). See the module docstring."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"decompose_both": False, "decompose_factor": -1, "spatial_axes": 0}
 
     def validate(self, target: Target) -> None:
         spatial = target.option("spatial_axes")
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: LoKr needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
         if spatial and target.fan_in_axes != spatial + 1:
             raise ValueError(f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
                              f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes} "
                              f"for per-layer shape {target.layer_shape}. Use separate adapters for Dense and Conv.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown LoKr init {target.init!r}; expected one of {_INITS}.")
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         s, r = kron_shapes(target), target.rank

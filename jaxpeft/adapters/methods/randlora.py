@@ -89,15 +89,13 @@ def _product(basis_a: jax.Array, basis_b: jax.Array, lam: jax.Array, gamma: jax.
 class RandLoRA(AdapterMethod):
     """``W' = W + s * sum_i B_i diag(lam_i) A diag(gamma_i)`` (frozen shared bases). See the module docstring."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"projection_seed": 0, "projection_shape": None, "basis": "dense"}
     frozen_leaves = frozenset({"basis_a", "basis_b"})
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: RandLoRA needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown RandLoRA init {target.init!r}; expected one of {_INITS}.")
         if target.option("basis") not in _BASES:
             raise ValueError(f"{target.path}: options basis={target.option('basis')!r}; expected one of {_BASES}.")
         shape = target.option("projection_shape")
