@@ -171,6 +171,7 @@ class AdapterMethod:
     inits: ClassVar[tuple[str, ...] | None] = None
     needs_matrix: ClassVar[bool] = False
     adapts_bias: ClassVar[bool] = False
+    peft: ClassVar[Any] = None  # a jaxpeft.adapters.peft_mapping.PeftMapping: the method's PEFT counterpart
 
     def check_target(self, target: Target) -> None:
         """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""

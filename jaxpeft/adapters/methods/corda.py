@@ -97,6 +97,8 @@ def corda_factors(kernel: jax.Array, covariance: jax.Array, target: Target) -> L
 class CorDA(LoRA):
     """LoRA whose init is the CorDA decomposition; the base becomes the residual. See the module docstring."""
 
+    peft = None  # PEFT stores CorDA adapters as LoRA on a residual base; not exported as such here
+
     inits = ("default",)
     needs_matrix = True
 
