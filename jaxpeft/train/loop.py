@@ -47,7 +47,7 @@ from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step
-from jaxpeft.train.trainable import Trainable
+from jaxpeft.train.trainable import Trainable, no_decay_optimizer
 
 PMAP_AXIS = "devices"
 
@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model = build_model(config.model)
   trainable = Trainable.from_config(model, config)
-  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps))
+  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps), no_decay_optimizer(config))
   example = loader.batch(0)
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
   base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)

@@ -26,7 +26,7 @@ optional hooks) and only asked for here, so no method is named in this package:
 * `calibrate` + `calibrated_init`, an init from activations of `config.adapter.calibration_batches`
   training batches. The (residual) base it returns is what `split` returns and the run freezes;
 * `frozen_leaves` get no update and no optimizer state; `no_decay_leaves` are updated by the same
-  optimizer built with `weight_decay=0` (`Trainable.from_config` builds it);
+  optimizer built with `weight_decay=0` (`no_decay_optimizer`, passed to `Trainable.optimizer`);
 * `trained_count`, the trained-parameter count of one target's leaves.
 
 Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their residual base from `split`.
@@ -74,8 +74,8 @@ def _method_hook(config: ml_collections.ConfigDict, field: str, hook: str, what:
   Options set for a method without the hook, or options its hook does not take, are errors.
   """
   options = dict(config.adapter.get(field) or {})
-  method = get_method(config.adapter.method)
-  if not has_hook(method, hook):
+  method = get_method(config.adapter.method) if config.adapter.method else None
+  if method is None or not has_hook(method, hook):
     if options:
       raise ValueError(f"config.adapter.{field}={options} is set, but method {config.adapter.method!r} has no"
                        f" {what}; leave it empty.")
@@ -106,7 +106,7 @@ def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
   every = int(config.adapter.get("reselect_every") or 0)
   if every < 0:
     raise ValueError(f"config.adapter.reselect_every={every} must be >= 0 (0: off).")
-  if every and not has_hook(get_method(config.adapter.method), "reselect"):
+  if every and not (config.adapter.method and has_hook(get_method(config.adapter.method), "reselect")):
     raise ValueError(f"config.adapter.reselect_every={every} is set, but method {config.adapter.method!r} has no"
                      " re-selection; set it to 0.")
   return every
@@ -152,8 +152,6 @@ class Trainable:
     update: the adapter method's own update rule (`adapter_update`), chained after the optimizer.
     penalty: the adapter method's loss term (`adapter_penalty`), added to the training loss.
     reselect_every: steps between the method's re-selections (`reselect`); 0: never.
-    no_decay: the optimizer without weight decay, for the method's `no_decay_leaves` (`no_decay_optimizer`);
-      None: those leaves take the optimizer as the others.
   """
 
   model: nn.Module
@@ -163,14 +161,13 @@ class Trainable:
   update: optax.GradientTransformation | None = None
   penalty: Penalty | None = None
   reselect_every: int = 0
-  no_decay: optax.GradientTransformation | None = None
 
   @classmethod
   def from_config(cls, model: nn.Module, config: ml_collections.ConfigDict) -> "Trainable":
     if config.adapter.mode not in application.MODES:
       raise ValueError(f"config.adapter.mode={config.adapter.mode!r}: use 'reparam' or 'factored'.")
     return cls(model, config.trainable.base, adapter_config(config), config.adapter.mode, adapter_update(config),
-               adapter_penalty(config), adapter_reselect_every(config), no_decay_optimizer(config))
+               adapter_penalty(config), adapter_reselect_every(config))
 
   @property
   def method(self) -> AdapterMethod | None:
@@ -242,14 +239,15 @@ class Trainable:
       )
     return params, frozen
 
-  def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  def optimizer(self, tx: optax.GradientTransformation,
+                no_decay: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
     """`tx` for the trained leaves; adapter leaves the method keeps fixed get no update or state.
 
-    The method's `no_decay_leaves` get `self.no_decay` (the same optimizer without weight decay) when set.
+    With `no_decay` (`tx` without weight decay: `no_decay_optimizer`), the method's `no_decay_leaves` take it.
     """
     if self.adapter is None:
       return tx
-    no_decay = self.method.no_decay_leaves if self.no_decay is not None else frozenset()
+    no_decay_tx, no_decay = no_decay, (self.method.no_decay_leaves if no_decay is not None else frozenset())
 
     def adapter_labels(adapter):
       flat = traverse_util.flatten_dict(partition.optimizer_labels(adapter, self.adapter))
@@ -261,7 +259,7 @@ class Trainable:
 
     transforms = {"trainable": tx, "frozen": optax.set_to_zero()}
     if no_decay:
-      transforms["no_decay"] = self.no_decay
+      transforms["no_decay"] = no_decay_tx
     tx = optax.multi_transform(transforms, labels)
     if self.update is None:
       return tx

@@ -15,7 +15,8 @@ import pytest
 from flax import traverse_util
 
 from configs import common
-from jaxpeft.train.trainable import Trainable
+from jaxpeft.train.optimizer import build_optimizer
+from jaxpeft.train.trainable import Trainable, no_decay_optimizer
 
 D_IN, D_OUT = 12, 6
 LR, WD, EPS = 0.1, 0.25, 1e-8
@@ -60,8 +61,9 @@ def _first_adamw_step(grads, params, decay):
                                                        ("svd_ft", {"s"}, {"s"})])
 def test_the_method_s_no_decay_leaves_are_not_decayed(method, trained, no_decay):
   update = {"sparse_lambda": 0.0} if method == "sora" else None  # a zero threshold: the prox is the identity
-  trainable, params, frozen, _ = _start(_config(method, update=update))
-  tx = trainable.optimizer(optax.adamw(LR, eps=EPS, weight_decay=WD))
+  config = _config(method, update=update)
+  trainable, params, frozen, _ = _start(config)
+  tx = trainable.optimizer(build_optimizer(config.optimizer, 10), no_decay_optimizer(config))  # as the loop
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, D_IN)), jnp.float32)
   params = jax.tree.map(lambda v: v + 0.05, params)  # non-zero factors so every leaf has a gradient
   grads = jax.grad(lambda p: jnp.sum(trainable.apply(p, frozen, [x], train=False) ** 2))(params)

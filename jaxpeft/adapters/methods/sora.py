@@ -88,9 +88,12 @@ class SoRA(AdapterMethod):
                              "uses the proximal step's sparse_lambda).")
         return lambda base_params, adapter_params, rng: sparse_lambda * gate_l1(adapter_params)
 
-    def update_rule(self, config: AdapterConfig, **options: Any) -> optax.GradientTransformation:
-        """``proximal_l1(**config.adapter.update)`` on the gates only (e.g. ``update.sparse_lambda``)."""
-        return optax.masked(proximal_l1(**options), gate_mask)
+    def update_rule(self, config: AdapterConfig, *, sparse_lambda: optax.ScalarOrSchedule,
+                    learning_rate: optax.ScalarOrSchedule | None = None,
+                    reference_zeroing: bool = False) -> optax.GradientTransformation:
+        """``proximal_l1`` on the gates only, from ``config.adapter.update`` (e.g. ``update.sparse_lambda``)."""
+        return optax.masked(proximal_l1(sparse_lambda, learning_rate, reference_zeroing=reference_zeroing),
+                            gate_mask)
 
 
 def soft_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:
