@@ -23,12 +23,12 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Target, get_method, list_methods, register_method
 from jaxpeft.adapters.hot_swap import pad_to_rank
 from jaxpeft.adapters.partition import adapter_value_and_grad, optimizer_labels, param_count
-from jaxpeft.adapters.peft_format import bert_module_name, default_module_name, export_merged, export_peft, import_peft
+from jaxpeft.adapters.peft_format import default_module_name, export_merged, export_peft, import_peft
 from jaxpeft.adapters.reparam import apply, apply_many, init, init_with_base, merge, unmerge, unmerge_many
 
 __all__ = [
     "AdapterConfig", "AdapterMethod", "AdapterSet", "Target",
-    "adapter_value_and_grad", "apply", "apply_many", "bert_module_name", "check_adapter", "combine",
+    "adapter_value_and_grad", "apply", "apply_many", "check_adapter", "combine",
     "combined_deltas", "default_module_name", "export_merged", "export_peft", "get_method", "import_peft",
     "init", "init_with_base", "list_methods", "load_adapter", "load_adapter_set", "merge", "optimizer_labels",
     "pad_to_rank", "param_count", "register_method", "save_adapter", "save_adapter_set", "unmerge",

@@ -82,13 +82,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 Leaves = dict[str, jax.Array]
+PyTree = Any
+# loss_term(base_params, adapter_params, rng) -> scalar added to the training loss.
+LossTerm = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
 _REGISTRY: dict[str, type["AdapterMethod"]] = {}
 
@@ -164,7 +167,24 @@ class AdapterMethod:
     name: ClassVar[str] = ""
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     frozen_leaves: ClassVar[frozenset[str]] = frozenset()
+    no_decay_leaves: ClassVar[frozenset[str]] = frozenset()
+    inits: ClassVar[tuple[str, ...] | None] = None
+    needs_matrix: ClassVar[bool] = False
     adapts_bias: ClassVar[bool] = False
+    peft: ClassVar[Any] = None  # a jaxpeft.adapters.peft_mapping.PeftMapping: the method's PEFT counterpart
+
+    def check_target(self, target: Target) -> None:
+        """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""
+        if self.needs_matrix and target.fan_in_axes == 0:
+            raise ValueError(f"{target.path}: {self.name} needs a kernel with input and output axes, but this leaf "
+                             f"of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it from "
+                             "AdapterConfig.targets.")
+        if self.inits is not None and target.init not in self.inits:
+            if self.inits == ("default",):
+                raise ValueError(f"{target.path}: {self.name} has only init='default', got {target.init!r}.")
+            raise ValueError(f"{target.path}: unknown init {target.init!r} for {self.name}; expected one of "
+                             f"{self.inits}.")
+        self.validate(target)
 
     def validate(self, target: Target) -> None:
         """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
@@ -213,6 +233,47 @@ class AdapterMethod:
         raise NotImplementedError(
             f"Method {self.name!r} has no activation-hook (factored) form; use reparam.apply instead.")
 
+    # Training hooks: optional; the harness (``jaxpeft.train``) asks the method through them and never names it.
+    # ``has_hook(method, name)`` says whether a method implements one.
+
+    def loss_term(self, config: Any, **options: Any) -> LossTerm:
+        """The method's term added to the training loss, built from ``config.adapter.penalty`` (``options``).
+
+        ``config`` is the run's ``AdapterConfig``. Returns ``term(base_params, adapter_params, rng) -> scalar``.
+        """
+        raise NotImplementedError(f"Method {self.name!r} has no loss term.")
+
+    def update_rule(self, config: Any, **options: Any) -> Any:
+        """The method's own ``optax.GradientTransformation`` over the adapter tree, chained after the optimizer.
+
+        Built from ``config.adapter.update`` (``options``); it must leave the leaves it does not rule unchanged
+        (e.g. with ``optax.masked``).
+        """
+        raise NotImplementedError(f"Method {self.name!r} has no update rule.")
+
+    def reselect(self, base_params: PyTree, adapter_params: PyTree, config: Any) -> tuple[PyTree, PyTree]:
+        """The between-steps rewrite: ``(base_params, adapter_params)`` with the same model function.
+
+        Run every ``config.adapter.reselect_every`` steps; the caller restarts the optimizer state.
+        """
+        raise NotImplementedError(f"Method {self.name!r} has no between-steps re-selection.")
+
+    def calibrate(self, apply_fn: Callable[[PyTree, Any], Any], base_params: PyTree, batches: Iterable[Any],
+                  config: Any) -> PyTree:
+        """What the calibrated init reads from data; ``apply_fn(params, batch)`` runs the model on a batch."""
+        raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
+
+    def calibrated_init(self, config: Any, base_params: PyTree, calibration: PyTree) -> tuple[PyTree, PyTree]:
+        """``(base_params, adapter_params)`` from ``calibrate``'s result (the base may become a residual)."""
+        raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
+
+    def trained_count(self, leaves: Leaves) -> int:
+        """Scalars training can change in one target's leaves (stacked layers included).
+
+        Default: the sizes of the leaves not in ``frozen_leaves``.
+        """
+        return sum(int(v.size) for k, v in leaves.items() if k not in self.frozen_leaves)
+
 
 def register_method(name: str):
     """Class decorator registering an ``AdapterMethod`` subclass under ``name`` (``config.method``)."""
@@ -249,6 +310,16 @@ def get_method(name: str) -> AdapterMethod:
             f"Unknown adapter method {name!r}. Registered methods: {sorted(_REGISTRY)}. A new method is an "
             "AdapterMethod subclass decorated with @register_method(name) (see jaxpeft.adapters.core).")
     return _REGISTRY[name]()
+
+
+HOOKS = ("loss_term", "update_rule", "reselect", "calibrate", "calibrated_init")
+
+
+def has_hook(method: AdapterMethod, hook: str) -> bool:
+    """Whether ``method`` implements the optional training hook ``hook`` (one of ``HOOKS``)."""
+    if hook not in HOOKS:
+        raise ValueError(f"Unknown hook {hook!r}; the optional training hooks are {HOOKS}.")
+    return getattr(type(method), hook) is not getattr(AdapterMethod, hook)
 
 
 def stop_frozen(method: AdapterMethod, leaves: Leaves) -> Leaves:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
+from jaxpeft.adapters import interception
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import fold_bias, get_method, stop_frozen
 from jaxpeft.adapters.reparam import AdapterParams, adapter_leaves
@@ -79,28 +80,19 @@ def intercept(params: Any, adapter_params: AdapterParams, config: AdapterConfig,
       deterministic: if True, no dropout.
     """
     method = get_method(config.method)
-    targets = {t.path: t for t in select_targets(config, params)}
-    stacked = [p for p, t in targets.items() if t.stacked_axes]
-    if stacked:
-        raise ValueError(f"Stacked (scanned) targets {stacked} are not supported by the activation-hook mode; "
-                         "use reparam.apply.")
-    by_path = adapter_leaves(adapter_params, list(targets.values()))
+    targets = select_targets(config, params)
+    other = sorted(t.path for t in targets if t.path.rpartition("/")[2] not in ("kernel", "embedding"))
+    if other:
+        raise ValueError(f"Targets {other} are not Dense / DenseGeneral kernels; the activation-hook mode adapts "
+                         "only those. Use reparam.apply.")
+    by_path = adapter_leaves(adapter_params, targets)
     use_dropout = config.dropout > 0.0 and not deterministic
     if use_dropout and rng is None:
         raise ValueError("intercept(..., deterministic=False) with config.dropout > 0 needs an rng key.")
     calls: dict[str, int] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or module.scope is None:
-            return next_fun(*args, **kwargs)
-        prefix = "/".join(module.path)
-        leaf_name = next((n for n in ("kernel", "embedding")
-                          if f"{prefix}/{n}".lstrip("/") in targets), None)
-        if leaf_name is None:
-            return next_fun(*args, **kwargs)
-        path = f"{prefix}/{leaf_name}".lstrip("/")
-        target = targets[path]
+    def handler(next_fun, args, kwargs, module, target):
+        path, leaf_name = target.path, target.path.rpartition("/")[2]
         if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
             raise ValueError(f"{path}: the activation-hook mode supports Dense and DenseGeneral targets, got "
                              f"{type(module).__name__}; use reparam.apply for it.")
@@ -123,10 +115,6 @@ def intercept(params: Any, adapter_params: AdapterParams, config: AdapterConfig,
             out = out + (method.apply_bias(bias, leaves, target) - bias)
         return y + out.reshape(y.shape).astype(y.dtype)
 
-    with nn.intercept_methods(interceptor):
+    with interception.intercept({interception.module_path(t): t for t in targets}, handler,
+                                "the activation-hook mode"):
         yield
-    missing = sorted(set(targets) - set(calls))
-    if missing:
-        raise ValueError(f"Targets {missing} were not called through linen Dense/DenseGeneral inside the "
-                         "intercept block (or a jit cache hit skipped tracing: put the `with` inside the "
-                         "jitted function). Their adapters were not applied.")

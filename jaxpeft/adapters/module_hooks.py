@@ -24,10 +24,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters import interception
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, get_method, stop_frozen
 from jaxpeft.adapters.reparam import AdapterParams, adapter_leaves
@@ -71,14 +71,6 @@ class ModuleHookMethod(AdapterMethod):
             raise ValueError(f"{target.path}: {self.name!r} has no adapter dropout; set AdapterConfig.dropout=0.")
 
 
-def _module_path(target: Target, levels_up: int) -> str:
-    owner = target.path.split("/")[:-1]
-    if levels_up > len(owner):
-        raise ValueError(f"{target.path}: the hooked module is {levels_up} level(s) above the leaf's owner, but "
-                         "the path is not that deep; target a leaf of a submodule of the module to hook.")
-    return "/".join(owner[: len(owner) - levels_up])
-
-
 def _subtree(params: Any, module_path: str) -> Any:
     for name in filter(None, module_path.split("/")):
         params = params[name]
@@ -99,38 +91,25 @@ def intercept(params: Any, adapter_params: AdapterParams, config: AdapterConfig)
     if not isinstance(method, ModuleHookMethod):
         raise ValueError(f"Method {config.method!r} does not add modules; use reparam.apply or factored.intercept.")
     targets = select_targets(config, params)
-    stacked = [t.path for t in targets if t.stacked_axes]
-    if stacked:
-        raise ValueError(f"Stacked (scanned) targets {stacked} are not supported by module hooks.")
     by_path = adapter_leaves(adapter_params, targets)
     hooked: dict[str, Target] = {}
     for target in targets:
-        module = _module_path(target, method.hook_levels_up)
+        module = interception.module_path(target, method.hook_levels_up)
         if module in hooked:
             raise ValueError(f"Targets {hooked[module].path!r} and {target.path!r} hook the same module "
                              f"{module!r}; narrow AdapterConfig.targets to one leaf per module.")
         hooked[module] = target
         method.check_module(_subtree(params, module), module, target)
-    calls: list[str] = []
+    calls = 0
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or module.scope is None:
-            return next_fun(*args, **kwargs)
-        target = hooked.get("/".join(module.path))
-        if target is None:
-            return next_fun(*args, **kwargs)
-        calls.append(target.path)
+    def handler(next_fun, args, kwargs, module, target):
+        nonlocal calls
+        calls += 1
         return method.hook(next_fun, args, kwargs, stop_frozen(method, by_path[target.path]), target,
-                           (len(calls) - 1) % len(hooked))
+                           (calls - 1) % len(hooked))
 
-    with nn.intercept_methods(interceptor):
+    with interception.intercept(hooked, handler, "module hooks"):
         yield
-    missing = sorted({t.path for t in hooked.values()} - set(calls))
-    if missing:
-        raise ValueError(f"The modules owning {missing} were not called inside the intercept block (or a jit "
-                         "cache hit skipped tracing: put the `with` inside the jitted function). Their adapters "
-                         "were not applied.")
 
 
 def bottleneck(h: jax.Array, leaves: Leaves, activation: str) -> jax.Array:

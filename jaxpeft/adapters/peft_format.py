@@ -2,23 +2,23 @@
 
 PEFT's format (``PeftModel.save_pretrained`` / ``from_pretrained``) is a folder with
 
-* ``adapter_config.json``: the PEFT config (``peft_type``, ``r``, ``lora_alpha``, ``target_modules``, ...);
+* ``adapter_config.json``: the PEFT config (``peft_type``, ``r``, ``target_modules``, ...);
 * ``adapter_model.safetensors``: the adapter tensors in PyTorch layout, keyed
   ``base_model.model.<torch module name>.<PEFT parameter name>`` (the adapter name ``default`` is stripped),
-  plus, for VeRA and RandLoRA, the shared random projections under ``base_model.<name>``.
+  plus model-level shared buffers (random projections) under ``base_model.<name>``.
 
-Methods both libraries ship (jaxpeft ``config.method`` -> PEFT ``peft_type``): ``lora`` (also rsLoRA and
-every LoRA init: they are just LoRA weights) and ``dora`` -> ``LORA`` (``use_dora``), ``loha`` -> ``LOHA``,
-``lokr`` -> ``LOKR``, ``ia3`` -> ``IA3``, ``vera`` -> ``VERA``, ``randlora`` -> ``RANDLORA``. Other methods
-have no PEFT counterpart and are refused with that list.
+Which methods have a PEFT counterpart, and how, is declared by each method in its own file
+(``AdapterMethod.peft``, a ``jaxpeft.adapters.peft_mapping.PeftMapping``: PEFT type, layer kinds, one rule per
+leaf, config fields both ways, shared buffers). This module is the generic machinery: module names, the
+layouts and transpositions below, writing and reading folders, inverting the rules, and one diff error on
+import. Methods without a mapping are refused with the list of those that have one.
 
 Module names. PEFT addresses a layer by its dotted torch module name, jaxpeft by the '/'-joined Flax path of
 its kernel. ``module_name`` maps the kernel path to the module name; ``default_module_name`` drops the leaf
 name and joins with '.' (``"encoder/lin/kernel"`` -> ``"encoder.lin"``; nnx ``"layers/0/kernel"`` ->
-``"layers.0"``, as a torch ``ModuleList``); ``bert_module_name`` is ``jaxpeft.models.bert`` <->
-``transformers.BertModel`` (``jaxpeft.models.hf_loader.hf_name`` without the tensor name; prefix it, e.g.
-``lambda p: "bert." + bert_module_name(p)``, for ``BertForSequenceClassification``). Import inverts
-``module_name`` over the leaves of ``base_params`` named ``kernel`` or ``embedding``.
+``"layers.0"``, as a torch ``ModuleList``). Model-specific names live with the model (e.g.
+``jaxpeft.models.hf_loader.bert_module_name``). Import inverts ``module_name`` over the leaves of
+``base_params`` named ``kernel`` or ``embedding``.
 
 Transposition rules. A jaxpeft method sees a layer's leaf folded to a ``(d_in, d_out)`` matrix ``K``
 (``jaxpeft.adapters.core``); PyTorch stores ``W`` with the output axis first:
@@ -34,50 +34,33 @@ Transposition rules. A jaxpeft method sees a layer's leaf folded to a ``(d_in, d
   ndim - 1``): ``W = kernel.transpose(-1, -2, *window axes)``, i.e. ``(c_out, c_in, *window)``. Folded rows
   are ordered ``(window, c_in)`` in Flax and ``(c_in, window)`` in torch, so every input-side factor is
   unfolded and permuted the same way: ``x (prod(window)*c, k) -> x.reshape(*window, c, k)
-  .transpose(k, c, *window)`` (``_input_side``; for a Dense layer this is just ``x.T``).
+  .transpose(k, c, *window)`` (``peft_mapping.input_side``; for a Dense layer this is just ``x.T``).
 
-Per method, jaxpeft leaf -> PEFT tensor (``in(x)`` = ``_input_side`` above with ``c = c_in``)::
-
-    lora/dora  a -> lora_A.weight = in(a) (r, c_in[, *window])     b -> lora_B.weight = b.T (out, r[, 1, 1])
-               Embed: a -> lora_embedding_A = a.T (r, vocab)        b -> lora_embedding_B = b.T (features, r)
-               m -> lora_magnitude_vector (out,)  (conv: (1, out, 1, 1))
-    loha       a1, a2 -> hada_w1_b, hada_w2_b = in(a).reshape(r, -1)    b1, b2 -> hada_w1_a, hada_w2_a = b.T
-    lokr       w1 -> lokr_w1 = w1.T     w1_a -> lokr_w1_b = w1_a.T     w1_b -> lokr_w1_a = w1_b.T
-               w2_b -> lokr_w2_a = w2_b.T
-               w2 -> lokr_w2 = in_d(w2) (b, d[, *window])  w2_a -> lokr_w2_b = in_d(w2_a).reshape(r, -1)
-               (in_d: ``_input_side`` with ``c = d``, the second input factor of ``jaxpeft.adapters.methods.lokr``)
-    ia3        l -> ia3_l: output mode (out, 1), feedforward mode (1, in); conv (1, c, 1, 1)
-    vera       d -> vera_lambda_d,  b -> vera_lambda_b;  shared: proj_a.T, proj_b.T are the top-left slices
-               of base_model.vera_A (r, max in) and base_model.vera_B (max out, r)
-    randlora   lam -> randlora_lambda,  gamma -> randlora_gamma;  shared: basis_a is
-               base_model.randlora_A[:, 0, :n] (r, 1, n_max), basis_b is base_model.randlora_B[:D, :N] (D_max, N_max, r)
-
-Import inverts each rule exactly: the rule is applied to an index array (``np.arange``) of the leaf's shape,
-which tells where every leaf entry sits in the PEFT tensor.
+The per-leaf rules of each method are written beside its mapping. Import inverts each rule exactly: the rule
+is applied to an index array (``np.arange``) of the leaf's shape, which tells where every leaf entry sits in
+the PEFT tensor.
 
 Config fields. ``rank_pattern`` / ``alpha_pattern`` become PEFT's per-module patterns keyed ``^<escaped module
 name>`` (PEFT matches ``(.*\\.)?(key)$``, so the ``^`` makes each key match exactly one module);
-``target_modules`` is written as a regex of the exact module names (PEFT ``re.fullmatch``es a string).
-PEFT has rsLoRA for LoRA/DoRA only: for the other methods ``use_rslora`` is folded into ``alpha``
-(``alpha * sqrt(r)``, per module), which gives the same scale ``alpha / sqrt(r)``. Import reads
-``r``/``lora_alpha``/``alpha``/``randlora_alpha``, the patterns (PEFT's first-match rule), ``use_rslora``,
-``use_dora``, ``lora_dropout``, ``decompose_both``/``decompose_factor``, ``feedforward_modules``, ``d_initial``,
-``sparse``/``very_sparse``; the adapted modules are the ones present in the tensor file. Fields PEFT writes
-that jaxpeft cannot honour (``lora_bias``, ``use_effective_conv2d``, ``modules_to_save``, ``fan_in_fan_out``,
-...) are an error when set. Training-only regularisers (LoHa/LoKr ``rank_dropout``, ``module_dropout``) do
-not change outputs and are not imported.
+``target_modules`` is written as a regex of the exact module names (PEFT ``re.fullmatch``es a string). Where
+PEFT has no ``use_rslora`` for a method, it is folded into ``alpha`` (``alpha * sqrt(r)``, per module), which
+gives the same scale ``alpha / sqrt(r)``. Import reads ``r``, the method's alpha and dropout fields, the
+patterns (PEFT's first-match rule), ``use_rslora`` and the method's own fields; the adapted modules are the
+ones present in the tensor file. Fields PEFT writes that jaxpeft cannot honour (``lora_bias``,
+``use_effective_conv2d``, ``modules_to_save``, ``fan_in_fan_out``, ...) are an error when set. Training-only
+regularisers (``rank_dropout``, ``module_dropout``) do not change outputs and are not imported.
 
 Deviations and limits:
-* VeRA/RandLoRA projections: jaxpeft stores a slice per target; export rebuilds PEFT's single shared buffer
+* Shared random projections: jaxpeft stores a slice per target; export rebuilds PEFT's single shared buffer
   from the slices and refuses targets whose slices disagree (build the adapter with one ``projection_shape``,
-  the elementwise maximum, as ``jaxpeft.adapters.methods.vera`` explains). RandLoRA's shared buffer may be larger
-  than every slice any target uses (PEFT sizes it from the largest in/out dimensions separately); entries no
-  layer reads are written as zeros. PEFT checkpoints saved with ``save_projection=False`` cannot be imported
-  (their projections are ``torch.Generator`` draws).
-* PiSSA-initialised LoRA adapters are exported as plain LoRA weights: load them onto a torch model holding
-  the residual base that ``reparam.init_with_base`` returned (``export_merged`` of it writes one). The other
-  way, a PEFT PiSSA/OLoRA/CorDA adapter saved without ``path_initial_model_for_weight_conversion`` needs the
-  residual base as ``base_params``.
+  the elementwise maximum). A shared buffer may be larger than every slice any target uses (PEFT sizes it
+  from the largest in/out dimensions separately); entries no layer reads are written as zeros. PEFT
+  checkpoints saved with ``save_projection=False`` cannot be imported (their projections are
+  ``torch.Generator`` draws).
+* Adapters with a residual-base init are exported as plain weights of their PEFT type: load them onto a torch
+  model holding the residual base that ``reparam.init_with_base`` returned (``export_merged`` of it writes
+  one). The other way, a PEFT adapter with such an init saved without
+  ``path_initial_model_for_weight_conversion`` needs the residual base as ``base_params``.
 * Tensors are written in float32 (PEFT casts them to the model's dtype on load); import reads any dtype
   and returns float32 leaves.
 * Stacked (scanned) targets are refused: torch has one module per layer; unstack the parameters first.
@@ -108,12 +91,10 @@ from flax import traverse_util
 
 from jaxpeft.adapters.checkpoint import check_adapter
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import Target
-from jaxpeft.adapters.methods.ia3 import is_feedforward
-from jaxpeft.adapters.methods.lokr import kron_shapes
+from jaxpeft.adapters.core import Target, get_method, list_methods
+from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule
 from jaxpeft.adapters.reparam import AdapterParams, adapter_leaves, init_with_base, merge
 from jaxpeft.adapters.selection import named_leaves, select_targets
-from jaxpeft.models.hf_loader import hf_name
 
 ModuleName = Callable[[str], str]
 
@@ -122,16 +103,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _SHARED_PREFIX = "base_model."
 
-# jaxpeft method -> (PEFT peft_type, layer kinds PEFT supports for it).
-_PEFT_METHODS = {
-    "lora": ("LORA", ("linear", "conv", "embedding")),
-    "dora": ("LORA", ("linear", "conv", "embedding")),
-    "loha": ("LOHA", ("linear", "conv")),
-    "lokr": ("LOKR", ("linear", "conv")),
-    "ia3": ("IA3", ("linear", "conv")),
-    "vera": ("VERA", ("linear",)),
-    "randlora": ("RANDLORA", ("linear",)),
-}
 # PEFT config fields jaxpeft cannot honour, with the value that means "off".
 _UNSUPPORTED_FIELDS = {
     "lora_bias": False, "use_effective_conv2d": False, "modules_to_save": None, "fan_in_fan_out": False,
@@ -147,129 +118,43 @@ def default_module_name(path: str) -> str:
     return ".".join(path.split("/")[:-1])
 
 
-def bert_module_name(path: str) -> str:
-    """``jaxpeft.models.bert`` kernel path -> ``transformers.BertModel`` module name (via ``hf_loader.hf_name``)."""
-    return hf_name(path).rsplit(".", 1)[0]
+def _peft_methods() -> dict[str, PeftMapping]:
+    """jaxpeft method -> its PEFT mapping, for every registered method that declares one."""
+    return {name: get_method(name).peft for name in list_methods() if get_method(name).peft is not None}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How one target's layer looks in PyTorch: ``kind`` linear / conv / embedding, conv ``window``."""
-
-    kind: str
-    window: tuple[int, ...]
-    c_in: int
-    d_out: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    """One jaxpeft leaf -> one PEFT tensor (``shared``: a slice of a model-level buffer)."""
-
-    peft_name: str
-    to_torch: Callable[[np.ndarray], np.ndarray]
-    shared: bool = False
-
-
-def _input_side(x: np.ndarray, window: tuple[int, ...], channels: int) -> np.ndarray:
-    """``(prod(window)*channels, k)`` with rows ordered (window, channels) -> torch ``(k, channels, *window)``."""
-    nw = len(window)
-    return x.reshape(*window, channels, -1).transpose(nw + 1, nw, *range(nw))
-
-
-def _flat(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1)
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-def _same(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _rules(method: str, layout: _Layout, *, lokr_d: int = 1, feedforward: bool = False) -> dict[str, _Rule]:
-    """jaxpeft leaf name -> rule, for every leaf the method can have on a layer (module docstring table).
-
-    ``lokr_d``: LoKr's second input factor ``d``; ``feedforward``: an (IA)^3 target in feedforward mode.
-    """
-    ones = (1,) * len(layout.window)
-    conv = layout.kind == "conv"
-    if method in ("lora", "dora"):
-        if layout.kind == "embedding":
-            rules = {"a": _Rule("lora_embedding_A", _transpose), "b": _Rule("lora_embedding_B", _transpose)}
-        else:
-            rules = {"a": _Rule("lora_A.weight", lambda x: _input_side(x, layout.window, layout.c_in)),
-                     "b": _Rule("lora_B.weight", lambda x: x.T.reshape(layout.d_out, -1, *ones))}
-        rules["m"] = _Rule("lora_magnitude_vector", lambda x: x.reshape((1, -1, *ones) if conv else (-1,)))
-        return rules
-    if method == "loha":
-        a_side = lambda x: _flat(_input_side(x, layout.window, layout.c_in))
-        return {"a1": _Rule("hada_w1_b", a_side), "b1": _Rule("hada_w1_a", _transpose),
-                "a2": _Rule("hada_w2_b", a_side), "b2": _Rule("hada_w2_a", _transpose)}
-    if method == "lokr":
-        return {"w1": _Rule("lokr_w1", _transpose), "w1_a": _Rule("lokr_w1_b", _transpose),
-                "w1_b": _Rule("lokr_w1_a", _transpose), "w2_b": _Rule("lokr_w2_a", _transpose),
-                "w2": _Rule("lokr_w2", lambda x: _input_side(x, layout.window, lokr_d)),
-                "w2_a": _Rule("lokr_w2_b", lambda x: _flat(_input_side(x, layout.window, lokr_d)))}
-    if method == "ia3":
-        shape = (1, -1, *ones) if conv else ((1, -1) if feedforward else (-1, 1))
-        return {"l": _Rule("ia3_l", lambda x: x.reshape(shape))}
-    if method == "vera":
-        return {"proj_a": _Rule("vera_A", _transpose, shared=True), "proj_b": _Rule("vera_B", _transpose, shared=True),
-                "d": _Rule("vera_lambda_d", _same), "b": _Rule("vera_lambda_b", _same)}
-    return {"basis_a": _Rule("randlora_A", lambda x: x[:, None, :], shared=True),
-            "basis_b": _Rule("randlora_B", _same, shared=True),
-            "lam": _Rule("randlora_lambda", _same), "gamma": _Rule("randlora_gamma", _same)}
-
-
-def _target_rules(method: str, target: Target, conv: str | None) -> dict[str, _Rule]:
-    return _rules(method, _layout(target, conv, method),
-                  lokr_d=kron_shapes(target)["d"] if method == "lokr" else 1,
-                  feedforward=method == "ia3" and is_feedforward(target))
-
-
-def _check_method(method: str) -> str:
-    if method not in _PEFT_METHODS:
+def _mapping(method: str) -> PeftMapping:
+    mapping = get_method(method).peft
+    if mapping is None:
         raise ValueError(f"Method {method!r} has no Hugging Face PEFT counterpart, so it cannot be exported to or "
-                         f"imported from PEFT's format. Methods that can: {sorted(_PEFT_METHODS)}. Use "
+                         f"imported from PEFT's format. Methods that can: {sorted(_peft_methods())}. Use "
                          "jaxpeft.adapters.save_adapter for a jaxpeft checkpoint, or export_merged for merged weights.")
-    return _PEFT_METHODS[method][0]
+    return mapping
 
 
-def _layout(target: Target, conv: str | None, method: str) -> _Layout:
+def _target_rules(mapping: PeftMapping, method: str, target: Target, conv: str | None) -> dict[str, Rule]:
+    return mapping.rules(_layout(target, conv, method, mapping), target)
+
+
+def _layout(target: Target, conv: str | None, method: str, mapping: PeftMapping) -> Layout:
     layer = target.layer_shape
     if target.stacked_axes:
         raise ValueError(f"{target.path}: stacked (scanned) layers of shape {target.shape} have no single torch "
                          "module; unstack the parameters (one leaf per layer) before exporting to PEFT.")
     if target.kind == "embedding":
-        layout = _Layout("embedding", (), *target.matrix_shape)
+        layout = Layout("embedding", (), *target.matrix_shape)
     elif conv is not None and re.fullmatch(conv, target.path):
         if len(layer) < 3 or target.fan_in_axes != len(layer) - 1:
             raise ValueError(f"{target.path}: matched by conv={conv!r}, so it must be a Flax Conv kernel "
                              f"(*window, c_in, c_out) with fan_in_axes=ndim-1, got shape {layer} and "
                              f"fan_in_axes={target.fan_in_axes}.")
-        layout = _Layout("conv", tuple(layer[:-2]), layer[-2], layer[-1])
+        layout = Layout("conv", tuple(layer[:-2]), layer[-2], layer[-1])
     else:
-        layout = _Layout("linear", (), *target.matrix_shape)
-    kinds = _PEFT_METHODS[method][1]
+        layout = Layout("linear", (), *target.matrix_shape)
+    kinds = mapping.layer_kinds
     if layout.kind not in kinds:
         raise ValueError(f"{target.path}: PEFT's {method!r} supports {kinds} layers, not {layout.kind!r}.")
     return layout
-
-
-def _shared_shapes(method: str, targets: Sequence[Target]) -> dict[str, tuple[int, ...]]:
-    """Shapes of PEFT's model-level buffers (sized from the largest in/out dimensions, as PEFT's ``_find_dim``)."""
-    max_in = max(t.matrix_shape[0] for t in targets)
-    max_out = max(t.matrix_shape[1] for t in targets)
-    r = targets[0].rank
-    if method == "vera":
-        return {"vera_A": (r, max_in), "vera_B": (max_out, r)}
-    if method == "randlora":
-        n = min(max_in, max_out)
-        return {"randlora_A": (r, 1, n), "randlora_B": (max(max_in, max_out), math.ceil(n / r), r)}
-    return {}
 
 
 def _assemble(name: str, shape: tuple[int, ...], pieces: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
@@ -287,51 +172,12 @@ def _assemble(name: str, shape: tuple[int, ...], pieces: Sequence[tuple[str, np.
     return buffer
 
 
-def _per_module(targets: Sequence[Target], value: Callable[[Target], Any], default: Any,
-                modules: Mapping[str, str]) -> dict[str, Any]:
-    """PEFT pattern dict ``{"^<module>": value}`` for the targets whose value differs from ``default``."""
-    return {f"^{re.escape(modules[t.path])}": value(t) for t in targets if value(t) != default}
-
-
-def _peft_alpha(alpha: float, rank: int, use_rslora: bool, rslora_native: bool) -> float:
-    """PEFT's alpha giving jaxpeft's scale (rsLoRA folded into alpha where PEFT has no ``use_rslora``)."""
-    return alpha * math.sqrt(rank) if use_rslora and not rslora_native else alpha
-
-
 def _peft_config(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict[str, Any]:
-    method = config.method
+    mapping = _mapping(config.method)
     names = [modules[t.path] for t in targets]
-    out = {"peft_type": _check_method(method), "task_type": None, "base_model_name_or_path": None,
-           "inference_mode": True, "target_modules": "|".join(re.escape(n) for n in names)}
-    if method == "ia3":
-        feedforward = [modules[t.path] for t in targets if is_feedforward(t)]
-        return {**out, "feedforward_modules": "|".join(re.escape(n) for n in feedforward),
-                "init_ia3_weights": True}
-    options = dict(targets[0].options)
-    if method in ("vera", "randlora"):
-        alphas = {_peft_alpha(t.alpha, t.rank, t.use_rslora, False) for t in targets}
-        alphas = alphas if method == "randlora" else set()
-        if len({t.rank for t in targets}) > 1 or len(alphas) > 1:
-            raise ValueError(f"PEFT's {method!r} has one rank (and alpha) for all layers; this adapter uses "
-                             "per-target ranks or alphas (rank_pattern / alpha_pattern). Use a single rank.")
-        out.update(r=targets[0].rank, save_projection=True, init_weights=True, projection_prng_key=0)
-        if method == "vera":
-            return {**out, "d_initial": options["d_initial"], "vera_dropout": config.dropout}
-        return {**out, "randlora_alpha": alphas.pop(), "randlora_dropout": config.dropout,
-                "sparse": options["basis"] == "sparse", "very_sparse": options["basis"] == "very_sparse"}
-    rslora_native = method in ("lora", "dora")
-    default_alpha = _peft_alpha(config.alpha, config.rank, config.use_rslora, rslora_native)
-    alpha = lambda t: _peft_alpha(t.alpha, t.rank, t.use_rslora, rslora_native)
-    out.update(r=config.rank, rank_pattern=_per_module(targets, lambda t: t.rank, config.rank, modules),
-               alpha_pattern=_per_module(targets, alpha, default_alpha, modules))
-    if rslora_native:
-        return {**out, "lora_alpha": default_alpha, "use_rslora": config.use_rslora, "use_dora": method == "dora",
-                "lora_dropout": config.dropout, "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False}
-    out.update(alpha=default_alpha, init_weights=True, use_effective_conv2d=False, rank_dropout=0.0,
-               module_dropout=0.0)
-    if method == "lokr":
-        out.update(decompose_both=options["decompose_both"], decompose_factor=options["decompose_factor"])
-    return out
+    return {"peft_type": mapping.peft_type, "task_type": None, "base_model_name_or_path": None,
+            "inference_mode": True, "target_modules": "|".join(re.escape(n) for n in names),
+            **mapping.config_fields(config, targets, modules)}
 
 
 def _module_names(targets: Sequence[Target], module_name: ModuleName) -> dict[str, str]:
@@ -353,11 +199,11 @@ def export_peft(directory: str | os.PathLike, adapter: AdapterParams, config: Ad
     Args:
       directory: output folder (created).
       adapter, config, base_params: the jaxpeft adapter, its config, and the base parameters it adapts.
-      module_name: Flax kernel path -> torch module name (``default_module_name``, ``bert_module_name``).
+      module_name: Flax kernel path -> torch module name (``default_module_name``, or the model's own).
       conv: regex (``re.fullmatch`` on Flax paths) of the Conv kernels ``(*window, c_in, c_out)``; other
         kernels are Dense / DenseGeneral (torch ``Linear``) or, for leaves named ``embedding``, Embedding.
     """
-    _check_method(config.method)
+    mapping = _mapping(config.method)
     check_adapter(adapter, config, base_params)
     targets = select_targets(config, base_params)
     modules = _module_names(targets, module_name)
@@ -365,7 +211,7 @@ def export_peft(directory: str | os.PathLike, adapter: AdapterParams, config: Ad
     tensors: dict[str, np.ndarray] = {}
     shared: dict[str, list[tuple[str, np.ndarray]]] = {}
     for target in targets:
-        rules = _target_rules(config.method, target, conv)
+        rules = _target_rules(mapping, config.method, target, conv)
         for leaf_name, value in by_path[target.path].items():
             rule = rules[leaf_name]
             array = rule.to_torch(np.asarray(jnp.asarray(value, jnp.float32)))
@@ -373,9 +219,9 @@ def export_peft(directory: str | os.PathLike, adapter: AdapterParams, config: Ad
                 shared.setdefault(rule.peft_name, []).append((target.path, array))
             else:
                 tensors[f"{_PREFIX}{modules[target.path]}.{rule.peft_name}"] = array
-    for name, shape in _shared_shapes(config.method, targets).items():
+    for name, shape in mapping.shared_shapes(targets).items():
         tensors[f"{_SHARED_PREFIX}{name}"] = _assemble(name, shape, shared[name])
-        if config.method == "randlora":  # PEFT also saves each RandLoRA layer's reference to the shared buffers
+        if mapping.layer_copies_of_shared:  # PEFT also saves each layer's reference to the shared buffers
             tensors.update({f"{_PREFIX}{modules[t.path]}.{name}": tensors[f"{_SHARED_PREFIX}{name}"] for t in targets})
     peft_config = _peft_config(config, targets, modules)
     folder = pathlib.Path(directory)
@@ -383,15 +229,6 @@ def export_peft(directory: str | os.PathLike, adapter: AdapterParams, config: Ad
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
                                 str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-
-
-def _is_peft_feedforward(spec: Any, module: str) -> bool:
-    """PEFT's ``feedforward_modules`` rule: a string is ``re.fullmatch``ed, a list entry is a suffix of the name."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    return any(module.endswith(key) for key in spec)
 
 
 def _peft_pattern(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -422,24 +259,25 @@ def _read_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 def _method_of(peft_config: Mapping[str, Any]) -> str:
     """The jaxpeft method of a PEFT config; an error for PEFT types and options jaxpeft lacks."""
     peft_type = peft_config.get("peft_type")
-    methods = {v[0]: k for k, v in _PEFT_METHODS.items() if k != "dora"}
-    if peft_type not in methods:
-        raise ValueError(f"PEFT type {peft_type!r} has no jaxpeft counterpart; importable types: {sorted(methods)}.")
+    mappings = _peft_methods()
+    types = sorted({m.peft_type for m in mappings.values()})
+    if peft_type not in types:
+        raise ValueError(f"PEFT type {peft_type!r} has no jaxpeft counterpart; importable types: {types}.")
     unsupported = {k: peft_config[k] for k, off in _UNSUPPORTED_FIELDS.items()
                    if peft_config.get(k, off) not in (off, None, False, [], {})}
     if unsupported:
         raise ValueError(f"This PEFT adapter uses options jaxpeft does not implement: {unsupported}.")
-    if peft_type in ("VERA", "RANDLORA") and not peft_config.get("save_projection", True):
+    if not peft_config.get("save_projection", True):
         raise ValueError(f"This {peft_type} adapter was saved with save_projection=False: its random projections "
                          "are torch.Generator draws that jaxpeft cannot reproduce. Re-save it in PEFT with "
                          "save_projection=True.")
-    return "dora" if peft_type == "LORA" and peft_config.get("use_dora") else methods[peft_type]
+    return next(name for name, m in sorted(mappings.items()) if m.peft_type == peft_type and m.claims(peft_config))
 
 
 def _adapted_modules(method: str, tensors: Mapping[str, np.ndarray]) -> list[str]:
     """The torch module names the tensor file adapts (keys ``base_model.model.<module>.<PEFT name>``)."""
     names = {rule.peft_name for kind in ("linear", "embedding")
-             for rule in _rules(method, _Layout(kind, (), 1, 1)).values() if not rule.shared}
+             for rule in _mapping(method).rules(Layout(kind, (), 1, 1), None).values() if not rule.shared}
     modules = set()
     for key in tensors:
         for name in names:
@@ -488,43 +326,24 @@ def import_peft(directory: str | os.PathLike, base_params: Any, *, module_name: 
 def _jaxpeft_config(method: str, peft_config: Mapping[str, Any], paths: Mapping[str, str], base_params: Any,
                     conv: str | None, fan_in_axes: Mapping[str, int] | None) -> AdapterConfig:
     """The AdapterConfig of a PEFT config for the adapted Flax paths (``paths``: Flax path -> module name)."""
+    mapping = _mapping(method)
     leaves = dict(named_leaves(base_params))
     conv_paths = [p for p in paths if conv is not None and re.fullmatch(conv, p)]
     fan_in = {**(fan_in_axes or {}), **{re.escape(p): leaves[p].ndim - 1 for p in conv_paths}}
     r = peft_config.get("r", 8)
-    alpha = peft_config.get({"LORA": "lora_alpha", "RANDLORA": "randlora_alpha"}.get(peft_config["peft_type"],
-                                                                                      "alpha"), 8.0)
+    alpha = peft_config.get(mapping.alpha_field, 8.0)
     rank_pattern = {re.escape(p): _peft_pattern(peft_config.get("rank_pattern"), m, r) for p, m in paths.items()}
     alpha_pattern = {re.escape(p): _peft_pattern(peft_config.get("alpha_pattern"), m, alpha)
                      for p, m in paths.items()}
-    options: dict[str, Any] = {}
-    spatial = {leaves[p].ndim - 2 for p in conv_paths}
-    if method in ("lokr", "ia3") and spatial:
-        options["spatial_axes"] = spatial.pop()
-    if method == "lokr":
-        options.update(decompose_both=peft_config.get("decompose_both", False),
-                       decompose_factor=peft_config.get("decompose_factor", -1))
-    if method == "ia3":
-        feedforward = [p for p, m in paths.items() if _is_peft_feedforward(peft_config.get("feedforward_modules"), m)]
-        options["feedforward"] = "|".join(re.escape(p) for p in feedforward) or None
-    if method == "vera":
-        options["d_initial"] = peft_config.get("d_initial", 0.1)
-    if method == "randlora":
-        options["basis"] = ("very_sparse" if peft_config.get("very_sparse") else
-                            "sparse" if peft_config.get("sparse") else "dense")
-    dropout_key = {"lora": "lora_dropout", "dora": "lora_dropout", "vera": "vera_dropout",
-                   "randlora": "randlora_dropout"}.get(method)
+    options = mapping.import_options(peft_config, paths, leaves, conv_paths)
     config = AdapterConfig(
         targets="|".join(re.escape(p) for p in sorted(paths)), method=method, rank=r, alpha=alpha,
-        dropout=peft_config.get(dropout_key, 0.0) if dropout_key else 0.0,
+        dropout=peft_config.get(mapping.dropout_field, 0.0) if mapping.dropout_field else 0.0,
         use_rslora=bool(peft_config.get("use_rslora", False)),
         rank_pattern={k: v for k, v in rank_pattern.items() if v != r},
         alpha_pattern={k: v for k, v in alpha_pattern.items() if v != alpha}, fan_in_axes=fan_in, options=options)
-    if method in ("vera", "randlora"):  # the shared projections' shape: the largest folded in/out dimensions
-        targets = select_targets(config, base_params)
-        shape = (max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets))
-        config = dataclasses.replace(config, options={**options, "projection_shape": shape})
-    return config
+    completed = mapping.complete_options(options, select_targets(config, base_params))
+    return config if completed == options else dataclasses.replace(config, options=completed)
 
 
 def _import_leaves(method: str, config: AdapterConfig, tensors: Mapping[str, np.ndarray], base_params: Any,
@@ -534,9 +353,10 @@ def _import_leaves(method: str, config: AdapterConfig, tensors: Mapping[str, np.
     _, expected = jax.eval_shape(lambda p: init_with_base(jax.random.key(0), config, p), base_params)
     expected = adapter_leaves(expected, targets)
     used, missing, wrong, by_path = set(), [], [], {}
-    shared_shapes = _shared_shapes(method, targets)
+    mapping = _mapping(method)
+    shared_shapes = mapping.shared_shapes(targets)
     for target in targets:
-        rules = _target_rules(method, target, conv)
+        rules = _target_rules(mapping, method, target, conv)
         by_path[target.path] = {}
         for leaf_name, spec in expected[target.path].items():
             rule = rules[leaf_name]
@@ -557,8 +377,9 @@ def _import_leaves(method: str, config: AdapterConfig, tensors: Mapping[str, np.
             leaf = np.empty(index.size, np.float32)
             leaf[index.reshape(-1)] = tensor.reshape(-1)
             by_path[target.path][leaf_name] = jnp.asarray(leaf.reshape(spec.shape))
-    # PEFT also writes each RandLoRA layer's view of the shared buffers; they duplicate base_model.randlora_*.
-    copies = {k for k in tensors if method == "randlora" and re.fullmatch(r".*\.randlora_[AB]", k)}
+    # PEFT may also write each layer's view of the shared buffers; they duplicate base_model.<buffer>.
+    copies = {k for k in tensors if mapping.layer_copies_of_shared and k.startswith(_PREFIX)
+              and k.rpartition(".")[2] in shared_shapes}
     unexpected = sorted(set(tensors) - used - copies)
     if missing or unexpected or wrong:
         raise ValueError(

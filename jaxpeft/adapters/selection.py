@@ -124,7 +124,7 @@ def select_targets(config: AdapterConfig, params: Any) -> list[Target]:
         if method.adapts_bias and target.fan_in_axes:
             target = dataclasses.replace(target, bias_path=_bias_path(
                 path, shape, stacked, target.matrix_shape[1], by_path, config))
-        method.validate(target)
+        method.check_target(target)
         targets.append(target)
     if not targets:
         available = "\n  ".join(f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in leaves)

@@ -66,6 +66,15 @@ def hf_name(path: str) -> str:
   raise KeyError(f"{path!r} is not a BERT encoder parameter with a Hugging Face counterpart.")
 
 
+def bert_module_name(path: str) -> str:
+  """A BERT kernel path -> its `transformers.BertModel` module name (`hf_name` without the tensor name).
+
+  The `module_name` of `jaxpeft.adapters.export_peft` / `import_peft` for this BERT; prefix it (e.g.
+  `lambda p: "bert." + bert_module_name(p)`) for `BertForSequenceClassification`.
+  """
+  return hf_name(path).rsplit(".", 1)[0]
+
+
 def resolve_model_dir(path_or_name: str | pathlib.Path | None = None) -> pathlib.Path:
   """The local folder of a checkpoint name or path (see the module docstring)."""
   if path_or_name is None or str(path_or_name) in EMBEDDED_MODEL_NAMES:

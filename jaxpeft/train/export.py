@@ -7,7 +7,7 @@
   checkpoint beside `params`; only for models that have them;
 * `<workdir>/export/adapter.safetensors` — only the adapter leaves plus their config record
   (`jaxpeft.adapters.checkpoint.load_adapter` rebuilds it in a fresh process). Not written when the
-  run trained on a rewritten base (PiSSA / CorDA residual inits, SaRA re-selection): those leaves
+  run trained on a rewritten base (residual-base inits, re-selections that merge into the base): those leaves
   applied to the original weights would not give the trained model, so only the merged export is.
 """
 

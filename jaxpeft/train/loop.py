@@ -12,11 +12,11 @@ evaluation labels stay clean.
 
 Adapter methods with more than a train step (hooks of `jaxpeft.train.trainable`):
 
-* a calibrated init (CorDA) reads `config.adapter.calibration_batches` batches of the training split
+* a calibrated init reads `config.adapter.calibration_batches` batches of the training split
   (the first batches of the run's order, the same on every process) before a fresh run; its residual
   base is frozen and saved once in `checkpoints/frozen/`, so a resumed run restores it and never
   recalibrates;
-* a re-selection (SaRA's progressive schedule, every `config.adapter.reselect_every` steps) runs
+* a re-selection (every `config.adapter.reselect_every` steps) runs
   between two steps, before that step's checkpoint and eval. It rewrites the frozen base, so such runs
   save the frozen params inside every numbered checkpoint (and none in `checkpoints/frozen/`).
 """
@@ -51,7 +51,7 @@ from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step
-from jaxpeft.train.trainable import Trainable
+from jaxpeft.train.trainable import Trainable, no_decay_optimizer
 
 PMAP_AXIS = "devices"
 
@@ -349,7 +349,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   model = build_model(config.model)
   trainable = Trainable.from_config(model, config)
-  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps))
+  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps), no_decay_optimizer(config))
   example = loader.batch(0)
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
   base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)

@@ -7,12 +7,12 @@ the device count divides (leaves with no such axis, e.g. scalars, stay replicate
 rule big_vision calls `fsdp`. XLA inserts the all-gathers and reduce-scatters.
 
 Adapter leaves get the same rule as every other leaf; they do not copy their base kernel's spec.
-For LoRA on a kernel `(d_in, d_out)` the rule already splits `a: (d_in, r)` along `d_in` and
+For low-rank factors of a kernel `(d_in, d_out)` the rule already splits `a: (d_in, r)` along `d_in` and
 `b: (r, d_out)` along `d_out` (rank is the small axis), so adapter storage and optimizer state are
 spread evenly. Copying the kernel's spec instead would be worse on this one-axis mesh: a kernel
 split along `d_in` would leave `b` replicated, a kernel split along `d_out` would leave `a`
-replicated, and which axis a method's leaf shares with the kernel is method-specific (Hydra's
-`a_s` reads `d_out`, DoRA's magnitude is `d_out`, VeRA's frozen projections are shared). FSDP
+replicated, and which axis a method's leaf shares with the kernel is method-specific (a
+magnitude vector reads `d_out`, frozen random projections may be shared across layers). FSDP
 gathers every leaf before use, so the choice changes memory balance only, never the results
 (tests/train/sharding_test.py checks both). Following the kernel pays off with a model-parallel
 mesh axis, which this harness does not have.

@@ -17,14 +17,14 @@ Models with mutable collections (BatchNorm `batch_stats`, kept in `state.model_s
 with batch statistics and return the updated running averages in the new state (averaged across devices
 under pmap); eval uses the running averages.
 
-An adapter method's loss term (`Trainable.regularizer`, e.g. SaRA's nuclear norm) is part of the
+An adapter method's loss term (`Trainable.regularizer`, the method's `loss_term`) is part of the
 objective: the metric `loss` is cross-entropy + term (what is differentiated, and what MoMo's `value=`,
 AdaHessian's `obj_fn` and SAM's `grad_fn` see), and the term alone is the metric `penalty`. Its random
-choice (SaRA draws one matrix per step) uses a key derived from the step's, so it is the same on every
+choice (e.g. one matrix drawn per step) uses a key derived from the step's, so it is the same on every
 device and after a resume.
 
 `make_reselect_step` builds the between-steps update of methods that re-select their trained entries
-(SaRA's progressive schedule): `Trainable.reselect`, then the optimizer state restarts as at step 0,
+(the method's `reselect` hook): `Trainable.reselect`, then the optimizer state restarts as at step 0,
 except that the learning-rate schedule keeps its position (see `restart_optimizer_state`).
 """
 
@@ -134,12 +134,10 @@ def restart_optimizer_state(tx: optax.GradientTransformation, opt_state: optax.O
 def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -> Callable[[TrainState], TrainState]:
   """Returns `reselect_step(state) -> state` for methods that re-select their trained entries.
 
-  SaRA (Hu et al., arXiv:2409.06633, reference `optim/adamw.py`): after `reselect_every` updates the
-  trained delta is merged into the base, the mask is redrawn with the same threshold on the merged
-  weights (`jaxpeft.adapters.methods.sara.reselect`), and the optimizer starts afresh on the new entries (the
-  reference builds a new optimizer, while its learning-rate scheduler runs on): here all optimizer
-  state restarts but the schedule's position (`restart_optimizer_state`). The model's function does
-  not change. `tx` is the transformation the state was made with (`Trainable.optimizer(...)`).
+  After `reselect_every` updates the method's `reselect` hook rewrites base and adapter (e.g. merges the
+  trained delta into the base and redraws which entries train), and all optimizer state restarts but the
+  schedule's position (`restart_optimizer_state`), as a reference that builds a new optimizer while its
+  learning-rate scheduler runs on. The model's function does not change. `tx` is the transformation the state was made with (`Trainable.optimizer(...)`).
   """
 
   def reselect_step(state: TrainState) -> TrainState:

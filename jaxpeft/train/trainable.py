@@ -7,41 +7,36 @@ A run's model parameters come from `model.init` (or a pretrained loader) and are
 * `frozen` — every other base leaf, read but never differentiated and given no optimizer state.
 
 Full fine-tuning is `trainable.base='.*'` with no adapter; a linear probe trains only the head
-(`trainable.base='head/.*'`); LoRA trains the adapter (and, typically, a new head). The model is
+(`trainable.base='head/.*'`); an adapter run trains the adapter (and, typically, a new head). The model is
 called with the base tree reassembled and the adapter applied, either by rebuilding the weights
 (`adapter.mode='reparam'`, `jaxpeft.adapters.reparam.apply`) or by adding the adapter branch to
 the targeted layers' activations (`adapter.mode='factored'`, `jaxpeft.adapters.factored`).
-Adapters that add modules (Houlsby, AdaptFormer, prompts: `jaxpeft.adapters.module_hooks`) always run
+Adapters that add modules (bottleneck adapters, prompts: `jaxpeft.adapters.module_hooks`) always run
 through their module hooks, and are exported unmerged (the adapter file holds them).
 
-Methods with their own update rule get it chained after the optimizer on their adapter leaves, with
-the keyword arguments of `config.adapter.update`: SoRA's proximal L1 step on the gates
-(`jaxpeft.adapters.methods.sora.proximal_l1`, e.g. `update.sparse_lambda=1e-3`). (ALLoRA's per-row gradient
-scale is part of its adapter's differentiation, `jaxpeft.adapters.methods.allora`, set by `options.eta`.)
+What is specific to a method is declared by the method (`jaxpeft.adapters.core.AdapterMethod`'s
+optional hooks) and only asked for here, so no method is named in this package:
 
-Three more per-method hooks, each a registry entry below (the loop and step stay method-agnostic):
+* `update_rule`, built from the keyword arguments of `config.adapter.update`, chained after the
+  optimizer on the adapter leaves;
+* `loss_term`, built from the keyword arguments of `config.adapter.penalty` and added to the training
+  loss inside the step;
+* `reselect`, run between two steps every `config.adapter.reselect_every` steps (0: never). It rewrites
+  base leaves (`rewrites_base`), so the loop saves `state.frozen` in every checkpoint of such runs;
+* `calibrate` + `calibrated_init`, an init from activations of `config.adapter.calibration_batches`
+  training batches. The (residual) base it returns is what `split` returns and the run freezes;
+* `frozen_leaves` get no update and no optimizer state; `no_decay_leaves` are updated by the same
+  optimizer built with `weight_decay=0` (`no_decay_optimizer`, passed to `Trainable.optimizer`);
+* `trained_count`, the trained-parameter count of one target's leaves.
 
-* a loss term, built from the keyword arguments of `config.adapter.penalty` and added to the training
-  loss inside the step: SaRA's nuclear norm (`jaxpeft.adapters.methods.sara.nuclear_norm_penalty`;
-  `penalty.lambda_rank`, optional `penalty.min_dim` (64) and `penalty.sample` (True: one eligible
-  matrix drawn per step, as the reference; False: all of them));
-* a re-selection every `config.adapter.reselect_every` steps (0: never), run between two steps:
-  SaRA's progressive schedule (`jaxpeft.adapters.methods.sara.reselect`: the trained delta is merged into the
-  base and the mask redrawn on the merged weights). It rewrites base leaves (`rewrites_base`), so the
-  loop saves `state.frozen` in every checkpoint of such runs;
-* a calibrated init, from activations of `config.adapter.calibration_batches` training batches:
-  CorDA (`jaxpeft.adapters.methods.corda`: input covariances of the targets, then the residual base
-  `W - s a0 b0` and the adapter `a0, b0`). The residual base is what `split` returns and the run
-  freezes; `merged` gives `W_res + s a b`, the trained model in the original layout.
-
-Base-modifying inits without data (LoRA's `init='pissa'`) also get their residual base from `split`.
+Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their residual base from `split`.
 """
 
-import contextlib
 import dataclasses
+import inspect
 import re
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,42 +44,15 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from jaxpeft.adapters import factored, module_hooks, partition, reparam
-from jaxpeft.adapters.methods import corda, sara, sora
+from jaxpeft.adapters import application, partition, reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import get_method
+from jaxpeft.adapters.core import AdapterMethod, LossTerm, get_method, has_hook
 from jaxpeft.adapters.selection import select_targets
+from jaxpeft.train.optimizer import build_optimizer
 
 PyTree = Any
 # term(base_params, adapter_params, rng) -> scalar added to the training loss.
-Penalty = Callable[[PyTree, PyTree, jax.Array], jax.Array]
-
-
-def _sara_penalty(config: AdapterConfig, *, lambda_rank: float, min_dim: int = 64, sample: bool = True) -> Penalty:
-  if not lambda_rank > 0:
-    raise ValueError(f"config.adapter.penalty.lambda_rank={lambda_rank} must be > 0 (the reference uses 5e-4).")
-
-  def term(base_params, adapter_params, rng):
-    return sara.nuclear_norm_penalty(base_params, adapter_params, config, lambda_rank, min_dim=min_dim,
-                                     rng=rng if sample else None)
-
-  return term
-
-
-class _CalibratedInit(NamedTuple):
-  collect: Callable[..., PyTree]  # (apply_fn, base_params, batches, adapter_config) -> calibration
-  init: Callable[..., tuple[PyTree, PyTree]]  # (adapter_config, base_params, calibration) -> (base, adapter)
-
-
-# method -> its update rule, built from `config.adapter.update` and applied to the adapter leaves.
-_UPDATE_RULES = {"sora": lambda **kw: optax.masked(sora.proximal_l1(**kw), sora.gate_mask)}
-# method -> its loss term, built as `factory(adapter_config, **config.adapter.penalty)`.
-_PENALTIES = {"sara": _sara_penalty}
-# method -> rule(base_params, adapter_params, adapter_config) -> (base_params, adapter_params), run every
-# `config.adapter.reselect_every` steps.
-_RESELECT_RULES = {"sara": sara.reselect}
-# method -> its init from calibration activations.
-_CALIBRATED_INITS = {"corda": _CalibratedInit(corda.collect_covariances, corda.init_with_base)}
+Penalty = LossTerm
 
 
 def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
@@ -100,37 +68,37 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
   )
 
 
-def _method_rule(config: ml_collections.ConfigDict, field: str, registry: dict[str, Callable[..., Any]], what: str,
-                 example: str, *args: Any) -> Any:
-  """`registry[method](*args, **config.adapter.<field>)`, or None for a method without an entry.
+def _method_hook(config: ml_collections.ConfigDict, field: str, hook: str, what: str, *args: Any) -> Any:
+  """`method.<hook>(*args, **config.adapter.<field>)`, or None when the method does not implement the hook.
 
-  Options set for a method without an entry, or options its entry does not take, are errors.
+  Options set for a method without the hook, or options its hook does not take, are errors.
   """
   options = dict(config.adapter.get(field) or {})
-  factory = registry.get(config.adapter.method)
-  if factory is None:
+  method = get_method(config.adapter.method) if config.adapter.method else None
+  if method is None or not has_hook(method, hook):
     if options:
       raise ValueError(f"config.adapter.{field}={options} is set, but method {config.adapter.method!r} has no"
-                       f" {what} (only {sorted(registry)} do); leave it empty.")
+                       f" {what}; leave it empty.")
     return None
   try:
-    return factory(*args, **options)
+    return getattr(method, hook)(*args, **options)
   except TypeError as e:
+    accepted = [p for p in inspect.signature(getattr(method, hook)).parameters.values()
+                if p.kind == p.KEYWORD_ONLY or p.kind == p.VAR_KEYWORD]
     raise ValueError(f"config.adapter.{field}={options} does not fit {config.adapter.method!r}'s {what}"
-                     f" ({e}); e.g. {example}.") from None
+                     f" ({e}); it takes: {', '.join(map(str, accepted))}.") from None
 
 
 def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
-  """The method's own update rule from `config.adapter.update` (SoRA), or None."""
-  return _method_rule(config, "update", _UPDATE_RULES, "update rule", "sora: update.sparse_lambda")
+  """The method's own update rule (`update_rule`) from `config.adapter.update`, or None."""
+  return _method_hook(config, "update", "update_rule", "update rule", adapter_config(config))
 
 
 def adapter_penalty(config: ml_collections.ConfigDict) -> Penalty | None:
-  """The method's loss term from `config.adapter.penalty` (SaRA's nuclear norm), or None when it is unset."""
+  """The method's loss term (`loss_term`) from `config.adapter.penalty`, or None when that is unset."""
   if not config.adapter.get("penalty"):
     return None
-  return _method_rule(config, "penalty", _PENALTIES, "loss term",
-                      "sara: penalty.lambda_rank, penalty.min_dim, penalty.sample", adapter_config(config))
+  return _method_hook(config, "penalty", "loss_term", "loss term", adapter_config(config))
 
 
 def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
@@ -138,10 +106,24 @@ def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
   every = int(config.adapter.get("reselect_every") or 0)
   if every < 0:
     raise ValueError(f"config.adapter.reselect_every={every} must be >= 0 (0: off).")
-  if every and config.adapter.method not in _RESELECT_RULES:
+  if every and not (config.adapter.method and has_hook(get_method(config.adapter.method), "reselect")):
     raise ValueError(f"config.adapter.reselect_every={every} is set, but method {config.adapter.method!r} has no"
-                     f" re-selection (only {sorted(_RESELECT_RULES)} do); set it to 0.")
+                     " re-selection; set it to 0.")
   return every
+
+
+def no_decay_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
+  """`config.optimizer` built with `weight_decay=0`, for the method's `no_decay_leaves`; None if not needed.
+
+  Not needed when the method has no such leaves or the optimizer's weight decay is unset or zero.
+  """
+  if not config.adapter.method or not get_method(config.adapter.method).no_decay_leaves:
+    return None
+  if not config.get("optimizer") or not config.optimizer.get("weight_decay"):
+    return None
+  opt_config = config.optimizer.copy_and_resolve_references()
+  opt_config.weight_decay = 0.0
+  return build_optimizer(opt_config, config.num_train_steps)
 
 
 def _split(tree: PyTree, pattern: str) -> tuple[PyTree, PyTree]:
@@ -182,20 +164,25 @@ class Trainable:
 
   @classmethod
   def from_config(cls, model: nn.Module, config: ml_collections.ConfigDict) -> "Trainable":
-    if config.adapter.mode not in ("reparam", "factored"):
+    if config.adapter.mode not in application.MODES:
       raise ValueError(f"config.adapter.mode={config.adapter.mode!r}: use 'reparam' or 'factored'.")
     return cls(model, config.trainable.base, adapter_config(config), config.adapter.mode, adapter_update(config),
                adapter_penalty(config), adapter_reselect_every(config))
 
   @property
+  def method(self) -> AdapterMethod | None:
+    """The adapter method, or None without an adapter."""
+    return None if self.adapter is None else get_method(self.adapter.method)
+
+  @property
   def adds_modules(self) -> bool:
     """Whether the adapter adds modules (runs through module hooks and cannot be merged)."""
-    return self.adapter is not None and isinstance(get_method(self.adapter.method), module_hooks.ModuleHookMethod)
+    return self.adapter is not None and application.adds_modules(self.adapter)
 
   @property
   def needs_calibration(self) -> bool:
-    """Whether the adapter's init reads activations (CorDA): pass `calibrate`'s result to `split`."""
-    return self.adapter is not None and self.adapter.method in _CALIBRATED_INITS
+    """Whether the adapter's init reads activations: pass `calibrate`'s result to `split`."""
+    return self.adapter is not None and has_hook(self.method, "calibrated_init")
 
   @property
   def rewrites_base(self) -> bool:
@@ -205,8 +192,8 @@ class Trainable:
   def adapter_fits_original_base(self, frozen: PyTree, params: PyTree) -> bool:
     """Whether the adapter leaves alone, applied to the *original* base weights, give the trained model.
 
-    Not so when the run trains on a rewritten base: a residual-base init (PiSSA, CorDA: `W - s a0 b0`)
-    or a re-selection that merges into the base (SaRA). Then only the merged export is meaningful.
+    Not so when the run trains on a rewritten base: a residual-base init (`W - s a0 b0`) or a
+    re-selection that merges into the base. Then only the merged export is meaningful.
     """
     if self.adapter is None or self.rewrites_base:
       return False
@@ -215,28 +202,28 @@ class Trainable:
     return not any(method.modifies_base(t) for t in select_targets(self.adapter, base))
 
   def calibrate(self, base_params: PyTree, batches: Iterable[list[jax.Array]]) -> PyTree:
-    """What the calibrated init needs (CorDA: the targets' input covariances) from batches of model inputs.
+    """What the method's calibrated init reads (`AdapterMethod.calibrate`) from batches of model inputs.
 
     Each batch is the list of the model's positional inputs; the model runs with `train=False`.
     """
     if not self.needs_calibration:
-      raise ValueError(f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init"
-                       f" (only {sorted(_CALIBRATED_INITS)} do); call split without calibration.")
+      raise ValueError(f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init;"
+                       " call split without calibration.")
     apply_fn = lambda params, inputs: self.model.apply({"params": params}, *inputs, train=False)
-    return _CALIBRATED_INITS[self.adapter.method].collect(apply_fn, base_params, batches, self.adapter)
+    return self.method.calibrate(apply_fn, base_params, batches, self.adapter)
 
   def split(self, rng: jax.Array, base_params: PyTree, calibration: PyTree = None) -> tuple[PyTree, PyTree]:
     """`(params, frozen)` for a fresh run from the model's (pretrained) `base_params`.
 
-    Base-modifying inits replace the targeted base leaves by their residual (PiSSA; CorDA). CorDA uses
-    `calibration` (from `calibrate`); without it, it falls back to its data-free form (``C = I``: the
-    plain SVD of the kernel), which has the same shapes, for shape-only tracing.
+    Base-modifying inits replace the targeted base leaves by their residual. A calibrated init uses
+    `calibration` (from `calibrate`); without it the method's data-free `init` runs (same shapes, e.g.
+    for shape-only tracing).
     """
     if calibration is not None and not self.needs_calibration:
       raise ValueError("split got a calibration, but the adapter method has no calibrated init.")
     adapter = None
     if calibration is not None:
-      base_params, adapter = _CALIBRATED_INITS[self.adapter.method].init(self.adapter, base_params, calibration)
+      base_params, adapter = self.method.calibrated_init(self.adapter, base_params, calibration)
     elif self.adapter is not None:
       base_params, adapter = reparam.init_with_base(rng, self.adapter, base_params)
     trained_base, frozen = _split(base_params, self.base_pattern)
@@ -252,18 +239,28 @@ class Trainable:
       )
     return params, frozen
 
-  def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` for the trained leaves; adapter leaves the method keeps fixed get no update or state."""
+  def optimizer(self, tx: optax.GradientTransformation,
+                no_decay: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """`tx` for the trained leaves; adapter leaves the method keeps fixed get no update or state.
+
+    With `no_decay` (`tx` without weight decay: `no_decay_optimizer`), the method's `no_decay_leaves` take it.
+    """
     if self.adapter is None:
       return tx
+    no_decay_tx, no_decay = no_decay, (self.method.no_decay_leaves if no_decay is not None else frozenset())
+
+    def adapter_labels(adapter):
+      flat = traverse_util.flatten_dict(partition.optimizer_labels(adapter, self.adapter))
+      return traverse_util.unflatten_dict(
+          {k: "no_decay" if label == "trainable" and k[-1] in no_decay else label for k, label in flat.items()})
 
     def labels(params):
-      return {
-          "base": jax.tree.map(lambda _: "trainable", params["base"]),
-          "adapter": partition.optimizer_labels(params["adapter"], self.adapter),
-      }
+      return {"base": jax.tree.map(lambda _: "trainable", params["base"]), "adapter": adapter_labels(params["adapter"])}
 
-    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    transforms = {"trainable": tx, "frozen": optax.set_to_zero()}
+    if no_decay:
+      transforms["no_decay"] = no_decay_tx
+    tx = optax.multi_transform(transforms, labels)
     if self.update is None:
       return tx
     adapter_only = lambda params: {"base": jax.tree.map(lambda _: False, params["base"]),
@@ -271,20 +268,14 @@ class Trainable:
     return optax.chain(tx, optax.masked(self.update, adapter_only))
 
   def num_trained(self, params: PyTree) -> int:
-    """Scalars the training can change: trained base leaves plus adapter leaves the method trains.
-
-    A trained adapter leaf stored beside a frozen 0/1 `mask` leaf of its shape (SaRA's sparse delta)
-    counts only its masked entries.
-    """
+    """Scalars the training can change: trained base leaves plus the method's `trained_count` per target."""
     count = partition.param_count(params["base"])
     if self.adapter is not None:
-      flat = traverse_util.flatten_dict(params["adapter"], sep="/")
-      labels = traverse_util.flatten_dict(partition.optimizer_labels(params["adapter"], self.adapter), sep="/")
-      for path, x in flat.items():
-        if labels[path] != "trainable":
-          continue
-        mask = flat.get(f"{path.rpartition('/')[0]}/{sara.MASK}")
-        count += int(x.size) if mask is None or mask.shape != x.shape else int((mask != 0).sum())
+      by_target: dict[str, dict[str, jax.Array]] = {}
+      for key, leaf in traverse_util.flatten_dict(params["adapter"], sep="/").items():
+        path, _, name = key.rpartition("/")
+        by_target.setdefault(path, {})[name] = leaf
+      count += sum(self.method.trained_count(leaves) for leaves in by_target.values())
     return count
 
   def regularizer(self, params: PyTree, frozen: PyTree, rng: jax.Array) -> jax.Array | None:
@@ -298,22 +289,21 @@ class Trainable:
     return self.reselect_every > 0 and step > 0 and step % self.reselect_every == 0
 
   def reselect(self, params: PyTree, frozen: PyTree) -> tuple[PyTree, PyTree]:
-    """`(params, frozen)` after the method's re-selection (SaRA: merge the delta, redraw the mask).
+    """`(params, frozen)` after the method's re-selection (`AdapterMethod.reselect`).
 
     The model's function is unchanged; the optimizer state must be restarted by the caller
     (`jaxpeft.train.step.make_reselect_step` does both).
     """
-    rule = _RESELECT_RULES[self.adapter.method]
-    base, adapter = rule(_join(frozen, params["base"]), params["adapter"], self.adapter)
+    base, adapter = self.method.reselect(_join(frozen, params["base"]), params["adapter"], self.adapter)
     trained_base, frozen = _split(base, self.base_pattern)
     return {"base": trained_base, "adapter": adapter}, frozen
 
   def model_params(self, params: PyTree, frozen: PyTree) -> PyTree:
     """The full parameter tree the model consumes, with the adapter merged in (reparam mode)."""
     base = _join(frozen, params["base"])
-    if self.adapter is None or self.mode == "factored" or self.adds_modules:
+    if self.adapter is None:
       return base
-    return reparam.apply(base, params["adapter"], self.adapter)
+    return application.model_params(base, params["adapter"], self.adapter, self.mode)
 
   def apply(self, params: PyTree, frozen: PyTree, inputs: list[jax.Array], *, train: bool,
             rng: jax.Array | None = None, model_state: PyTree | None = None, mutable: Any = False) -> Any:
@@ -322,17 +312,15 @@ class Trainable:
     `model_state` holds the model's other collections (BatchNorm's `batch_stats`); with `mutable` a list
     of collection names, returns `(logits, updated collections)` as `flax.linen.Module.apply` does.
     """
-    model_params = self.model_params(params, frozen)
     rngs = {"dropout": rng} if rng is not None else {}
-    if self.adds_modules:
-      hooks = module_hooks.intercept(model_params, params["adapter"], self.adapter)
-    elif self.adapter is not None and self.mode == "factored":
-      hooks = factored.intercept(model_params, params["adapter"], self.adapter, rng=rng, deterministic=not train)
-    else:
-      hooks = contextlib.nullcontext()
-    with hooks:
-      return self.model.apply({"params": model_params, **(model_state or {})}, *inputs, train=train, rngs=rngs,
-                              mutable=mutable)
+    run = lambda model_params: self.model.apply({"params": model_params, **(model_state or {})}, *inputs,
+                                                train=train, rngs=rngs, mutable=mutable)
+    base = _join(frozen, params["base"])
+    if self.adapter is None:
+      return run(base)
+    with application.applied(base, params["adapter"], self.adapter, mode=self.mode, rng=rng,
+                             deterministic=not train) as model_params:
+      return run(model_params)
 
   def merged(self, params: PyTree, frozen: PyTree) -> PyTree:
     """Base and adapter merged into one tree of the model's own structure (for export).

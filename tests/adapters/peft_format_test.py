@@ -21,8 +21,9 @@ import torch
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.peft_format import bert_module_name, export_merged, export_peft, import_peft
+from jaxpeft.adapters.peft_format import export_merged, export_peft, import_peft
 from jaxpeft.adapters.selection import select_targets
+from jaxpeft.models.hf_loader import bert_module_name
 from tests.adapters import tiny_models
 
 TOL = dict(atol=1e-5, rtol=1e-5)

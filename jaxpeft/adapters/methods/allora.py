@@ -74,17 +74,15 @@ allora_product.defvjp(_product_fwd, _product_bwd)
 class ALLoRA(AdapterMethod):
     """``W' = W + a b`` (no scale, no dropout) with ALLoRA's gradient rescaling. See the module docstring."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"eta": None}
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: ALLoRA needs a kernel with input and output axes, got per-layer "
-                             f"shape {target.layer_shape}; exclude it from AdapterConfig.targets.")
         if target.dropout:
             raise ValueError(f"{target.path}: ALLoRA removes LoRA's dropout; set AdapterConfig.dropout=0 "
                              f"(got {target.dropout}).")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown init {target.init!r} for ALLoRA; expected one of {_INITS}.")
         eta = target.option("eta")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
             raise ValueError(f"{target.path}: ALLoRA needs its gradient-scale constant eta > 0 (the factor at zero "

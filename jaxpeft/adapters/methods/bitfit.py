@@ -31,13 +31,13 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 class BitFit(AdapterMethod):
     """``bias' = bias + delta`` with ``delta = 0`` at init. See the module docstring."""
 
+    inits = ("default",)
+
     def validate(self, target: Target) -> None:
         if target.fan_in_axes != 0:
             raise ValueError(f"{target.path}: BitFit trains bias vectors, but this leaf has per-layer shape "
                              f"{target.layer_shape} (fan_in_axes={target.fan_in_axes}). Narrow "
                              "AdapterConfig.targets to 1-D bias leaves, e.g. targets=r'.*/bias'.")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: BitFit has only init='default' (delta = 0), got {target.init!r}.")
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         return {"delta": jnp.zeros((kernel.shape[1],), jnp.float32)}

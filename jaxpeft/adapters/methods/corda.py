@@ -56,7 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.adapters import reparam
+from jaxpeft.adapters import interception, reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import Leaves, Target, register_method
 from jaxpeft.adapters.methods.lora import LoRA
@@ -97,18 +97,17 @@ def corda_factors(kernel: jax.Array, covariance: jax.Array, target: Target) -> L
 class CorDA(LoRA):
     """LoRA whose init is the CorDA decomposition; the base becomes the residual. See the module docstring."""
 
+    peft = None  # PEFT stores CorDA adapters as LoRA on a residual base; not exported as such here
+
+    inits = ("default",)
+    needs_matrix = True
+
     option_defaults = {"mode": "ipm"}
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: CorDA needs a kernel with input and output axes, but this leaf of "
-                             f"per-layer shape {target.layer_shape} has none (fan_in_axes=0).")
         if target.option("mode") not in _MODES:
             raise ValueError(f"{target.path}: CorDA option mode must be one of {_MODES}, "
                              f"got {target.option('mode')!r}.")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: CorDA has only init='default'; choose the variant with "
-                             f"options={{'mode': 'ipm' | 'kpm'}}, got init={target.init!r}.")
         if target.rank > min(target.matrix_shape):
             raise ValueError(f"{target.path}: CorDA needs rank <= min(d_in, d_out) = {min(target.matrix_shape)} "
                              f"(folded shape {target.matrix_shape}), got rank {target.rank}.")
@@ -123,6 +122,14 @@ class CorDA(LoRA):
 
     def modifies_base(self, target: Target) -> bool:
         return True
+
+    def calibrate(self, apply_fn: Callable[[Any, Any], Any], base_params: Any, batches: Iterable[Any],
+                  config: AdapterConfig) -> dict[str, jax.Array]:
+        return collect_covariances(apply_fn, base_params, batches, config)
+
+    def calibrated_init(self, config: AdapterConfig, base_params: Any,
+                        calibration: Mapping[str, jax.Array]) -> tuple[Any, reparam.AdapterParams]:
+        return init_with_base(config, base_params, calibration)
 
 
 def _check_covariances(config: AdapterConfig, base_params: Any, covariances: Mapping[str, jax.Array]) -> None:
@@ -183,28 +190,23 @@ def collect_covariances(apply_fn: Callable[[Any, Any], Any], params: Any, batche
       ``{target path: C}`` with ``C = mean over calls of X̂ᵀ X̂``, ``X̂ = X / |max(X)|``, ``X`` the call's input
       folded to ``(tokens, d_in)``.
     """
-    targets = {t.path: t for t in select_targets(config, params)}
-    stacked = sorted(p for p, t in targets.items() if t.stacked_axes)
-    if stacked:
-        raise ValueError(f"collect_covariances does not support stacked (scanned) targets: {stacked}.")
+    targets = select_targets(config, params)
 
     def batch_moments(params, batch):
         moments: dict[str, list[jax.Array]] = {}
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            path = "/".join(module.path + ("kernel",)) if module.scope is not None else ""
-            if context.method_name == "__call__" and path in targets:
-                if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-                    raise ValueError(f"{path}: collect_covariances needs Dense / DenseGeneral targets, got "
-                                     f"{type(module).__name__}.")
-                x = args[0] if args else kwargs["inputs"]
-                x = x.reshape(-1, targets[path].matrix_shape[0]).astype(jnp.float32)
-                x = x / jnp.abs(jnp.max(x))
-                moments.setdefault(path, []).append(x.T @ x)
+        def handler(next_fun, args, kwargs, module, target):
+            if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+                raise ValueError(f"{target.path}: collect_covariances needs Dense / DenseGeneral targets, got "
+                                 f"{type(module).__name__}.")
+            x = args[0] if args else kwargs["inputs"]
+            x = x.reshape(-1, target.matrix_shape[0]).astype(jnp.float32)
+            x = x / jnp.abs(jnp.max(x))
+            moments.setdefault(target.path, []).append(x.T @ x)
             return next_fun(*args, **kwargs)
 
-        with nn.intercept_methods(interceptor):
+        with interception.intercept({interception.module_path(t): t for t in targets}, handler,
+                                    "calibration capture (collect_covariances)"):
             apply_fn(params, batch)
         return {p: jnp.stack(m) for p, m in moments.items()}
 
@@ -215,8 +217,6 @@ def collect_covariances(apply_fn: Callable[[Any, Any], Any], params: Any, batche
         for path, stacked_moments in step(params, batch).items():
             sums[path] = sums.get(path, 0.0) + jnp.sum(stacked_moments, axis=0)
             counts[path] = counts.get(path, 0) + stacked_moments.shape[0]
-    missing = sorted(set(targets) - set(sums))
-    if missing:
-        raise ValueError(f"Targets {missing} were never called through linen Dense / DenseGeneral by apply_fn; "
-                         "no covariance could be collected for them.")
-    return {path: sums[path] / counts[path] for path in targets}
+    if not counts:
+        raise ValueError("collect_covariances got no calibration batches; pass at least one.")
+    return {t.path: sums[t.path] / counts[t.path] for t in targets}

@@ -32,11 +32,13 @@ reason (they need ``unmerge`` to build the residual base).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.methods.lora import lora_factors_init, validate_lora_target
+from jaxpeft.adapters.methods.lora import LORA_PEFT, lora_factors_init, validate_lora_target
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -54,9 +56,14 @@ def magnitude_scale(v: jax.Array, leaves: Leaves) -> jax.Array:
     return leaves["m"] / jax.lax.stop_gradient(column_norm(v))
 
 
+_DORA_PEFT = dataclasses.replace(LORA_PEFT, claims=lambda peft_config: bool(peft_config.get("use_dora")))
+
+
 @register_method("dora")
 class DoRA(AdapterMethod):
     """``W' = m * (W + s a b) / ||W + s a b||_col``. See the module docstring."""
+
+    peft = _DORA_PEFT
 
     def validate(self, target: Target) -> None:
         if target.init.startswith("pissa"):

@@ -77,16 +77,10 @@ def _branch_bias(leaves: Leaves) -> jax.Array:
 class Hydra(AdapterMethod):
     """``W' = W + s (a_p b_p + W a_s b_s)``, ``b' = b + s (b a_s b_s + branch biases)``. See the module docstring."""
 
-    adapts_bias = True
+    inits = ("default",)
+    needs_matrix = True
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: Hydra needs a kernel with input and output axes, but this leaf of "
-                             f"per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it from "
-                             "AdapterConfig.targets.")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: Hydra has only init='default' (Xavier-uniform down-projections, "
-                             f"zero up-projections), got {target.init!r}.")
+    adapts_bias = True
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         d_in, d_out = target.matrix_shape

@@ -36,10 +36,15 @@ recomputed in the backward pass instead of stored (PEFT's ``HadaWeight`` custom 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, flat, input_side, rank_fields, transpose
+
 
 _INITS = ("default", "random")
 
@@ -55,16 +60,30 @@ def _hadamard_delta(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array, 
     return scale * (a1 @ b1) * (a2 @ b2)
 
 
+def lycoris_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
+    """PEFT's LyCORIS config fields (LoHa, LoKr): ranks, alphas (rsLoRA folded into alpha), no dropouts."""
+    return {**rank_fields(config, targets, modules, rslora_native=False), "init_weights": True,
+            "use_effective_conv2d": False, "rank_dropout": 0.0, "module_dropout": 0.0}
+
+
+# PEFT LoHaConfig: a1, a2 -> hada_w1_b, hada_w2_b = in(a).reshape(r, -1); b1, b2 -> hada_w1_a, hada_w2_a = b.T.
+def _loha_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
+    a_side = lambda x: flat(input_side(x, layout.window, layout.c_in))
+    return {"a1": Rule("hada_w1_b", a_side), "b1": Rule("hada_w1_a", transpose),
+            "a2": Rule("hada_w2_b", a_side), "b2": Rule("hada_w2_a", transpose)}
+
+
+_PEFT = PeftMapping("LOHA", ("linear", "conv"), _loha_rules, lycoris_config_fields)
+
+
 @register_method("loha")
 class LoHa(AdapterMethod):
     """``W' = W + s (a1 b1) * (a2 b2)``. See the module docstring."""
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: LoHa needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown LoHa init {target.init!r}; expected one of {_INITS}.")
+    peft = _PEFT
+
+    inits = _INITS
+    needs_matrix = True
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         d_in, d_out = target.matrix_shape

@@ -43,11 +43,18 @@ and ``module_dropout`` (training-time regularisers the reparameterized mode cann
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.adapters.methods.loha import lycoris_config_fields
+from jaxpeft.adapters.peft_mapping import (Layout, PeftMapping, Rule, flat, input_side, spatial_axes_option,
+                                           transpose)
+
 
 _INITS = ("default", "lycoris", "random")
 
@@ -100,23 +107,49 @@ def _uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, zero: bool = F
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+# PEFT LoKrConfig: w1 -> lokr_w1 = w1.T, w1_a -> lokr_w1_b = w1_a.T, w1_b -> lokr_w1_a = w1_b.T, w2_b -> lokr_w2_a =
+# w2_b.T; w2 -> lokr_w2 = in_d(w2) (b, d[, *window]), w2_a -> lokr_w2_b = in_d(w2_a).reshape(r, -1) (in_d: the
+# input side with ``c = d``, the second input factor of ``kron_shapes``).
+def _lokr_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
+    d = kron_shapes(target)["d"] if target is not None else 1  # the second input factor
+    return {"w1": Rule("lokr_w1", transpose), "w1_a": Rule("lokr_w1_b", transpose),
+            "w1_b": Rule("lokr_w1_a", transpose), "w2_b": Rule("lokr_w2_a", transpose),
+            "w2": Rule("lokr_w2", lambda x: input_side(x, layout.window, d)),
+            "w2_a": Rule("lokr_w2_b", lambda x: flat(input_side(x, layout.window, d)))}
+
+
+def _lokr_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
+    options = dict(targets[0].options)
+    return {**lycoris_config_fields(config, targets, modules), "decompose_both": options["decompose_both"],
+            "decompose_factor": options["decompose_factor"]}
+
+
+def _lokr_options(peft_config: Mapping[str, Any], paths: Mapping[str, str], leaves: Mapping[str, Any],
+                  conv_paths: Sequence[str]) -> dict[str, Any]:
+    return {**spatial_axes_option(leaves, conv_paths), "decompose_both": peft_config.get("decompose_both", False),
+            "decompose_factor": peft_config.get("decompose_factor", -1)}
+
+
+_PEFT = PeftMapping("LOKR", ("linear", "conv"), _lokr_rules, _lokr_config_fields, _lokr_options)
+
+
 @register_method("lokr")
 class LoKr(AdapterMethod):
     """``W' = W + s * (w1 kron w2)`` (window axes carried by ``w2``). See the module docstring."""
+
+    peft = _PEFT
+
+    inits = _INITS
+    needs_matrix = True
 
     option_defaults = {"decompose_both": False, "decompose_factor": -1, "spatial_axes": 0}
 
     def validate(self, target: Target) -> None:
         spatial = target.option("spatial_axes")
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: LoKr needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
         if spatial and target.fan_in_axes != spatial + 1:
             raise ValueError(f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
                              f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes} "
                              f"for per-layer shape {target.layer_shape}. Use separate adapters for Dense and Conv.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown LoKr init {target.init!r}; expected one of {_INITS}.")
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         s, r = kron_shapes(target), target.rank

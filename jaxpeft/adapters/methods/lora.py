@@ -49,10 +49,15 @@ DenseGeneral included). PEFT's ``lora_bias`` option is not implemented.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, input_side, rank_fields, transpose
+
 
 _INITS = ("default", "gaussian", "random")
 
@@ -117,9 +122,40 @@ def validate_lora_target(target: Target) -> None:
                          f"(folded shape {target.matrix_shape}), got rank {target.rank}.")
 
 
+# PEFT LoraConfig (``peft_type`` LORA; rsLoRA and every LoRA init are plain LoRA weights), ``in(x)`` =
+# ``peft_mapping.input_side`` with ``c = c_in``: a -> lora_A.weight = in(a) (r, c_in[, *window]);
+# b -> lora_B.weight = b.T (out, r[, 1, 1]); Embed: a -> lora_embedding_A = a.T (r, vocab), b -> lora_embedding_B =
+# b.T (features, r); DoRA's m -> lora_magnitude_vector (out,) (conv: (1, out, 1, 1)).
+def _lora_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
+    if layout.kind == "embedding":
+        rules = {"a": Rule("lora_embedding_A", transpose), "b": Rule("lora_embedding_B", transpose)}
+    else:
+        rules = {"a": Rule("lora_A.weight", lambda x: input_side(x, layout.window, layout.c_in)),
+                 "b": Rule("lora_B.weight", lambda x: x.T.reshape(layout.d_out, -1, *layout.ones))}
+    conv = layout.kind == "conv"
+    rules["m"] = Rule("lora_magnitude_vector", lambda x: x.reshape((1, -1, *layout.ones) if conv else (-1,)))
+    return rules
+
+
+def lora_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
+    """PEFT ``LoraConfig`` fields (shared with DoRA, which sets ``use_dora``)."""
+    fields = rank_fields(config, targets, modules, rslora_native=True)
+    return {**fields, "lora_alpha": fields.pop("alpha"), "use_rslora": config.use_rslora,
+            "use_dora": config.method == "dora", "lora_dropout": config.dropout, "init_lora_weights": True,
+            "bias": "none", "fan_in_fan_out": False}
+
+
+# PEFT's LoraConfig without use_dora (DoRA's mapping is this one with use_dora).
+LORA_PEFT = PeftMapping("LORA", ("linear", "conv", "embedding"), _lora_rules, lora_config_fields,
+                        claims=lambda peft_config: not peft_config.get("use_dora"), alpha_field="lora_alpha",
+                        dropout_field="lora_dropout")
+
+
 @register_method("lora")
 class LoRA(AdapterMethod):
     """``W' = W + s a b`` (LoRA; rsLoRA scaling with ``use_rslora``). See the module docstring."""
+
+    peft = LORA_PEFT
 
     def validate(self, target: Target) -> None:
         validate_lora_target(target)

@@ -70,15 +70,13 @@ def _factors(leaves: Leaves, target: Target) -> tuple[jax.Array, jax.Array]:
 class NOLA(AdapterMethod):
     """``W' = W + s (A0 + sum alpha_i A_i)(sum beta_j B_j)`` with seeded random bases. See the module docstring."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"num_basis_a": 128, "num_basis_b": 128}
     frozen_leaves = frozenset({"seed"})
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: NOLA needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown NOLA init {target.init!r}; expected one of {_INITS}.")
         for name in ("num_basis_a", "num_basis_b"):
             if not isinstance(target.option(name), int) or target.option(name) < 1:
                 raise ValueError(f"{target.path}: options {name} must be a positive int, got {target.option(name)!r}.")

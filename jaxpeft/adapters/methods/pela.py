@@ -58,14 +58,12 @@ def pela_rank(target: Target) -> int:
 class PELA(AdapterMethod):
     """``W' = a b``, initialised to the rank-``r`` truncated SVD of ``W``. See the module docstring."""
 
+    inits = ("default",)
+    needs_matrix = True
+
     option_defaults = {"compress_ratio": None}
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: PELA needs a kernel with input and output axes, but this leaf of "
-                             f"per-layer shape {target.layer_shape} has none (fan_in_axes=0).")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: PELA has only init='default' (truncated SVD), got {target.init!r}.")
         ratio = target.option("compress_ratio")
         if ratio is not None and not ratio > 0:
             raise ValueError(f"{target.path}: PELA option compress_ratio must be positive, got {ratio!r}.")
@@ -86,6 +84,13 @@ class PELA(AdapterMethod):
     def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         raise ValueError(f"{target.path}: PELA replaces the kernel by a b, so the base kernel cannot be recovered "
                          "from merged weights. Keep the base params (reparam.apply never modifies them).")
+
+    def loss_term(self, config: AdapterConfig, *, weight: float, eps: float = 1e-3):
+        """``weight * weight_perturbation_penalty(..., eps)`` (``penalty.weight``, optional ``penalty.eps``)."""
+        if not weight >= 0:
+            raise ValueError(f"PELA's penalty weight={weight} must be >= 0.")
+        return lambda base_params, adapter_params, rng: weight * weight_perturbation_penalty(
+            base_params, adapter_params, config, eps)
 
 
 def weight_perturbation_penalty(base_params: Any, adapter_params: AdapterParams, config: AdapterConfig,

@@ -40,11 +40,17 @@ Not implemented: dropout on the branch (reparameterized mode only). ``jax.checkp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.adapters.methods.vera import single_rank, with_projection_shape
+from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, peft_alpha, same
+
 
 _INITS = ("default", "random")
 _BASES = ("dense", "sparse", "very_sparse")
@@ -85,19 +91,54 @@ def _product(basis_a: jax.Array, basis_b: jax.Array, lam: jax.Array, gamma: jax.
     return basis_b.reshape(basis_b.shape[0], -1) @ a_flat
 
 
+# PEFT RandLoraConfig: lam -> randlora_lambda, gamma -> randlora_gamma; shared: basis_a is
+# base_model.randlora_A[:, 0, :n] (r, 1, n_max), basis_b is base_model.randlora_B[:D, :N] (D_max, N_max, r).
+def _randlora_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
+    return {"basis_a": Rule("randlora_A", lambda x: x[:, None, :], shared=True),
+            "basis_b": Rule("randlora_B", same, shared=True),
+            "lam": Rule("randlora_lambda", same), "gamma": Rule("randlora_gamma", same)}
+
+
+def _randlora_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
+    alphas = {peft_alpha(t.alpha, t.rank, t.use_rslora, False) for t in targets}
+    single_rank("randlora", targets, alphas)
+    basis = dict(targets[0].options)["basis"]
+    return {"r": targets[0].rank, "save_projection": True, "init_weights": True, "projection_prng_key": 0,
+            "randlora_alpha": alphas.pop(), "randlora_dropout": config.dropout, "sparse": basis == "sparse",
+            "very_sparse": basis == "very_sparse"}
+
+
+def _randlora_options(peft_config: Mapping[str, Any], *_: Any) -> dict[str, Any]:
+    return {"basis": ("very_sparse" if peft_config.get("very_sparse") else
+                      "sparse" if peft_config.get("sparse") else "dense")}
+
+
+def _randlora_shared_shapes(targets: Sequence[Target]) -> dict[str, tuple[int, ...]]:
+    """PEFT sizes its buffers from the largest in/out dimensions separately (``_find_dim``)."""
+    max_in, max_out = max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets)
+    r, n = targets[0].rank, min(max_in, max_out)
+    return {"randlora_A": (r, 1, n), "randlora_B": (max(max_in, max_out), math.ceil(n / r), r)}
+
+
+_PEFT = PeftMapping("RANDLORA", ("linear",), _randlora_rules, _randlora_config_fields, _randlora_options,
+                    alpha_field="randlora_alpha", dropout_field="randlora_dropout",
+                    shared_shapes=_randlora_shared_shapes, layer_copies_of_shared=True,
+                    complete_options=with_projection_shape)
+
+
 @register_method("randlora")
 class RandLoRA(AdapterMethod):
     """``W' = W + s * sum_i B_i diag(lam_i) A diag(gamma_i)`` (frozen shared bases). See the module docstring."""
+
+    peft = _PEFT
+
+    inits = _INITS
+    needs_matrix = True
 
     option_defaults = {"projection_seed": 0, "projection_shape": None, "basis": "dense"}
     frozen_leaves = frozenset({"basis_a", "basis_b"})
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: RandLoRA needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown RandLoRA init {target.init!r}; expected one of {_INITS}.")
         if target.option("basis") not in _BASES:
             raise ValueError(f"{target.path}: options basis={target.option('basis')!r}; expected one of {_BASES}.")
         shape = target.option("projection_shape")

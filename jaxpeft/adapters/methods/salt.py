@@ -72,18 +72,16 @@ def _core_change(leaves: Leaves) -> jax.Array:
 class SALT(AdapterMethod):
     """``K' = K + U_K (ReLU(Σ')ᵀ - diag σ) V_Kᵀ``. See the module docstring."""
 
+    inits = ("default",)
+    needs_matrix = True
+
     option_defaults = {"ratio": 0.1}
     frozen_leaves = frozenset({"u", "s", "vt"})
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: SALT needs a kernel with input and output axes, but this leaf of "
-                             f"per-layer shape {target.layer_shape} has none (fan_in_axes=0).")
         ratio = target.option("ratio")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"{target.path}: SALT option ratio must be in (0, 1], got {ratio!r}.")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: SALT has only init='default', got {target.init!r}.")
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
@@ -99,6 +97,12 @@ class SALT(AdapterMethod):
 
     def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         return ((x @ leaves["u"]) @ _core_change(leaves)) @ leaves["vt"]
+
+    def loss_term(self, config: Any, *, reg_multiplier: float):
+        """``reg_multiplier * regularizer(adapter_params)`` (``penalty.reg_multiplier``; reference default 0)."""
+        if not reg_multiplier >= 0:
+            raise ValueError(f"SALT's penalty reg_multiplier={reg_multiplier} must be >= 0.")
+        return lambda base_params, adapter_params, rng: reg_multiplier * regularizer(adapter_params)
 
 
 def _layer_regularizer(leaves: Leaves) -> jax.Array:

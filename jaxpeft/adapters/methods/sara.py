@@ -31,9 +31,13 @@ once, and drops the update of the step it re-selects in (its ``step()`` returns 
 mask with the old one and keeps the optimizer state.)
 
 Low-rank regulariser (``nuclear_norm_penalty``): ``lambda_rank * ||M * W'||_*`` (the nuclear norm of the
-trainable entries' current values, as the reference's ``param * mask``), summed over the targets whose
-folded matrix has both dimensions > ``min_dim`` (reference: 64), or, given ``rng``, on one such target
-drawn uniformly, as the reference does every step. It is a *loss term* (add it to the loss), not a
+trainable entries' current values, as the reference's ``param * mask``), summed over the linear-layer
+targets whose folded matrix has both dimensions > ``min_dim`` (reference: 64), or, given ``rng``, on one such
+target drawn uniformly, as the reference does every step. The reference takes only 2-D weights (PyTorch
+``Linear``: ``len(p.shape) == 2``), never conv kernels; here a Flax conv kernel is a per-layer leaf of 4 or more
+axes whose input axes are all but the last (``(*window, c_in, c_out)``, ``fan_in_axes = ndim - 1``) and is left
+out. A 1-D conv kernel ``(k, c_in, c_out)`` looks like a DenseGeneral kernel and is kept: exclude it with
+``min_dim`` or the target regex. It is a *loss term* (add it to the loss), not a
 ``GradientTransformation``: it depends on the base weights and the mask, which optax transforms do not
 see, and the reference adds its gradient to the loss gradient *before* the AdamW step, which is exactly
 what differentiating ``loss + penalty`` does. Its gradient is the minimum-norm subgradient ``M * (U_+
@@ -92,11 +96,30 @@ class SaRA(AdapterMethod):
     def delta(self, leaves: Leaves, target: Target) -> jax.Array:
         return leaves[MASK] * leaves["delta"]
 
+    def trained_count(self, leaves: Leaves) -> int:
+        return int((leaves[MASK] != 0).sum())  # only the masked entries of the delta are trained
+
+    def loss_term(self, config: AdapterConfig, *, lambda_rank: float, min_dim: int = 64, sample: bool = True):
+        """The nuclear norm (``penalty.lambda_rank``, optional ``penalty.min_dim``, ``penalty.sample``)."""
+        if not lambda_rank > 0:
+            raise ValueError(f"SaRA's penalty lambda_rank={lambda_rank} must be > 0 (the reference uses 5e-4).")
+        return lambda base_params, adapter_params, rng: nuclear_norm_penalty(
+            base_params, adapter_params, config, lambda_rank, min_dim=min_dim, rng=rng if sample else None)
+
+    def reselect(self, base_params: Any, adapter_params: Any, config: AdapterConfig) -> tuple[Any, Any]:
+        return reselect(base_params, adapter_params, config)
+
 
 def reselect(base_params: Any, adapter_params: Any, config: AdapterConfig) -> tuple[Any, Any]:
     """The progressive step: ``(merged_base, fresh_adapter)`` with the mask redrawn on the merged weights."""
     merged = reparam.merge(base_params, adapter_params, config)
     return merged, reparam.init(jax.random.key(0), config, merged)
+
+
+def _is_conv_kernel(target: Target) -> bool:
+    """A Flax conv kernel ``(*window, c_in, c_out)`` of 2 or more window axes (the reference skips conv weights)."""
+    ndim = len(target.layer_shape)
+    return ndim >= 4 and target.fan_in_axes == ndim - 1
 
 
 def _nuclear_norm(x: jax.Array) -> jax.Array:
@@ -114,10 +137,10 @@ def nuclear_norm_penalty(base_params: Any, adapter_params: Any, config: AdapterC
     as one matrix. Raises if no target's folded matrix has both dimensions > ``min_dim``.
     """
     all_targets = select_targets(config, base_params)
-    targets = [t for t in all_targets if min(t.matrix_shape) > min_dim]
+    targets = [t for t in all_targets if min(t.matrix_shape) > min_dim and not _is_conv_kernel(t)]
     if not targets:
-        raise ValueError(f"nuclear_norm_penalty: no SaRA target has a folded matrix with both dimensions > "
-                         f"min_dim={min_dim}; lower min_dim or drop the penalty.")
+        raise ValueError(f"nuclear_norm_penalty: no SaRA target is a linear-layer kernel whose folded matrix has "
+                         f"both dimensions > min_dim={min_dim}; lower min_dim or drop the penalty.")
     leaves = dict(named_leaves(base_params))
     by_path = reparam.adapter_leaves(adapter_params, all_targets)
 

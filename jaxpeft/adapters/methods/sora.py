@@ -65,12 +65,9 @@ GATE = "gate"
 class SoRA(AdapterMethod):
     """``W' = W + s (a * g) b`` with an L1-proximal gate ``g``. See the module docstring."""
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: SoRA needs a kernel with input and output axes, got per-layer "
-                             f"shape {target.layer_shape}; exclude it from AdapterConfig.targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown init {target.init!r} for SoRA; expected one of {_INITS}.")
+    inits = _INITS
+    needs_matrix = True
+    no_decay_leaves = frozenset({GATE})
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         key_factors, key_gate = jax.random.split(rng)
@@ -83,6 +80,20 @@ class SoRA(AdapterMethod):
 
     def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
         return target.scaling * (((x @ leaves["a"]) * leaves[GATE]) @ leaves["b"])
+
+    def loss_term(self, config: AdapterConfig, *, sparse_lambda: float):
+        """``sparse_lambda * sum |g| / n_gates`` over all gates (``penalty.sparse_lambda``; reference trainer)."""
+        if isinstance(sparse_lambda, bool) or not isinstance(sparse_lambda, (int, float)) or sparse_lambda < 0:
+            raise ValueError(f"SoRA's penalty sparse_lambda={sparse_lambda!r} must be a number >= 0 (the reference "
+                             "uses the proximal step's sparse_lambda).")
+        return lambda base_params, adapter_params, rng: sparse_lambda * gate_l1(adapter_params)
+
+    def update_rule(self, config: AdapterConfig, *, sparse_lambda: optax.ScalarOrSchedule,
+                    learning_rate: optax.ScalarOrSchedule | None = None,
+                    reference_zeroing: bool = False) -> optax.GradientTransformation:
+        """``proximal_l1`` on the gates only, from ``config.adapter.update`` (e.g. ``update.sparse_lambda``)."""
+        return optax.masked(proximal_l1(sparse_lambda, learning_rate, reference_zeroing=reference_zeroing),
+                            gate_mask)
 
 
 def soft_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -131,10 +142,17 @@ def proximal_l1(sparse_lambda: optax.ScalarOrSchedule,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def gate_l1(adapter_params: Any) -> jax.Array:
+    """``sum |g| / n_gates`` over every gate of the adapter (stacked layers included)."""
+    gates = [g for path, g in traverse_util.flatten_dict(adapter_params).items() if path[-1] == GATE]
+    if not gates:
+        raise ValueError("gate_l1 expects SoRA adapter params (leaves named 'gate'); found none.")
+    return sum(jnp.sum(jnp.abs(g)) for g in gates) / sum(g.size for g in gates)
+
+
 def gate_mask(adapter_params: Any) -> Any:
     """A bool tree like ``adapter_params``: True at SoRA gate leaves (for ``optax.masked``)."""
-    flat = traverse_util.flatten_dict(adapter_params)
-    return traverse_util.unflatten_dict({k: k[-1] == GATE for k in flat})
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == GATE, adapter_params)
 
 
 def sora_labels(adapter_params: Any) -> Any:

@@ -35,15 +35,11 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 class SingularValueFineTuning(AdapterMethod):
     """``W' = W + U diag(σ - σ₀) Vᵀ`` with only ``σ`` trained. See the module docstring."""
 
-    frozen_leaves = frozenset({"u", "vt", "s0"})
+    inits = ("default",)
+    needs_matrix = True
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: svd_ft needs a kernel with input and output axes, but this leaf of "
-                             f"per-layer shape {target.layer_shape} has none (fan_in_axes=0).")
-        if target.init != "default":
-            raise ValueError(f"{target.path}: svd_ft has only init='default' (sigma = the base singular values), "
-                             f"got {target.init!r}.")
+    frozen_leaves = frozenset({"u", "vt", "s0"})
+    no_decay_leaves = frozenset({"s"})  # the reference trains vector_S without weight decay
 
     def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
         u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)

@@ -154,14 +154,12 @@ def _init_core(key: jax.Array, name: str, shape: tuple[int, ...], target: Target
 class TLoRA(AdapterMethod):
     """``W' = W_0 T + s Delta`` (``K' = Tᵀ K + s Deltaᵀ`` in Flax layout). See the module docstring."""
 
+    inits = _INITS
+    needs_matrix = True
+
     option_defaults = {"order": 3, "transform_rank": 1, "residual": "tr", "in_modes": None, "out_modes": None}
 
     def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: TLoRA needs a kernel with input and output axes, got per-layer shape "
-                             f"{target.layer_shape} with fan_in_axes=0. Exclude it from AdapterConfig.targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown init {target.init!r} for TLoRA; expected one of {_INITS}.")
         if target.option("residual") not in RESIDUALS:
             raise ValueError(f"{target.path}: unknown TLoRA residual {target.option('residual')!r}; expected one of "
                              f"{RESIDUALS} (options={{'residual': ...}}).")

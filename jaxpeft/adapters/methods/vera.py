@@ -43,10 +43,16 @@ Merge: yes (additive); unmerge: exact up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, same, transpose
+
 
 _INITS = ("default", "random")
 
@@ -68,9 +74,48 @@ def shared_projections(target: Target) -> tuple[jax.Array, jax.Array]:
     return proj_a[:d_in], proj_b[:, :d_out]
 
 
+def single_rank(method: str, targets: Sequence[Target], alphas: set[float]) -> None:
+    """PEFT's VeRA / RandLoRA have one rank (and alpha) for all layers."""
+    if len({t.rank for t in targets}) > 1 or len(alphas) > 1:
+        raise ValueError(f"PEFT's {method!r} has one rank (and alpha) for all layers; this adapter uses "
+                         "per-target ranks or alphas (rank_pattern / alpha_pattern). Use a single rank.")
+
+
+def with_projection_shape(options: dict[str, Any], targets: Sequence[Target]) -> dict[str, Any]:
+    """The shared projections' shape on import: the largest folded in/out dimensions of the targets."""
+    shape = (max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets))
+    return {**options, "projection_shape": shape}
+
+
+# PEFT VeraConfig: d -> vera_lambda_d, b -> vera_lambda_b; shared: proj_a.T, proj_b.T are the top-left slices
+# of base_model.vera_A (r, max in) and base_model.vera_B (max out, r).
+def _vera_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
+    return {"proj_a": Rule("vera_A", transpose, shared=True), "proj_b": Rule("vera_B", transpose, shared=True),
+            "d": Rule("vera_lambda_d", same), "b": Rule("vera_lambda_b", same)}
+
+
+def _vera_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
+    single_rank("vera", targets, set())
+    return {"r": targets[0].rank, "save_projection": True, "init_weights": True, "projection_prng_key": 0,
+            "d_initial": dict(targets[0].options)["d_initial"], "vera_dropout": config.dropout}
+
+
+def _vera_shared_shapes(targets: Sequence[Target]) -> dict[str, tuple[int, ...]]:
+    r = targets[0].rank
+    return {"vera_A": (r, max(t.matrix_shape[0] for t in targets)), "vera_B": (max(t.matrix_shape[1] for t in targets), r)}
+
+
+_PEFT = PeftMapping("VERA", ("linear",), _vera_rules, _vera_config_fields,
+                    lambda peft_config, *_: {"d_initial": peft_config.get("d_initial", 0.1)},
+                    dropout_field="vera_dropout", shared_shapes=_vera_shared_shapes,
+                    complete_options=with_projection_shape)
+
+
 @register_method("vera")
 class VeRA(AdapterMethod):
     """``W' = W + (proj_a * d) @ (proj_b * b)`` with frozen shared projections. See the module docstring."""
+
+    peft = _PEFT
 
     option_defaults = {"d_initial": 0.1, "projection_seed": 0, "projection_shape": None}
     frozen_leaves = frozenset({"proj_a", "proj_b"})

@@ -111,3 +111,22 @@ def test_training_reduces_loss_and_checkpoint(tmp_path, setup):
     mc.check_training_reduces_loss(AdapterConfig(targets="layer/(kernel|bias)", method="sara",
                                                  options={"threshold": 0.3}), base)
     mc.check_checkpoint_round_trip(tmp_path, base, _random_delta(adapter), CFG)
+
+
+def test_nuclear_norm_covers_linear_kernels_only_not_conv_kernels():
+    """The reference regularises 2-D weights (``len(p.shape) == 2 and min(p.shape) > 64``): no conv kernels."""
+    rng = np.random.default_rng(1)
+    base = {"dense": {"kernel": jnp.asarray(rng.normal(size=(8, 6)) * 0.3, jnp.float32)},
+            "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.3, jnp.float32)}}  # folded (36, 6)
+    cfg = AdapterConfig(targets=".*kernel", method="sara", options={"threshold": 0.3},
+                        fan_in_axes=((r"conv/kernel", 3),))
+    adapter = _random_delta(reparam.init(jax.random.key(0), cfg, base))
+    mask = np.asarray(adapter["dense"]["kernel"]["mask"], np.float64)
+    x = mask * (np.asarray(base["dense"]["kernel"], np.float64)
+                + mask * np.asarray(adapter["dense"]["kernel"]["delta"]))
+    np.testing.assert_allclose(nuclear_norm_penalty(base, adapter, cfg, 0.5, min_dim=4),
+                               0.5 * np.linalg.norm(x, "nuc"), rtol=1e-5)
+    conv_only = AdapterConfig(targets="conv/kernel", method="sara", options={"threshold": 0.3},
+                              fan_in_axes=((r"conv/kernel", 3),))
+    with pytest.raises(ValueError, match="linear-layer kernel"):
+        nuclear_norm_penalty(base, {"conv": adapter["conv"]}, conv_only, 0.5, min_dim=4)
