@@ -26,6 +26,8 @@ import contextlib
 import fcntl
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -217,6 +219,19 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     ) from e
 
 
+def _check_reachable(name: str, builder: tfds.core.DatasetBuilder, data_dir: str, elsewhere: str) -> None:
+  """Fails in seconds when the hosts `builder` downloads from cannot be reached (TFDS would retry for minutes)."""
+  hosts = sorted({urllib.parse.urlsplit(url).hostname for url in (builder.url_infos or {})} - {None})
+  for host in hosts:
+    try:
+      socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+      raise RuntimeError(
+          f"Dataset {name!r} is not prepared in {data_dir} and needs a download from {host}, which cannot be"
+          f" reached ({e}; no network?). {elsewhere}"
+      ) from None
+
+
 def _prepare(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
   """Prepares `builder` as array_record; for catalog datasets, errors say how to work offline."""
   if name in DATASETS:
@@ -232,6 +247,7 @@ def _prepare(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> Non
         f"Dataset {name!r} is not prepared in {data_dir} and needs files downloaded by hand:\n"
         f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}\n{elsewhere}"
     )
+  _check_reachable(name, builder, data_dir, elsewhere)
   try:
     builder.download_and_prepare(file_format=FILE_FORMAT)
   except (OSError, tfds.download.DownloadError) as e:

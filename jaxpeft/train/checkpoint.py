@@ -136,7 +136,8 @@ class Checkpointer:
     try:
       return checkpointer.restore(self._frozen_dir(), abstract_frozen)
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}") from e
+      raise DamagedCheckpointError(
+          f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}") from e
 
   def _set_aside(self, step: int) -> str:
     """Moves checkpoint `step` to `<workdir>/checkpoints_damaged/<step>[.<time>]`; returns where."""
@@ -181,7 +182,7 @@ class Checkpointer:
     if failures:
       raise DamagedCheckpointError(
           f"No checkpoint in {self.directory} restores: " + "; ".join(failures)
-          + ". They were kept, not deleted. Start afresh with a new --workdir (or rerun here to start from step 0).")
+          + ". They were kept, not deleted. Rerun to start from step 0 here, or use a new --workdir.")
     return None
 
   def reached_preemption(self, step: int) -> bool:

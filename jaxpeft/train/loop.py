@@ -6,9 +6,16 @@ pmapped) train step, logging every `config.log_every` steps, evaluating every
 `config.eval_every` steps, checkpointing every `config.checkpoint.every_steps` steps and at the
 end. A SIGTERM (or a JAX preemption notice) saves a checkpoint at the current step and returns.
 Because the input batch of step `s` and the step's randomness depend only on `s`, a resumed run
-continues bit for bit as if it had never stopped. `config.dataset.label_noise` flips that fraction of
-the training labels (after `config.dataset.classes` selects and relabels classes, among those);
-evaluation labels stay clean.
+continues bit for bit as if it had never stopped.
+
+Safety: the config is validated first (`validate_config`); the run holds an flock on `<workdir>/.lock`
+(a second run on the workdir fails at once); the updated trainable params and optimizer state are
+checked for NaN/Inf before every save (`check_state_finite`), so no checkpoint holds a non-finite
+value; a damaged newest checkpoint is set aside and the newest restorable one resumed
+(`Checkpointer.restore_latest`); a full disk is reported once, naming the workdir (`DiskFullError`).
+
+`config.dataset.label_noise` flips that fraction of the training labels (after `config.dataset.classes`
+selects and relabels classes, among those); evaluation labels stay clean.
 
 Adapter methods with more than a train step (hooks of `jaxpeft.train.trainable`):
 

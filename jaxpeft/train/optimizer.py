@@ -106,7 +106,8 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> 
   if "base_optimizer" in inspect.signature(factory).parameters:
     base_name = kwargs.pop("base_optimizer", None) or _DEFAULT_BASE
     if not isinstance(base_name, str):
-      raise ValueError(f"config.optimizer.kwargs.base_optimizer={base_name!r}: give an optimizer name, e.g. 'adamw'.")
+      raise ValueError(f"config.optimizer.kwargs.base_optimizer={base_name!r}: give an optimizer name, e.g."
+                       " 'adamw'.")
     base = _leaf_optimizer(base_name, learning_rate, _shared(opt_config), {}, "config.optimizer")
     _check_taken(opt_config.name, factory, kwargs, "config.optimizer.kwargs")
     tx = factory(learning_rate=None, base_optimizer=base, **kwargs)

@@ -64,7 +64,8 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
       targets=a.targets, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
       use_rslora=a.use_rslora, init=a.init, options=dict(a.options),
       # ((regex, value), ...) pairs: fan_in_axes (input axes of >2-D leaves), per-leaf ranks/alphas, scan axes.
-      **{name: tuple(a.get(name, ())) for name in ("fan_in_axes", "rank_pattern", "alpha_pattern", "stacked_axes")},
+      **{name: tuple(a.get(name, ())) for name in ("fan_in_axes", "rank_pattern", "alpha_pattern",
+                                                   "stacked_axes")},
   )
 
 

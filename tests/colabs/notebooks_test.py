@@ -36,3 +36,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   client = NotebookClient(notebook, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   client.execute()  # raises CellExecutionError when a cell raises
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_markdown_cells_are_markdown(path):
+  for cell in nbformat.read(path, as_version=4).cells:
+    if cell.cell_type == "markdown":
+      assert not cell.source.startswith("md"), f"{path.name}: a markdown cell starts with {cell.source[:8]!r}"

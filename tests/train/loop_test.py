@@ -193,7 +193,8 @@ def test_huge_learning_rate_never_reaches_a_checkpoint(smoke_config, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"optimizer__learning_rate": -1e-3}, "config.optimizer.learning_rate=-0.001: expected a positive finite number"),
+    ({"optimizer__learning_rate": -1e-3},
+     "config.optimizer.learning_rate=-0.001: expected a positive finite number"),
     ({"num_train_steps": -5}, "config.num_train_steps=-5: expected a positive integer"),
     ({"checkpoint__every_steps": 0}, "config.checkpoint.every_steps=0: expected a positive integer"),
 ])

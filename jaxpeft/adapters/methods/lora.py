@@ -117,9 +117,10 @@ def validate_lora_target(target: Target) -> None:
                          "'pissa_niter_<k>'.")
     if target.init.startswith("pissa_niter_") and not target.init.removeprefix("pissa_niter_").isdigit():
         raise ValueError(f"{target.path}: init {target.init!r} must look like 'pissa_niter_4'.")
-    if _is_pissa(target.init) and target.rank > min(target.matrix_shape):
-        raise ValueError(f"{target.path}: PiSSA needs rank <= min(d_in, d_out) = {min(target.matrix_shape)} "
-                         f"(folded shape {target.matrix_shape}), got rank {target.rank}.")
+    if target.rank > min(target.matrix_shape):  # a wider a/b adds parameters, not expressiveness
+        raise ValueError(f"{target.path}: rank {target.rank} exceeds the layer's smaller dimension "
+                         f"min(d_in, d_out) = {min(target.matrix_shape)} (folded shape {target.matrix_shape}); "
+                         "use a smaller AdapterConfig.rank or a rank_pattern entry for this layer.")
 
 
 # PEFT LoraConfig (``peft_type`` LORA; rsLoRA and every LoRA init are plain LoRA weights), ``in(x)`` =

@@ -69,9 +69,16 @@ def test_pissa_takes_principal_part_and_leaves_residual(init):
     np.testing.assert_allclose(reparam.apply(residual, adapter, cfg)["layer"]["kernel"], w, atol=1e-5)
 
 
+def test_rank_above_the_layers_smaller_dimension_is_refused():
+    base = _dense(4, 3)
+    with pytest.raises(ValueError, match=r"rank 4 exceeds the layer's smaller dimension min\(d_in, d_out\) = 3"):
+        reparam.init(jax.random.key(0), AdapterConfig(targets="layer/kernel", rank=4), base)
+    reparam.init(jax.random.key(0), AdapterConfig(targets="layer/kernel", rank=3), base)
+
+
 def test_pissa_rank_and_init_errors():
     base = _dense(4, 3)
-    with pytest.raises(ValueError, match=r"layer/kernel: PiSSA needs rank <= min\(d_in, d_out\) = 3"):
+    with pytest.raises(ValueError, match=r"layer/kernel: rank 4 exceeds the layer's smaller dimension min\(d_in, d_out\) = 3"):
         reparam.init_with_base(jax.random.key(0), AdapterConfig(targets="layer/kernel", rank=4, init="pissa"), base)
     with pytest.raises(ValueError, match="unknown init 'olora'"):
         reparam.init(jax.random.key(0), AdapterConfig(targets="layer/kernel", init="olora"), base)
