@@ -7,10 +7,12 @@ and their label maps rotated 90 degrees counter-clockwise). Every method adapts 
 
   pretrain   every parameter, clean images (run it first)
   full       every parameter, rotated images
-  lora_c     LoRA-C: rank-4 LoRA on each conv kernel's (k I) x (k O) matricisation (conv_lora)
-  convlora   convLoRA: loralib's ConvLoRA, inner width r k (conv_lora variant 'convlora')
+  lora_c     LoRA-C as released (= convLoRA): loralib's ConvLoRA on each conv kernel's (k I) x (k O)
+             matricisation, rank 4, inner width r k (conv_lora, default variant 'loralib')
+  lora_c_layer_rank     the same with inner width r (conv_lora variant 'layer_rank')
   cp_lora    CP-LoRA: a rank-4 CP decomposition of each kernel update (cp_lora)
-  conv_dora  DoRA-C: DoRA's magnitude/direction split over LoRA-C (conv_dora)
+  conv_dora_layer_rank  DoRA's magnitude/direction split over lora_c_layer_rank (conv_dora variant
+             'layer_rank')
   tlora      TLoRA: a tensor-ring-matrix transform of each folded kernel + a tensor-ring residual (tlora)
 
 Shift and learning rates were chosen on a validation slice, never on the test split: pretrain on
@@ -19,11 +21,13 @@ clean 'train[:85%]', adapt for 300 steps on the shifted 'train[:85%]', mean IoU 
 experiments/results/lr_sweep_unet.md). The pretrained model's validation mean IoU is 0.90 on clean
 images, 0.004 on inverted and 0.10 on rotated ones. Inversion (1 - intensity, the earlier target)
 adds to each first-layer response an offset that only the frozen biases could cancel: after 300
-steps LoRA-C reached 0.07 / 0.09 / 0.13 at learning rates 3e-3 / 1e-2 / 3e-2 (full fine-tuning
+steps LoRA-C with inner width r reached 0.07 / 0.09 / 0.13 at learning rates 3e-3 / 1e-2 / 3e-2 (full fine-tuning
 0.15 / 0.46 / 0.64 at 3e-4 / 1e-3 / 3e-3), so the comparison only told the adapters failed. Rotated
 digits keep their intensities and need re-oriented filters, which every method learns in 300 steps
 (validation mean IoU 0.83-0.90 at the chosen rates). Each method's rate is the best of its grid
-(adapters 1e-2, 3e-2, 1e-1; full fine-tuning 1e-3, 3e-3, 1e-2, 3e-2).
+(adapters 1e-2, 3e-2, 1e-1; full fine-tuning 1e-3, 3e-3, 1e-2, 3e-2). The sweep ran before the
+conv_lora variants were renamed after the released code (2026-12): its `lora_c` is today's
+`lora_c_layer_rank`, its `convlora` today's `lora_c`, its `conv_dora` today's `conv_dora_layer_rank`.
 
 Launch (the whole comparison and its table: `python -m experiments.vision_adapt`):
 
@@ -54,10 +58,10 @@ RECIPE = digits_recipe.Recipe(
     methods={  # learning rates: the validation sweep's choices (module docstring)
         digits_recipe.PRETRAIN: Method(".*", 3e-3),
         "full": Method(".*", 1e-2),
-        "lora_c": Method("", 3e-2, "conv_lora", CONV_3X3, {"variant": "lora_c"}),
-        "convlora": Method("", 3e-2, "conv_lora", CONV_3X3, {"variant": "convlora"}),
+        "lora_c": Method("", 3e-2, "conv_lora", CONV_3X3, {"variant": "loralib"}),
+        "lora_c_layer_rank": Method("", 3e-2, "conv_lora", CONV_3X3, {"variant": "layer_rank"}),
         "cp_lora": Method("", 1e-1, "cp_lora", CONV_3X3),
-        "conv_dora": Method("", 3e-2, "conv_dora", CONV_3X3, {"variant": "lora_c"}),
+        "conv_dora_layer_rank": Method("", 3e-2, "conv_dora", CONV_3X3, {"variant": "layer_rank"}),
         "tlora": Method("", 3e-2, "tlora", CONV_3X3),
     },
     num_train_steps={digits_recipe.PRETRAIN: 600, "adapt": 300},

@@ -161,17 +161,20 @@ class SelfAttention(_BertModule):
 
 
 class FeedForward(_BertModule):
-  """The MLP branch of a layer, `Dropout(act(x W_1 + b_1) W_2 + b_2)`: its input is the residual stream.
+  """The MLP branch of a layer, `dropout(act(x W_1 + b_1) W_2 + b_2)`: its input is the residual stream.
 
-  A submodule of its own so that adapters placed around the MLP (AdaptFormer) hook exactly it.
+  A submodule of its own so that adapters placed around the MLP (AdaptFormer) hook exactly it. The
+  dropout is the layer's (it keeps the layer's rng stream, so the masks do not depend on this split).
   """
 
+  dropout: nn.Module | None = None
+
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     h = self.dense(cfg.intermediate_size, "intermediate")(x)
     h = self.dense(cfg.hidden_size, "output")(_ACTIVATIONS[cfg.hidden_act](h))
-    return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(h)
+    return h if self.dropout is None else self.dropout(h)
 
 
 class TransformerLayer(_BertModule):
@@ -183,7 +186,7 @@ class TransformerLayer(_BertModule):
     dropout = nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)
     a = SelfAttention(cfg, self.dtype, self.param_dtype, name="attention")(x, mask, train=train)
     x = self.layer_norm("attention_layer_norm")(x + dropout(a))
-    h = FeedForward(cfg, self.dtype, self.param_dtype, name="mlp")(x, train=train)
+    h = FeedForward(cfg, self.dtype, self.param_dtype, dropout=dropout, name="mlp")(x)
     return self.layer_norm("output_layer_norm")(x + h)
 
 

@@ -4,8 +4,9 @@ Paper: "CAME: Confidence-guided Adaptive Memory Efficient Optimization", Yang Lu
 Zangwei Zheng, Zhuo Jiang, Xin Jiang and Yang You, 2023, arXiv:2307.02047.
 
 CAME is Adafactor with first-moment momentum whose step is rescaled by a factored estimate of its
-own instability. For a parameter of shape ``(..., n, m)`` (two or more axes) and gradient
-:math:`G_t`, with row/column means taken over the last two axes (leading axes are batch axes):
+own instability. For a parameter viewed as ``(..., n, m)`` (two *factored* axes, or axis groups,
+``n`` rows and ``m`` columns; the other axes are batch axes, see "Which axes" below) and gradient
+:math:`G_t`, with row/column means taken over the two factored axes:
 
 .. math::
 
@@ -23,6 +24,25 @@ own instability. For a parameter of shape ``(..., n, m)`` (two or more axes) and
 ``n + m`` for a matrix instead of ``n * m``. Parameters with fewer than two axes keep an unfactored
 :math:`V_t = \beta_2 V_{t-1} + (1-\beta_2)(G_t^2+\epsilon_1)` and take the step :math:`M_t`
 itself (no confidence scaling), exactly as the reference does. The RMS clip is per tensor.
+
+Which axes (``factored_axes``): came-pytorch factors the last two axes of a tensor as PyTorch stores
+it. The same layer is stored differently in Flax, so by default (``"authors"``) we factor the axes
+that the authors' code factors on the same layer in PyTorch's layout:
+
+* 2-D Dense kernel ``(I, O)`` (torch ``(O, I)``): both axes (the factorization is symmetric in them);
+* conv kernel with two or more spatial axes, ``(..., kh, kw, I, O)`` (torch ``(O, I, ..., kh, kw)``):
+  the last two spatial axes ``(kh, kw)``; ``I``, ``O`` (and ``kd``) are batch axes. Any leaf with four
+  or more axes is read as a Flax conv kernel (leading stacked-layer axes stay batch axes);
+* 3-D leaves: the last two axes. This is the authors' choice for a stacked (``nn.scan``) Dense
+  kernel ``(L, I, O)``, not for a DenseGeneral kernel such as ``(D, heads, D/heads)`` (torch: a 2-D
+  Linear weight, all input axes against all output axes) or a 1-D conv kernel ``(k, I, O)`` (torch
+  ``(O, I, k)``: factors ``(I, k)``); pass a callable for those.
+
+``factored_axes="last_two"`` factors the last two axes as stored (what came-pytorch would do on our
+layout; the behaviour before 2026-12). A callable ``factored_axes(path, shape)`` chooses per leaf:
+it returns ``(rows, cols)``, each an axis or a tuple of axes (a group is flattened into one axis, e.g.
+``((0,), (1, 2))`` for a ``(D, heads, D/heads)`` query kernel, as its torch Linear), or ``None`` for an
+unfactored second moment; ``path`` is the '/'-joined key path.
 
 Reference followed: the authors' package came-pytorch 0.1.3 (``came_pytorch.CAME``; defaults
 ``betas=(0.9, 0.999, 0.9999)``, ``eps=(1e-30, 1e-16)``, ``clip_threshold=1.0``,
@@ -48,10 +68,13 @@ parameters XLA inserts any needed communication and under ``pmap`` (replicated p
 device computes the single-device result; no ``axis_name`` is needed.
 """
 
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
@@ -64,34 +87,76 @@ _DECAY_RATE = Interval(0.0, 1.0, high_open=False)
 class CameState(NamedTuple):
   """State of `scale_by_came`. Every field is a tree with the parameters' structure.
 
-  For a parameter with two or more axes, `nu` holds an empty placeholder and `nu_row`/`nu_col`
-  (`res_row`/`res_col`) the factored second moment (instability) over the last two axes; for a
-  vector or scalar `nu` holds the full second moment and the four factored fields are empty.
+  For a factored parameter, `nu` holds an empty placeholder and `nu_row`/`nu_col` (`res_row`/
+  `res_col`) the factored second moment (instability): shapes `batch + (n,)` and `batch + (m,)` of
+  its `(batch..., n, m)` view (module docstring); for an unfactored one (vectors, scalars, or as
+  `factored_axes` says) `nu` holds the full second moment and the four factored fields are empty.
   """
 
-  mu: optax.Updates  # first moment of the clipped, preconditioned gradient
-  nu_row: optax.Updates  # shape[:-1]
-  nu_col: optax.Updates  # shape[:-2] + shape[-1:]
-  nu: optax.Updates  # shape (vectors and scalars only)
-  res_row: optax.Updates  # shape[:-1]
-  res_col: optax.Updates  # shape[:-2] + shape[-1:]
+  mu: optax.Updates  # first moment of the clipped, preconditioned gradient (parameter shape)
+  nu_row: optax.Updates  # batch + (n,)
+  nu_col: optax.Updates  # batch + (m,)
+  nu: optax.Updates  # shape (unfactored leaves only)
+  res_row: optax.Updates  # batch + (n,)
+  res_col: optax.Updates  # batch + (m,)
 
 
-def _is_factored(x: jax.Array) -> bool:
-  return x.ndim >= 2
+Axes = int | tuple[int, ...]
+FactoredAxes = Callable[[str, tuple[int, ...]], tuple[Axes, Axes] | None]
+
+
+def authors_axes(path: str, shape: tuple[int, ...]) -> tuple[Axes, Axes] | None:
+  """The axes came-pytorch factors on the same layer in PyTorch's layout (module docstring)."""
+  del path
+  if len(shape) < 2:
+    return None
+  if len(shape) >= 4:  # Flax conv kernel (..., kh, kw, I, O); torch (O, I, ..., kh, kw).
+    return len(shape) - 4, len(shape) - 3
+  return len(shape) - 2, len(shape) - 1
+
+
+def last_two_axes(path: str, shape: tuple[int, ...]) -> tuple[Axes, Axes] | None:
+  """The last two axes as stored (what came-pytorch does to a tensor of this layout)."""
+  del path
+  return (len(shape) - 2, len(shape) - 1) if len(shape) >= 2 else None
+
+
+_NAMED_AXES: dict[str, FactoredAxes] = {"authors": authors_axes, "last_two": last_two_axes}
+
+
+class _View(NamedTuple):
+  """A leaf seen as `(batch..., n, m)`: `perm` moves batch, row and column axes into that order."""
+
+  perm: tuple[int, ...]
+  batch: tuple[int, ...]
+  n: int
+  m: int
+
+  def fold(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, self.perm).reshape(self.batch + (self.n, self.m))
+
+  def unfold(self, y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    permuted = tuple(shape[a] for a in self.perm)
+    return jnp.transpose(y.reshape(permuted), np.argsort(self.perm))
+
+
+def _view(rule: FactoredAxes, path: str, shape: tuple[int, ...]) -> _View | None:
+  axes = rule(path, shape)
+  if axes is None:
+    return None
+  rows, cols = (tuple(np.atleast_1d(a).tolist()) for a in axes)
+  chosen = rows + cols
+  if not rows or not cols or len(set(chosen)) != len(chosen) or not all(0 <= a < len(shape) for a in chosen):
+    raise ValueError(f"CAME factored_axes gave {axes!r} for {path!r} of shape {shape}: expected (rows, cols), "
+                     "two non-empty, disjoint axes or tuples of axes of that shape, or None (unfactored).")
+  batch = tuple(a for a in range(len(shape)) if a not in chosen)
+  return _View(batch + rows + cols, tuple(shape[a] for a in batch), math.prod(shape[a] for a in rows),
+               math.prod(shape[a] for a in cols))
 
 
 def _empty(x: jax.Array) -> jax.Array:
   """Placeholder for a statistic a leaf does not use: one element, as Orbax cannot save zero-size arrays."""
   return jnp.zeros((1,), x.dtype)
-
-
-def _row_zeros(x: jax.Array) -> jax.Array:
-  return jnp.zeros(x.shape[:-1], x.dtype) if _is_factored(x) else _empty(x)
-
-
-def _col_zeros(x: jax.Array) -> jax.Array:
-  return jnp.zeros(x.shape[:-2] + x.shape[-1:], x.dtype) if _is_factored(x) else _empty(x)
 
 
 def _ema(decay: ArrayLike, old: jax.Array, new: jax.Array) -> jax.Array:
@@ -116,6 +181,7 @@ def scale_by_came(
     eps_res: ArrayLike = 1e-16,
     clip_threshold: ArrayLike = 1.0,
     mu_dtype: DTypeLike | None = None,
+    factored_axes: str | FactoredAxes = "authors",
 ) -> optax.GradientTransformation:
   """Rescales gradients by the CAME rule (module docstring); no learning rate, no weight decay.
 
@@ -127,34 +193,55 @@ def scale_by_came(
     eps_res: Added to the squared instability (authors' `eps[1]`).
     clip_threshold: Per-tensor RMS above which the preconditioned gradient is scaled down.
     mu_dtype: dtype of the momentum; `None` keeps the parameters' dtype.
+    factored_axes: which axes of each leaf are factored: "authors" (the axes came-pytorch factors
+      on the same layer in PyTorch's layout), "last_two" (the last two as stored), or a callable
+      `(path, shape) -> (rows, cols) | None` (module docstring).
 
   Returns:
     An `optax.GradientTransformation`.
   """
+  if isinstance(factored_axes, str):
+    if factored_axes not in _NAMED_AXES:
+      raise ValueError(f"CAME factored_axes={factored_axes!r}: use one of {sorted(_NAMED_AXES)} or a callable "
+                       "(path, shape) -> (rows, cols) | None.")
+    factored_axes = _NAMED_AXES[factored_axes]
   check_hyperparameters("CAME", _DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.9999.", b1=b1, b2=b2, b3=b3)
   check_hyperparameters("CAME", NON_NEGATIVE, "Defaults: eps=1e-30, eps_res=1e-16.", eps=eps, eps_res=eps_res)
   check_hyperparameters("CAME", POSITIVE, "The authors' default is 1.0.", clip_threshold=clip_threshold)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
+  def views(tree: optax.Params) -> list[_View | None]:
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [_view(factored_axes, jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape))
+            for path, leaf in paths_and_leaves]
+
   def init_fn(params: optax.Params) -> CameState:
+    treedef = jax.tree.structure(params)
+    leaves, leaf_views = treedef.flatten_up_to(params), views(params)
+
+    def stat(view: _View | None, p: jax.Array, size: Callable[[_View], int]) -> jax.Array:
+      return _empty(p) if view is None else jnp.zeros(view.batch + (size(view),), p.dtype)
+
+    row = treedef.unflatten([stat(v, p, lambda v: v.n) for v, p in zip(leaf_views, leaves)])
+    col = treedef.unflatten([stat(v, p, lambda v: v.m) for v, p in zip(leaf_views, leaves)])
     return CameState(
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu_row=jax.tree.map(_row_zeros, params),
-        nu_col=jax.tree.map(_col_zeros, params),
-        nu=jax.tree.map(lambda p: _empty(p) if _is_factored(p) else jnp.zeros_like(p), params),
-        res_row=jax.tree.map(_row_zeros, params),
-        res_col=jax.tree.map(_col_zeros, params),
+        nu_row=row,
+        nu_col=col,
+        nu=treedef.unflatten([jnp.zeros_like(p) if v is None else _empty(p) for v, p in zip(leaf_views, leaves)]),
+        res_row=row,
+        res_col=col,
     )
 
   def update_leaf(
-      grad: jax.Array, mu: jax.Array, nu_row: jax.Array, nu_col: jax.Array, nu: jax.Array,
+      view: _View | None, grad: jax.Array, mu: jax.Array, nu_row: jax.Array, nu_col: jax.Array, nu: jax.Array,
       res_row: jax.Array, res_col: jax.Array,
   ) -> tuple[jax.Array, ...]:
     """One CAME step for one parameter; returns (update, *new state leaves)."""
     compute_dtype = jnp.promote_types(grad.dtype, jnp.float32)
-    g = grad.astype(compute_dtype)
+    factored = view is not None
+    g = (view.fold(grad) if factored else grad).astype(compute_dtype)
     sq = jnp.square(g) + eps
-    factored = _is_factored(g)
     if factored:
       new_nu_row = _ema(b2, nu_row.astype(compute_dtype), jnp.mean(sq, axis=-1))
       new_nu_col = _ema(b2, nu_col.astype(compute_dtype), jnp.mean(sq, axis=-2))
@@ -165,7 +252,7 @@ def scale_by_came(
       new_nu = _ema(b2, nu.astype(compute_dtype), sq)
       u = g * jax.lax.rsqrt(new_nu)
     u = u / jnp.maximum(1.0, _rms(u) / clip_threshold)
-    new_mu = _ema(b1, mu.astype(compute_dtype), u)
+    new_mu = _ema(b1, (view.fold(mu) if factored else mu).astype(compute_dtype), u)
     if factored:
       instability = jnp.square(u - new_mu) + eps_res
       new_res_row = _ema(b3, res_row.astype(compute_dtype), jnp.mean(instability, axis=-1))
@@ -174,6 +261,8 @@ def scale_by_came(
     else:
       new_res_row, new_res_col = res_row, res_col
       update = new_mu
+    if factored:
+      update, new_mu = view.unfold(update, grad.shape), view.unfold(new_mu, grad.shape)
     return (
         update.astype(grad.dtype),
         new_mu.astype(mu.dtype),
@@ -192,7 +281,7 @@ def scale_by_came(
     per_leaf = [
         update_leaf(*leaves)
         for leaves in zip(
-            treedef.flatten_up_to(updates), *(treedef.flatten_up_to(field) for field in state)
+            views(updates), treedef.flatten_up_to(updates), *(treedef.flatten_up_to(field) for field in state)
         )
     ]
     new_updates, *new_fields = (treedef.unflatten(column) for column in zip(*per_leaf))
@@ -214,6 +303,7 @@ def came(
     *,
     weight_decouple: bool = True,
     mask: optax.Params | None = None,
+    factored_axes: str | FactoredAxes = "authors",
 ) -> optax.GradientTransformation:
   """CAME with the defaults of the authors' came-pytorch 0.1.3 (which has no default `lr`).
 
@@ -233,11 +323,13 @@ def came(
     mu_dtype: dtype of the momentum; `None` keeps the parameters' dtype.
     weight_decouple: Decoupled (True, authors) or L2-coupled (False) weight decay.
     mask: Tree (or callable returning one) of booleans: where to apply weight decay.
+    factored_axes: which axes of each leaf are factored; "authors" (default), "last_two" or a
+      callable, see `scale_by_came` and the module docstring.
 
   Returns:
     An `optax.GradientTransformation`.
   """
-  core = scale_by_came(b1, b2, b3, eps, eps_res, clip_threshold, mu_dtype)
+  core = scale_by_came(b1, b2, b3, eps, eps_res, clip_threshold, mu_dtype, factored_axes)
   decay = optax.add_decayed_weights(weight_decay, mask)
   steps = (core, decay) if weight_decouple else (decay, core)
   return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))

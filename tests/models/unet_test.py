@@ -48,7 +48,7 @@ def test_skip_connections_carry_full_resolution_detail():
   assert np.abs(np.asarray(grad)[0, 0, 0, 0]) > 0
 
 
-@pytest.mark.parametrize("variant", ["lora_c", "convlora"])
+@pytest.mark.parametrize("variant", ["loralib", "layer_rank"])
 def test_conv_lora_on_the_unet_matches_loralib_form_and_merge_equals_apply(variant):
   model = UNet(num_classes=CLASSES, features=FEATURES)
   base = model.init(jax.random.key(0), _images())["params"]

@@ -1,4 +1,4 @@
-"""DoRA-C, convDoRA and CP-DoRA: DoRA's magnitude/direction split over the LoRA-C, convLoRA and CP-LoRA updates.
+"""DoRA-C / convDoRA and CP-DoRA: DoRA's magnitude/direction split over the LoRA-C and CP-LoRA updates.
 
 Paper: Minoccheri, Hodgman, Ma, Merchant, Wittrup, Williamson, Najarian, "LoRA-based methods on Unet for
 transfer learning in Subarachnoid Hematoma Segmentation", 2025, arXiv:2508.01772 (introduces the three
@@ -13,9 +13,10 @@ Math, on the folded Flax conv kernel ``W: (kh*kw*I, O)`` (one column per output 
     W' = V * m / stop_gradient(||V||_col)  ||.||_col: per output channel, over (kh, kw, I)
     m  : (O,) trainable, initialised to ||W + Delta W_0||_col (= ||W||_col for the zero-init updates)
 
-    options={"variant": ...}   "lora_c"   -> DoRA-C    (update of conv_lora variant "lora_c")
-                               "convlora" -> convDoRA  (update of conv_lora variant "convlora")
-                               "cp"       -> CP-DoRA   (update of cp_lora)
+    options={"variant": ...}   "loralib"    -> DoRA-C / convDoRA (default; update of conv_lora variant "loralib",
+                                                the released LoRA-C / convLoRA code)
+                               "layer_rank" -> the same over conv_lora variant "layer_rank" (inner width r)
+                               "cp"         -> CP-DoRA (update of cp_lora)
 
 The per-output-channel norm is PEFT's conv DoRA norm (PyTorch ``W_t: (O, I, kh, kw)``, norm over dims
 ``(1, 2, 3)``; PyTorch to Flax: ``K = W_t.permute(2, 3, 1, 0)``). As in PEFT and the DoRA paper, the norm is
@@ -33,26 +34,23 @@ from __future__ import annotations
 import jax
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.methods.conv_lora import ConvLoRA
+from jaxpeft.adapters.methods.conv_lora import ConvLoRA, check_variant
 from jaxpeft.adapters.methods.cp_lora import CPLoRA
 from jaxpeft.adapters.methods.dora import column_norm, magnitude_scale
 
-_UPDATES: dict[str, AdapterMethod] = {"lora_c": ConvLoRA(), "convlora": ConvLoRA(), "cp": CPLoRA()}
+_UPDATES: dict[str, AdapterMethod] = {"loralib": ConvLoRA(), "layer_rank": ConvLoRA(), "cp": CPLoRA()}
 
 
 def _update(target: Target) -> AdapterMethod:
-    variant = target.option("variant")
-    if variant not in _UPDATES:
-        raise ValueError(f"{target.path}: unknown conv DoRA variant {variant!r}; expected one of "
-                         f"{sorted(_UPDATES)} (options={{'variant': ...}}).")
-    return _UPDATES[variant]
+    check_variant(target, tuple(_UPDATES))
+    return _UPDATES[target.option("variant")]
 
 
 @register_method("conv_dora")
 class ConvDoRA(AdapterMethod):
     """``W' = m * (W + Delta W) / ||W + Delta W||_col`` with a conv/CP update. See the module docstring."""
 
-    option_defaults = {"variant": "lora_c"}
+    option_defaults = {"variant": "loralib"}
 
     def validate(self, target: Target) -> None:
         _update(target).validate(target)

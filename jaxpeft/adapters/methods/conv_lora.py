@@ -14,8 +14,10 @@ authors' repositories vendor unchanged.
 Math, for a square 2-D kernel with ``k = kh = kw`` (PyTorch weight ``W_t: (O, I, k, k)``)::
 
     Delta W_t = s * reshape(B A, (O, I, k, k))       B: (O k, q),  A: (q, I k),  s = alpha / r
-    q = r       variant "lora_c"     (rank r for the whole layer: Ding et al.'s "layer-wise, not kernel-unit" rank)
-    q = r k     variant "convlora"   (loralib ConvLoRA exactly: lora_A (r k, I k), lora_B (O k, r k))
+    q = r k     variant "loralib"     (default: loralib ConvLoRA exactly, lora_A (r k, I k), lora_B (O k, r k);
+                                       the released LoRA-C and convLoRA code)
+    q = r       variant "layer_rank"  (inner width r: one rank r for the whole layer, our reading of Ding et
+                                       al.'s "layer-wise, not kernel-unit" rank; no released code does this)
 
 ``reshape`` is the row-major ``view`` of the ``(O k, I k)`` product onto the weight buffer, as loralib does (it
 is not a permutation-based matricisation: rows and columns mix output/input channels with kernel taps).
@@ -28,19 +30,20 @@ like LoRA's (``a: (I k, q) = lora_A.T``, ``b: (q, O k) = lora_B.T``), so ``Delta
 
 Init (loralib): ``a ~ U(-1/sqrt(I k), 1/sqrt(I k))`` (PyTorch ``kaiming_uniform_(a=sqrt(5))`` on ``lora_A`` of
 fan-in ``I k``), ``b = 0``; ``init="random"`` also draws ``b ~ U(-1/sqrt(q), 1/sqrt(q))`` (tests).
-Param count: ``q k (I + O)``, i.e. ``r k (I + O)`` (LoRA-C) or ``r k^2 (I + O)`` (convLoRA).
+Param count: ``q k (I + O)``, i.e. ``r k^2 (I + O)`` ("loralib") or ``r k (I + O)`` ("layer_rank").
 
 Sources checked (verification pass): the LoRA-C authors' code ``alexyyds2024/lora-C``, ``loralib/layers.py``
 (``ConvLoRA``: ``lora_A (r k, I k)``, ``lora_B (O k / groups, r k)``, ``(B A).view(W.shape) * alpha / r``, A kaiming
 ``a=sqrt(5)``, B zero; used for every 3x3 and 1x1 conv of ``model/resnet_lora.py``) and Aleem et al.'s
 ``aleemsidra/ConvLoRA``, ``LoRA/loralib/layers.py`` (the same ``ConvLoRA`` and a ``Conv2d`` with the same shapes)
-both equal loralib's ``ConvLoRA`` -- our variant ``"convlora"`` exactly (tested against loralib in
-``tests/adapters/methods/conv_lora_test.py``). So, as released, LoRA-C and convLoRA are the same update.
-Which variant is which [reconstructed]: the full texts of arXiv:2410.16954 and arXiv:2508.01772 were not
-readable here (only their abstracts; no code of arXiv:2508.01772 was found, see ``cp_lora``). The LoRA-C abstract
-says it "performs low-rank decomposition in convolutional layers rather than kernel units" and "analyzes two
-different rank settings"; we name the layer-level setting ``q = r`` LoRA-C (default) and loralib's ``q = r k``
-convLoRA. If arXiv:2508.01772 used the released LoRA-C code, its "LoRA-C" is ``variant="convlora"``.
+both equal loralib's ``ConvLoRA`` -- our variant ``"loralib"`` exactly (tested against loralib in
+``tests/adapters/methods/conv_lora_test.py``). So, as released, LoRA-C and convLoRA are the same update, and the default
+is that update. The variants are named after what they compute: "loralib" is the released code;
+"layer_rank" [reconstructed] is a second reading of the LoRA-C abstract ("performs low-rank decomposition in
+convolutional layers rather than kernel units", "analyzes two different rank settings"), an inner width of
+``r`` instead of ``r k`` (the full texts of arXiv:2410.16954 and arXiv:2508.01772 were not readable here).
+Until 2026-12 the variants were named "lora_c" (= "layer_rank", then the default) and "convlora" (= "loralib");
+configs naming them get an error saying so.
 Hugging Face PEFT's Conv2d LoRA is a third matricisation (``(O) x (I k k)``: a k x k conv to ``r`` channels,
 then a 1 x 1 conv); it is ``method="lora"`` with ``fan_in_axes=3`` in jaxpeft, not one of these variants.
 The update is merged (``W + Delta W``); there is no activation-hook form (the reshape has no conv-branch form).
@@ -53,7 +56,8 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 
-VARIANTS = ("lora_c", "convlora")
+VARIANTS = ("loralib", "layer_rank")
+RENAMED_VARIANTS = {"lora_c": "layer_rank", "convlora": "loralib"}  # names before 2026-12
 _INITS = ("default", "random")
 
 
@@ -69,16 +73,25 @@ def conv_shape(target: Target) -> tuple[int, int, int]:
 
 
 def inner_width(target: Target) -> int:
-    """``q``: ``r`` for LoRA-C, ``r k`` for convLoRA."""
+    """``q``: ``r k`` for the released code ("loralib"), ``r`` for "layer_rank"."""
     k, _, _ = conv_shape(target)
-    return target.rank * (k if target.option("variant") == "convlora" else 1)
+    return target.rank * (k if target.option("variant") == "loralib" else 1)
+
+
+def check_variant(target: Target, variants: tuple[str, ...]) -> None:
+    """Refuses an unknown ``variant`` option, naming the new name of a pre-2026-12 one."""
+    variant = target.option("variant")
+    if variant in variants:
+        return
+    renamed = (f" Variant {variant!r} was renamed {RENAMED_VARIANTS[variant]!r} (same update)."
+               if variant in RENAMED_VARIANTS else "")
+    raise ValueError(f"{target.path}: unknown conv LoRA variant {variant!r}; expected one of {variants} "
+                     f"(options={{'variant': ...}}).{renamed}")
 
 
 def validate_conv_lora(target: Target) -> None:
     conv_shape(target)
-    if target.option("variant") not in VARIANTS:
-        raise ValueError(f"{target.path}: unknown conv LoRA variant {target.option('variant')!r}; expected one of "
-                         f"{VARIANTS} (options={{'variant': ...}}).")
+    check_variant(target, VARIANTS)
     if target.init not in _INITS:
         raise ValueError(f"{target.path}: unknown init {target.init!r} for LoRA-C / convLoRA; expected one of "
                          f"{_INITS}.")
@@ -108,9 +121,9 @@ def conv_lora_delta(leaves: Leaves, target: Target) -> jax.Array:
 
 @register_method("conv_lora")
 class ConvLoRA(AdapterMethod):
-    """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "lora_c" | "convlora"}``."""
+    """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "loralib" | "layer_rank"}``."""
 
-    option_defaults = {"variant": "lora_c"}
+    option_defaults = {"variant": "loralib"}
 
     def validate(self, target: Target) -> None:
         validate_conv_lora(target)

@@ -17,7 +17,7 @@ from tests.adapters.method_checks import TOL, Wrap, check_checkpoint_round_trip,
 
 R, ALPHA = 2, 3.0
 S = ALPHA / R
-VARIANTS = pytest.mark.parametrize("variant", ["lora_c", "convlora", "cp"])
+VARIANTS = pytest.mark.parametrize("variant", ["layer_rank", "loralib", "cp"])
 
 
 def _config(variant, init="default"):
@@ -92,7 +92,7 @@ def test_gradient_treats_norm_as_constant():
 @VARIANTS
 def test_count_checkpoint_and_unmerge_refused(variant, tmp_path):
     base, adapter, cfg = _setup(variant)
-    inner = {"lora_c": R * K * (C_IN + C_OUT), "convlora": R * K * K * (C_IN + C_OUT),
+    inner = {"layer_rank": R * K * (C_IN + C_OUT), "loralib": R * K * K * (C_IN + C_OUT),
              "cp": R * (2 * K + C_IN + C_OUT + 1)}[variant]
     assert param_count(adapter) == inner + C_OUT
     check_checkpoint_round_trip(tmp_path, base, adapter, cfg)
@@ -106,5 +106,12 @@ def test_training_reduces_loss(variant):
 
 
 def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="unknown conv DoRA variant"):
+    with pytest.raises(ValueError, match="unknown conv LoRA variant"):
         reparam.init(jax.random.key(0), _config("tucker"), conv_base(0))
+
+
+def test_default_update_is_the_released_lora_c_one():
+    """DoRA-C defaults to the released LoRA-C update (loralib ConvLoRA: inner width r k)."""
+    cfg = AdapterConfig(targets="layer/kernel", method="conv_dora", rank=R, alpha=ALPHA, fan_in_axes=FAN_IN)
+    leaves = reparam.init(jax.random.key(0), cfg, conv_base(0))["layer"]["kernel"]
+    assert leaves["a"].shape == (C_IN * K, R * K) and leaves["b"].shape == (R * K, C_OUT * K)

@@ -17,9 +17,10 @@ from tests.adapters.method_checks import TOL, check_checkpoint_round_trip, check
 R, ALPHA = 2, 3.0
 
 
-def _config(variant, init="default"):
+def _config(variant=None, init="default"):
+    """``variant=None``: the default."""
     return AdapterConfig(targets="layer/kernel", method="conv_lora", rank=R, alpha=ALPHA, init=init,
-                         fan_in_axes=FAN_IN, options={"variant": variant})
+                         fan_in_axes=FAN_IN, options={} if variant is None else {"variant": variant})
 
 
 def _loralib_conv(seed):
@@ -36,10 +37,12 @@ def _from_loralib(conv):
     return params, adapter
 
 
-def test_convlora_matches_loralib_before_and_after_merge():
+def test_default_is_the_released_lora_c_code_loralib_conv_lora_before_and_after_merge():
+    """alexyyds2024/lora-C (loralib/layers.py) and aleemsidra/ConvLoRA vendor loralib's ConvLoRA unchanged."""
     conv = _loralib_conv(0)
     params, adapter = _from_loralib(conv)
-    cfg = _config("convlora")
+    cfg = _config()
+    assert reparam.init(jax.random.key(0), cfg, params)["layer"]["kernel"]["a"].shape == (C_IN * K, R * K)
     x = images(1)
     expect = t2n(conv(torch.from_numpy(x.transpose(0, 3, 1, 2)))).transpose(0, 2, 3, 1)
     ours = flax_conv(reparam.apply(params, adapter, cfg), x)
@@ -50,7 +53,7 @@ def test_convlora_matches_loralib_before_and_after_merge():
     np.testing.assert_allclose(merged["layer"]["kernel"], t2n(conv.conv.weight).transpose(2, 3, 1, 0), **TOL)
 
 
-@pytest.mark.parametrize("variant", ["lora_c", "convlora"])
+@pytest.mark.parametrize("variant", ["layer_rank", "loralib"])
 def test_update_is_loralib_view_of_b_a(variant):
     """Independent computation in PyTorch layout: Delta W_t = s * (B A).view(O, I, k, k), then torch conv2d."""
     base = conv_base(1)
@@ -58,7 +61,7 @@ def test_update_is_loralib_view_of_b_a(variant):
     adapter = reparam.init(jax.random.key(2), cfg, base)
     a = np.asarray(adapter["layer"]["kernel"]["a"], np.float64)
     b = np.asarray(adapter["layer"]["kernel"]["b"], np.float64)
-    q = R * (K if variant == "convlora" else 1)
+    q = R * (K if variant == "loralib" else 1)
     assert a.shape == (C_IN * K, q) and b.shape == (q, C_OUT * K)
     lora_a, lora_b = a.T, b.T  # loralib layout: lora_A (q, I k), lora_B (O k, q)
     w_t = to_torch_layout(base["layer"]["kernel"]) + (ALPHA / R) * (lora_b @ lora_a).reshape(C_OUT, C_IN, K, K)
@@ -67,18 +70,18 @@ def test_update_is_loralib_view_of_b_a(variant):
     np.testing.assert_allclose(ours, torch_conv(w_t, base["layer"]["bias"], x), **TOL)
 
 
-@pytest.mark.parametrize("variant", ["lora_c", "convlora"])
+@pytest.mark.parametrize("variant", ["layer_rank", "loralib"])
 def test_merge_unmerge_count_and_checkpoint(variant, tmp_path):
     base = conv_base(3)
     cfg = _config(variant, init="random")
     adapter = reparam.init(jax.random.key(4), cfg, base)
     check_merge_unmerge(base, adapter, cfg)
-    q = R * (K if variant == "convlora" else 1)
+    q = R * (K if variant == "loralib" else 1)
     assert param_count(adapter) == q * K * (C_IN + C_OUT)  # r k (I + O)  or  r k^2 (I + O)
     check_checkpoint_round_trip(tmp_path, base, adapter, cfg)
 
 
-@pytest.mark.parametrize("variant", ["lora_c", "convlora"])
+@pytest.mark.parametrize("variant", ["layer_rank", "loralib"])
 def test_default_init_is_identity_and_matches_loralib_bounds(variant):
     c_in, c_out = 256, 8  # fan-in I k = 768 -> 768 * q draws of a
     base = conv_base(5, c_in=c_in, c_out=c_out)
@@ -99,7 +102,7 @@ def test_default_init_is_identity_and_matches_loralib_bounds(variant):
     np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.06)  # >= 1536 draws: ~5 standard errors
 
 
-@pytest.mark.parametrize("variant", ["lora_c", "convlora"])
+@pytest.mark.parametrize("variant", ["layer_rank", "loralib"])
 def test_training_reduces_loss(variant):
     check_conv_training(_config(variant), conv_base(8))
 
@@ -109,7 +112,12 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="unknown conv LoRA variant"):
         reparam.init(jax.random.key(0), _config("kernelwise"), base)
     with pytest.raises(ValueError, match="square 2-D conv kernels"):
-        reparam.init(jax.random.key(0), _config("lora_c"), {"layer": {"kernel": jnp.zeros((3, 1, 2, 4))}})
+        reparam.init(jax.random.key(0), _config("layer_rank"), {"layer": {"kernel": jnp.zeros((3, 1, 2, 4))}})
     with pytest.raises(ValueError, match="fan_in_axes=3"):
         reparam.init(jax.random.key(0), AdapterConfig(targets="layer/kernel", method="conv_lora"),
                      {"layer": {"kernel": jnp.zeros((6, 4))}})
+
+
+def test_pre_rename_variant_names_are_refused_with_their_new_name():
+    with pytest.raises(ValueError, match="Variant 'lora_c' was renamed 'layer_rank'"):
+        reparam.init(jax.random.key(0), _config("lora_c"), conv_base(1))
