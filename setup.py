@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "chex>=0.1.90",
     "etils[epath]",
     "flax>=0.12",
+    "gguf>=0.19",  # GGUF tensor types and dequantisation (jaxpeft.models.gguf_file)
     "importlib-resources",  # needed by tensorflow-datasets to prepare data, not declared by it
     "jax>=0.9",
     "ml_collections>=1.0",

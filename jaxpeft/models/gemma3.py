@@ -165,6 +165,13 @@ def hf_name(path: str) -> str:
   return "model." + path.replace("/", ".")
 
 
+def hf_module_name(path: str) -> str:
+  """The transformers module name of an unscanned kernel path, for `jaxpeft.adapters` PEFT export/import
+  (`export_peft(..., module_name=hf_module_name)`): 'layers_0/mlp/up_proj/kernel' -> 'model.layers.0.mlp.up_proj'.
+  """
+  return hf_name(path).rsplit(".", 1)[0]
+
+
 def init_cache(config: Gemma3Config, batch_size: int, max_len: int,
                dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
   """An empty KV cache for `max_len` slots (see the module docstring)."""

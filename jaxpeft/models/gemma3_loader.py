@@ -9,8 +9,8 @@ missing, unexpected and misshaped tensor at once.
   `Gemma3ForConditionalGeneration` one whose `text_config` is used) and `*.safetensors`, any
   size. Multimodal checkpoints' `language_model.` prefix is stripped and their vision tower and
   projector skipped; `lm_head.weight` is skipped (the output is tied to the embedding).
-* A GGUF file (`load_gguf`), as llama.cpp's converter writes Gemma 3, dequantised to float32 with
-  the `gguf` package (any ggml quantisation it knows: Q4_K, Q5_0, Q6_K, Q8_0, ...). The converter
+* A GGUF file (`load_gguf`, read by `jaxpeft.models.gguf_file`), as llama.cpp's converter writes
+  Gemma 3, dequantised to float32 with the `gguf` package (any ggml quantisation it knows: Q4_K, Q5_0, Q6_K, Q8_0, ...). The converter
   stores RMSNorm weights as 1 + w; `w` is recovered by subtracting 1 (as transformers' GGUF loader
   does). The architecture comes from the `gemma3.*` metadata: GGUF has no layer pattern, query
   scale or local rope base, so llama.cpp's fixed Gemma 3 values are used -- every 6th layer
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxpeft.models import gemma3
+from jaxpeft.models import gemma3, gguf_file
 
 _SKIPPED = re.compile(r"lm_head\.weight|vision_tower\..*|multi_modal_projector\..*")
 _MAX_LISTED = 20
@@ -118,51 +118,31 @@ def load_hf(folder: str | pathlib.Path, param_dtype: Any = jnp.float32,
   return config, params_from_hf(tensors, config, param_dtype, scan_layers)
 
 
-def _reader(path: str | pathlib.Path):
-  """A `gguf.GGUFReader` for a Gemma 3 file, with clear errors for other files."""
-  import gguf  # A test/optional dependency: only GGUF loading needs it.
-
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"GGUF file {path} does not exist.")
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # The reader raises ValueError/IndexError/KeyError alike on bad bytes.
-    raise ValueError(f"{path} could not be read as a GGUF file ({type(e).__name__}: {e}); the file is"
-                     " truncated or not GGUF. Download or assemble it again.") from e
-  size = path.stat().st_size
-  short = [t.name for t in reader.tensors if t.data_offset + t.n_bytes > size]
-  if short:
-    raise ValueError(f"{path} is truncated: {len(short)} tensor(s) end past its {size} bytes"
-                     f" ({_listed(short)}). Download or assemble it again.")
-  architecture = _field(reader, "general.architecture")
+def open_gguf(path: str | pathlib.Path) -> gguf_file.GGUFFile:
+  """An open Gemma 3 GGUF file; a clear error for another architecture (or a bad file)."""
+  file = gguf_file.GGUFFile(path)
+  architecture = file.metadata.get("general.architecture")
   if architecture != _GGUF_ARCHITECTURE:
-    raise ValueError(f"{path} holds a {architecture!r} model; jaxpeft.models.gemma3 loads only"
+    raise ValueError(f"{file.path} holds a {architecture!r} model; jaxpeft.models.gemma3 loads only"
                      f" {_GGUF_ARCHITECTURE!r} GGUF files.")
-  return reader
+  return file
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
-
-
-def gguf_config(reader) -> gemma3.Gemma3Config:
+def gguf_config(file: gguf_file.GGUFFile) -> gemma3.Gemma3Config:
   """The `Gemma3Config` of an open Gemma 3 GGUF (see the module docstring for the fixed values)."""
-  arch = _GGUF_ARCHITECTURE
-  get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
-  layers = get("block_count")
-  hidden, heads = get("embedding_length"), get("attention.head_count")
-  head_dim = get("attention.key_length", hidden // heads)
-  embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+  get = lambda key, default=None: file.metadata.get(f"{_GGUF_ARCHITECTURE}.{key}", default)
+  layers = int(get("block_count"))
+  hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+  head_dim = int(get("attention.key_length", hidden // heads))
   scaling = get("rope.scaling.factor", 1.0) if get("rope.scaling.type", "none") == "linear" else 1.0
   return gemma3.Gemma3Config(
-      vocab_size=int(embedding.shape[-1]), hidden_size=hidden, intermediate_size=get("feed_forward_length"),
-      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=get("attention.head_count_kv"),
-      head_dim=head_dim, rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      vocab_size=file.tensors["token_embd.weight"].shape[0], hidden_size=hidden,
+      intermediate_size=int(get("feed_forward_length")), num_hidden_layers=layers, num_attention_heads=heads,
+      num_key_value_heads=int(get("attention.head_count_kv")), head_dim=head_dim,
+      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
       query_pre_attn_scalar=hidden / heads if layers == 62 else head_dim,
-      sliding_window=get("attention.sliding_window"), rope_theta=float(get("rope.freq_base")),
-      global_rope_scaling=float(scaling), max_position_embeddings=get("context_length"))
+      sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base")),
+      global_rope_scaling=float(scaling), max_position_embeddings=int(get("context_length")))
 
 
 def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
@@ -173,7 +153,7 @@ def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
     if not config_file.exists():
       raise FileNotFoundError(f"{checkpoint} has no config.json; pass a Hugging Face Gemma 3 folder or a GGUF file.")
     return gemma3.Gemma3Config.from_hf_dict(json.loads(config_file.read_text()))
-  return gguf_config(_reader(checkpoint))
+  return gguf_config(open_gguf(checkpoint))
 
 
 def load(checkpoint: str | pathlib.Path, param_dtype: Any = jnp.float32,
@@ -191,18 +171,15 @@ def load_gguf(path: str | pathlib.Path, param_dtype: Any = jnp.float32,
     ValueError: the file is truncated, not GGUF, of another architecture, or its tensors do not
       fit its metadata (listing them).
   """
-  import gguf
-
-  reader = _reader(path)
-  config = gguf_config(reader)
+  file = open_gguf(path)
+  config = gguf_config(file)
   tensors = {}
-  for tensor in reader.tensors:
-    name = tensor.name
+  for gguf_name in file.tensors:
+    name = gguf_name
     for pattern, replacement in _GGUF_NAMES:
-      if re.fullmatch(pattern, tensor.name):
-        name = re.sub(pattern, replacement, tensor.name)
+      if re.fullmatch(pattern, gguf_name):
+        name = re.sub(pattern, replacement, gguf_name)
         break
-    value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-    value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    value = file.read(gguf_name)
     tensors[name] = value - 1.0 if name.endswith("norm.weight") else value
   return config, params_from_hf(tensors, config, param_dtype, scan_layers)
