@@ -9,17 +9,22 @@ when the trees do not match. One method per module; each docstring has the math,
 reference code it equals.
 """
 
+from jaxpeft.merging.atlas import atlas_merge, fit_atlas
+from jaxpeft.merging.checksum import base_checksum, check_base
 from jaxpeft.merging.dare import dare
 from jaxpeft.merging.fisher import empirical_fisher, expected_fisher, fisher_merge
 from jaxpeft.merging.linear import linear
 from jaxpeft.merging.lora_updates import combine, combined_deltas, deltas
 from jaxpeft.merging.regmean import gram_matrices, regmean
+from jaxpeft.merging.soups import greedy_soup, uniform_soup
+from jaxpeft.merging.sparse_fine_tuning import compose, sparse_difference
 from jaxpeft.merging.task_arithmetic import task_arithmetic
 from jaxpeft.merging.task_vectors import add_task_vectors, task_vector
 from jaxpeft.merging.ties import ties, ties_deltas
 
 __all__ = [
-    "add_task_vectors", "combine", "combined_deltas", "dare", "deltas", "empirical_fisher", "expected_fisher",
-    "fisher_merge", "gram_matrices", "linear", "regmean", "task_arithmetic",
-    "task_vector", "ties", "ties_deltas",
+    "add_task_vectors", "atlas_merge", "base_checksum", "check_base", "combine", "combined_deltas", "compose",
+    "dare", "deltas", "empirical_fisher", "expected_fisher", "fisher_merge", "fit_atlas", "gram_matrices",
+    "greedy_soup", "linear", "regmean", "sparse_difference", "task_arithmetic", "task_vector", "ties",
+    "ties_deltas", "uniform_soup",
 ]

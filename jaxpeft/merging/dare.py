@@ -23,7 +23,7 @@ import jax
 from jaxpeft.merging.sparsify import Rescale, bernoulli_mask, random_drop
 from jaxpeft.merging.task_arithmetic import weighted_sum
 from jaxpeft.merging.ties import Convention, SignMethod, sign_consensus
-from jaxpeft.merging.trees import PyTree, check_densities, leaf_path, map_leaves, per_task
+from jaxpeft.merging.trees import PyTree, after, check_densities, leaf_path, map_leaves, per_task
 
 
 def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0,
@@ -50,9 +50,9 @@ def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float
   index = {leaf_path(kp): i for i, (kp, _) in enumerate(jax.tree_util.tree_leaves_with_path(base))}
 
   def leaf(path, b, ms, mask=None):
-    if mask is None:
-      keep = [bernoulli_mask(jax.random.fold_in(jax.random.fold_in(key, t), index[path]), d, b.shape)
-              for t, d in enumerate(densities)]
+    if mask is None:  # the key waits for this leaf's turn (trees.after), so XLA draws one leaf's masks at a time
+      leaf_key = jax.random.wrap_key_data(after(jax.random.key_data(jax.random.fold_in(key, index[path])), b))
+      keep = [bernoulli_mask(jax.random.fold_in(leaf_key, t), d, b.shape) for t, d in enumerate(densities)]
     else:
       keep = mask
     dropped = [random_drop(m - b, k, d, rescale) for m, k, d in zip(ms, keep, densities)]

@@ -11,9 +11,11 @@ References: Yadav et al., TIES-Merging, arXiv:2306.01708 (trim); Yu, Yu, Yu, Hua
 are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch", ICML 2024, arXiv:2311.03099
 (DARE). Transcribed from PEFT's ``peft.utils.merge_utils.magnitude_based_pruning`` / ``random_pruning``
 and mergekit's ``mergekit.sparsify.magnitude`` / ``bernoulli``. Deviation: the trim keeps every entry whose
-magnitude is at least the k-th largest (a threshold from ``lax.top_k``) instead of scattering k indices, so
-entries tied in magnitude with the k-th are all kept (PEFT / mergekit break such ties by sort order);
-with real-valued task vectors ties only occur at zero, where keeping or dropping changes nothing.
+magnitude is at least the k-th largest (found by bisection, see ``_kth_largest_magnitude``) instead of
+scattering k sorted indices, so entries tied in magnitude with the k-th are all kept (PEFT / mergekit break
+such ties by sort order); with real-valued task vectors ties only occur at zero, where keeping or dropping
+changes nothing. The bisection needs no sort and no materialised ``|τ|``: merging stays within a leaf's
+memory and runs on sharded leaves without gathering them.
 ``batch_dims`` leading axes are ranked separately (scanned layers, one ranking per layer).
 """
 
@@ -28,20 +30,45 @@ import jax.numpy as jnp
 Rescale = Literal["density", "l1"] | None
 
 
-def magnitude_trim(x: jax.Array, density: float, *, batch_dims: int = 0, min_keep: int = 0) -> jax.Array:
-  """``x`` with all but its ``k`` largest-magnitude entries (per leading ``batch_dims`` index) set to 0."""
-  if density >= 1.0:
-    return x
+def _kth_largest_magnitude(x: jax.Array, k: int, batch_dims: int) -> jax.Array:
+  """The k-th largest ``|x|`` per leading index, by bisection on the float32 bit pattern (exact).
+
+  Non-negative float32 values order like their int32 bit patterns, so 32 halvings of the bit range, each
+  counting ``|x| >= mid`` in one fused pass over ``x``, find it exactly -- without sorting or materialising
+  ``|x|``, and without gathering a sharded ``x`` (the count is an ordinary reduction).
+  """
+  axes = tuple(range(batch_dims, x.ndim))
+  bits = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
+  batch = x.shape[:batch_dims] + (1,) * (x.ndim - batch_dims)
+  lo = jnp.zeros(batch, jnp.int32)  # invariant: count(bits >= lo) >= k > count(bits >= hi)
+  hi = jnp.full(batch, 0x7F800001, jnp.int32)  # just above +inf
+  for _ in range(32):  # unrolled: a fori_loop would copy its operands into the loop state
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits >= mid, axis=axes, keepdims=True) >= k
+    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def magnitude_threshold(x: jax.Array, density: float, *, batch_dims: int = 0, min_keep: int = 0) -> jax.Array:
+  """The k-th largest ``|x|`` (per leading ``batch_dims`` index, broadcastable to ``x``); ``inf`` when k = 0."""
   n = math.prod(x.shape[batch_dims:])
   k = int(density * n)
   if density > 0:
     k = max(k, min_keep)
+  shape = x.shape[:batch_dims] + (1,) * (x.ndim - batch_dims)
+  if density >= 1.0:
+    return jnp.zeros(shape, jnp.float32)
   if k == 0 or n == 0:
-    return jnp.zeros_like(x)
-  magnitude = jnp.abs(x).reshape(x.shape[:batch_dims] + (n,))
-  kth = jax.lax.top_k(magnitude, k)[0][..., -1:]
-  keep = (magnitude >= kth).reshape(x.shape)
-  return jnp.where(keep, x, jnp.zeros_like(x))
+    return jnp.full(shape, jnp.inf, jnp.float32)
+  return _kth_largest_magnitude(x, k, batch_dims)
+
+
+def magnitude_trim(x: jax.Array, density: float, *, batch_dims: int = 0, min_keep: int = 0) -> jax.Array:
+  """``x`` with all but its ``k`` largest-magnitude entries (per leading ``batch_dims`` index) set to 0."""
+  if density >= 1.0:
+    return x
+  threshold = magnitude_threshold(x, density, batch_dims=batch_dims, min_keep=min_keep)
+  return jnp.where(jnp.abs(x).astype(jnp.float32) >= threshold, x, jnp.zeros_like(x))
 
 
 def bernoulli_mask(key: jax.Array, density: float, shape: tuple[int, ...]) -> jax.Array:

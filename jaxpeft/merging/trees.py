@@ -1,9 +1,10 @@
 """Leaf-wise plumbing shared by the merging methods: input checks and a streaming map over N trees.
 
 Every method is written per leaf: ``merged_leaf = f(base_leaf, [leaf of model 1, ..., leaf of model N])``
-and ``map_leaves`` applies it leaf by leaf, so under ``jax.jit`` XLA only ever needs the inputs, the
-output and per-leaf temporaries (task vectors are formed inside each leaf's computation, never as N
-full trees). Each leaf keeps its input sharding: nothing is gathered to one host or device.
+and ``map_leaves`` applies it leaf by leaf, chained by ``lax.optimization_barrier`` so that under
+``jax.jit`` one leaf's computation ends before the next starts: XLA only needs the inputs, the output and
+one leaf's temporaries (task vectors are formed inside each leaf's computation, never as N full trees).
+Each leaf keeps its input sharding: nothing is gathered to one host or device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -52,6 +54,19 @@ def check_densities(densities: Sequence[float]) -> None:
     raise ValueError(f"density must be in [0, 1] (the fraction of each task vector's entries kept), got {bad}.")
 
 
+def after(x: jax.Array, done: jax.Array) -> jax.Array:
+  """``x``, but computed from a scalar of ``done``: a data dependency that orders XLA's schedule.
+
+  The added term is an exact zero (also for inf / NaN in ``done``) that XLA cannot fold away.
+  (``lax.optimization_barrier`` would say the same, but XLA:CPU expands barriers before scheduling.)
+  """
+  if done.size == 0:
+    return x
+  first = done.reshape(-1)[0].astype(jnp.float32)
+  zero = jnp.clip(jnp.where(jnp.isnan(first), 0.0, first), -1.0, 1.0) * 0.0
+  return x + zero.astype(x.dtype)
+
+
 def map_leaves(fn: Callable[..., jax.Array], base: PyTree, models: Sequence[PyTree], what: str = "model",
                aux: Mapping[str, Sequence[PyTree]] | None = None) -> PyTree:
   """``fn(path, base_leaf, model_leaves, **aux_leaves)`` over every leaf, after checking all trees match the base.
@@ -67,6 +82,10 @@ def map_leaves(fn: Callable[..., jax.Array], base: PyTree, models: Sequence[PyTr
   flat_models = [jax.tree_util.tree_leaves(m) for m in models]
   flat_aux = {name: [jax.tree_util.tree_leaves(t) for t in trees] for name, trees in aux.items()}
   paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
-  out = [fn(leaf_path(kp), leaf, [m[i] for m in flat_models], **{k: [t[i] for t in v] for k, v in flat_aux.items()})
-         for i, (kp, leaf) in enumerate(paths_and_leaves)]
+  out = []
+  for i, (kp, leaf) in enumerate(paths_and_leaves):
+    inputs = (leaf, [m[i] for m in flat_models], {k: [t[i] for t in v] for k, v in flat_aux.items()})
+    if out:  # leaf i starts after leaf i-1 is done, so XLA reuses one leaf's temporaries for the next
+      inputs = (after(inputs[0], out[-1]),) + inputs[1:]
+    out.append(fn(leaf_path(kp), inputs[0], inputs[1], **inputs[2]))
   return jax.tree_util.tree_unflatten(treedef, out)
