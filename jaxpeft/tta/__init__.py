@@ -4,6 +4,6 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import bn_adapt, eata, sar, source, tent
+from jaxpeft.tta import bn_adapt, eata, lame, sar, source, tent
 
-METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar}
+METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar, "lame": lame}

@@ -84,6 +84,20 @@ def forward(config: Any, params: PyTree, model_state: PyTree, images: jax.Array,
   return config.apply_fn(variables, images, train=batch_stats)
 
 
+def forward_with_features(config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *,
+                          batch_stats: bool) -> tuple[jax.Array, jax.Array]:
+  """`(logits, features)`: the model must sow its penultimate features as `intermediates/features`."""
+  variables = {"params": params, **(model_state or {})}
+  mutable = ["intermediates"] + (["batch_stats"] if batch_stats and "batch_stats" in (model_state or {}) else [])
+  logits, collections = config.apply_fn(variables, images, train=batch_stats, mutable=mutable)
+  sown = collections.get("intermediates", {}).get("features")
+  if sown is None:
+    raise ValueError("This method needs the model's features: the model must call "
+                     "self.sow('intermediates', 'features', x) on its penultimate activations (as "
+                     "jaxpeft.models.resnet.ResNet does).")
+  return logits, sown[0]
+
+
 def softmax_entropy(logits: jax.Array) -> jax.Array:
   """Entropy `-sum_c p_c log p_c` of each row's softmax."""
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

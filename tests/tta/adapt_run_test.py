@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
-from configs import tta_bn_adapt, tta_eata, tta_sar, tta_source, tta_tent
+from configs import tta_bn_adapt, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
 from launch import adapt
 
-CONFIGS = {"source": tta_source, "bn_adapt": tta_bn_adapt, "tent": tta_tent, "eata": tta_eata, "sar": tta_sar}
+CONFIGS = {"source": tta_source, "bn_adapt": tta_bn_adapt, "tent": tta_tent, "eata": tta_eata, "sar": tta_sar,
+           "lame": tta_lame}
 
 
 def _config(module, pretrained_run, fashion_data_dir, **stream):
