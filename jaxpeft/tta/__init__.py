@@ -4,6 +4,7 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import bn_adapt, eata, lame, sar, source, tent
+from jaxpeft.tta import bn_adapt, cotta, eata, lame, sar, source, tent
 
-METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar, "lame": lame}
+METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar, "lame": lame,
+           "cotta": cotta}
