@@ -5,7 +5,8 @@ conv, `len(stage_sizes)` stages of basic blocks (conv-BN-ReLU-conv-BN + shortcut
 block of every stage after the first striding by 2 (1x1 conv + BN projection shortcut), global average
 pooling, a dense head. BatchNorm statistics live in the `batch_stats` collection: `train=True`
 normalises with the batch's statistics and updates the running averages (call with
-`mutable=['batch_stats']`); `train=False` uses the running averages.
+`mutable=['batch_stats']`); `train=False` uses the running averages. The pooled features before the
+head are sown as `intermediates/features` (`mutable=['intermediates']` returns them).
 """
 
 from collections.abc import Sequence
@@ -52,4 +53,6 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = BasicBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1, name=f"stage{i}_block{j}")(x, train)
-    return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+    features = jnp.mean(x, axis=(1, 2))
+    self.sow("intermediates", "features", features)  # read by feature-based TTA methods (LAME)
+    return nn.Dense(self.num_classes, name="head")(features)

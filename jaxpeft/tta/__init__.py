@@ -1,0 +1,10 @@
+"""Test-time adaptation methods, one per file; each a pure jittable `step(tta_state, images)`.
+
+`METHODS` maps a method name to its module; every module has a `Config` dataclass (authors' defaults),
+`init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
+"""
+
+from jaxpeft.tta import bn_adapt, cotta, eata, lame, sar, source, tent
+
+METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar, "lame": lame,
+           "cotta": cotta}
