@@ -39,6 +39,7 @@ from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.sam import sam
+from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
 
 Params = dict
@@ -106,6 +107,7 @@ REGISTRY = {
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
+    "swats": Entry(swats, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "tram": Entry(tram, dict(learning_rate=1e-1), _grad_fn_and_trust_region),
 }
 NAMES = sorted(REGISTRY)
