@@ -20,7 +20,7 @@ def _is_pair(node: Any) -> bool:
 
 
 def factor_roles(tree: Any) -> Any:
-  """The tree with each leaf replaced by its role: ``"a"``, ``"b"``, ``"embedding_a"``, ``"embedding_b"`` or ``"other"``.
+  """The tree with each leaf replaced by its role: "a", "b", "embedding_a", "embedding_b" or "other".
 
   Works on trees with ``optax.MaskedNode`` leaves (inside ``optax.masked``): those stay as they are.
   """

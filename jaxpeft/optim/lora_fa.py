@@ -21,11 +21,12 @@ their A is formally trainable but never updated, since its step only writes B).
 
 Deviations from PEFT: PEFT computes the projection under bfloat16 autocast when the machine
 supports bfloat16 (the test patches that off to compare in float64); here it runs in at least
-float32. PEFT's base is Hugging Face's old AdamW (``eps`` added to :math:`\sqrt{v_t}` before the bias
-correction; decay applied to the already-updated parameters); the base here is any optax
+float32. PEFT's base is Hugging Face's old AdamW (``eps`` added to :math:`\sqrt{v_t}` before the
+bias correction; decay applied to the already-updated parameters); the base here is any optax
 optimizer (``optax.adamw`` places ``eps`` and the decay as torch's AdamW does). The test runs a
-transcription of PEFT's AdamW as the base to compare the rule itself. The per-target scale is one number ``scaling``; use one
-``lora_fa`` per group (``optax.multi_transform``) if targets use different ``alpha / r``.
+transcription of PEFT's AdamW as the base to compare the rule itself. The per-target scale is one
+number ``scaling``; use one ``lora_fa`` per group (``optax.multi_transform``) if targets use
+different ``alpha / r``.
 """
 
 from collections.abc import Callable

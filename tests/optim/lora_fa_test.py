@@ -15,7 +15,7 @@ LR = 2.0**-7
 NUM_STEPS = 10
 
 
-def hf_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+def hf_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6):
   """The base optimizer inside PEFT's LoRA-FA: Hugging Face's old AdamW (no decay by default), which
   adds eps to sqrt(v_t) before the bias correction, unlike optax.adam (eps / sqrt(1 - b2**t) there)."""
 

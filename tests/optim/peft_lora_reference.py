@@ -99,7 +99,8 @@ def nest(flat: Flat) -> dict:
 
 
 def flatten(tree) -> Flat:
-  return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(k.key) for k in path): np.asarray(x) for path, x in leaves}
 
 
 def run_ours(tx: optax.GradientTransformation, params: Flat, grads: list[Flat]) -> list[Flat]:
