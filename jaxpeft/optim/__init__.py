@@ -21,16 +21,17 @@ from jaxpeft.optim.riemannian_lora import precondition_lora_gradients, riemannia
 from jaxpeft.optim.sam import sam, scale_by_sam
 from jaxpeft.optim.swats import SwatsState, scale_by_swats, swats
 from jaxpeft.optim.tram import TramState, scale_by_tram, tram
+from jaxpeft.optim.upgd import UpgdState, scale_by_upgd, upgd
 
 __all__ = [
     "AdaBeliefState", "AdaBoundState", "AdaModState", "AdoptState", "CameState", "EXAdamState", "GramsState",
-    "MarsState", "MomoAdamState", "MomoState", "ScaleByAdaHessianState", "SwatsState", "TramState",
+    "MarsState", "MomoAdamState", "MomoState", "ScaleByAdaHessianState", "SwatsState", "TramState", "UpgdState", "UpgdState",
     "adabelief", "adabound", "adahessian", "adamod", "adopt", "came", "exadam", "grams", "mars", "momo",
-    "momo_adam", "sam", "swats", "tram",
+    "momo_adam", "sam", "swats", "tram", "upgd",
     "hutchinson_hessian_diagonal",
     "scale_by_adabelief", "scale_by_adabound", "scale_by_adahessian", "scale_by_adamod", "scale_by_adopt",
     "scale_by_came", "scale_by_exadam", "scale_by_grams", "scale_by_mars", "scale_by_momo", "scale_by_momo_adam",
-    "scale_by_sam", "scale_by_swats", "scale_by_tram",
+    "scale_by_sam", "scale_by_swats", "scale_by_tram", "scale_by_upgd",
     # Adapter-aware rules (they read the LoRA factors "a"/"b" of an adapter tree).
     "lora_fa", "loraplus", "precondition_lora_gradients", "project_lora_fa_gradients", "riemannian_lora",
     "scale_by_loraplus",
