@@ -25,7 +25,7 @@ from jaxpeft.optim.upgd import UpgdState, scale_by_upgd, upgd
 
 __all__ = [
     "AdaBeliefState", "AdaBoundState", "AdaModState", "AdoptState", "CameState", "EXAdamState", "GramsState",
-    "MarsState", "MomoAdamState", "MomoState", "ScaleByAdaHessianState", "SwatsState", "TramState", "UpgdState", "UpgdState",
+    "MarsState", "MomoAdamState", "MomoState", "ScaleByAdaHessianState", "SwatsState", "TramState", "UpgdState",
     "adabelief", "adabound", "adahessian", "adamod", "adopt", "came", "exadam", "grams", "mars", "momo",
     "momo_adam", "sam", "swats", "tram", "upgd",
     "hutchinson_hessian_diagonal",

@@ -87,7 +87,9 @@ def test_needs_params():
     tx.update(tree, tx.init(tree))
 
 
-@pytest.mark.parametrize("kw, match", [({"beta_utility": 1.0}, "beta_utility must be in"), ({"sigma": -1.0}, "sigma")])
+@pytest.mark.parametrize(
+  "kw, match", [({"beta_utility": 1.0}, "beta_utility must be in"), ({"sigma": -1.0}, "sigma must be >= 0")]
+)
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):
     upgd(**kw)
