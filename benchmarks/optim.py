@@ -39,13 +39,17 @@ import numpy as np
 import optax
 
 from jaxpeft.optim.adabelief import adabelief
+from jaxpeft.optim.adabound import adabound
 from jaxpeft.optim.adahessian import adahessian
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
+from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
+from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.sam import sam
+from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
 
 LR = 1e-3
@@ -94,6 +98,7 @@ class Method:
 
 def _torch_optimizers() -> dict[str, TorchOptimizer]:
   """PyTorch references, imported only when torch rows are requested."""
+  import adabound as adabound_authors
   import momo as momo_opt
   import pytorch_optimizer as po
   import torch
@@ -101,25 +106,32 @@ def _torch_optimizers() -> dict[str, TorchOptimizer]:
   return {
       "adabelief": TorchOptimizer(lambda p: po.AdaBelief(p, lr=LR), "pytorch_optimizer"),
       "adahessian": TorchOptimizer(lambda p: po.AdaHessian(p, lr=LR), "pytorch_optimizer", "hessian"),
+      "adabound": TorchOptimizer(lambda p: adabound_authors.AdaBound(p, lr=LR), "adabound"),
       "adamod": TorchOptimizer(lambda p: po.AdaMod(p, lr=LR), "pytorch_optimizer"),
       "adopt": TorchOptimizer(lambda p: po.ADOPT(p, lr=LR), "pytorch_optimizer"),
       "came": TorchOptimizer(lambda p: po.CAME(p, lr=LR), "pytorch_optimizer"),
+      "exadam": TorchOptimizer(lambda p: po.EXAdam(p, lr=LR), "pytorch_optimizer"),
       "grams": TorchOptimizer(lambda p: po.Grams(p, lr=LR), "pytorch_optimizer"),
+      "mars": TorchOptimizer(lambda p: po.MARS(p, lr=LR), "pytorch_optimizer"),
       "momo": TorchOptimizer(lambda p: momo_opt.Momo(p, lr=1.0), "momo-opt", "value"),
       "momo_adam": TorchOptimizer(lambda p: momo_opt.MomoAdam(p, lr=LR), "momo-opt", "value"),
       "sam": TorchOptimizer(
           lambda p: po.SAM(p, base_optimizer=torch.optim.SGD, rho=RHO, lr=LR), "pytorch_optimizer", "sam"
       ),
+      "swats": TorchOptimizer(lambda p: po.SWATS(p, lr=LR), "pytorch_optimizer"),
   }
 
 
 METHODS: dict[str, Method] = {
     "adabelief": Method(JaxOptimizer(lambda: adabelief(LR)), JaxOptimizer(lambda: optax.adabelief(LR))),
+    "adabound": Method(JaxOptimizer(lambda: adabound(LR))),
     "adahessian": Method(JaxOptimizer(lambda: adahessian(LR), "obj_fn")),
     "adamod": Method(JaxOptimizer(lambda: adamod(LR))),
     "adopt": Method(JaxOptimizer(lambda: adopt(LR)), JaxOptimizer(lambda: optax.contrib.adopt(LR))),
     "came": Method(JaxOptimizer(lambda: came(LR))),
+    "exadam": Method(JaxOptimizer(lambda: exadam(LR))),
     "grams": Method(JaxOptimizer(lambda: grams(LR))),
+    "mars": Method(JaxOptimizer(lambda: mars(LR))),
     "momo": Method(JaxOptimizer(lambda: momo(1.0), "value"), JaxOptimizer(lambda: optax.contrib.momo(1.0), "value")),
     "momo_adam": Method(
         JaxOptimizer(lambda: momo_adam(LR), "value"), JaxOptimizer(lambda: optax.contrib.momo_adam(LR), "value")
@@ -133,6 +145,7 @@ METHODS: dict[str, Method] = {
             "optax_sam",
         ),
     ),
+    "swats": Method(JaxOptimizer(lambda: swats(LR))),
     "tram": Method(JaxOptimizer(lambda: tram(LR), "tram")),
 }
 ADAM = JaxOptimizer(lambda: optax.adam(LR))

@@ -91,7 +91,8 @@ def scale_by_adabound(
     An ``optax.GradientTransformation`` whose state is :class:`AdaBoundState`.
   """
   check_hyperparameters("AdaBound", NON_NEGATIVE, learning_rate=learning_rate, final_lr=final_lr)
-  check_hyperparameters("AdaBound", DECAY_RATE, "Defaults: b1=0.9, b2=0.999, gamma=1e-3.", b1=b1, b2=b2, gamma=gamma)
+  defaults = "Defaults: b1=0.9, b2=0.999, gamma=1e-3."
+  check_hyperparameters("AdaBound", DECAY_RATE, defaults, b1=b1, b2=b2, gamma=gamma)
   check_hyperparameters("AdaBound", POSITIVE, "The authors' default is gamma=1e-3.", gamma=gamma)
   check_hyperparameters("AdaBound", NON_NEGATIVE, eps=eps)
 

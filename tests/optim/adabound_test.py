@@ -70,7 +70,8 @@ def test_schedule_and_inject_hyperparams(make):
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_low_precision_params(dtype, tol):
-  assert_low_precision_follows_torch(adabound(LR, gamma=0.1), authors(gamma=0.1), SHAPES, dtype, tol, state_copies=2)
+  tx, reference = adabound(LR, gamma=0.1), authors(gamma=0.1)
+  assert_low_precision_follows_torch(tx, reference, SHAPES, dtype, tol, state_copies=2)
 
 
 def test_zero_gradients():

@@ -39,7 +39,9 @@ from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.sam import sam
+from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
+from jaxpeft.optim.upgd import upgd
 
 Params = dict
 LossFn = Callable[[Params], jax.Array]
@@ -106,7 +108,10 @@ REGISTRY = {
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
+    "swats": Entry(swats, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "tram": Entry(tram, dict(learning_rate=1e-1), _grad_fn_and_trust_region),
+    # The authors' lr=1e-5 is for long continual streams; 30 steps need a larger one.
+    "upgd": Entry(upgd, dict(learning_rate=1e-1, weight_decay=1e-3)),
 }
 NAMES = sorted(REGISTRY)
 
