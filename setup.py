@@ -37,6 +37,8 @@ TEST_REQUIRES = [
     "torch-adopt==0.1.0",
     "grams-pytorch==0.0.2",
     "peft>=0.17",
+    # Model merging references (tests/merging); installs with the versions above unchanged.
+    "mergekit==0.1.5",
     "loralib==0.1.2",
     "sentence-transformers>=5",
     "nbclient>=0.10",
