@@ -41,7 +41,8 @@ def _check(majority_sign_method: str, convention: str) -> None:
     raise ValueError(f"convention must be 'paper' (= PEFT) or 'mergekit', got {convention!r}.")
 
 
-def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float], majority_sign_method: SignMethod = "total",
+def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float],
+                   majority_sign_method: SignMethod = "total",
                    convention: Convention = "paper", normalize: bool = True) -> jax.Array:
   """Elect a sign per entry of the (already sparsified) ``deltas`` and merge the agreeing ones (docstring)."""
   _check(majority_sign_method, convention)

@@ -105,7 +105,8 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
   bar.update(1)
   os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
   summary = {"kind": config.kind, "method": config.method, "inputs": workdirs, "weights": weights,
-             "base": config.base, "base_checked": sorted(recorded) if base is not None and config.check_base else []}
+             "base": config.base,
+             "base_checked": sorted(recorded) if base is not None and config.check_base else []}
   if config.kind == "params":
     models = []
     for wd in workdirs:

@@ -23,7 +23,8 @@ def test_structure_and_shape_mismatches_name_the_leaf():
   with pytest.raises(ValueError, match=r"Leaf 'head/kernel' is only in model 1"):
     merging.ties(base, [models[0], extra])
   reshaped = {**models[1], "out": {"kernel": np.zeros((3, 5), np.float32)}}
-  with pytest.raises(ValueError, match=r"Leaf 'out/kernel' has shape \(3, 5\) in model 1 but \(5, 3\) in the base"):
+  with pytest.raises(ValueError,
+                     match=r"Leaf 'out/kernel' has shape \(3, 5\) in model 1 but \(5, 3\) in the base"):
     merging.task_arithmetic(base, [models[0], reshaped])
 
 
