@@ -41,6 +41,8 @@ TEST_REQUIRES = [
     "peft>=0.17",
     # NF4 / double-quantization reference (its CPU quantize_4bit / Linear4bit) for jaxpeft.quantize.
     "bitsandbytes==0.50.2",
+    # Model merging references (tests/merging); installs with the versions above unchanged.
+    "mergekit==0.1.5",
     "loralib==0.1.2",
     "sentence-transformers>=5",
     "nbclient>=0.10",

@@ -44,7 +44,8 @@ def empirical_fisher(log_likelihood_fn: Callable[[PyTree, Any], jax.Array], para
   return _accumulate(lambda p, ex: jax.tree.map(jnp.square, grad(p, ex)), params, batches)
 
 
-def expected_fisher(logits_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Iterable[Any]) -> PyTree:
+def expected_fisher(logits_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
+                    batches: Iterable[Any]) -> PyTree:
   """The exact diagonal Fisher of a classifier: ``(1/N) Σ_n Σ_c p_c(x_n) (∇ log p_c(x_n))²``.
 
   ``logits_fn(params, example)`` returns the ``(num_classes,)`` logits of *one* example (no batch axis).
@@ -67,7 +68,8 @@ def fisher_merge(models: Sequence[PyTree], fishers: Sequence[PyTree], weights: f
     raise ValueError(f"Got {len(fishers)} Fishers for {len(models)} models: give one Fisher per model.")
   lambdas = per_task(weights, len(models), "weights")
   if normalize_fishers:
-    norms = [jnp.sqrt(sum(jnp.sum(jnp.square(f)) for f in jax.tree_util.tree_leaves(fisher))) for fisher in fishers]
+    norms = [jnp.sqrt(sum(jnp.sum(jnp.square(f)) for f in jax.tree_util.tree_leaves(fisher)))
+             for fisher in fishers]
     lambdas = [lam / norm for lam, norm in zip(lambdas, norms)]
 
   def leaf(_, first, ms, fisher):

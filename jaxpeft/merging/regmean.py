@@ -34,7 +34,8 @@ def gram_matrices(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batche
   """``{kernel path: mean xᵀx}`` over every input row of each ``nn.Dense`` whose kernel path matches ``targets``.
 
   Args:
-    apply_fn: ``apply_fn(params, batch)`` runs the linen model, e.g. ``lambda p, x: model.apply({"params": p}, x)``.
+    apply_fn: ``apply_fn(params, batch)`` runs the linen model, e.g.
+      ``lambda p, x: model.apply({"params": p}, x)``.
     params: the model's ``params`` tree (each model's own: its Grams use its own activations).
     batches: batches of that model's task inputs.
     targets: a regex over '/'-joined kernel paths (``fullmatch``).

@@ -40,12 +40,15 @@ def _kth_largest_magnitude(x: jax.Array, k: int, batch_dims: int) -> jax.Array:
   axes = tuple(range(batch_dims, x.ndim))
   bits = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
   batch = x.shape[:batch_dims] + (1,) * (x.ndim - batch_dims)
-  lo = jnp.zeros(batch, jnp.int32)  # invariant: count(bits >= lo) >= k > count(bits >= hi)
-  hi = jnp.full(batch, 0x7F800001, jnp.int32)  # just above +inf
-  for _ in range(32):  # unrolled: a fori_loop would copy its operands into the loop state
+
+  def halve(_, bounds):
+    lo, hi = bounds  # invariant: count(bits >= lo) >= k > count(bits >= hi)
     mid = lo + (hi - lo) // 2
     enough = jnp.sum(bits >= mid, axis=axes, keepdims=True) >= k
-    lo, hi = jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  start = (jnp.zeros(batch, jnp.int32), jnp.full(batch, 0x7F800001, jnp.int32))  # 0 and just above +inf
+  lo, _ = jax.lax.fori_loop(0, 32, halve, start)
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 

@@ -11,12 +11,12 @@ so the task vectors are never held as full trees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
 from jaxpeft.merging.sparsify import magnitude_trim
-from jaxpeft.merging.trees import PyTree, check_densities, map_leaves, per_task
+from jaxpeft.merging.trees import PyTree, check_densities, map_leaves, per_task, stacked_dims
 
 
 def weighted_sum(deltas: Sequence, weights: Sequence[float], normalize: bool = False):
@@ -27,14 +27,19 @@ def weighted_sum(deltas: Sequence, weights: Sequence[float], normalize: bool = F
 
 
 def task_arithmetic(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0, *,
-                    scale: float = 1.0, normalize: bool = False, density: float | Sequence[float] = 1.0) -> PyTree:
-  """``θ_0 + λ Σ_i w_i trim(θ_i - θ_0, d_i)`` for fine-tuned ``models`` of ``base`` (see the module docstring)."""
+                    scale: float = 1.0, normalize: bool = False, density: float | Sequence[float] = 1.0,
+                    stacked_axes: Mapping[str, int] | None = None) -> PyTree:
+  """``θ_0 + λ Σ_i w_i trim(θ_i - θ_0, d_i)`` for fine-tuned ``models`` of ``base`` (see the module docstring).
+
+  ``stacked_axes`` (``{path regex: leading layer axes}``) makes the trim rank each scanned layer apart.
+  """
   w = per_task(weights, len(models), "weights")
   densities = per_task(density, len(models), "density")
   check_densities(densities)
 
-  def leaf(_, b, ms):
-    deltas = [magnitude_trim(m - b, d) for m, d in zip(ms, densities)]
+  def leaf(path, b, ms):
+    dims = stacked_dims(path, stacked_axes)
+    deltas = [magnitude_trim(m - b, d, batch_dims=dims) for m, d in zip(ms, densities)]
     return (b + scale * weighted_sum(deltas, w, normalize)).astype(b.dtype)
 
   return map_leaves(leaf, base, models)

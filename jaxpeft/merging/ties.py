@@ -21,14 +21,14 @@ stream over the N task vectors, which are formed inside each leaf (never as N fu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from jaxpeft.merging.sparsify import magnitude_trim
-from jaxpeft.merging.trees import PyTree, check_densities, map_leaves, per_task
+from jaxpeft.merging.trees import PyTree, check_densities, map_leaves, per_task, stacked_dims
 
 SignMethod = Literal["total", "frequency"]
 Convention = Literal["paper", "mergekit"]
@@ -41,7 +41,8 @@ def _check(majority_sign_method: str, convention: str) -> None:
     raise ValueError(f"convention must be 'paper' (= PEFT) or 'mergekit', got {convention!r}.")
 
 
-def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float], majority_sign_method: SignMethod = "total",
+def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float],
+                   majority_sign_method: SignMethod = "total",
                    convention: Convention = "paper", normalize: bool = True) -> jax.Array:
   """Elect a sign per entry of the (already sparsified) ``deltas`` and merge the agreeing ones (docstring)."""
   _check(majority_sign_method, convention)
@@ -75,7 +76,8 @@ def ties_deltas(deltas: Sequence[jax.Array], weights: Sequence[float], density: 
 
 def ties(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0,
          density: float | Sequence[float] = 0.2, *, scale: float = 1.0, majority_sign_method: SignMethod = "total",
-         convention: Convention = "paper", normalize: bool = True) -> PyTree:
+         convention: Convention = "paper", normalize: bool = True,
+         stacked_axes: Mapping[str, int] | None = None) -> PyTree:
   """``θ_0 + λ τ_m`` for fine-tuned ``models`` of ``base``; ``density`` and ``weights`` per model or shared.
 
   Args:
@@ -87,13 +89,16 @@ def ties(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float
     majority_sign_method: "total" (sum of values, the paper) or "frequency" (count of signs).
     convention: "paper" (= PEFT) or "mergekit"; see the module docstring.
     normalize: divide by the agreeing count ("paper") or weight ("mergekit"); mergekit's ``normalize``.
+    stacked_axes: ``{path regex: number of leading layer axes}`` for scanned layers: the trim ranks each
+      layer apart (as for unstacked layers) instead of the whole stacked leaf.
   """
   w = per_task(weights, len(models), "weights")
   check_densities(per_task(density, len(models), "density"))
   _check(majority_sign_method, convention)
 
-  def leaf(_, b, ms):
-    merged = ties_deltas([m - b for m in ms], w, density, majority_sign_method, convention, normalize)
+  def leaf(path, b, ms):
+    merged = ties_deltas([m - b for m in ms], w, density, majority_sign_method, convention, normalize,
+                         batch_dims=stacked_dims(path, stacked_axes))
     return (b + scale * merged).astype(b.dtype)
 
   return map_leaves(leaf, base, models)

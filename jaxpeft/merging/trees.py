@@ -9,6 +9,7 @@ Each leaf keeps its input sharding: nothing is gathered to one host or device.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,17 @@ def after(x: jax.Array, done: jax.Array) -> jax.Array:
   first = done.reshape(-1)[0].astype(jnp.float32)
   zero = jnp.clip(jnp.where(jnp.isnan(first), 0.0, first), -1.0, 1.0) * 0.0
   return x + zero.astype(x.dtype)
+
+
+def stacked_dims(path: str, stacked_axes: Mapping[str, int] | None) -> int:
+  """Leading (scanned-layer) axes of the leaf at ``path``: the value of the first regex that fullmatches, else 0.
+
+  Methods that rank entries (TIES' trim) rank each index of those axes apart: one ranking per layer.
+  """
+  for pattern, dims in (stacked_axes or {}).items():
+    if re.fullmatch(pattern, path):
+      return dims
+  return 0
 
 
 def map_leaves(fn: Callable[..., jax.Array], base: PyTree, models: Sequence[PyTree], what: str = "model",

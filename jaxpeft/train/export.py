@@ -8,7 +8,9 @@
 * `<workdir>/export/adapter.safetensors` — only the adapter leaves plus their config record
   (`jaxpeft.adapters.checkpoint.load_adapter` rebuilds it in a fresh process). Not written when the
   run trained on a rewritten base (residual-base inits, re-selections that merge into the base): those leaves
-  applied to the original weights would not give the trained model, so only the merged export is.
+  applied to the original weights would not give the trained model, so only the merged export is;
+* `<workdir>/export/base_checksum.txt` — `jaxpeft.merging.base_checksum` of the base the run started
+  from, so `launch/merge.py` can refuse to merge runs of different bases.
 """
 
 import os
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxpeft.adapters.checkpoint import save_adapter
+from jaxpeft.merging.checksum import base_checksum
 from jaxpeft.train.trainable import Trainable
 
 PyTree = Any
@@ -32,10 +35,19 @@ def _bytes(path: str) -> int:
 
 
 def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree,
-           model_state: PyTree | None = None) -> dict[str, int]:
-  """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`, `model_state_bytes`)."""
+           model_state: PyTree | None = None, base_params: PyTree | None = None) -> dict[str, int]:
+  """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`, `model_state_bytes`).
+
+  `base_params`, the model's parameters before training, gives `export/base_checksum.txt`.
+  """
   out = os.path.join(os.path.abspath(workdir), "export")
   params_dir = os.path.join(out, "params")
+  if base_params is not None:
+    checksum = base_checksum(base_params)
+    if jax.process_index() == 0:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, "base_checksum.txt"), "w", encoding="utf-8") as f:
+        f.write(checksum + "\n")
   merged = jax.jit(trainable.merged)(params, frozen)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, merged, force=True)

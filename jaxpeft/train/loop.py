@@ -465,7 +465,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     writer.write(step, "eval", result["eval"])
     if config.export:
-      result.update(export(workdir, trainable, final.params, final.frozen, final.model_state))
+      result.update(export(workdir, trainable, final.params, final.frozen, final.model_state,
+                           base_params=base_params()))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2, allow_nan=False)

@@ -1,6 +1,5 @@
 """aTLAS recovers a planted per-task, per-block combination of task vectors on a synthetic regression."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

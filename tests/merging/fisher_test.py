@@ -69,7 +69,8 @@ def test_merge_equals_reference_formula(favor_target_model, normalize_fishers):
   lambdas = [w / np.sqrt(sum(np.sum(f**2) for f in fisher)) if normalize_fishers else w
              for w, fisher in zip(weights, fishers)]
   for i, (m, k) in enumerate(PATHS):
-    floored = [np.maximum(f[i], 1e-6) if (j == 0 or not favor_target_model) else f[i] for j, f in enumerate(fishers)]
+    floored = [np.maximum(f[i], 1e-6) if (j == 0 or not favor_target_model) else f[i]
+               for j, f in enumerate(fishers)]
     want = sum(l * f * np.asarray(p[m][k], np.float64) for l, f, p in zip(lambdas, floored, models))
     want /= sum(l * f for l, f in zip(lambdas, floored))
     np.testing.assert_allclose(got[m][k], want, rtol=1e-4, atol=1e-6)

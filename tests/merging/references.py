@@ -51,4 +51,5 @@ def mergekit_method(name: str, base: np.ndarray, tensors: list[np.ndarray], cons
 
 def mergekit_linear(tensors: list[np.ndarray], weights: list[float], normalize: bool) -> np.ndarray:
   batch = mk_base.TensorBatch([torch.tensor(t)[None] for t in tensors])
-  return mk_linear.linear_merge.implementation(batch, weight=torch.tensor([weights]), normalize=normalize)[0].numpy()
+  merged = mk_linear.linear_merge.implementation(batch, weight=torch.tensor([weights]), normalize=normalize)
+  return merged[0].numpy()

@@ -54,7 +54,8 @@ def test_merge_minimises_the_summed_output_error():
 def test_reduced_off_diagonals_follow_the_closed_form():
   grams = [merging.gram_matrices(APPLY, p, [x]) for p, x in zip(MODELS, INPUTS)]
   got = merging.regmean(MODELS, grams, alpha=0.3)["out"]["kernel"]
-  reduced = [0.3 * np.asarray(g["out/kernel"], np.float64) + 0.7 * np.diag(np.diag(g["out/kernel"])) for g in grams]
+  reduced = [0.3 * np.asarray(g["out/kernel"], np.float64) + 0.7 * np.diag(np.diag(g["out/kernel"]))
+             for g in grams]
   want = np.linalg.inv(sum(reduced)) @ sum(g @ np.asarray(p["out"]["kernel"], np.float64)
                                            for g, p in zip(reduced, MODELS))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

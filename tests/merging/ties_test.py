@@ -38,3 +38,18 @@ def test_scanned_layers_rank_per_layer():
   for k in range(3):
     want = peft_merge.ties([torch.tensor(d[k]) for d in deltas], torch.tensor([1.0, 0.5]), density=0.3).numpy()
     np.testing.assert_allclose(got[k], want, atol=1e-6)
+
+
+def test_scanned_layers_in_a_tree_rank_per_layer_with_stacked_axes():
+  rng = np.random.default_rng(4)
+  base = {"layers": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)}, "head": rng.normal(size=(5,))}
+  models = [{"layers": {"kernel": base["layers"]["kernel"] + rng.normal(size=(3, 4, 5)).astype(np.float32)},
+             "head": base["head"] + rng.normal(size=(5,))} for _ in range(2)]
+  got = merging.ties(base, models, [1.0, 0.5], 0.3, stacked_axes={"layers/.*": 1})
+  for k in range(3):
+    tensors = [torch.tensor(m["layers"]["kernel"][k] - base["layers"]["kernel"][k]) for m in models]
+    want = peft_merge.ties(tensors, torch.tensor([1.0, 0.5]), density=0.3).numpy()
+    np.testing.assert_allclose(np.asarray(got["layers"]["kernel"][k]) - base["layers"]["kernel"][k], want, atol=1e-6)
+  head = peft_merge.ties([torch.tensor(m["head"] - base["head"]) for m in models], torch.tensor([1.0, 0.5]),
+                         density=0.3).numpy()
+  np.testing.assert_allclose(np.asarray(got["head"]) - base["head"], head, atol=1e-6)
