@@ -21,14 +21,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxpeft.train.errors import UserError
+
 PyTree = Any
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError):
   """The checkpoint's tree does not match the model being trained."""
 
 
-class DamagedCheckpointError(ValueError):
+class DamagedCheckpointError(UserError):
   """No checkpoint in the directory restores, or the frozen params it depends on are unreadable."""
 
 

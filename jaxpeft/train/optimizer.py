@@ -27,6 +27,7 @@ import ml_collections
 import optax
 
 import jaxpeft.optim
+from jaxpeft.train.errors import UserError
 
 SHARED_HPARAMS = ("b1", "b2", "b3", "eps", "weight_decay")
 _DEFAULT_BASE = "sgd"
@@ -39,7 +40,7 @@ def _factory(name: str) -> Callable[..., optax.GradientTransformation]:
       return factory
   ours = sorted(n for n in getattr(jaxpeft.optim, "__all__", []) if callable(getattr(jaxpeft.optim, n))
                 and "learning_rate" in inspect.signature(getattr(jaxpeft.optim, n)).parameters)
-  raise ValueError(
+  raise UserError(
       f"Unknown optimizer {name!r}. Use a jaxpeft optimizer ({', '.join(ours)}) or an optax alias"
       " taking learning_rate (e.g. adam, adamw, sgd, lion, adafactor)."
   )
@@ -66,7 +67,7 @@ def _check_taken(name: str, factory, given: dict[str, Any], where: str) -> None:
   takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
   unknown = [k for k in given if k not in accepted and not takes_any]
   if unknown:
-    raise ValueError(
+    raise UserError(
         f"{where}.{unknown[0]}={given[unknown[0]]!r} is set, but optimizer {name!r} has no {unknown[0]!r}"
         f" argument. It takes: {', '.join(_arguments(factory))}. Leave it unset (None)."
     )
