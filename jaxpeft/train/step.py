@@ -76,15 +76,19 @@ def make_train_step(
     def grad_fn(params):
       return batch_mean(jax.grad(lambda p: loss_fn(p)[0])(params))
 
-    def trust_region_fn(params, reference_params):
+    def trust_region_logits_fn(params, reference_params, *, train):
+      """TRAM's (target, current) logits; `train`: the current ones as the loss's forward computes them."""
       if reference_params is None:
         raise ValueError("The harness computes TRAM's distance against reference parameters;"
                          " use reference_decay in [0, 1], not None.")
-      target = jax.nn.softmax(trainable.apply(reference_params, state.frozen, inputs, train=False,
-                                              model_state=state.model_state))
-      logits = trainable.apply(params, state.frozen, inputs, train=False, model_state=state.model_state)
-      kl = jnp.sum(target * (jnp.log(target + 1e-12) - jax.nn.log_softmax(logits)), axis=-1)
-      return batch_mean(jnp.mean(kl))
+      target = trainable.apply(reference_params, state.frozen, inputs, train=False,
+                               model_state=state.model_state)
+      current = trainable.apply(params, state.frozen, inputs, train=train, rng=dropout_rng if train else None,
+                                model_state=state.model_state)
+      return whole_batch((target, current))
+
+    def whole_batch(x):  # TRAM's distance is over the whole batch: gather the logits of every device
+      return jax.tree.map(lambda y: jax.lax.all_gather(y, axis_name, tiled=True), x) if axis_name else x
 
     (loss, (logits, penalty, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -92,7 +96,7 @@ def make_train_step(
     grads, loss, accuracy, model_state = batch_mean((grads, loss, accuracy, model_state))
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, value=loss, obj_fn=objective, grad_fn=grad_fn,
-        trust_region_fn=trust_region_fn,
+        trust_region_logits_fn=trust_region_logits_fn,
     )
     new_state = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,

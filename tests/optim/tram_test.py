@@ -269,3 +269,102 @@ def test_bad_arguments_raise_clear_errors():
     tx.update(params, state, params, grad_fn=grad_fn, trust_region_fn=lambda a, b: jnp.ones(2))
   with pytest.raises(ValueError, match="learning_rate=None"):
     tram(0.1, base_optimizer=optax.adam(1e-3))
+
+
+# ---- the official code (tomsherborne/tram_optimizer), transcribed in torch -------------------------------------
+# tram.py TRAM.first_step / second_step, kl.py KLDivergence("forward"), parameter_target.py ParameterHistoryTarget
+# (an eval-mode copy), and the README's training step: the current logits are the training forward's outputs.
+# Dropout is a fixed inverted-dropout mask on the inputs (train mode), the same in both forwards of a step.
+
+DROP = 0.25
+
+
+def _masks(num_steps, seed=3):
+  rng = np.random.default_rng(seed)
+  return [(rng.random((BATCH, DIM)) > DROP) / (1 - DROP) for _ in range(num_steps)]
+
+
+def torch_official_tram(params, batches, masks, *, lr, adaptive):
+  """SGD base, ParameterHistoryTarget(decay=1): the reference is the initial model, in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  w, b = (torch.tensor(params[k], requires_grad=True) for k in ("w", "b"))
+  w0, b0 = w.detach().clone(), b.detach().clone()
+  trajectory = []
+  for (x, y, _), mask in zip(batches, masks):
+    x, y = torch.from_numpy(x), torch.from_numpy(y.argmax(-1))
+    train_x = x * torch.from_numpy(mask)
+    logits = train_x @ w + b  # model.train(): the loss's forward
+    F.cross_entropy(logits, y).backward()
+    target = x @ w0 + b0  # the eval-mode reference copy
+    divergence = F.kl_div(F.log_softmax(logits.detach(), -1, dtype=torch.float32),  # float32, as kl.py
+                          F.log_softmax(target, -1, dtype=torch.float32), log_target=True,
+                          reduction="mean").double() / x.shape[0]
+    with torch.no_grad():  # first_step
+      norm = torch.stack([((p.abs() if adaptive else 1.0) * p.grad).norm() for p in (w, b)]).norm()
+      scale = divergence / (norm + 1e-12)
+      old = [p.clone() for p in (w, b)]
+      for p in (w, b):
+        p.add_(scale * (p * p if adaptive else torch.ones_like(p)))
+        p.grad = None
+    F.cross_entropy(train_x @ w + b, y).backward()  # second forward-backward, at the shifted point
+    with torch.no_grad():  # second_step: back to w, then the base SGD step
+      for p, p_old in zip((w, b), old):
+        p.copy_(p_old - lr * p.grad)
+        p.grad = None
+    trajectory.append({"w": w.detach().numpy().copy(), "b": b.detach().numpy().copy()})
+  return trajectory
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_official_options_match_torch_transcription_of_the_official_code(adaptive):
+  params, batches = make_problem(num_steps=8)
+  masks = _masks(8)
+  tx = tram(0.5, reference_decay=1.0, adaptive=adaptive, distance="official_kl", perturbation="official_code")
+
+  def logits(p, x, mask=None):
+    return (x if mask is None else x * mask) @ p["w"] + p["b"]
+
+  def ce(p, x, y, mask):
+    return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits(p, x, mask)), -1))
+
+  with jax.enable_x64(True):
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state, x, y, mask):
+      grad_fn = lambda q: jax.grad(ce)(q, x, y, mask)
+      region = lambda q, ref, *, train: (logits(ref, x), logits(q, x, mask if train else None))
+      updates, state = tx.update(grad_fn(p), state, p, grad_fn=grad_fn, trust_region_logits_fn=region)
+      return optax.apply_updates(p, updates), state
+
+    ours = []
+    for (x, y, _), mask in zip(batches, masks):
+      p, state = step(p, state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))
+      ours.append({k: np.asarray(v) for k, v in p.items()})
+  expected = torch_official_tram(params, batches, masks, lr=0.5, adaptive=adaptive)
+  assert_trajectories_close(ours, expected, rtol=1e-6, atol=1e-9)  # the KL is float32, as in kl.py
+  paper = run_ours(tram(0.5, reference_decay=1.0, adaptive=adaptive), params, batches)
+  assert np.abs(paper[-1]["w"] - ours[-1]["w"]).max() > 1e-6  # the options change the trajectory
+
+
+def test_kl_divergence_normalisations_against_torch():
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  from jaxpeft.optim.tram import kl_divergence
+
+  rng = np.random.default_rng(0)
+  target, current = rng.normal(size=(2, BATCH, CLASSES)).astype(np.float32)
+  log_t, log_c = (F.log_softmax(torch.from_numpy(a), -1) for a in (target, current))
+  batch_mean = F.kl_div(log_c, log_t, log_target=True, reduction="batchmean")
+  official = F.kl_div(log_c, log_t, log_target=True, reduction="mean") / BATCH  # kl.py KLDivergence
+  np.testing.assert_allclose(kl_divergence(target, current), batch_mean.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(kl_divergence(target, current, official=True), official.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(batch_mean / official, BATCH * CLASSES, rtol=1e-5)
+  with pytest.raises(ValueError, match="distance='official_kl' computes the distance itself"):
+    tx = tram(0.1, distance="official_kl")
+    params = {"w": jnp.zeros(2)}
+    tx.update(params, tx.init(params), params, grad_fn=lambda p: p, trust_region_fn=lambda a, b: 0.1)

@@ -123,7 +123,11 @@ def test_module_adding_adapters_run_through_their_hooks_in_either_mode(tiny_mode
   inputs = [ids, jnp.ones_like(ids), jnp.zeros_like(ids)]
   base = model.apply({"params": params}, *inputs)
   np.testing.assert_allclose(trainable.apply(trained, frozen, inputs, train=False), base, atol=1e-6)  # up = 0
-  moved = jax.tree.map(lambda x: x + 0.1, trained)
+  # A random move: a constant one (every `up` entry equal) adds the same value to each feature of the
+  # MLP branch, which the layer's LayerNorm then removes.
+  leaves, treedef = jax.tree.flatten(trained)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  moved = treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   assert np.abs(trainable.apply(moved, frozen, inputs, train=False) - model.apply(
       {"params": trainable.merged(moved, frozen)}, *inputs)).max() > 1e-3  # the hook adds the bottleneck
 
