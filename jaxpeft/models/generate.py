@@ -73,17 +73,17 @@ def generate(model: Any, variables: Any, prompt_ids: jax.Array, prompt_mask: jax
     prompt_mask = jnp.ones((batch, length), jnp.int32)
   cache = init_cache(batch, length + max_new_tokens)
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, variables, prompt_ids, prompt_mask, cache, rng, max_new_tokens, temperature, top_k,
-                   top_p, tuple(stop_tokens), pad_id)
+  stops = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
+  return _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_new_tokens, temperature,
+                   top_k, top_p, pad_id)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11))
-def _generate(model, variables, prompt_ids, prompt_mask, cache, rng, max_new_tokens, temperature, top_k, top_p,
-              stop_tokens, pad_id):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11))
+def _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_new_tokens, temperature, top_k,
+              top_p, pad_id):
   batch = prompt_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
   logits, cache = model.apply(variables, prompt_ids, prompt_mask, positions, cache=cache)
-  stops = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
 
   def step(state):
     i, cache, logits, position, done, out, rng = state

