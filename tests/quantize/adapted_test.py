@@ -4,6 +4,7 @@ the reparameterized and the factored mode; every weight-space method of the regi
 
 import importlib
 import inspect
+import pathlib
 import pkgutil
 
 import flax.linen as nn
@@ -182,3 +183,13 @@ def test_method_trains_and_merges_on_nf4_base(name):
   # NF4 rounding of the merged weight, plus the double-quantized scale's error (<= 0.00703 * max |a - mean a|)
   assert errors["requantized"]["max_abs"] <= (half_gap(NF4) + 0.0071) * largest, errors
   assert errors["bfloat16"]["max_abs"] <= 2.0 ** -8 * largest, errors
+
+
+def test_readme_example():
+  """The code block under the README's "Quantized frozen bases" heading runs; its adapter trains."""
+  readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+  section = readme.split("### Quantized frozen bases", 1)[1]
+  namespace = {}
+  exec(compile(section.split("```python\n", 1)[1].split("```", 1)[0], "README.md", "exec"), namespace)  # noqa: S102
+  assert namespace["loss"] > 0 and quantize.is_quantized(namespace["merged"]["layer"]["kernel"])
+  assert namespace["errors"]["requantized"]["max_abs"] > 0
