@@ -4,10 +4,11 @@ far the quantized model's embeddings move, per format (float32, bfloat16, NF4 + 
   python -m benchmarks.quantized_base [--steps 10] [--batch 16] [--length 64]
 
 The model is the embedded all-MiniLM-L6-v2 (`jaxpeft.models.hf_loader.load_bert`, 22.7M parameters, with a
-6-class head). Quantized: every encoder kernel (`encoder/.*kernel`, 36 matrices, 10.6M of the 22.7M parameters;
-the word embeddings (11.7M), LayerNorms, biases and the head stay float32), block 64. The step is one AdamW step of rank-8 LoRA
-(alpha 16) on the attention query/value kernels plus the head, on random token ids, jitted with the quantized
-base as an argument, dequantized inside the step (`jaxpeft.quantize.apply`). Columns:
+6-class head). Quantized: every encoder kernel (`encoder/.*kernel`, 36 matrices, 10.6M of the 22.7M
+parameters; the word embeddings (11.7M), LayerNorms, biases and the head stay float32), block 64. The step
+is one AdamW step of rank-8 LoRA (alpha 16) on the attention query/value kernels plus the head, on a batch of
+tokenized docstrings with arbitrary labels, jitted with the quantized base as an argument and dequantized
+inside the step (`jaxpeft.quantize.apply`). Columns:
 
 * `base MiB`, `base B/param`: memory of the whole frozen base tree and per parameter
   (`quantize.bytes_per_param`); `kernels B/param`: the same over the quantized encoder kernels only.

@@ -2,7 +2,7 @@
 
 For each targeted leaf stored as a ``QuantizedArray``::
 
-    W' = reparam.merge(dequant(Q), adapter)  (float32),     Q' = quantize(W', same format, block size, double quant)
+    W' = reparam.merge(dequant(Q), adapter)  (float32),   Q' = quantize(W', same format, block, double quant)
 
 which is what Hugging Face PEFT does for bitsandbytes 4/8-bit bases (``merge_and_unload`` dequantizes, adds
 the update, re-quantizes and warns about rounding). The re-quantization error against the float32 merge is

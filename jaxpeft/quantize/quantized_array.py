@@ -144,7 +144,8 @@ def _check_quantizable(x: jax.Array, fmt: str, block_size: int, double_quant: bo
     raise ValueError(f"block_size={block_size} must be an even number >= 2 (QLoRA uses 64).")
   if x.size % block_size:
     raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.size} entries, not a multiple of "
-                     f"block_size={block_size}; use a block size dividing it or exclude the leaf from the pattern.")
+                     f"block_size={block_size}; use a block size dividing it or exclude the leaf from the "
+                     "pattern.")
 
 
 def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False, *,
