@@ -18,7 +18,8 @@ Double quantization (QLoRA sec. 3, "Double Quantization"; bitsandbytes ``compres
 float32 absmaxes ``a_b`` are themselves quantized to 8 bits with the signed dynamic map
 (``codebooks.DYNAMIC8``) in blocks of 256 after subtracting their mean ``c``::
 
-    c = mean_b(a_b),   (q2, a2) = blockwise(a - c, DYNAMIC8, block 256),   a~_b = DYNAMIC8[q2_b] * a2_{b // 256} + c
+    c = mean_b(a_b),   (q2, a2) = blockwise(a - c, DYNAMIC8, block 256),
+    a~_b = DYNAMIC8[q2_b] * a2_{b // 256} + c
 
 so a 4-bit weight costs ``4 + 8 / block_size + 32 / (256 * block_size)`` bits (4.127 for block 64) instead of
 ``4 + 32 / block_size`` (4.5). The last block of scales may be partial (the reference's remainder block).

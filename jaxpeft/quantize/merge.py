@@ -2,7 +2,7 @@
 
 For each targeted leaf stored as a ``QuantizedArray``::
 
-    W' = reparam.merge(dequant(Q), adapter)  (float32),     Q' = quantize(W', same format, block size, double quant)
+    W' = reparam.merge(dequant(Q), adapter)  (float32),   Q' = quantize(W', same format, block, double quant)
 
 which is what Hugging Face PEFT does for bitsandbytes 4/8-bit bases (``merge_and_unload`` dequantizes, adds
 the update, re-quantizes and warns about rounding). The re-quantization error against the float32 merge is
@@ -77,12 +77,16 @@ def merge_error(quantized_params: Params, adapter_params: AdapterParams, config:
   ``float_params`` is given, ``"requantized_vs_float_base"`` (vs the float32 merge of the unquantized base:
   both roundings, of the base and of the merge).
   """
-  exact = reparam.merge(_float32_base(quantized_params), adapter_params, config)
-  requantized = dequantize_tree(merge(quantized_params, adapter_params, config))
-  errors = {"requantized": _max_errors(requantized, exact, config),
-            "bfloat16": _max_errors(merge(quantized_params, adapter_params, config, keep="bfloat16"), exact,
-                                    config)}
+  def merges(quantized_params, adapter_params, float_params):  # one compiled program instead of eager ops
+    out = {"exact": reparam.merge(_float32_base(quantized_params), adapter_params, config),
+           "requantized": dequantize_tree(merge(quantized_params, adapter_params, config)),
+           "bfloat16": merge(quantized_params, adapter_params, config, keep="bfloat16")}
+    if float_params is not None:
+      out["float_base"] = reparam.merge(float_params, adapter_params, config)
+    return out
+
+  got = jax.jit(merges)(quantized_params, adapter_params, float_params)
+  errors = {key: _max_errors(got[key], got["exact"], config) for key in ("requantized", "bfloat16")}
   if float_params is not None:
-    errors["requantized_vs_float_base"] = _max_errors(
-        requantized, reparam.merge(float_params, adapter_params, config), config)
+    errors["requantized_vs_float_base"] = _max_errors(got["requantized"], got["float_base"], config)
   return errors

@@ -34,6 +34,7 @@ scales of a bitsandbytes ``Linear4bit`` weight can be used unchanged for the Fla
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -143,7 +144,8 @@ def _check_quantizable(x: jax.Array, fmt: str, block_size: int, double_quant: bo
     raise ValueError(f"block_size={block_size} must be an even number >= 2 (QLoRA uses 64).")
   if x.size % block_size:
     raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.size} entries, not a multiple of "
-                     f"block_size={block_size}; use a block size dividing it or exclude the leaf from the pattern.")
+                     f"block_size={block_size}; use a block size dividing it or exclude the leaf from the "
+                     "pattern.")
 
 
 def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False, *,
@@ -154,6 +156,15 @@ def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_
   kernel); ``dequantize`` still returns ``x``'s layout.
   """
   _check_quantizable(x, fmt, block_size, double_quant, name)
+  if transposed and (fmt == "int8" or x.ndim != 2):
+    raise ValueError(f"transposed=True is for 2-D kernels in a 4-bit format; {name} has shape {tuple(x.shape)} "
+                     f"and format {fmt!r}.")
+  return _encode(x, fmt, block_size, double_quant, transposed)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "transposed"))
+def _encode(x: jax.Array, fmt: str, block_size: int, double_quant: bool, transposed: bool) -> QuantizedArray:
+  """The checked quantization (one compiled program per shape and format, not op-by-op dispatch)."""
   meta = dict(fmt=fmt, shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, transposed=transposed)
   if fmt == "int8":
     w = x.astype(jnp.float32)
@@ -161,11 +172,8 @@ def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_
     scale = jnp.where(scale > 0, scale, 1.0)
     codes = jnp.clip(jnp.round(w / scale), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
     return QuantizedArray(codes=codes, scales=scale, block_size=0, **meta)
-  if transposed:
-    if x.ndim != 2:
-      raise ValueError(f"transposed=True is for 2-D kernels; {name} has shape {tuple(x.shape)}.")
-    x = x.T
-  indices, absmax = blockwise.quantize_blocks(x.reshape(-1), FOUR_BIT[fmt], block_size)
+  flat = (x.T if transposed else x).reshape(-1)
+  indices, absmax = blockwise.quantize_blocks(flat, FOUR_BIT[fmt], block_size)
   codes = blockwise.pack_nibbles(indices)
   if not double_quant:
     return QuantizedArray(codes=codes, scales=absmax, block_size=block_size, **meta)
