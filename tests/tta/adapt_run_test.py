@@ -1,4 +1,4 @@
-"""launch/adapt.py end to end on the pretrained smoke ResNet: every method, metrics, bad input."""
+"""launch/adapt.py's loop (jaxpeft.train.tta_loop) end to end on the pretrained smoke ResNet: every method, metrics, bad input."""
 
 import json
 import shutil
@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
-from launch import adapt
+from jaxpeft.train import tta_loop as adapt
 
 CONFIGS = {"source": tta_source, "bn_adapt": tta_bn_adapt, "tent": tta_tent, "eata": tta_eata, "sar": tta_sar,
            "lame": tta_lame, "cotta": tta_cotta}
