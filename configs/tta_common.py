@@ -9,7 +9,7 @@ def base(method: str, arg: str | None, *, optimizer: dict | None = None, options
          clean_images: int = 0) -> ml_collections.ConfigDict:
   """A config adapting with `method` over all corruptions at severity 5, one at a time, batches of 64.
 
-  `arg='smoke'` shrinks it (3 corruptions, 32 images, batches of 8, no progress bar).
+  `arg='smoke'` shrinks it (3 corruptions, 16 images, batches of 8, no progress bar).
   """
   config = ml_collections.ConfigDict()
   config.pretrained = ""  # a launch/train.py workdir (configs/fashion_resnet.py)
@@ -30,7 +30,7 @@ def base(method: str, arg: str | None, *, optimizer: dict | None = None, options
   })
   config.progress_bar = True
   if arg == "smoke":
-    config.dataset.num_images = 32
+    config.dataset.num_images = 16
     config.stream.corruptions = ("gaussian_noise", "contrast", "jpeg")
     config.stream.batch_size = 8
     config.clean_images = min(clean_images, 16)

@@ -4,7 +4,8 @@
 options are errors listing the ones it takes); `run(...)` steps it over `jaxpeft.data.tta_streams`
 batches, re-initialising from the source model at every batch marked `reset`, and returns one record
 per batch: `{"batch", "corruption", "severity", "error", "count"}` (error = fraction misclassified,
-predictions made *before* the batch's update, as online TTA is scored).
+predictions made *before* the batch's update, as online TTA is scored), plus `backward` (images
+back-propagated) for methods that count them.
 """
 
 import dataclasses
@@ -48,14 +49,17 @@ def run(method: str, config: Any, params: core.PyTree, model_state: core.PyTree,
   module = method_module(method)
   init_kwargs = module.prepare(params, model_state, config, clean_batches) if hasattr(module, "prepare") else {}
   step = jax.jit(module.step)
-  state, records = None, []
+  state, records, backward = None, [], 0
   for i, batch in enumerate(stream):
     if state is None or batch["reset"]:
-      state = module.init(params, model_state, config, **init_kwargs)
+      state, backward = module.init(params, model_state, config, **init_kwargs), 0
     state, logits = step(state, jnp.asarray(batch["image"]))
     wrong = np.asarray(jnp.argmax(logits, -1)) != batch["label"]
     record = {"batch": i, "corruption": batch["corruption"], "severity": int(batch["severity"]),
               "error": float(wrong.mean()), "count": int(wrong.size)}
+    if "num_backward" in state.extra:  # images back-propagated in this batch (EATA's filters)
+      record["backward"] = int(state.extra["num_backward"]) - backward
+      backward += record["backward"]
     records.append(record)
     if on_batch is not None:
       on_batch(record)
