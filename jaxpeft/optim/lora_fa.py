@@ -29,8 +29,6 @@ number ``scaling``; use one ``lora_fa`` per group (``optax.multi_transform``) if
 different ``alpha / r``.
 """
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,7 +36,7 @@ import optax
 from jaxpeft.optim import _lora_factors
 from jaxpeft.optim._hyperparameter_checks import NON_NEGATIVE, POSITIVE, check_hyperparameters
 
-BaseOptimizer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
+BaseOptimizer = _lora_factors.BaseOptimizer
 
 
 def _gram(x: jax.Array) -> jax.Array:
@@ -90,6 +88,7 @@ def lora_fa(
   learning_rate: optax.ScalarOrSchedule,
   scaling: jax.typing.ArrayLike = 1.0,
   delta: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike | None = None,
   *,
   base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
@@ -98,13 +97,15 @@ def lora_fa(
   Args:
     learning_rate: the base optimizer's learning rate, float or schedule.
     scaling, delta: see :func:`project_lora_fa_gradients`.
+    weight_decay: passed to the base optimizer as ``weight_decay=`` unless None (its default).
     base_optimizer: a factory ``learning_rate -> GradientTransformation`` (PEFT's: AdamW with
       ``eps=1e-6``, no decay). Under ``optax.inject_hyperparams`` name it in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformation`` whose update needs ``params``.
   """
+  base = _lora_factors.build_base("LoRA-FA", base_optimizer, learning_rate, weight_decay)
   return optax.chain(
     project_lora_fa_gradients(scaling, delta),
-    optax.multi_transform({"frozen": optax.set_to_zero(), "trained": base_optimizer(learning_rate)}, _labels),
+    optax.multi_transform({"frozen": optax.set_to_zero(), "trained": base}, _labels),
   )

@@ -26,8 +26,6 @@ all groups but the 1-D ones) is the base optimizer's decay here: mask it with th
 own ``mask`` if 1-D parameters should not decay.
 """
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,7 +33,7 @@ import optax
 from jaxpeft.optim import _lora_factors
 from jaxpeft.optim._hyperparameter_checks import NON_NEGATIVE, POSITIVE, check_hyperparameters
 
-BaseOptimizer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
+BaseOptimizer = _lora_factors.BaseOptimizer
 
 
 def scale_by_loraplus(
@@ -86,6 +84,7 @@ def loraplus(
   learning_rate: optax.ScalarOrSchedule,
   loraplus_lr_ratio: jax.typing.ArrayLike = 16.0,
   loraplus_lr_embedding: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike | None = None,
   *,
   base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
@@ -100,6 +99,7 @@ def loraplus(
     learning_rate: the base learning rate (of the A factors), float or schedule.
     loraplus_lr_ratio: eta_B / eta_A (PEFT has no default; 16 = 2**4 is the paper's suggestion).
     loraplus_lr_embedding: learning rate of embedding-table factors (PEFT's default 1e-6).
+    weight_decay: passed to the base optimizer as ``weight_decay=`` unless None (its default).
     base_optimizer: a factory ``learning_rate -> GradientTransformation``, e.g.
       ``functools.partial(optax.adamw, weight_decay=0.0)``. Under ``optax.inject_hyperparams`` name
       it in ``static_args``.
@@ -108,5 +108,6 @@ def loraplus(
     An ``optax.GradientTransformation`` (``...ExtraArgs`` if the base needs extra arguments).
   """
   return optax.chain(
-    base_optimizer(learning_rate), scale_by_loraplus(learning_rate, loraplus_lr_ratio, loraplus_lr_embedding)
+    _lora_factors.build_base("LoRA+", base_optimizer, learning_rate, weight_decay),
+    scale_by_loraplus(learning_rate, loraplus_lr_ratio, loraplus_lr_embedding),
   )

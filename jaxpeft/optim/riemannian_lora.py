@@ -18,8 +18,6 @@ this rule over AdamW. Like PEFT, pairs of embedding tables are left as they are 
 preconditions ``lora_A``/``lora_B`` weights), and other leaves pass through.
 """
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,7 +26,7 @@ from jaxpeft.optim import _lora_factors
 from jaxpeft.optim._hyperparameter_checks import NON_NEGATIVE, check_hyperparameters
 from jaxpeft.optim.lora_fa import damped_pinv
 
-BaseOptimizer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
+BaseOptimizer = _lora_factors.BaseOptimizer
 
 
 def precondition_lora_gradients(reg: jax.typing.ArrayLike = 1e-2) -> optax.GradientTransformation:
@@ -62,14 +60,16 @@ def precondition_lora_gradients(reg: jax.typing.ArrayLike = 1e-2) -> optax.Gradi
 def riemannian_lora(
   learning_rate: optax.ScalarOrSchedule,
   reg: jax.typing.ArrayLike = 1e-2,
+  weight_decay: jax.typing.ArrayLike | None = None,
   *,
   base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
-  """``chain(precondition_lora_gradients(reg), base_optimizer(learning_rate))``.
+  """``chain(precondition_lora_gradients(reg), base_optimizer(learning_rate[, weight_decay]))``.
 
   Args:
     learning_rate: the base optimizer's learning rate, float or schedule.
     reg: see :func:`precondition_lora_gradients`.
+    weight_decay: passed to the base optimizer as ``weight_decay=`` unless None (its default).
     base_optimizer: a factory ``learning_rate -> GradientTransformation`` (``optax.sgd``: scaled
       GD; ``optax.adamw``: scaled AdamW). Under ``optax.inject_hyperparams`` name it in
       ``static_args``.
@@ -77,4 +77,5 @@ def riemannian_lora(
   Returns:
     An ``optax.GradientTransformation`` whose update needs ``params``.
   """
-  return optax.chain(precondition_lora_gradients(reg), base_optimizer(learning_rate))
+  base = _lora_factors.build_base("Riemannian LoRA", base_optimizer, learning_rate, weight_decay)
+  return optax.chain(precondition_lora_gradients(reg), base)

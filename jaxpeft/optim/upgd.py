@@ -19,8 +19,9 @@ beta_utility=0.999, sigma=1e-3``. With :math:`t` counted from 1 and :math:`\xi_t
 The maximum runs over every entry of every leaf, of the utility *before* bias correction (as in
 the code). Weights of high utility (:math:`\bar s \to 1`) are protected from both the gradient
 and the perturbation; the factor 2 makes the step :math:`\alpha(g + \sigma\xi)` where
-:math:`\bar s = 1/2` (zero utility). Like the code, the ratio is not guarded: all-zero utilities
-(e.g. all-zero parameters at step 1) give NaN.
+:math:`\bar s = 1/2` (zero utility). Deviation: a zero utility when the maximum is also 0 (e.g.
+zero-initialised biases while every other utility is negative) gives 0/0, NaN parameters in the
+authors' code; here its ratio is 0 (:math:`\bar s = 1/2`). A negative maximum is kept as in the code.
 
 The noise comes from a JAX PRNG key held in the state (``seed``), so it differs from torch's draws;
 the test checks the rest of the update with ``sigma=0`` against a transcription of the authors'
@@ -88,7 +89,9 @@ def scale_by_upgd(
     noise = treedef.unflatten([jax.random.normal(k, g.shape, g.dtype) for k, g in zip(leaf_keys, leaves)])
 
     def gated(g, xi, u):
-      scaled = jax.nn.sigmoid(u / bias_correction / global_max)
+      # 0/0 (a zero utility when the maximum is 0) is NaN in the authors' code; here it is 0.
+      ratio = jnp.where(u == 0, 0.0, u / bias_correction / jnp.where(u == 0, 1.0, global_max))
+      scaled = jax.nn.sigmoid(ratio)
       return 2.0 * (g + sigma * xi) * (1.0 - scaled)
 
     new_updates = jax.tree.map(gated, updates, noise, utility)

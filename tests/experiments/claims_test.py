@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from experiments.claims.all_claims import CLAIMS
-from experiments.claims import adabelief, adapters, adopt, came, sharpness
+from experiments.claims import adabelief, adabound, adapters, adopt, came, sharpness
 from experiments.claims.results import ClaimRow, markdown_table, results_markdown
 from jaxpeft.optim.came import came as came_optimizer
 
@@ -25,6 +25,19 @@ def test_adopt_claim_row_and_plot(tmp_path, monkeypatch):
   (row,) = adopt.run(True, str(tmp_path))
   assert row.checks["Adam (b2=0.1) ends on the wrong side"]
   assert (tmp_path / "adopt.png").stat().st_size > 0
+
+
+def test_adabound_rates_go_from_adam_spread_to_final_lr(tmp_path, monkeypatch):
+  small = adabound.get_config(True)
+  small.update(num_steps=2000)
+  spread, clipped, deviation = adabound.effective_rates(small)
+  assert spread[0] > 100 and clipped[0] < 0.5  # Adam-like: per-coordinate rates over decades
+  # The band is [final_lr (1 - 1/(gamma t + 1)), final_lr (1 + 1/(gamma t))]: at t = 2000 every rate
+  # is within 1/(gamma t) = 50% of final_lr, and the spread within (1 + 1/2) / (1 - 1/3) = 2.25.
+  assert deviation[-1] <= 0.5 + 1e-5 and spread[-1] <= 2.25 + 1e-4
+  monkeypatch.setattr(adabound, "get_config", lambda _: small)
+  (row,) = adabound.run(True, str(tmp_path))
+  assert list(row.checks.values())[0] and (tmp_path / "adabound.png").stat().st_size > 0
 
 
 def test_came_state_is_smaller_than_adam():
@@ -80,5 +93,5 @@ def test_verdict_rule_and_table_has_a_row_per_claim():
   assert "partly (fails: y)" in table and "p \\| q" in table
   with pytest.raises(ValueError, match="no checks"):
     ClaimRow("d", "p", "m", {})
-  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters"}
+  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters", "adabound"}
   assert markdown_table([]).count("\n") == 1

@@ -104,7 +104,6 @@ REGISTRY = {
     "exadam": Entry(exadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "grams": Entry(grams, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "mars": Entry(mars, dict(learning_rate=1e-2, lr_1d=1e-2, weight_decay=1e-2)),
-    "mars_lion": Entry(mars, dict(learning_rate=1e-3, lr_1d=1e-2, mars_type="lion")),
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),

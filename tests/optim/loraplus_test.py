@@ -82,6 +82,18 @@ def test_composes_with_sam():
   np.testing.assert_allclose(updates["fc1"]["kernel"]["a"], expected["fc1"]["kernel"]["a"], rtol=1e-6)
 
 
+def test_weight_decay_goes_to_the_base():
+  """The harness sets config.optimizer.weight_decay; the rule hands it to the base optimizer."""
+  model, by_path = ref.peft_model()
+  params = ref.initial_params(by_path)
+  grads = ref.random_grads(params, 2)
+  ours = ref.run_ours(loraplus(LR, weight_decay=0.1), params, grads)
+  base = functools.partial(optax.adamw, weight_decay=0.1)
+  ref.assert_same_trajectories(ours, ref.run_ours(loraplus(LR, base_optimizer=base), params, grads))
+  with pytest.raises(ValueError, match="takes no weight_decay"):
+    loraplus(LR, weight_decay=0.1, base_optimizer=optax.sgd)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="loraplus_lr_ratio must be > 0"):
     loraplus(LR, loraplus_lr_ratio=0.0)

@@ -80,6 +80,15 @@ def test_noise_is_gated_by_utility():
   assert abs(xi.mean()) < 0.02 and abs(xi.std() - 1.0) < 0.02
 
 
+def test_zero_utility_with_zero_maximum_is_neutral_not_nan():
+  # All utilities -g * w <= 0 and the zero bias's = 0: the authors' 0/0 would give NaN.
+  params = {"w": np.ones((2, 3)), "bias": np.zeros(3)}
+  grads = [{"w": np.ones((2, 3)), "bias": np.ones(3)}]
+  (p,) = run_optax(upgd(LR, sigma=0.0, weight_decay=0.0), params, grads)
+  np.testing.assert_allclose(p["bias"], -2 * LR * 0.5 * np.ones(3))  # s = sigmoid(0) = 1/2
+  np.testing.assert_allclose(p["w"], (1 - 2 * LR) * np.ones((2, 3)))  # u / 0 = -inf: s = 0, full step
+
+
 def test_needs_params():
   tx = upgd()
   tree = {"w": jnp.ones(3)}
