@@ -21,8 +21,9 @@ import jaxpeft.adapters
 from jaxpeft import quantize
 from jaxpeft.adapters import factored, reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import AdapterMethod, get_method
+from jaxpeft.adapters.core import AdapterMethod
 from jaxpeft.adapters.module_hooks import ModuleHookMethod
+from jaxpeft.adapters.selection import named_leaves, select_targets
 from jaxpeft.quantize.codebooks import NF4, half_gap
 
 D_IN, D_OUT, RANK = 128, 64, 4
@@ -137,7 +138,7 @@ def _config(name: str) -> AdapterConfig:
     return AdapterConfig(targets=_TARGETS[name], **common)
   config = AdapterConfig(targets=r"dense_\d/kernel", **common)
   try:
-    reparam.select_targets(config, _PARAMS)
+    select_targets(config, _PARAMS)
     return config
   except ValueError:
     return AdapterConfig(targets="conv/kernel", fan_in_axes={"conv/kernel": 3}, **common)
@@ -177,8 +178,8 @@ def test_method_trains_and_merges_on_nf4_base(name):
 
   exact = jax.jit(lambda qbase, adapter: reparam.merge(quantize.dequantize_tree(qbase), adapter, config))(
       qbase, adapter)
-  largest = max(float(jnp.abs(leaf).max()) for path, leaf in reparam.named_leaves(exact)
-                if path in {t.path for t in reparam.select_targets(config, exact)})
+  largest = max(float(jnp.abs(leaf).max()) for path, leaf in named_leaves(exact)
+                if path in {t.path for t in select_targets(config, exact)})
   errors = quantize.merge_error(qbase, adapter, config)
   # NF4 rounding of the merged weight, plus the double-quantized scale's error (<= 0.00703 * max |a - mean a|)
   assert errors["requantized"]["max_abs"] <= (half_gap(NF4) + 0.0071) * largest, errors
