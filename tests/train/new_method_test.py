@@ -56,7 +56,7 @@ def test_a_method_registered_outside_the_library_trains_and_exports(smoke_config
   config.adapter.update = {"a_factor": 0.0}  # the custom rule freezes `a`: it must stay at its init
   result = train_and_evaluate(config, str(tmp_path / "run"))
   adapter = jax.device_get(result["state"].params["adapter"])
-  np.testing.assert_array_equal(adapter["dense"]["kernel"]["a"], A_INIT)
+  np.testing.assert_array_equal(adapter["dense"]["kernel"]["a"], np.float32(A_INIT))
   assert np.abs(adapter["dense"]["kernel"]["b"]).max() > 0
   logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   penalties = [m["penalty"] for m in logged if "penalty" in m]
