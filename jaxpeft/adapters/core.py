@@ -75,6 +75,33 @@ not called, and ``init`` can read ``target.bias_path`` to skip bias-only leaves)
 rest: ``reparam`` updates the bias leaf in ``apply / merge / unmerge`` (stacked axes, dtypes) and the
 activation-hook mode adds the constant ``apply_bias(b) - b`` to ``branch``'s output, so ``branch`` stays the
 input-dependent part ``x (W' - W)``.
+
+Optional declarative hooks (one name each; the harness and the PEFT code ask the method, never name it)
+------------------------------------------------------------------------------------------------------
+Class attributes:
+
+* ``inits``: the ``config.init`` values the method accepts (checked before ``validate``; None: no check);
+* ``needs_matrix``: refuse leaves without input axes (biases, scales) with one clear error;
+* ``frozen_leaves``: stored, never trained (no gradient, no optimizer state);
+* ``no_decay_leaves``: trained without weight decay (the harness gives them its optimizer built with
+  ``weight_decay=0``);
+* ``peft``: a ``jaxpeft.adapters.peft_mapping.PeftMapping`` (PEFT type, layer kinds, tensor rules, config
+  fields), which makes ``export_peft`` / ``import_peft`` work for the method.
+
+Methods (``has_hook(method, name)`` tells whether one is implemented):
+
+* ``loss_term(config, **config.adapter.penalty) -> term(base_params, adapter_params, rng)``: added to the loss;
+* ``update_rule(config, **config.adapter.update) -> optax.GradientTransformation``: chained after the
+  optimizer on the adapter tree;
+* ``reselect(base_params, adapter_params, config)``: the between-steps rewrite (every
+  ``config.adapter.reselect_every`` steps; the optimizer state restarts);
+* ``calibrate(apply_fn, base_params, batches, config)`` + ``calibrated_init(config, base_params,
+  calibration)``: an init that reads activations of training batches;
+* ``trained_count(leaves)``: the scalars training changes in one target's leaves (default: the non-frozen ones).
+
+A method is therefore its file (``jaxpeft/adapters/methods/<name>.py``, imported in
+``jaxpeft/adapters/methods/__init__.py``) plus its test (``tests/adapters/methods/<name>_test.py``) and a case
+in ``tests/adapters/conformance_test.py``; ``tests/train/new_method_test.py`` registers one from a test file.
 """
 
 from __future__ import annotations
