@@ -31,6 +31,10 @@ install-test: $(BIN)/python
 	if command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 	  echo "warning: could not install dataset-fashion-mnist; jaxpeft_fashion_mnist will try TFDS' download"; fi
+	# WordNet 3.0's data files for the offline jaxpeft_wordnet dataset (where apt-get exists).
+	if command -v apt-get >/dev/null && [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  (apt-get update -qq && apt-get install -y -qq wordnet-base) || \
+	  echo "warning: could not install wordnet-base; jaxpeft_wordnet cannot be prepared"; fi
 
 flagship: install
 	$(BIN)/python -m experiments.flagship --workdir=workdir/flagship

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import tensorflow_datasets as tfds
 
-from jaxpeft.data import class_subset, digits, fashion_mnist, text_classification
+from jaxpeft.data import causal_lm, class_subset, digits, fashion_mnist, text_classification, wordnet_glosses
 from jaxpeft.data.preprocess import (Preprocess, dataset_option, digits_segmentation_preprocess,
                                      digits_shift_preprocess, text_preprocess, uint8_image_preprocess)
 
@@ -56,6 +56,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "jaxpeft_digits_segmentation": DatasetEntry(digits.Digits, digits_segmentation_preprocess),
     text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
     fashion_mnist.FashionMnist.name: DatasetEntry(fashion_mnist.FashionMnist, lambda _: uint8_image_preprocess),
+    wordnet_glosses.WordNetGlosses.name: DatasetEntry(wordnet_glosses.WordNetGlosses, causal_lm.causal_lm_preprocess),
 }
 
 
