@@ -302,17 +302,24 @@ class Gemma3(nn.Module):
   Attributes:
     config: the architecture.
     scan_layers: run the layers with `nn.scan` (parameters stacked under `layers/`).
+    remat: gradient checkpointing: each layer runs under `nn.remat` (`jax.checkpoint`) with the policy
+      `nothing_saveable`, so the backward pass keeps only each layer's input (the residual stream) and
+      recomputes the layer's activations. The layer's parameters are inputs of the checkpointed function,
+      referenced by the backward pass, never stored again as residuals; no weight-sized product (such as a
+      frozen kernel times an adapter factor inside the layer) is saved either. The same numbers, less memory,
+      about one more forward pass of compute.
     dtype: the compute dtype; parameters are kept in `param_dtype`.
   """
 
   config: Gemma3Config
   scan_layers: bool = False
+  remat: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None):
+               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None, train: bool = False):
     """Logits (batch, T, vocab) for `input_ids` (batch, T).
 
     Args:
@@ -321,7 +328,9 @@ class Gemma3(nn.Module):
       positions: (batch, T) RoPE positions (default: the slot numbers, i.e. 0..T-1 plus the
         cache's `index`).
       cache: a KV cache from `init_cache` (or a previous call); the new one is returned too.
+      train: the harness's training flag; Gemma 3 has no dropout, so training and evaluation compute the same.
     """
+    del train
     c = self.config
     batch, length = input_ids.shape
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -355,15 +364,19 @@ class Gemma3(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                      embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
     h = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+    layer_class = DecoderLayer
+    if self.remat:
+      layer_class = nn.remat(DecoderLayer, policy=jax.checkpoint_policies.nothing_saveable,
+                             prevent_cse=not self.scan_layers)
     if self.scan_layers:
-      scanned = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+      scanned = nn.scan(layer_class, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
       h, new_layers = scanned(c, self.dtype, self.param_dtype, name="layers")(h, layers, shared)
     else:
       outputs = []
       for i in range(c.num_hidden_layers):
         layer = jax.tree.map(lambda a, i=i: a[i], layers)
-        h, out = DecoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(h, layer, shared)
+        h, out = layer_class(c, self.dtype, self.param_dtype, name=f"layers_{i}")(h, layer, shared)
         outputs.append(out)
       new_layers = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
     h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
