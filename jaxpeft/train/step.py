@@ -1,4 +1,8 @@
-"""Pure train and eval steps for classification: `(state, batch) -> (state, metrics)`.
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, for a task's objective.
+
+The task (`config.task`, `objective(task)`) chooses the loss, the training metrics and the evaluation
+sums: 'classification' (the default; cross-entropy on `batch['label']`, described below) or 'causal_lm'
+(next-token cross-entropy on the response tokens, `jaxpeft.train.causal_lm`).
 
 Labels may carry spatial axes (dense prediction, e.g. segmentation): logits `(batch, ..., classes)`
 with labels `(batch, ...)` give a cross-entropy and an accuracy per position (pixel), averaged over
@@ -29,11 +33,14 @@ except that the learning-rate schedule keeps its position (see `restart_optimize
 """
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxpeft.train import causal_lm
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.trainable import Trainable
 
@@ -44,14 +51,77 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+class Objective(NamedTuple):
+  """What a task trains and reports: each a function of the model's logits and the batch."""
+
+  loss: Callable[[jax.Array, Batch], jax.Array]  # the mean loss of a training batch
+  train_metrics: Callable[[jax.Array, Batch], dict[str, jax.Array]]  # besides the loss
+  eval_sums: Callable[[jax.Array, Batch], dict[str, jax.Array]]  # summed over a split's batches
+  finalize_eval: Callable[[dict[str, Any]], dict[str, float]]  # the split's sums -> its metrics
+
+
+def _classification_eval_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+  labels = batch["label"]
+  # One weight per label position: the example's mask repeated over its spatial axes.
+  mask = jnp.broadcast_to(
+      batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1)), labels.shape
+  ).astype(jnp.float32)
+  predictions = jnp.argmax(logits, -1)
+  sums = {
+      "loss": jnp.sum(_cross_entropy(logits, labels) * mask),
+      "correct": jnp.sum((predictions == labels) * mask),
+      "count": jnp.sum(mask),
+  }
+  if labels.ndim > 1:  # Dense prediction: per-class intersection and union for the mean IoU.
+    classes = jnp.arange(logits.shape[-1])
+    predicted = (predictions[..., None] == classes) * mask[..., None]
+    actual = (labels[..., None] == classes) * mask[..., None]
+    axes = tuple(range(labels.ndim))
+    sums["intersection"] = jnp.sum(predicted * actual, axes)
+    sums["union"] = jnp.sum(jnp.maximum(predicted, actual), axes)
+  return sums
+
+
+def _classification_metrics(totals: dict[str, Any]) -> dict[str, float]:
+  """Exact loss and accuracy over the split (per pixel for dense predictions), and `mean_iou` for those.
+
+  `mean_iou`: the mean over classes present in the labels or predictions of intersection / union.
+  """
+  count = float(totals["count"])
+  metrics = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+  if "union" in totals:
+    present = totals["union"] > 0
+    metrics["mean_iou"] = float(np.mean(totals["intersection"][present] / totals["union"][present]))
+  return metrics
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "classification": Objective(
+        loss=lambda logits, batch: _cross_entropy(logits, batch["label"]).mean(),
+        train_metrics=lambda logits, batch: {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])},
+        eval_sums=_classification_eval_sums, finalize_eval=_classification_metrics),
+    "causal_lm": Objective(loss=causal_lm.loss, train_metrics=causal_lm.train_metrics,
+                           eval_sums=causal_lm.eval_sums, finalize_eval=causal_lm.finalize_eval),
+}
+
+
+def objective(task: str) -> Objective:
+  """The objective of `config.task`."""
+  if task not in OBJECTIVES:
+    raise ValueError(f"config.task={task!r}: use one of {sorted(OBJECTIVES)}.")
+  return OBJECTIVES[task]
+
+
 def make_train_step(
     trainable: Trainable,
     tx: optax.GradientTransformation,
     input_keys: tuple[str, ...] = ("image",),
     axis_name: str | None = None,
+    task: str = "classification",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted or pmapped)."""
   tx = optax.with_extra_args_support(tx)
+  task_objective = objective(task)
 
   def train_step(state: TrainState, batch: Batch):
     dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -63,7 +133,7 @@ def make_train_step(
       out = trainable.apply(params, state.frozen, inputs, train=True, rng=dropout_rng,
                             model_state=state.model_state, mutable=mutable or False)
       logits, model_state = out if mutable else (out, state.model_state)
-      loss = _cross_entropy(logits, batch["label"]).mean()
+      loss = task_objective.loss(logits, batch)
       penalty = trainable.regularizer(params, state.frozen, penalty_rng)  # None for most methods
       return (loss if penalty is None else loss + penalty), (logits, penalty, model_state)
 
@@ -91,9 +161,9 @@ def make_train_step(
       return jax.tree.map(lambda y: jax.lax.all_gather(y, axis_name, tiled=True), x) if axis_name else x
 
     (loss, (logits, penalty, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    task_metrics = task_objective.train_metrics(logits, batch)
     # Under pmap each device's running averages saw its own shard: averaged, they stay replicated.
-    grads, loss, accuracy, model_state = batch_mean((grads, loss, accuracy, model_state))
+    grads, loss, task_metrics, model_state = batch_mean((grads, loss, task_metrics, model_state))
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, value=loss, obj_fn=objective, grad_fn=grad_fn,
         trust_region_logits_fn=trust_region_logits_fn,
@@ -102,7 +172,7 @@ def make_train_step(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
         model_state=model_state,
     )
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads)}
     if penalty is not None:
       metrics["penalty"] = penalty
     return new_state, metrics
@@ -152,37 +222,23 @@ def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -
 
 
 def make_eval_step(
-    trainable: Trainable, input_keys: tuple[str, ...] = ("image",), axis_name: str | None = None
+    trainable: Trainable, input_keys: tuple[str, ...] = ("image",), axis_name: str | None = None,
+    task: str = "classification",
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-  """Returns `eval_step(state, batch) -> sums` of loss, correct predictions and real examples.
+  """Returns `eval_step(state, batch) -> sums` of loss, correct predictions and real examples (or tokens).
 
   Batches carry a boolean `mask` marking real rows (the last batch of a split is padded), so
   summing over batches and dividing by `count` gives exact metrics over the whole split. With
   per-pixel labels the sums count pixels, and `intersection` / `union` (one entry per class)
-  are added.
+  are added; the causal LM counts response tokens. `objective(task).finalize_eval` turns the
+  split's sums into its metrics.
   """
+  eval_sums = objective(task).eval_sums
 
   def eval_step(state: TrainState, batch: Batch):
     logits = trainable.apply(state.params, state.frozen, [batch[k] for k in input_keys], train=False,
                              model_state=state.model_state)
-    labels = batch["label"]
-    # One weight per label position: the example's mask repeated over its spatial axes.
-    mask = jnp.broadcast_to(
-        batch["mask"].reshape(batch["mask"].shape + (1,) * (labels.ndim - 1)), labels.shape
-    ).astype(jnp.float32)
-    predictions = jnp.argmax(logits, -1)
-    sums = {
-        "loss": jnp.sum(_cross_entropy(logits, labels) * mask),
-        "correct": jnp.sum((predictions == labels) * mask),
-        "count": jnp.sum(mask),
-    }
-    if labels.ndim > 1:  # Dense prediction: per-class intersection and union for the mean IoU.
-      classes = jnp.arange(logits.shape[-1])
-      predicted = (predictions[..., None] == classes) * mask[..., None]
-      actual = (labels[..., None] == classes) * mask[..., None]
-      axes = tuple(range(labels.ndim))
-      sums["intersection"] = jnp.sum(predicted * actual, axes)
-      sums["union"] = jnp.sum(jnp.maximum(predicted, actual), axes)
+    sums = eval_sums(logits, batch)
     if axis_name:
       sums = jax.lax.psum(sums, axis_name)
     return sums
