@@ -19,7 +19,7 @@ def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8
       "init": "default",
       "mode": "reparam",  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
       "options": ml_collections.ConfigDict(),  # method-specific options
-      # The method's loss term (its `loss_term` hook), e.g. sara: penalty.lambda_rank; sora: penalty.sparse_lambda.
+      # The method's loss term (its `loss_term` hook): sara penalty.lambda_rank, sora penalty.sparse_lambda.
       "penalty": ml_collections.ConfigDict(),
       "reselect_every": 0,  # steps between the method's re-selections (SaRA's progressive schedule); 0: off
       "calibration_batches": 8,  # training batches a calibrated init (CorDA) reads before training
