@@ -33,7 +33,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxpeft.data import class_subset, digits, digits_segmentation, domain_shift, fashion_mnist, text_classification
+from jaxpeft.data import (class_subset, digits, digits_segmentation, domain_shift, fashion_mnist,
+                          text_classification)
 from jaxpeft.models import hf_loader
 
 Batch = dict[str, np.ndarray]
