@@ -19,7 +19,7 @@ def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8
       "init": "default",
       "mode": "reparam",  # 'reparam' (rebuild weights) or 'factored' (activation hooks)
       "options": ml_collections.ConfigDict(),  # method-specific options
-      # The method's loss term (its `loss_term` hook), e.g. sara: penalty.lambda_rank; sora: penalty.sparse_lambda.
+      # The method's loss term (its `loss_term` hook): sara penalty.lambda_rank, sora penalty.sparse_lambda.
       "penalty": ml_collections.ConfigDict(),
       # Pattern fields of jaxpeft.adapters.AdapterConfig, as ((regex, value), ...) pairs, e.g.
       # --config.adapter.fan_in_axes="(('.*conv.*/kernel', 3),)" to adapt Conv kernels (kh, kw, in, out).

@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.bn_adapt` (authors' defaults); see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_bn_adapt.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_bn_adapt
+  python -m launch.adapt --config=configs/tta_bn_adapt.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_bn_adapt
 """
 
 import ml_collections

@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.cotta` (CIFAR-10-C defaults), continual setting; see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_cotta.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_cotta
+  python -m launch.adapt --config=configs/tta_cotta.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_cotta
 """
 
 import ml_collections

@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.lame` (authors' defaults: rbf affinity, knn=5); see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_lame.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_lame
+  python -m launch.adapt --config=configs/tta_lame.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_lame
 """
 
 import ml_collections

@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.sar` (authors' defaults); see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_sar.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_sar
+  python -m launch.adapt --config=configs/tta_sar.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_sar
 """
 
 import ml_collections

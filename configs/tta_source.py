@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.source` (authors' defaults); see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_source.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_source
+  python -m launch.adapt --config=configs/tta_source.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_source
 """
 
 import ml_collections

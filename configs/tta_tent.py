@@ -1,6 +1,7 @@
 """Test-time adaptation with `jaxpeft.tta.tent` (authors' defaults); see launch/adapt.py.
 
-  python -m launch.adapt --config=configs/tta_tent.py --config.pretrained=workdir/fashion_resnet --workdir=workdir/tta_tent
+  python -m launch.adapt --config=configs/tta_tent.py --config.pretrained=workdir/fashion_resnet \
+      --workdir=workdir/tta_tent
 """
 
 import ml_collections

@@ -47,7 +47,8 @@ def _run(method, setting, params, model_state, model, images, labels, clean, dir
   opt_config = ml_collections.ConfigDict(optimizer or {"name": ""})
   config = runner.make_config(method, model.apply, 10, tta_loop.build_optimizer(opt_config), options)
   order = tta_streams.dirichlet_order(labels, dirichlet, 0) if dirichlet else None
-  stream = tta_streams.SETTINGS[setting](images, labels, corruptions.CORRUPTIONS, 5, batch_size=_BATCH, order=order)
+  stream = tta_streams.SETTINGS[setting](images, labels, corruptions.CORRUPTIONS, 5, batch_size=_BATCH,
+                                         order=order)
   return runner.run(method, config, params, model_state, stream, clean if method == "eata" else ())
 
 
@@ -81,8 +82,10 @@ def main(argv):
   for method in ("tent", "cotta"):
     records[method] = _run(method, "continual", params, model_state, model, images, labels, clean)
     continual[method] = runner.error_by_corruption(records[method])["mean"]
-  non_iid = {m: runner.error_by_corruption(_run(m, "one_at_a_time", params, model_state, model, images, labels,
-                                                clean, dirichlet=0.1))["mean"] for m in ("source", "bn_adapt", "lame")}
+  non_iid = {}
+  for method in ("source", "bn_adapt", "lame"):
+    recs = _run(method, "one_at_a_time", params, model_state, model, images, labels, clean, dirichlet=0.1)
+    non_iid[method] = runner.error_by_corruption(recs)["mean"]
   claims = check_claims(table, backward, continual, non_iid)
 
   names = list(corruptions.CORRUPTIONS) + ["mean"]

@@ -8,7 +8,8 @@ def check_claims(table: dict[str, dict[str, float]], backward: dict[str, int],
   claims = [
       ("Tent and BN-adapt beat the source model on average",
        mean["tent"] < mean["source"] and mean["bn_adapt"] < mean["source"],
-       f"source {100 * mean['source']:.1f}%, BN-adapt {100 * mean['bn_adapt']:.1f}%, Tent {100 * mean['tent']:.1f}%"),
+       f"source {100 * mean['source']:.1f}%, BN-adapt {100 * mean['bn_adapt']:.1f}%, "
+       f"Tent {100 * mean['tent']:.1f}%"),
       ("EATA matches or beats Tent with fewer backward passes",
        mean["eata"] <= mean["tent"] + 0.005 and backward["eata"] < backward["tent"],
        f"EATA {100 * mean['eata']:.1f}% with {backward['eata']} images back-propagated, Tent "

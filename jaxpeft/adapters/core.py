@@ -50,7 +50,8 @@ Write ``jaxpeft/adapters/methods/<name>.py`` with the math and the paper in the 
             return leaves["c"] * jnp.eye(target.matrix_shape[0], dtype=jnp.float32)
 
 and import it in ``jaxpeft/adapters/methods/__init__.py``: ``get_method`` and ``list_methods`` import that
-package on first use, so the built-in methods need no explicit import. A method whose update is not ``kernel + delta`` (DoRA)
+package on first use, so the built-in methods need no explicit import. A method whose update is not
+``kernel + delta`` (DoRA)
 overrides ``apply`` (and ``unmerge``, or makes it raise with the reason). A method that also supports the
 activation-hook mode implements ``branch``. Leaves are arrays of the *per-layer* shape (float32 for
 trained ones); their names must not contain "/". Leaves that are stored and checkpointed but never trained
@@ -203,9 +204,9 @@ class AdapterMethod:
     def check_target(self, target: Target) -> None:
         """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""
         if self.needs_matrix and target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: {self.name} needs a kernel with input and output axes, but this leaf "
-                             f"of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it from "
-                             "AdapterConfig.targets.")
+            raise ValueError(f"{target.path}: {self.name} needs a kernel with input and output axes, but this "
+                             f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
+                             "from AdapterConfig.targets.")
         if self.inits is not None and target.init not in self.inits:
             if self.inits == ("default",):
                 raise ValueError(f"{target.path}: {self.name} has only init='default', got {target.init!r}.")

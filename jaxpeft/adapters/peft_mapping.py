@@ -84,7 +84,8 @@ class PeftMapping:
     dropout_field: str | None = None
     shared_shapes: Callable[[Sequence[Target]], dict[str, tuple[int, ...]]] = lambda targets: {}
     layer_copies_of_shared: bool = False
-    complete_options: Callable[[dict[str, Any], Sequence[Target]], dict[str, Any]] = lambda options, targets: options
+    complete_options: Callable[[dict[str, Any], Sequence[Target]], dict[str, Any]] = (
+        lambda options, targets: options)
 
 
 def input_side(x: np.ndarray, window: tuple[int, ...], channels: int) -> np.ndarray:
@@ -118,7 +119,7 @@ def peft_alpha(alpha: float, rank: int, use_rslora: bool, rslora_native: bool) -
 
 def rank_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str], *,
                 rslora_native: bool) -> dict[str, Any]:
-    """``r``, ``rank_pattern``, ``alpha_pattern`` and the default alpha (key ``"alpha"``) of per-layer-rank methods."""
+    """``r``, ``rank_pattern``, ``alpha_pattern`` and the default alpha (key ``"alpha"``), per-layer ranks."""
     default_alpha = peft_alpha(config.alpha, config.rank, config.use_rslora, rslora_native)
     alpha = lambda t: peft_alpha(t.alpha, t.rank, t.use_rslora, rslora_native)
     return {"r": config.rank, "rank_pattern": per_module(targets, lambda t: t.rank, config.rank, modules),

@@ -26,7 +26,8 @@ from jaxpeft.data import corruptions
 StreamBatch = dict
 
 
-def dirichlet_order(labels: np.ndarray, concentration: float, seed: int, num_slots: int | None = None) -> np.ndarray:
+def dirichlet_order(labels: np.ndarray, concentration: float, seed: int,
+                    num_slots: int | None = None) -> np.ndarray:
   """A permutation of `range(len(labels))` with temporally correlated labels.
 
   Time is cut into `num_slots` slots (default: the number of classes); each class's examples (in a
@@ -35,7 +36,8 @@ def dirichlet_order(labels: np.ndarray, concentration: float, seed: int, num_slo
   concentration gives about `num_slots * classes` runs; a small one about one run per class.
   """
   if concentration <= 0:
-    raise ValueError(f"Dirichlet concentration must be > 0 (e.g. 0.1 for strongly correlated labels), got {concentration}.")
+    raise ValueError(f"Dirichlet concentration must be > 0 (e.g. 0.1 for strongly correlated labels), "
+                     f"got {concentration}.")
   rng = np.random.default_rng(seed)
   labels = np.asarray(labels)
   classes = np.unique(labels)

@@ -52,7 +52,8 @@ class ResNet(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="stem_bn")(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
-        x = BasicBlock(self.width * 2 ** i, strides=2 if i > 0 and j == 0 else 1, name=f"stage{i}_block{j}")(x, train)
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(self.width * 2 ** i, strides=strides, name=f"stage{i}_block{j}")(x, train)
     features = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "features", features)  # read by feature-based TTA methods (LAME)
     return nn.Dense(self.num_classes, name="head")(features)

@@ -222,15 +222,19 @@ def scale_by_came(
     def stat(view: _View | None, p: jax.Array, size: Callable[[_View], int]) -> jax.Array:
       return _empty(p) if view is None else jnp.zeros(view.batch + (size(view),), p.dtype)
 
-    row = treedef.unflatten([stat(v, p, lambda v: v.n) for v, p in zip(leaf_views, leaves)])
-    col = treedef.unflatten([stat(v, p, lambda v: v.m) for v, p in zip(leaf_views, leaves)])
+    def rows() -> optax.Params:  # A fresh tree per field: state leaves never share a buffer.
+      return treedef.unflatten([stat(v, p, lambda v: v.n) for v, p in zip(leaf_views, leaves)])
+
+    def cols() -> optax.Params:
+      return treedef.unflatten([stat(v, p, lambda v: v.m) for v, p in zip(leaf_views, leaves)])
+
     return CameState(
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu_row=row,
-        nu_col=col,
+        nu_row=rows(),
+        nu_col=cols(),
         nu=treedef.unflatten([jnp.zeros_like(p) if v is None else _empty(p) for v, p in zip(leaf_views, leaves)]),
-        res_row=row,
-        res_col=col,
+        res_row=rows(),
+        res_col=cols(),
     )
 
   def update_leaf(

@@ -211,7 +211,8 @@ def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -
   After `reselect_every` updates the method's `reselect` hook rewrites base and adapter (e.g. merges the
   trained delta into the base and redraws which entries train), and all optimizer state restarts but the
   schedule's position (`restart_optimizer_state`), as a reference that builds a new optimizer while its
-  learning-rate scheduler runs on. The model's function does not change. `tx` is the transformation the state was made with (`Trainable.optimizer(...)`).
+  learning-rate scheduler runs on. The model's function does not change. `tx` is the transformation the
+  state was made with (`Trainable.optimizer(...)`).
   """
 
   def reselect_step(state: TrainState) -> TrainState:

@@ -29,7 +29,8 @@ optional hooks) and only asked for here, so no method is named in this package:
   optimizer built with `weight_decay=0` (`no_decay_optimizer`, passed to `Trainable.optimizer`);
 * `trained_count`, the trained-parameter count of one target's leaves.
 
-Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their residual base from `split`.
+Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their
+residual base from `split`.
 """
 
 import dataclasses
@@ -256,7 +257,8 @@ class Trainable:
           {k: "no_decay" if label == "trainable" and k[-1] in no_decay else label for k, label in flat.items()})
 
     def labels(params):
-      return {"base": jax.tree.map(lambda _: "trainable", params["base"]), "adapter": adapter_labels(params["adapter"])}
+      return {"base": jax.tree.map(lambda _: "trainable", params["base"]),
+              "adapter": adapter_labels(params["adapter"])}
 
     transforms = {"trainable": tx, "frozen": optax.set_to_zero()}
     if no_decay:

@@ -27,8 +27,8 @@ def load_pretrained(workdir: str) -> tuple[ml_collections.ConfigDict, dict, dict
   """`(model config, params, model_state)` of a launch/train.py run; errors say what is missing."""
   config_file, params_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "export", "params")
   if not (os.path.isfile(config_file) and os.path.isdir(params_dir)):
-    raise ValueError(f"config.pretrained={workdir!r} is not a finished launch/train.py run (it needs config.json and "
-                     "export/params). Train one first, e.g. python -m launch.train "
+    raise ValueError(f"config.pretrained={workdir!r} is not a finished launch/train.py run (it needs config.json"
+                     " and export/params). Train one first, e.g. python -m launch.train "
                      "--config=configs/fashion_resnet.py --workdir=DIR, and pass that DIR.")
   with open(config_file, encoding="utf-8") as f:
     model_config = ml_collections.ConfigDict(json.load(f)["model"])
@@ -44,8 +44,9 @@ def check_model_state(model, example: np.ndarray, model_state: dict, pretrained:
   missing = needed - set(model_state)
   if missing:
     raise ValueError(f"The checkpoint in {pretrained} has no batch statistics ({sorted(missing)} missing from "
-                     "export/model_state), but its model has BatchNorm layers. Re-export it with a launch/train.py "
-                     "that saves export/model_state (any run after BatchNorm support), or train it again.")
+                     "export/model_state), but its model has BatchNorm layers. Re-export it with a"
+                     " launch/train.py that saves export/model_state (any run after BatchNorm support), or train"
+                     " it again.")
 
 
 def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation | None:

@@ -71,11 +71,12 @@ def check_batch_stats(model_state: PyTree, method: str) -> None:
 def check_batch(images: jax.Array, method: str, minimum: int = 2) -> None:
   if images.shape[0] < minimum:
     raise ValueError(f"{method} estimates normalisation statistics from the test batch, which needs at least "
-                     f"{minimum} images; got a batch of {images.shape[0]}. Use a larger batch_size, or a method made "
-                     "for single images (e.g. source, or sar with a norm that needs no batch).")
+                     f"{minimum} images; got a batch of {images.shape[0]}. Use a larger batch_size, or a method"
+                     " made for single images (e.g. source, or sar with a norm that needs no batch).")
 
 
-def forward(config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *, batch_stats: bool) -> jax.Array:
+def forward(config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *,
+            batch_stats: bool) -> jax.Array:
   """Logits of the model; with `batch_stats` BatchNorm normalises by the test batch (running stats untouched)."""
   variables = {"params": params, **(model_state or {})}
   if batch_stats and model_state and "batch_stats" in model_state:
@@ -113,5 +114,6 @@ def make_state(params: PyTree, model_state: PyTree, config: Any, method: str,
                extra: dict[str, jax.Array] | None = None) -> TTAState:
   """A fresh state with `config.pattern`'s leaves adapted by `config.optimizer`."""
   adapted, fixed = select(params, config.pattern, method)
-  return TTAState(params=adapted, fixed=fixed, model_state=model_state or {}, opt_state=config.optimizer.init(adapted),
+  return TTAState(params=adapted, fixed=fixed, model_state=model_state or {},
+                  opt_state=config.optimizer.init(adapted),
                   extra=extra or {}, config=config)

@@ -106,4 +106,5 @@ def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Ar
   teacher = jax.tree.map(lambda t, p: config.mt * t + (1 - config.mt) * p, extra["teacher"], params)
   masks = restore_masks(restore_key, params, config.rst)
   params = jax.tree.map(lambda m, s, p: jnp.where(m, s, p), masks, extra["source"], params)
-  return state.replace(params=params, opt_state=opt_state, extra=dict(extra, teacher=teacher, key=key)), teacher_logits
+  new_extra = dict(extra, teacher=teacher, key=key)
+  return state.replace(params=params, opt_state=opt_state, extra=new_extra), teacher_logits

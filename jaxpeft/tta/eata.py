@@ -14,7 +14,8 @@ Per batch (BatchNorm with batch statistics), entropies ``H_i`` of ``p_i = softma
   (`fisher`), ``theta^0`` the parameters at `init`;
 * the optimizer steps only when ``S_2`` is non-empty (no backward pass otherwise).
 
-ETA is EATA without the Fisher term (`fishers=None` in `init`; `fisher_alpha=0` makes `prepare` skip it). The state's `extra` counts
+ETA is EATA without the Fisher term (`fishers=None` in `init`; `fisher_alpha=0` makes `prepare` skip
+it). The state's `extra` counts
 `num_reliable` (``|S_1|`` summed), `num_backward` (``|S_2|`` summed: the images back-propagated) and
 `num_updates` (batches with a backward pass). Defaults (`main.py`, ImageNet-C): SGD(lr=0.00025,
 momentum=0.9), ``eps_d = 0.05``, ``beta = 2000``, ``E_0 = 0.4 ln C``; the Fisher from 2000 clean

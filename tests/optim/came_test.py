@@ -77,8 +77,8 @@ def test_extreme_gradients_match_authors(grad_scale):
 def test_schedule_and_inject_hyperparams_match_authors():
   # b3 (the default) passed explicitly: inject_hyperparams also injects a float hyperparameter.
   reference.assert_schedule_follows_torch(
-      came, authors(lr=1.0, weight_decay=0.1), reference.EXACT_SCHEDULE, SHAPES, NUM_STEPS, seed=3, weight_decay=0.1, b3=0.9999,
-      **RAW
+      came, authors(lr=1.0, weight_decay=0.1), reference.EXACT_SCHEDULE, SHAPES, NUM_STEPS, seed=3, weight_decay=0.1,
+      b3=0.9999, **RAW
   )
 
 

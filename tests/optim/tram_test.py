@@ -1,9 +1,10 @@
-"""Tests for jaxpeft.optim.tram against a plain-numpy transcription of the TRAM paper's algorithm.
+"""Tests for jaxpeft.optim.tram: the defaults against a numpy transcription of our reading of TRAM, the official
+options against a torch transcription of the official code (tomsherborne/tram_optimizer).
 
-TRAM has no package and its official code has a perturbation bug (see the module docstring), so
-the reference is the paper's algorithm written out in numpy with hand-derived gradients of a
-softmax regression: g = grad L_B(theta_t); rho_t = d(theta_t); e = rho_t T^2 g / (||T g|| + eps);
-theta_{t+1} = theta_t - lr * m_t, m_t = grad L_B(theta_t + e) + momentum * m_{t-1}.
+The numpy reference is the SAM step with the trust-region radius, as we read the paper (not a transcription
+of its Algorithm 1 text), with hand-derived gradients of a softmax regression: g = grad L_B(theta_t);
+rho_t = d(theta_t); e = rho_t T^2 g / (||T g|| + eps); theta_{t+1} = theta_t - lr * m_t,
+m_t = grad L_B(theta_t + e) + momentum * m_{t-1}.
 """
 
 import jax

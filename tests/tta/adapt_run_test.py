@@ -1,4 +1,4 @@
-"""launch/adapt.py's loop (jaxpeft.train.tta_loop) end to end on the pretrained smoke ResNet: every method, metrics, bad input."""
+"""launch/adapt.py's loop (jaxpeft.train.tta_loop) on the pretrained smoke ResNet: every method, bad input."""
 
 import json
 import shutil

@@ -7,7 +7,8 @@ import numpy as np
 
 def test_readme_tta_example():
   readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
-  code = readme.split("## Test-time adaptation (`jaxpeft.tta`)", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+  section = readme.split("## Test-time adaptation (`jaxpeft.tta`)", 1)[1]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["logits"].shape == (16, 10)

@@ -83,7 +83,7 @@ def _ia3_config_fields(config: AdapterConfig, targets: Sequence[Target], modules
 
 
 def _is_peft_feedforward(spec: Any, module: str) -> bool:
-    """PEFT's ``feedforward_modules`` rule: a string is ``re.fullmatch``ed, a list entry is a suffix of the name."""
+    """PEFT's ``feedforward_modules``: a string is ``re.fullmatch``ed, a list entry is a suffix of the name."""
     if spec is None:
         return False
     if isinstance(spec, str):

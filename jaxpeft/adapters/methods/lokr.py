@@ -107,8 +107,9 @@ def _uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, zero: bool = F
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-# PEFT LoKrConfig: w1 -> lokr_w1 = w1.T, w1_a -> lokr_w1_b = w1_a.T, w1_b -> lokr_w1_a = w1_b.T, w2_b -> lokr_w2_a =
-# w2_b.T; w2 -> lokr_w2 = in_d(w2) (b, d[, *window]), w2_a -> lokr_w2_b = in_d(w2_a).reshape(r, -1) (in_d: the
+# PEFT LoKrConfig: w1 -> lokr_w1 = w1.T, w1_a -> lokr_w1_b = w1_a.T, w1_b -> lokr_w1_a = w1_b.T,
+# w2_b -> lokr_w2_a = w2_b.T; w2 -> lokr_w2 = in_d(w2) (b, d[, *window]),
+# w2_a -> lokr_w2_b = in_d(w2_a).reshape(r, -1) (in_d: the
 # input side with ``c = d``, the second input factor of ``kron_shapes``).
 def _lokr_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
     d = kron_shapes(target)["d"] if target is not None else 1  # the second input factor

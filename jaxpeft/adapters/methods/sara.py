@@ -117,7 +117,7 @@ def reselect(base_params: Any, adapter_params: Any, config: AdapterConfig) -> tu
 
 
 def _is_conv_kernel(target: Target) -> bool:
-    """A Flax conv kernel ``(*window, c_in, c_out)`` of 2 or more window axes (the reference skips conv weights)."""
+    """A Flax conv kernel ``(*window, c_in, c_out)`` of 2+ window axes (the reference skips conv weights)."""
     ndim = len(target.layer_shape)
     return ndim >= 4 and target.fan_in_axes == ndim - 1
 

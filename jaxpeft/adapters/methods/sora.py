@@ -84,8 +84,8 @@ class SoRA(AdapterMethod):
     def loss_term(self, config: AdapterConfig, *, sparse_lambda: float):
         """``sparse_lambda * sum |g| / n_gates`` over all gates (``penalty.sparse_lambda``; reference trainer)."""
         if isinstance(sparse_lambda, bool) or not isinstance(sparse_lambda, (int, float)) or sparse_lambda < 0:
-            raise ValueError(f"SoRA's penalty sparse_lambda={sparse_lambda!r} must be a number >= 0 (the reference "
-                             "uses the proximal step's sparse_lambda).")
+            raise ValueError(f"SoRA's penalty sparse_lambda={sparse_lambda!r} must be a number >= 0 (the "
+                             "reference uses the proximal step's sparse_lambda).")
         return lambda base_params, adapter_params, rng: sparse_lambda * gate_l1(adapter_params)
 
     def update_rule(self, config: AdapterConfig, *, sparse_lambda: optax.ScalarOrSchedule,

@@ -102,7 +102,8 @@ def _vera_config_fields(config: AdapterConfig, targets: Sequence[Target], module
 
 def _vera_shared_shapes(targets: Sequence[Target]) -> dict[str, tuple[int, ...]]:
     r = targets[0].rank
-    return {"vera_A": (r, max(t.matrix_shape[0] for t in targets)), "vera_B": (max(t.matrix_shape[1] for t in targets), r)}
+    max_in, max_out = max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets)
+    return {"vera_A": (r, max_in), "vera_B": (max_out, r)}
 
 
 _PEFT = PeftMapping("VERA", ("linear",), _vera_rules, _vera_config_fields,
