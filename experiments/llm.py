@@ -35,7 +35,8 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
 _EVAL = flags.DEFINE_integer("eval_examples", 16, "Held-out examples for the loss.")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Held-out prompts answered greedily.")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per answer.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or"
+                                 " ~/tensorflow_datasets).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -90,7 +91,8 @@ def main(argv):
              "max_len": config.dataset.max_len, "trainable_params": result["trainable_params"],
              "total_params": result["total_params"], "before": before, "after": result["eval"],
              "train_tokens_per_sec": tokens_per_sec, "wall_seconds": elapsed,
-             "samples": [{**b, "response_after": a["response"]} for b, a in zip(before_samples, result["samples"])]}
+             "samples": [{**b, "response_after": a["response"]}
+                         for b, a in zip(before_samples, result["samples"])]}
   with open(os.path.join(_WORKDIR.value, "llm_results.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   print(f"{_METHOD.value}: {result['trainable_params']:,} trainable of {result['total_params']:,} params,"

@@ -54,8 +54,9 @@ def load_tokenizer(name: str) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(str(path))
   if path.is_file():
     return gemma3_tokenizer.from_gguf(path)
-  raise FileNotFoundError(f"config.dataset.tokenizer={name!r} is neither a file nor a folder; pass a GGUF file, a"
-                          f" Hugging Face folder, a tokenizer.json, {gemma3_loader.CHECKPOINT_PACKAGE!r} or {BYTES!r}.")
+  raise FileNotFoundError(
+      f"config.dataset.tokenizer={name!r} is neither a file nor a folder; pass a GGUF file, a Hugging Face"
+      f" folder, a tokenizer.json, {gemma3_loader.CHECKPOINT_PACKAGE!r} or {BYTES!r}.")
 
 
 def special_id(tokenizer: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
@@ -71,7 +72,7 @@ def pad_and_eos_ids(tokenizer: tokenizers.Tokenizer) -> tuple[int, int]:
   """(pad id, end-of-sequence id) of the tokenizer; the pad id falls back to 0."""
   eos = special_id(tokenizer, _EOS_NAMES)
   if eos is None:
-    raise ValueError(f"The tokenizer has none of the end tokens {_EOS_NAMES}; a causal LM needs one to learn to stop.")
+    raise ValueError(f"The tokenizer has none of the end tokens {_EOS_NAMES}; a causal LM needs one to stop.")
   pad = special_id(tokenizer, _PAD_NAMES)
   return (0 if pad is None else pad), eos
 
@@ -104,12 +105,14 @@ def causal_lm_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Pr
   max_len = getattr(dataset_config, "max_len", None) if dataset_config else None
   if not name or not max_len:
     raise ValueError("A causal-LM dataset needs config.dataset.tokenizer (see jaxpeft.data.causal_lm.load_tokenizer)"
-                     f" and config.dataset.max_len (tokens per example); got tokenizer={name!r}, max_len={max_len!r}.")
+                     " and config.dataset.max_len (tokens per example); got"
+                     f" tokenizer={name!r}, max_len={max_len!r}.")
   tokenizer = load_tokenizer(name)
 
   def preprocess(batch: Batch) -> Batch:
     if "prompt" not in batch or "response" not in batch:
-      raise ValueError(f"The causal-LM preprocess needs features 'prompt' and 'response'; this batch has {sorted(batch)}.")
+      raise ValueError("The causal-LM preprocess needs features 'prompt' and 'response'; this batch has"
+                       f" {sorted(batch)}.")
     return encode_pairs(tokenizer, _texts(batch["prompt"]), _texts(batch["response"]), int(max_len))
 
   return preprocess

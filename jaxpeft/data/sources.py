@@ -56,7 +56,8 @@ DATASETS: dict[str, DatasetEntry] = {
     "jaxpeft_digits_segmentation": DatasetEntry(digits.Digits, digits_segmentation_preprocess),
     text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
     fashion_mnist.FashionMnist.name: DatasetEntry(fashion_mnist.FashionMnist, lambda _: uint8_image_preprocess),
-    wordnet_glosses.WordNetGlosses.name: DatasetEntry(wordnet_glosses.WordNetGlosses, causal_lm.causal_lm_preprocess),
+    wordnet_glosses.WordNetGlosses.name: DatasetEntry(wordnet_glosses.WordNetGlosses,
+                                                      causal_lm.causal_lm_preprocess),
 }
 
 

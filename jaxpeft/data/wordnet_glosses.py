@@ -61,7 +61,7 @@ def read_glosses(directory: str, pos: str) -> dict[str, str]:
 
 
 def read_common_senses(directory: str, pos: str) -> dict[str, tuple[int, str]]:
-  """Lemma -> (tagged sense count, offset of its most frequent sense) for lemmas of `index.<pos>` that are tagged."""
+  """Lemma -> (tagged sense count, offset of its most frequent sense) of the tagged lemmas of `index.<pos>`."""
   senses = {}
   for line in _read_lines(os.path.join(directory, f"index.{pos}")):
     fields = line.split()

@@ -16,9 +16,9 @@ INDEX = {
     "adv": [],
 }
 DATA = {
-    "noun": ['00000100 03 n 01 bank 0 000 | sloping land beside a body of water; "they pulled the canoe up on the'
-             ' bank"', "00000200 03 n 01 bank 1 000 | a financial institution", "00000300 03 n 01 rare_word 0 000 |"
-             " something rare", "00000400 03 n 01 run 0 000 | a score in baseball"],
+    "noun": ['00000100 03 n 01 bank 0 000 | sloping land beside a body of water; "they pulled the canoe up'
+             ' on the bank"', "00000200 03 n 01 bank 1 000 | a financial institution",
+             "00000300 03 n 01 rare_word 0 000 | something rare", "00000400 03 n 01 run 0 000 | a score in baseball"],
     "verb": ["00000500 38 v 01 run 0 000 | move  fast by using one's feet;  "],
     "adj": [],
     "adv": [],
