@@ -38,6 +38,7 @@ from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
+from jaxpeft.optim.muon import muon
 from jaxpeft.optim.sam import sam
 from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
@@ -106,6 +107,8 @@ REGISTRY = {
     "mars": Entry(mars, dict(learning_rate=1e-2, lr_1d=1e-2, weight_decay=1e-2)),
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
+    # The matrices (dense and conv kernels) take Muon's steps, the vector and scalar AdamW's.
+    "muon": Entry(muon, dict(learning_rate=2e-2, weight_decay=1e-2, adam_learning_rate=1e-2)),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
     "swats": Entry(swats, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "tram": Entry(tram, dict(learning_rate=1e-1), _grad_fn_and_trust_region),
