@@ -126,7 +126,8 @@ def scale_by_muon(
       is_leaf=lambda x: isinstance(x, MuonDimensionNumbers),
     )
     scaled, _ = scale_by_shape(resolve(updates), consistent_rms).update(orthogonal, None)
-    return optax.tree.cast_like(scaled, updates), MuonState(momentum=optax.tree.cast_like(momentum, state.momentum))
+    new_state = MuonState(momentum=optax.tree.cast_like(momentum, state.momentum))
+    return optax.tree.cast_like(scaled, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -42,7 +42,8 @@ TORCH_NAMES = {
 def float64_newton_schulz(monkeypatch):
   """The reference iterates in bfloat16 by default: switch it to float64 for a parity test."""
   original = muon_base.zero_power_via_newton_schulz_5
-  monkeypatch.setattr(muon_base, "zero_power_via_newton_schulz_5", functools.partial(original, dtype=torch.float64))
+  float64 = functools.partial(original, dtype=torch.float64)
+  monkeypatch.setattr(muon_base, "zero_power_via_newton_schulz_5", float64)
 
 
 def to_torch_layout(x: np.ndarray) -> np.ndarray:
