@@ -20,6 +20,7 @@ from jaxpeft.optim.momo import MomoAdamState, MomoState, momo, momo_adam, scale_
 from jaxpeft.optim.muon import MuonState, muon, scale_by_muon
 from jaxpeft.optim.riemannian_lora import precondition_lora_gradients, riemannian_lora
 from jaxpeft.optim.sam import sam, scale_by_sam
+from jaxpeft.optim.sania import SaniaState, sania, scale_by_sania
 from jaxpeft.optim.soap import SoapState, scale_by_soap, soap
 from jaxpeft.optim.swats import SwatsState, scale_by_swats, swats
 from jaxpeft.optim.tram import TramState, scale_by_tram, tram
@@ -27,14 +28,14 @@ from jaxpeft.optim.upgd import UpgdState, scale_by_upgd, upgd
 
 __all__ = [
     "AdaBeliefState", "AdaBoundState", "AdaModState", "AdoptState", "CameState", "EXAdamState", "GramsState",
-    "MarsState", "MomoAdamState", "MomoState", "MuonState", "ScaleByAdaHessianState", "SoapState", "SwatsState", "TramState",
+    "MarsState", "MomoAdamState", "MomoState", "MuonState", "SaniaState", "ScaleByAdaHessianState", "SoapState", "SwatsState", "TramState",
     "UpgdState",
     "adabelief", "adabound", "adahessian", "adamod", "adopt", "came", "exadam", "grams", "mars", "momo",
-    "momo_adam", "muon", "sam", "soap", "swats", "tram", "upgd",
+    "momo_adam", "muon", "sam", "sania", "soap", "swats", "tram", "upgd",
     "hutchinson_hessian_diagonal",
     "scale_by_adabelief", "scale_by_adabound", "scale_by_adahessian", "scale_by_adamod", "scale_by_adopt",
     "scale_by_came", "scale_by_exadam", "scale_by_grams", "scale_by_mars", "scale_by_momo", "scale_by_momo_adam",
-    "scale_by_muon", "scale_by_soap",
+    "scale_by_muon", "scale_by_sania", "scale_by_soap",
     "scale_by_sam", "scale_by_swats", "scale_by_tram", "scale_by_upgd",
     # Adapter-aware rules (they read the LoRA factors "a"/"b" of an adapter tree).
     "lora_fa", "loraplus", "precondition_lora_gradients", "project_lora_fa_gradients", "riemannian_lora",

@@ -250,7 +250,8 @@ def soap_weight_decay(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     decay = jnp.where(state.count == 0, 0.0, lr * weight_decay)
     new_updates = jax.tree.map(lambda u, p: u - decay * (p + u), updates, params)
-    return optax.tree.cast_like(new_updates, updates), SoapWeightDecayState(numerics.safe_increment(state.count))
+    new_state = SoapWeightDecayState(numerics.safe_increment(state.count))
+    return optax.tree.cast_like(new_updates, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -40,6 +40,7 @@ from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.muon import muon
 from jaxpeft.optim.sam import sam
+from jaxpeft.optim.sania import sania
 from jaxpeft.optim.soap import soap
 from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
@@ -111,6 +112,7 @@ REGISTRY = {
     # The matrices (dense and conv kernels) take Muon's steps, the vector and scalar AdamW's.
     "muon": Entry(muon, dict(learning_rate=2e-2, weight_decay=1e-2, adam_learning_rate=1e-2)),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
+    "sania": Entry(sania, dict(learning_rate=1.0), _value),
     # precondition_frequency=2: the QR refresh of the bases runs within the short runs.
     # max_precondition_dim=7 keeps the 8-long axes unpreconditioned: with an (8, 8) basis sharded
     # over 'data', XLA's propagation (no out_shardings here) re-shards the rotated-space moments of
