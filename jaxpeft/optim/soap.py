@@ -271,7 +271,8 @@ def soap(
 
   Args:
     learning_rate: a float or an optax schedule of the step count.
-    b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, correct_bias: see :func:`scale_by_soap`.
+    b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, correct_bias: see
+      :func:`scale_by_soap`.
     weight_decay: decoupled decay coefficient lambda.
 
   Returns:

@@ -34,6 +34,7 @@ from jaxpeft.optim.adahessian import adahessian
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
+from jaxpeft.optim.cosmos import cosmos
 from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
@@ -104,6 +105,8 @@ REGISTRY = {
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
     "adopt": Entry(adopt, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "came": Entry(came, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    # rank=2: the dense kernel takes the low-rank + Newton-Schulz step, the other leaves Adam's.
+    "cosmos": Entry(cosmos, dict(learning_rate=1e-2, rank=2, weight_decay=1e-2)),
     "exadam": Entry(exadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "grams": Entry(grams, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "mars": Entry(mars, dict(learning_rate=1e-2, lr_1d=1e-2, weight_decay=1e-2)),
