@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpeft.optim.adabelief import adabelief
 from jaxpeft.optim.adabound import adabound
 from jaxpeft.optim.adahessian import adahessian
+from jaxpeft.optim.adam_cm import adam_cm
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
@@ -102,6 +103,7 @@ REGISTRY = {
     "amsbound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2, amsbound=True)),
     "adahessian": Entry(adahessian, dict(learning_rate=1e-2, weight_decay=1e-2), _obj_fn),
     # b3=0.9: with the default 0.999 AdaMod's step bound grows too slowly to move in 30 steps.
+    "adam_cm": Entry(adam_cm, dict(learning_rate=1e-2, topc=3, weight_decay=1e-2)),
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
     "adopt": Entry(adopt, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "came": Entry(came, dict(learning_rate=1e-2, weight_decay=1e-2)),
