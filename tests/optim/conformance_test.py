@@ -31,14 +31,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpeft.optim.adabelief import adabelief
 from jaxpeft.optim.adabound import adabound
 from jaxpeft.optim.adahessian import adahessian
+from jaxpeft.optim.adam_cm import adam_cm
 from jaxpeft.optim.adamod import adamod
 from jaxpeft.optim.adopt import adopt
 from jaxpeft.optim.came import came
+from jaxpeft.optim.cosmos import cosmos
 from jaxpeft.optim.exadam import exadam
 from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
+from jaxpeft.optim.muon import muon
 from jaxpeft.optim.sam import sam
+from jaxpeft.optim.sania import sania
+from jaxpeft.optim.soap import soap
 from jaxpeft.optim.swats import swats
 from jaxpeft.optim.tram import tram
 from jaxpeft.optim.upgd import upgd
@@ -98,15 +103,27 @@ REGISTRY = {
     "amsbound": Entry(adabound, dict(learning_rate=1e-2, gamma=0.1, weight_decay=1e-2, amsbound=True)),
     "adahessian": Entry(adahessian, dict(learning_rate=1e-2, weight_decay=1e-2), _obj_fn),
     # b3=0.9: with the default 0.999 AdaMod's step bound grows too slowly to move in 30 steps.
+    "adam_cm": Entry(adam_cm, dict(learning_rate=1e-2, topc=3, weight_decay=1e-2)),
     "adamod": Entry(adamod, dict(learning_rate=1e-2, b3=0.9, weight_decay=1e-2)),
     "adopt": Entry(adopt, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "came": Entry(came, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    # rank=2: the dense kernel takes the low-rank + Newton-Schulz step, the other leaves Adam's.
+    "cosmos": Entry(cosmos, dict(learning_rate=1e-2, rank=2, weight_decay=1e-2)),
     "exadam": Entry(exadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "grams": Entry(grams, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "mars": Entry(mars, dict(learning_rate=1e-2, lr_1d=1e-2, weight_decay=1e-2)),
     "momo": Entry(momo, dict(learning_rate=1.0, weight_decay=1e-2), _value),
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
+    # The matrices (dense and conv kernels) take Muon's steps, the vector and scalar AdamW's.
+    "muon": Entry(muon, dict(learning_rate=2e-2, weight_decay=1e-2, adam_learning_rate=1e-2)),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
+    "sania": Entry(sania, dict(learning_rate=1.0), _value),
+    # precondition_frequency=2: the QR refresh of the bases runs within the short runs.
+    # max_precondition_dim=7 keeps the 8-long axes unpreconditioned: with an (8, 8) basis sharded
+    # over 'data', XLA's propagation (no out_shardings here) re-shards the rotated-space moments of
+    # a replicated parameter (see jaxpeft/optim/soap.py); the axes of size 2 and 3 are preconditioned.
+    "soap": Entry(soap, dict(learning_rate=1e-2, weight_decay=1e-2, precondition_frequency=2,
+                             max_precondition_dim=7)),
     "swats": Entry(swats, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "tram": Entry(tram, dict(learning_rate=1e-1), _grad_fn_and_trust_region),
     # The authors' lr=1e-5 is for long continual streams; 30 steps need a larger one.
