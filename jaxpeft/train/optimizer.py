@@ -99,6 +99,12 @@ def _leaf_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, shared: di
   return optax.chain(optax.add_decayed_weights(l2), tx) if l2 else tx
 
 
+def _takes_base_factory(factory) -> bool:
+  """Whether `factory`'s `base_optimizer` is a `learning_rate -> transformation` factory (its default is one)."""
+  default = inspect.signature(factory).parameters["base_optimizer"].default
+  return callable(default) and not isinstance(default, optax.GradientTransformation)
+
+
 def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """The optax transformation described by `config.optimizer`."""
   learning_rate = learning_rate_schedule(opt_config, total_steps)
@@ -109,9 +115,15 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> 
     if not isinstance(base_name, str):
       raise ValueError(f"config.optimizer.kwargs.base_optimizer={base_name!r}: give an optimizer name, e.g."
                        " 'adamw'.")
-    base = _leaf_optimizer(base_name, learning_rate, _shared(opt_config), {}, "config.optimizer")
     _check_taken(opt_config.name, factory, kwargs, "config.optimizer.kwargs")
-    tx = factory(learning_rate=None, base_optimizer=base, **kwargs)
+    shared = _shared(opt_config)
+    if _takes_base_factory(factory):  # e.g. LoRA+: builds its base from `learning_rate -> transformation`
+      def base_factory(base_learning_rate, **base_kwargs):
+        return _leaf_optimizer(base_name, base_learning_rate, shared, base_kwargs, "config.optimizer")
+      tx = factory(learning_rate=learning_rate, base_optimizer=base_factory, **kwargs)
+    else:  # e.g. SAM, TRAM: take a ready transformation, learning rate included
+      base = _leaf_optimizer(base_name, learning_rate, shared, {}, "config.optimizer")
+      tx = factory(learning_rate=None, base_optimizer=base, **kwargs)
   else:
     tx = _leaf_optimizer(opt_config.name, learning_rate, _shared(opt_config), kwargs, "config.optimizer.kwargs")
   if opt_config.grad_clip_norm:

@@ -189,7 +189,7 @@ def test_method_trains_and_merges_on_nf4_base(name):
 def test_readme_example():
   """The code block under the README's "Quantized frozen bases" heading runs; its adapter trains."""
   readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
-  section = readme.split("### Quantized frozen bases", 1)[1]
+  section = readme.split("## Quantized frozen bases", 1)[1]
   namespace = {}
   code = section.split("```python\n", 1)[1].split("```", 1)[0]
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used

@@ -112,12 +112,12 @@ def test_prox_composes_with_adam_and_a_lambda_schedule():
 
 
 def test_training_sparsifies_gates_and_prunes_to_lora(tmp_path):
-    base = mc.dense_params(8, 4)
+    base = mc.dense_params(8, 6)  # rank 6 <= min(d_in, d_out): any pruned LoRA rank is a valid LoRA rank
     cfg = AdapterConfig(targets="layer/kernel", method="sora", rank=6, alpha=6.0)
     adapter = reparam.init(jax.random.key(12), cfg, base)
     tx = optax.multi_transform({"factor": optax.adam(3e-2),
                                 "gate": optax.chain(optax.adam(3e-2), proximal_l1(0.02))}, sora_labels(adapter))
-    adapter, losses = mc.train(adapter, base, cfg, tx, *mc.regression_data(8, 4), steps=60)
+    adapter, losses = mc.train(adapter, base, cfg, tx, *mc.regression_data(8, 6), steps=60)
     assert losses[-1] < 0.7 * losses[0], losses
     gate = np.asarray(adapter["layer"]["kernel"]["gate"])
     assert 0 < np.count_nonzero(gate) < 6, gate  # the prox zeroed some ranks, not all
