@@ -53,9 +53,17 @@ import subprocess
 import sys
 import time
 
-ARCH = {"vocab_size": 8000, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "intermediate_size": 1024, "max_position_embeddings": 128, "type_vocab_size": 2,
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+ARCH = {
+    "vocab_size": 8000,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 128,
+    "type_vocab_size": 2,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 NUM_CLASSES = 4
 RANK, ALPHA = 8, 16.0
 LEARNING_RATE = 1e-4
@@ -78,6 +86,7 @@ def _max_rss_bytes() -> int:
 
 def _batch(batch: int, length: int):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   ids = rng.integers(1, ARCH["vocab_size"], size=(batch, length), dtype=np.int32)
   mask = np.ones((batch, length), np.int32)
@@ -97,8 +106,12 @@ def _run_jax(method, mode, steps, batch, length):
 
   model = BertEncoder(BertConfig.from_dict(ARCH), num_classes=NUM_CLASSES)
   ids, mask, labels = _batch(batch, length)
-  data = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
-          "token_type_ids": jnp.zeros_like(jnp.asarray(ids)), "label": jnp.asarray(labels)}
+  data = {
+      "input_ids": jnp.asarray(ids),
+      "attention_mask": jnp.asarray(mask),
+      "token_type_ids": jnp.zeros_like(jnp.asarray(ids)),
+      "label": jnp.asarray(labels),
+  }
   base = model.init(jax.random.key(0), data["input_ids"][:1])["params"]
   adapter = None
   if method:
@@ -106,16 +119,22 @@ def _run_jax(method, mode, steps, batch, length):
   trainable = Trainable(model, ".*" if method is None else "classifier/.*", adapter, mode)
   tx = trainable.optimizer(optax.adamw(LEARNING_RATE))
   params, frozen = trainable.split(jax.random.key(1), base)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                     opt_state=tx.init(params), rng=jax.random.key(2))
-  step = jax.jit(make_train_step(trainable, tx, ("input_ids", "attention_mask", "token_type_ids")),
-                 donate_argnums=0)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params), rng=jax.random.key(2)
+  )
+  step = jax.jit(
+      make_train_step(trainable, tx, ("input_ids", "attention_mask", "token_type_ids")), donate_argnums=0
+  )
   jax.block_until_ready(state)
   rss_before = _max_rss_bytes()
   compiled = step.lower(state, data).compile()
   analysis = compiled.memory_analysis()
-  xla_bytes = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  xla_bytes = (
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+  )
   times = []
   for i in range(WARMUP + steps):
     start = time.perf_counter()
@@ -124,8 +143,13 @@ def _run_jax(method, mode, steps, batch, length):
     if i >= WARMUP:
       times.append(time.perf_counter() - start)
   trained = sum(x.size for x in jax.tree.leaves(state.params))
-  return {"seconds": statistics.median(times), "rss_growth": _max_rss_bytes() - rss_before,
-          "xla_bytes": xla_bytes, "trainable": int(trained), "loss": float(metrics["loss"])}
+  return {
+      "seconds": statistics.median(times),
+      "rss_growth": _max_rss_bytes() - rss_before,
+      "xla_bytes": xla_bytes,
+      "trainable": int(trained),
+      "loss": float(metrics["loss"]),
+  }
 
 
 def _run_torch(method, steps, batch, length):
@@ -136,6 +160,7 @@ def _run_torch(method, steps, batch, length):
   torch.manual_seed(0)
 
   class Classifier(torch.nn.Module):
+
     def __init__(self):
       super().__init__()
       self.bert = transformers.BertModel(transformers.BertConfig(**ARCH), add_pooling_layer=False)
@@ -148,8 +173,13 @@ def _run_torch(method, steps, batch, length):
 
   model = Classifier()
   if method:
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"],
-                             modules_to_save=["classifier"], use_dora=method == "dora")
+    config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        use_dora=method == "dora",
+    )
     model = peft.get_peft_model(model, config)
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
@@ -166,8 +196,13 @@ def _run_torch(method, steps, batch, length):
     if i >= WARMUP:
       times.append(time.perf_counter() - start)
   trained = sum(p.numel() for p in params)
-  return {"seconds": statistics.median(times), "rss_growth": _max_rss_bytes() - rss_before,
-          "xla_bytes": None, "trainable": int(trained), "loss": float(loss)}
+  return {
+      "seconds": statistics.median(times),
+      "rss_growth": _max_rss_bytes() - rss_before,
+      "xla_bytes": None,
+      "trainable": int(trained),
+      "loss": float(loss),
+  }
 
 
 def _child(name: str, steps: int, batch: int, length: int) -> None:
@@ -181,9 +216,23 @@ def _child(name: str, steps: int, batch: int, length: int) -> None:
 
 def _measure(name: str, args) -> dict:
   out = subprocess.run(
-      [sys.executable, "-m", "benchmarks.adapters", "--child", name, "--steps", str(args.steps),
-       "--batch", str(args.batch), "--length", str(args.length)],
-      check=True, capture_output=True, text=True)
+      [
+          sys.executable,
+          "-m",
+          "benchmarks.adapters",
+          "--child",
+          name,
+          "--steps",
+          str(args.steps),
+          "--batch",
+          str(args.batch),
+          "--length",
+          str(args.length),
+      ],
+      check=True,
+      capture_output=True,
+      text=True,
+  )
   (line,) = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
   return json.loads(line.removeprefix("RESULT "))
 
@@ -201,11 +250,13 @@ def methods_table(rows: list[dict]) -> str:
     raise ValueError("methods_table needs the 'lora' row: step times are given as ratios to LoRA's.")
   cells = {**report.CELLS, "time / LoRA": lambda r: f"{lora[0]['steps_per_second'] / r['steps_per_second']:.2f}"}
   return report.markdown_table(
-      rows, ("method", "trainable params", "ms/step", "time / LoRA", "held-out accuracy"), cells)
+      rows, ("method", "trainable params", "ms/step", "time / LoRA", "held-out accuracy"), cells
+  )
 
 
-def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = "", suffix: str = "",
-                checkpoint: str = "") -> str:
+def run_methods(
+    methods: list[str], steps: int, workdir: str, data_dir: str = "", suffix: str = "", checkpoint: str = ""
+) -> str:
   """Trains `methods` (LoRA first, for the ratios); prints the table, writes it to methods.md and returns it."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   from configs import minilm_text  # pylint: disable=g-import-not-at-top
@@ -227,8 +278,11 @@ def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = ""
 
   jobs = {m: functools.partial(run_method, m) for m in ["lora"] + [m for m in methods if m != "lora"]}
   rows, seconds = report.run_each(jobs, report.describe_row)
-  table = (f"all-MiniLM-L6-v2 on jaxpeft_pydoc, {steps} steps of 32, held-out test split\n\n"
-           + methods_table(rows) + f"\n\nTotal wall time: {sum(seconds.values()):.0f} s.\n")
+  table = (
+      f"all-MiniLM-L6-v2 on jaxpeft_pydoc, {steps} steps of 32, held-out test split\n\n"
+      + methods_table(rows)
+      + f"\n\nTotal wall time: {sum(seconds.values()):.0f} s.\n"
+  )
   report.write_report(os.path.join(workdir, "methods.md"), table)
   return table
 
@@ -236,8 +290,12 @@ def run_methods(methods: list[str], steps: int, workdir: str, data_dir: str = ""
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--part", choices=("speed", "methods"), default="speed")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="speed: timed steps (default 20); methods: training steps (default 50)")
+  parser.add_argument(
+      "--steps",
+      type=int,
+      default=None,
+      help="speed: timed steps (default 20); methods: training steps (default 50)",
+  )
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--length", type=int, default=64)
   parser.add_argument("--methods", default="", help="methods: comma-separated config methods (default: all)")
@@ -246,6 +304,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.part == "methods":
     from configs import minilm_text  # pylint: disable=g-import-not-at-top
+
     methods = args.methods.split(",") if args.methods else list(minilm_text.METHODS)
     run_methods(methods, args.steps or 50, args.workdir)
     return
@@ -259,15 +318,21 @@ def main() -> None:
     print(f"{name}: {1e3 * results[name]['seconds']:.1f} ms/step", file=sys.stderr, flush=True)
   full = results["full (jaxpeft)"]["seconds"]
   peft_name = {None: "full (torch)", "lora": "lora (PEFT)", "dora": "dora (PEFT)"}
-  print(f"BERT 4x256 (5.3M params), batch {args.batch} x {args.length} tokens, AdamW, median of"
-        f" {args.steps} steps\n")
-  print("| variant | trainable params | ms/step | time / jaxpeft full | time / PEFT-torch same method"
-        " | RSS growth | XLA buffers |\n|---|---:|---:|---:|---:|---:|---:|")
+  print(
+      f"BERT 4x256 (5.3M params), batch {args.batch} x {args.length} tokens, AdamW, median of"
+      f" {args.steps} steps\n"
+  )
+  print(
+      "| variant | trainable params | ms/step | time / jaxpeft full | time / PEFT-torch same method"
+      " | RSS growth | XLA buffers |\n|---|---:|---:|---:|---:|---:|---:|"
+  )
   for name, r in results.items():
     library, method, _ = VARIANTS[name]
-    versus = (f"{r['seconds'] / results[peft_name[method]]['seconds']:.2f}" if library == "jax" else "—")
-    print(f"| {name} | {r['trainable']:,} | {1e3 * r['seconds']:.1f} | {r['seconds'] / full:.2f} |"
-          f" {versus} | {_mb(r['rss_growth'])} | {_mb(r['xla_bytes'])} |")
+    versus = f"{r['seconds'] / results[peft_name[method]]['seconds']:.2f}" if library == "jax" else "—"
+    print(
+        f"| {name} | {r['trainable']:,} | {1e3 * r['seconds']:.1f} | {r['seconds'] / full:.2f} |"
+        f" {versus} | {_mb(r['rss_growth'])} | {_mb(r['xla_bytes'])} |"
+    )
 
 
 if __name__ == "__main__":

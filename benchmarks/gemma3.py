@@ -50,33 +50,43 @@ def main():
   ours_load = time.perf_counter() - start
   start = time.perf_counter()
   reference = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+      str(path.parent), gguf_file=path.name, dtype=torch.float32
+  ).eval()
   theirs_load = time.perf_counter() - start
 
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.length))
   model = gemma3.Gemma3(config)
   forward = jax.jit(model.apply)
-  ours_forward = _median_time(lambda: forward({"params": params}, jnp.asarray(ids)).block_until_ready(),
-                              args.repeats)
+  ours_forward = _median_time(
+      lambda: forward({"params": params}, jnp.asarray(ids)).block_until_ready(), args.repeats
+  )
   with torch.no_grad():
     theirs_forward = _median_time(lambda: reference(torch.tensor(ids)).logits, args.repeats)
 
   cache = functools.partial(gemma3.init_cache, config)
-  decode = lambda: generate.generate(model, {"params": params}, jnp.asarray(ids), max_new_tokens=args.new_tokens,
-                                     init_cache=cache).block_until_ready()
+  decode = lambda: generate.generate(
+      model, {"params": params}, jnp.asarray(ids), max_new_tokens=args.new_tokens, init_cache=cache
+  ).block_until_ready()
   ours_decode = _median_time(decode, args.repeats)
   with torch.no_grad():
-    theirs_decode = _median_time(lambda: reference.generate(
-        torch.tensor(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False),
-        args.repeats)
+    theirs_decode = _median_time(
+        lambda: reference.generate(
+            torch.tensor(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+        ),
+        args.repeats,
+    )
 
   tokens, new = args.batch * args.length, args.batch * args.new_tokens
   print(f"Gemma 3 270M, batch {args.batch}, length {args.length}, {jax.devices()[0].platform}")
   print(f"GGUF load: jaxpeft {ours_load:.1f} s, transformers {theirs_load:.1f} s")
-  print(f"forward: jaxpeft {tokens / ours_forward:.0f} tokens/s, transformers {tokens / theirs_forward:.0f}"
-        f" tokens/s, ratio {theirs_forward / ours_forward:.2f}x")
-  print(f"prefill + {args.new_tokens} greedy tokens: jaxpeft {new / ours_decode:.1f} new tokens/s,"
-        f" transformers {new / theirs_decode:.1f}, ratio {theirs_decode / ours_decode:.2f}x")
+  print(
+      f"forward: jaxpeft {tokens / ours_forward:.0f} tokens/s, transformers {tokens / theirs_forward:.0f}"
+      f" tokens/s, ratio {theirs_forward / ours_forward:.2f}x"
+  )
+  print(
+      f"prefill + {args.new_tokens} greedy tokens: jaxpeft {new / ours_decode:.1f} new tokens/s,"
+      f" transformers {new / theirs_decode:.1f}, ratio {theirs_decode / ours_decode:.2f}x"
+  )
 
 
 if __name__ == "__main__":

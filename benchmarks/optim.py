@@ -132,7 +132,9 @@ METHODS: dict[str, Method] = {
     "exadam": Method(JaxOptimizer(lambda: exadam(LR))),
     "grams": Method(JaxOptimizer(lambda: grams(LR))),
     "mars": Method(JaxOptimizer(lambda: mars(LR))),
-    "momo": Method(JaxOptimizer(lambda: momo(1.0), "value"), JaxOptimizer(lambda: optax.contrib.momo(1.0), "value")),
+    "momo": Method(
+        JaxOptimizer(lambda: momo(1.0), "value"), JaxOptimizer(lambda: optax.contrib.momo(1.0), "value")
+    ),
     "momo_adam": Method(
         JaxOptimizer(lambda: momo_adam(LR), "value"), JaxOptimizer(lambda: optax.contrib.momo_adam(LR), "value")
     ),
@@ -245,8 +247,10 @@ def prepare_torch(opt: TorchOptimizer, shapes) -> Runner:
     # Per-parameter state dicts (momo-opt also keeps non-dict entries there, e.g. a list of losses).
     state_bytes = sum(
         t.nbytes
-        for s in optimizer.state.values() if isinstance(s, dict)
-        for t in s.values() if isinstance(t, torch.Tensor)
+        for s in optimizer.state.values()
+        if isinstance(s, dict)
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
     )
     return state_bytes / sum(p.numel() for p in params)
 
@@ -315,12 +319,12 @@ def main() -> None:
   parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")
   parser.add_argument(
-      "--torch-threads", type=int, default=1,
+      "--torch-threads",
+      type=int,
+      default=1,
       help="torch intra-op threads (on a shared, loaded 2-core machine 2 threads ran 50x slower)",
   )
-  parser.add_argument(
-      "--torch-max-size", type=float, default=1e8, help="skip PyTorch above this many parameters"
-  )
+  parser.add_argument("--torch-max-size", type=float, default=1e8, help="skip PyTorch above this many parameters")
   args = parser.parse_args()
   methods = args.methods.split(",")
   unknown = sorted(set(methods) - set(METHODS))
@@ -348,7 +352,9 @@ def main() -> None:
       notes.append(f"PyTorch skipped: {size:,} parameters > --torch-max-size.")
     elif with_torch and needed > available_bytes():
       with_torch = False
-      notes.append(f"PyTorch skipped: needs about {needed / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available.")
+      notes.append(
+          f"PyTorch skipped: needs about {needed / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available."
+      )
     table = benchmark_size(size, methods, args.repeats, with_torch, notes)
     tables.append(table + ("\n\n" + "\n".join(f"* {n}" for n in notes) if notes else ""))
     print(tables[-1] + "\n", flush=True)

@@ -37,8 +37,13 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.selection import path_string
 from jaxpeft.models.hf_loader import load_bert
 
-FORMATS = {"float32": None, "bfloat16": None, "nf4 + double quant": ("nf4", True), "int4": ("int4", False),
-           "int8": ("int8", False)}
+FORMATS = {
+    "float32": None,
+    "bfloat16": None,
+    "nf4 + double quant": ("nf4", True),
+    "int4": ("int4", False),
+    "int8": ("int8", False),
+}
 PATTERN = r"encoder/.*kernel"
 LORA = AdapterConfig(targets=r".*attention/(query|value)/kernel", rank=8, alpha=16.0)
 
@@ -54,6 +59,7 @@ def _base(params, fmt):
 
 def _texts():
   import json, os, re, string, textwrap  # noqa: E401  (their docstrings are the sample text)
+
   return [inspect.getdoc(m)[:400] for m in (json, os, re, string, textwrap, argparse, statistics, time)]
 
 
@@ -66,7 +72,7 @@ def main() -> None:
   model, params, tokenizer, _ = load_bert(num_classes=6)
   embedder, embed_params, _, _ = load_bert()
   batch = tokenizer.encode(_texts() * (args.batch // 8 + 1), args.length)
-  batch = {k: jnp.asarray(v[:args.batch]) for k, v in batch.items()}
+  batch = {k: jnp.asarray(v[: args.batch]) for k, v in batch.items()}
   labels = jnp.arange(args.batch) % 6
   adapter = reparam.init(jax.random.key(0), LORA, params)
   trained = {"adapter": adapter, "head": params["classifier"]}
@@ -79,6 +85,7 @@ def main() -> None:
       full = {**quantize.apply(base, trained["adapter"], LORA), "classifier": trained["head"]}
       logits = model.apply({"params": full}, **batch)
       return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(trained)
     updates, opt_state = tx.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, loss
@@ -90,7 +97,7 @@ def main() -> None:
     opt_state = tx.init(trained)
     compiled = jax.jit(step).lower(trained, opt_state, base).compile()
     memory = compiled.memory_analysis()
-    xla_mib = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2 ** 20
+    xla_mib = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**20
     state = (trained, opt_state)
     for _ in range(2):
       state = compiled(*state, base)[:2]
@@ -105,17 +112,25 @@ def main() -> None:
     float_ms = float_ms or ms
     embed_base = quantize.dequantize_tree(_base(embed_params, fmt))
     emb = embedder.apply({"params": embed_base}, **sentences).astype(jnp.float32)
-    cos = jnp.mean(jnp.sum(emb * reference, -1) / (jnp.linalg.norm(emb, axis=-1) * jnp.linalg.norm(reference,
-                                                                                                     axis=-1)))
+    cos = jnp.mean(
+        jnp.sum(emb * reference, -1) / (jnp.linalg.norm(emb, axis=-1) * jnp.linalg.norm(reference, axis=-1))
+    )
     n_params = sum(x.size for x in jax.tree.leaves(base, is_leaf=quantize.is_quantized))
-    kernels = [x for kp, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=quantize.is_quantized)[0]
-               if re.fullmatch(PATTERN, path_string(kp))]
+    kernels = [
+        x
+        for kp, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=quantize.is_quantized)[0]
+        if re.fullmatch(PATTERN, path_string(kp))
+    ]
     per_param = quantize.bytes_per_param(base)
-    rows.append(f"| {fmt} | {per_param * n_params / 2 ** 20:.1f} | {per_param:.3f} | "
-                f"{quantize.bytes_per_param(kernels):.3f} | {xla_mib:.0f} | {ms:.0f} | "
-                f"{ms / float_ms:.2f} | {float(cos):.4f} |")
-  print("| base | base MiB | base B/param | kernels B/param | step XLA MiB | step ms | ratio | embedding cos |\n"
-        "|---|---|---|---|---|---|---|---|")
+    rows.append(
+        f"| {fmt} | {per_param * n_params / 2 ** 20:.1f} | {per_param:.3f} | "
+        f"{quantize.bytes_per_param(kernels):.3f} | {xla_mib:.0f} | {ms:.0f} | "
+        f"{ms / float_ms:.2f} | {float(cos):.4f} |"
+    )
+  print(
+      "| base | base MiB | base B/param | kernels B/param | step XLA MiB | step ms | ratio | embedding cos |\n"
+      "|---|---|---|---|---|---|---|---|"
+  )
   print("\n".join(rows))
 
 

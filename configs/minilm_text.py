@@ -94,11 +94,19 @@ METHODS: dict[str, Method] = {
     "salt": Method(HEAD, "salt", ATTENTION_QUERY_VALUE, 5e-3),
     "svd_ft": Method(HEAD, "svd_ft", ATTENTION_QUERY_VALUE, 5e-3),
     "pela": Method(HEAD, "pela", ATTENTION_QUERY_VALUE, 5e-3, options={"compress_ratio": 3}),
-    "sara": Method(HEAD, "sara", ATTENTION_QUERY_VALUE, 1e-3, options={"threshold": 2e-3},
-                   penalty={"lambda_rank": 5e-4}, reselect_every=50),
+    "sara": Method(
+        HEAD,
+        "sara",
+        ATTENTION_QUERY_VALUE,
+        1e-3,
+        options={"threshold": 2e-3},
+        penalty={"lambda_rank": 5e-4},
+        reselect_every=50,
+    ),
     "corda": Method(HEAD, "corda", ATTENTION_QUERY_VALUE, 5e-3, options={"mode": "ipm"}),
-    "sora": Method(HEAD, "sora", ATTENTION_QUERY_VALUE, 5e-3, update={"sparse_lambda": 1e-3},
-                   penalty={"sparse_lambda": 1e-3}),
+    "sora": Method(
+        HEAD, "sora", ATTENTION_QUERY_VALUE, 5e-3, update={"sparse_lambda": 1e-3}, penalty={"sparse_lambda": 1e-3}
+    ),
     "allora": Method(HEAD, "allora", ATTENTION_QUERY_VALUE, 5e-3, options={"eta": 4.0}),
     "houlsby": Method(HEAD + "|.*layer_norm/.*", "houlsby", SUBLAYER_OUTPUTS, 5e-3),
     "adaptformer": Method(HEAD, "adaptformer", r".*mlp/intermediate/kernel", 5e-3),
@@ -107,10 +115,16 @@ METHODS: dict[str, Method] = {
     "vera": Method(HEAD, "vera", ATTENTION_QUERY_VALUE, 5e-3, rank=256),
     "loha": Method(HEAD, "loha", ATTENTION_QUERY_VALUE, 5e-3),
     "lokr": Method(HEAD, "lokr", ATTENTION_QUERY_VALUE, 5e-3),
-    "ia3": Method(HEAD, "ia3", r".*attention/(key|value)/kernel|.*layer_\d+/mlp/output/kernel", 5e-3,
-                  options={"feedforward": r".*layer_\d+/mlp/output/kernel"}),
-    "prompt_tuning": Method(HEAD, "prompt_tuning", r"embeddings/word_embeddings/embedding", 3e-2, rank=20,
-                            init="sample_vocab"),
+    "ia3": Method(
+        HEAD,
+        "ia3",
+        r".*attention/(key|value)/kernel|.*layer_\d+/mlp/output/kernel",
+        5e-3,
+        options={"feedforward": r".*layer_\d+/mlp/output/kernel"},
+    ),
+    "prompt_tuning": Method(
+        HEAD, "prompt_tuning", r"embeddings/word_embeddings/embedding", 3e-2, rank=20, init="sample_vocab"
+    ),
 }
 
 

@@ -10,7 +10,11 @@ from configs import tta_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = tta_common.base("cotta", arg, optimizer={"name": "adam", "learning_rate": 1e-3},
-                           options={"num_augmentations": 2 if arg == "smoke" else 32})
+  config = tta_common.base(
+      "cotta",
+      arg,
+      optimizer={"name": "adam", "learning_rate": 1e-3},
+      options={"num_augmentations": 2 if arg == "smoke" else 32},
+  )
   config.stream.setting = "continual"
   return config

@@ -10,5 +10,6 @@ from configs import tta_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return tta_common.base("eata", arg, optimizer={"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9},
-                         clean_images=512)
+  return tta_common.base(
+      "eata", arg, optimizer={"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9}, clean_images=512
+  )

@@ -32,9 +32,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs, the tab
 FLAGSHIP_METHODS = ("linear_probe", "full", "lora", "lora_qkvo", "dora", "hydra", "salt")
 
 _METHODS = flags.DEFINE_list("methods", list(FLAGSHIP_METHODS), "Methods of configs/minilm_text.py.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "", "A Hugging Face BERT folder instead of the embedded all-MiniLM-L6-v2.")
+    "checkpoint", "", "A Hugging Face BERT folder instead of the embedded all-MiniLM-L6-v2."
+)
 _SUFFIX = flags.DEFINE_string("config_arg_suffix", "", "Appended to each method's config argument, e.g. ':smoke'.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -57,7 +60,9 @@ def plot(rows: list[report.Row], path: str) -> None:
   report.save_figure(report.accuracy_vs_params_figure(rows, "all-MiniLM-L6-v2 on jaxpeft_pydoc"), path, dpi=120)
 
 
-def run_method(method: str, workdir: str, data_dir: str = "", suffix: str = "", checkpoint: str = "") -> report.Row:
+def run_method(
+    method: str, workdir: str, data_dir: str = "", suffix: str = "", checkpoint: str = ""
+) -> report.Row:
   """Trains one method from scratch in `<workdir>/<method>`; returns its row of the table."""
   config = minilm_text.get_config(method + suffix)
   config.dataset.data_dir = data_dir
@@ -70,11 +75,15 @@ def main(argv):
   report.check_command_line(argv, "methods", _METHODS.value, minilm_text.METHODS)
   logging.set_verbosity(logging.WARNING)  # the runs' progress bars and this script's lines suffice
   workdir = _WORKDIR.value
-  jobs = {m: functools.partial(run_method, m, workdir, _DATA_DIR.value, _SUFFIX.value, _CHECKPOINT.value)
-          for m in _METHODS.value}
+  jobs = {
+      m: functools.partial(run_method, m, workdir, _DATA_DIR.value, _SUFFIX.value, _CHECKPOINT.value)
+      for m in _METHODS.value
+  }
   rows, seconds = report.run_each(jobs, report.describe_row)
-  report.write_report(os.path.join(workdir, "results.md"), markdown_table(rows) + "\n\n" + NOTES
-                      + f"\nTotal wall time: {sum(seconds.values()):.0f} s.\n")
+  report.write_report(
+      os.path.join(workdir, "results.md"),
+      markdown_table(rows) + "\n\n" + NOTES + f"\nTotal wall time: {sum(seconds.values()):.0f} s.\n",
+  )
   plot(rows, os.path.join(workdir, "accuracy_vs_params.png"))
 
 

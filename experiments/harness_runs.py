@@ -84,8 +84,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for part in parents:
       node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not sep or not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ValueError(f"Override {override!r}: use 'key=value' with an existing config key, e.g."
-                       f" 'num_train_steps=600' or 'dataset.shift=rotate90'; top-level keys: {sorted(config)}.")
+      raise ValueError(
+          f"Override {override!r}: use 'key=value' with an existing config key, e.g."
+          f" 'num_train_steps=600' or 'dataset.shift=rotate90'; top-level keys: {sorted(config)}."
+      )
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -102,10 +104,18 @@ def parse_grids(specs: Sequence[str]) -> dict[str, tuple[float, ...]]:
       grid = tuple(float(v) for v in values.split(","))
     except ValueError:
       grid = ()
-    if (not sep or not method or not grid or any(lr <= 0 for lr in grid) or len(set(grid)) < len(grid)
-        or method in grids):
-      raise ValueError(f"Grid {spec!r}: use '<method>=<lr>,<lr>,...' with distinct positive learning rates, once"
-                       " per method, e.g. 'lora=2e-3,5e-3,1e-2'.")
+    if (
+        not sep
+        or not method
+        or not grid
+        or any(lr <= 0 for lr in grid)
+        or len(set(grid)) < len(grid)
+        or method in grids
+    ):
+      raise ValueError(
+          f"Grid {spec!r}: use '<method>=<lr>,<lr>,...' with distinct positive learning rates, once"
+          " per method, e.g. 'lora=2e-3,5e-3,1e-2'."
+      )
     grids[method] = grid
   return grids
 
@@ -139,8 +149,12 @@ def sweep_learning_rates(
       use_validation_slice(config, validation_percent)
       config.optimizer.learning_rate = lr
       run_dir = os.path.join(workdir, method, f"lr_{lr:g}")
-      splits = {"learning_rate": lr, "train_split": config.dataset.train_split,
-                "eval_split": config.dataset.eval_split, "run_dir": run_dir}
+      splits = {
+          "learning_rate": lr,
+          "train_split": config.dataset.train_split,
+          "eval_split": config.dataset.eval_split,
+          "run_dir": run_dir,
+      }
       try:
         row = {**run_harness(config, run_dir, method), **splits}
         row.update(metric=metric_of(row), value=row[metric_of(row)])
@@ -220,8 +234,10 @@ def sweep_config_module(
   recipe = getattr(module, "RECIPE", None)
   unknown = [m for m in grids if m not in (recipe.methods if recipe else getattr(module, "METHODS", {}))]
   if unknown or (recipe and digits_recipe.PRETRAIN in grids):
-    raise ValueError(f"configs/{name}.py cannot sweep {unknown or [digits_recipe.PRETRAIN]}: choose from its"
-                     " adaptation methods (the pretrain stage runs at its configured learning rate).")
+    raise ValueError(
+        f"configs/{name}.py cannot sweep {unknown or [digits_recipe.PRETRAIN]}: choose from its"
+        " adaptation methods (the pretrain stage runs at its configured learning rate)."
+    )
   os.makedirs(workdir, exist_ok=True)
   if recipe and not pretrain_from:
     config = module.get_config(digits_recipe.PRETRAIN + suffix)
@@ -244,6 +260,8 @@ def sweep_config_module(
     with open(os.path.join(workdir, SWEEP_TABLE), "w", encoding="utf-8") as f:
       f.write(sweep_markdown(rows, command))
     last = rows[-1]
-    print(f"{last['method']} lr={last['learning_rate']:g}: validation {last['metric']} {last['value']}", flush=True)
+    print(
+        f"{last['method']} lr={last['learning_rate']:g}: validation {last['metric']} {last['value']}", flush=True
+    )
 
   return sweep_learning_rates(make_config, grids, workdir, validation_percent=validation_percent, on_row=write)

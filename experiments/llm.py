@@ -35,8 +35,9 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
 _EVAL = flags.DEFINE_integer("eval_examples", 16, "Held-out examples for the loss.")
 _SAMPLES = flags.DEFINE_integer("samples", 2, "Held-out prompts answered greedily.")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per answer.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or"
-                                 " ~/tensorflow_datasets).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or" " ~/tensorflow_datasets)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -60,8 +61,9 @@ def _config():
 def _base_metrics(config) -> tuple[dict[str, float], list[dict[str, str]]]:
   """The base model's held-out metrics and answers (what the run starts from)."""
   model = build_model(config.model)
-  source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split,
-                                             input_pipeline.resolve_data_dir(config.dataset.data_dir))
+  source, _ = input_pipeline.get_data_source(
+      config.dataset.name, config.dataset.eval_split, input_pipeline.resolve_data_dir(config.dataset.data_dir)
+  )
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   example = jnp.zeros((1, config.dataset.max_len), jnp.int32)
   fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
@@ -72,9 +74,14 @@ def _base_metrics(config) -> tuple[dict[str, float], list[dict[str, str]]]:
     sums = causal_lm.eval_sums(forward(params, batch["input_ids"], batch["attention_mask"]), batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   metrics = causal_lm.finalize_eval(jax.device_get(totals))
-  generation, samples = causal_lm.held_out_generation(model, params, source, config.dataset.tokenizer,
-                                                      count=config.generation_examples,
-                                                      max_new_tokens=config.generation_max_new_tokens)
+  generation, samples = causal_lm.held_out_generation(
+      model,
+      params,
+      source,
+      config.dataset.tokenizer,
+      count=config.generation_examples,
+      max_new_tokens=config.generation_max_new_tokens,
+  )
   return {**metrics, **generation}, samples
 
 
@@ -87,22 +94,33 @@ def main(argv):
   result = train_and_evaluate(config, _WORKDIR.value)
   elapsed = time.perf_counter() - start
   tokens_per_sec = (result["steps_per_sec"] or float("nan")) * config.batch_size * config.dataset.max_len
-  summary = {"method": _METHOD.value, "steps": _STEPS.value, "batch_size": config.batch_size,
-             "max_len": config.dataset.max_len, "trainable_params": result["trainable_params"],
-             "total_params": result["total_params"], "before": before, "after": result["eval"],
-             "train_tokens_per_sec": tokens_per_sec, "wall_seconds": elapsed,
-             "samples": [{**b, "response_after": a["response"]}
-                         for b, a in zip(before_samples, result["samples"])]}
+  summary = {
+      "method": _METHOD.value,
+      "steps": _STEPS.value,
+      "batch_size": config.batch_size,
+      "max_len": config.dataset.max_len,
+      "trainable_params": result["trainable_params"],
+      "total_params": result["total_params"],
+      "before": before,
+      "after": result["eval"],
+      "train_tokens_per_sec": tokens_per_sec,
+      "wall_seconds": elapsed,
+      "samples": [{**b, "response_after": a["response"]} for b, a in zip(before_samples, result["samples"])],
+  }
   with open(os.path.join(_WORKDIR.value, "llm_results.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  print(f"{_METHOD.value}: {result['trainable_params']:,} trainable of {result['total_params']:,} params,"
-        f" {_STEPS.value} steps of {config.batch_size} x {config.dataset.max_len} tokens"
-        f" ({tokens_per_sec:.0f} train tokens/s), {elapsed:.0f} s in all")
+  print(
+      f"{_METHOD.value}: {result['trainable_params']:,} trainable of {result['total_params']:,} params,"
+      f" {_STEPS.value} steps of {config.batch_size} x {config.dataset.max_len} tokens"
+      f" ({tokens_per_sec:.0f} train tokens/s), {elapsed:.0f} s in all"
+  )
   for name in ("loss", "perplexity", "accuracy", "generation_rouge_l", "generation_exact_match"):
     print(f"  held-out {name:24s} before {before[name]:8.4f}   after {result['eval'][name]:8.4f}")
   for sample in summary["samples"]:
-    print(f"  {sample['prompt'].strip()!r}\n    reference: {sample['reference']!r}\n"
-          f"    before:    {sample['response']!r}\n    after:     {sample['response_after']!r}")
+    print(
+        f"  {sample['prompt'].strip()!r}\n    reference: {sample['reference']!r}\n"
+        f"    before:    {sample['response']!r}\n    after:     {sample['response_after']!r}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and lr_s
 _GRID = flags.DEFINE_multi_string("grid", [], "'<method>=<lr>,<lr>,...', once per swept method.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "'<dotted config key>=<value>' for the swept methods.")
 _PRETRAIN_FROM = flags.DEFINE_string(
-    "pretrain_from", "", "Recipes: a pretrain export trained on the training slice only ('' trains one).")
+    "pretrain_from", "", "Recipes: a pretrain export trained on the training slice only ('' trains one)."
+)
 _VALIDATION_PERCENT = flags.DEFINE_integer(
-    "validation_percent", harness_runs.VALIDATION_PERCENT, "Share of the training split held out.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
+    "validation_percent", harness_runs.VALIDATION_PERCENT, "Share of the training split held out."
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+)
 _SUFFIX = flags.DEFINE_string("config_arg_suffix", "", "Appended to each method's config argument, e.g. ':smoke'.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -48,10 +52,16 @@ def main(argv):
     raise app.UsageError("Give at least one --grid=<method>=<lr>,<lr>,...")
   logging.set_verbosity(logging.WARNING)
   rows = harness_runs.sweep_config_module(
-      _CONFIG.value, grids, _WORKDIR.value, data_dir=_DATA_DIR.value, suffix=_SUFFIX.value,
-      overrides=_OVERRIDE.value, pretrain_from=_PRETRAIN_FROM.value,
+      _CONFIG.value,
+      grids,
+      _WORKDIR.value,
+      data_dir=_DATA_DIR.value,
+      suffix=_SUFFIX.value,
+      overrides=_OVERRIDE.value,
+      pretrain_from=_PRETRAIN_FROM.value,
       validation_percent=_VALIDATION_PERCENT.value,
-      command=shlex.join(["python", "-m", "experiments.lr_sweep", *sys.argv[1:]]))
+      command=shlex.join(["python", "-m", "experiments.lr_sweep", *sys.argv[1:]]),
+  )
   print(harness_runs.sweep_table(rows), flush=True)
 
 

@@ -30,8 +30,9 @@ def check_command_line(argv: Sequence[str], flag: str, values: Sequence[str], ch
     raise app.UsageError(f"--{flag}: unknown {unknown}; choose from {list(choices)}.")
 
 
-def run_each(jobs: Mapping[str, Callable[[], Result]],
-             describe: Callable[[Result], str] | None = None) -> tuple[list[Result], dict[str, float]]:
+def run_each(
+    jobs: Mapping[str, Callable[[], Result]], describe: Callable[[Result], str] | None = None
+) -> tuple[list[Result], dict[str, float]]:
   """Runs `jobs` in order, with a progress line on stderr before and after each.
 
   The lines read '[i/n] name ...' and '[i/n] name: <describe(result)>, <seconds> s'.
@@ -54,8 +55,10 @@ def run_each(jobs: Mapping[str, Callable[[], Result]],
 def describe_row(row: Row) -> str:
   """A `run_harness` row in words: accuracy (and mean IoU), trainable parameters, steps per second."""
   iou = "" if row["mean_iou"] is None else f", mean IoU {row['mean_iou']:.3f}"
-  return (f"accuracy {100 * row['accuracy']:.1f}%{iou}, {row['trainable_params']:,} trainable params,"
-          f" {row['steps_per_second']:.2f} steps/s")
+  return (
+      f"accuracy {100 * row['accuracy']:.1f}%{iou}, {row['trainable_params']:,} trainable params,"
+      f" {row['steps_per_second']:.2f} steps/s"
+  )
 
 
 def _trainable(row: Row) -> str:
@@ -84,8 +87,9 @@ CELLS: dict[str, Callable[[Row], str]] = {
 _LABEL_COLUMNS = ("recipe", "method")  # left-aligned; the other columns hold numbers
 
 
-def markdown_table(rows: Sequence[Row], columns: Sequence[str],
-                   cells: Mapping[str, Callable[[Row], str]] = CELLS) -> str:
+def markdown_table(
+    rows: Sequence[Row], columns: Sequence[str], cells: Mapping[str, Callable[[Row], str]] = CELLS
+) -> str:
   """A markdown table with a line per row and the given columns, each filled by `cells[column](row)`."""
   missing = [c for c in columns if c not in cells]
   if missing:
@@ -101,8 +105,13 @@ def accuracy_vs_params_figure(rows: Sequence[Row], title: str) -> plt.Figure:
   fig, ax = plt.subplots(figsize=(6, 4))
   for r in rows:
     ax.scatter(r["trainable_params"], 100 * r["accuracy"])
-    ax.annotate(r["method"], (r["trainable_params"], 100 * r["accuracy"]), textcoords="offset points",
-                xytext=(4, 4), fontsize=8)
+    ax.annotate(
+        r["method"],
+        (r["trainable_params"], 100 * r["accuracy"]),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=8,
+    )
   ax.set_xscale("log")
   ax.set_xlabel("trainable parameters")
   ax.set_ylabel("held-out accuracy (%)")

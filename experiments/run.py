@@ -36,8 +36,11 @@ def main(argv):
   workdir = _WORKDIR.value
   jobs = {name: functools.partial(CLAIMS[name].run, _SMALL.value, workdir) for name in _ONLY.value}
   claims, seconds = report.run_each(jobs)
-  command = "python experiments/run.py" + (" --small" if _SMALL.value else "") + (
-      f" --only={','.join(_ONLY.value)}" if list(_ONLY.value) != list(CLAIMS) else "")
+  command = (
+      "python experiments/run.py"
+      + (" --small" if _SMALL.value else "")
+      + (f" --only={','.join(_ONLY.value)}" if list(_ONLY.value) != list(CLAIMS) else "")
+  )
   rows = [row for claim_rows in claims for row in claim_rows]
   report.write_report(os.path.join(workdir, "results.md"), results_markdown(rows, command, seconds))
 

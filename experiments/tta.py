@@ -35,10 +35,13 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 2000, "Pretraining step
 _BATCH = 64
 
 METHOD_OPTIONS = {  # (optimizer, options): the configs/tta_*.py defaults
-    "source": (None, {}), "bn_adapt": (None, {}), "tent": ({"name": "adam", "learning_rate": 1e-3}, {}),
+    "source": (None, {}),
+    "bn_adapt": (None, {}),
+    "tent": ({"name": "adam", "learning_rate": 1e-3}, {}),
     "eata": ({"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9}, {}),
     "sar": ({"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9}, {"pattern": tta_sar.PATTERN}),
-    "lame": (None, {}), "cotta": ({"name": "adam", "learning_rate": 1e-3}, {}),
+    "lame": (None, {}),
+    "cotta": ({"name": "adam", "learning_rate": 1e-3}, {}),
 }
 
 
@@ -47,8 +50,9 @@ def _run(method, setting, params, model_state, model, images, labels, clean, dir
   opt_config = ml_collections.ConfigDict(optimizer or {"name": ""})
   config = runner.make_config(method, model.apply, 10, tta_loop.build_optimizer(opt_config), options)
   order = tta_streams.dirichlet_order(labels, dirichlet, 0) if dirichlet else None
-  stream = tta_streams.SETTINGS[setting](images, labels, corruptions.CORRUPTIONS, 5, batch_size=_BATCH,
-                                         order=order)
+  stream = tta_streams.SETTINGS[setting](
+      images, labels, corruptions.CORRUPTIONS, 5, batch_size=_BATCH, order=order
+  )
   return runner.run(method, config, params, model_state, stream, clean if method == "eata" else ())
 
 
@@ -70,7 +74,7 @@ def main(argv):
   images, labels = np.asarray(batch["image"], np.uint8), np.asarray(batch["label"])
   train, _ = input_pipeline.get_data_source("jaxpeft_fashion_mnist", "train", data_dir)
   clean_uint8 = input_pipeline.fetch_batch(train, range(512))["image"]
-  clean = [np.asarray(clean_uint8[i:i + _BATCH], np.float32) / 255 for i in range(0, 512, _BATCH)]
+  clean = [np.asarray(clean_uint8[i : i + _BATCH], np.float32) / 255 for i in range(0, 512, _BATCH)]
 
   table, backward, records = {}, {}, {}
   for method in METHOD_OPTIONS:
@@ -91,18 +95,29 @@ def main(argv):
   names = list(corruptions.CORRUPTIONS) + ["mean"]
   lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
   lines += [f"| {m} | " + " | ".join(f"{100 * table[m][c]:.1f}" for c in names) + " |" for m in table]
-  lines += ["", "| setting | " + " | ".join(continual) + " |", "|---|" + "---:|" * len(continual),
-            "| continual (mean error %) | " + " | ".join(f"{100 * v:.1f}" for v in continual.values()) + " |", "",
-            "| Dirichlet(0.1) labels | " + " | ".join(non_iid) + " |", "|---|" + "---:|" * len(non_iid),
-            "| mean error % | " + " | ".join(f"{100 * v:.1f}" for v in non_iid.values()) + " |", "",
-            "| claim | holds | numbers |", "|---|---|---|"]
+  lines += [
+      "",
+      "| setting | " + " | ".join(continual) + " |",
+      "|---|" + "---:|" * len(continual),
+      "| continual (mean error %) | " + " | ".join(f"{100 * v:.1f}" for v in continual.values()) + " |",
+      "",
+      "| Dirichlet(0.1) labels | " + " | ".join(non_iid) + " |",
+      "|---|" + "---:|" * len(non_iid),
+      "| mean error % | " + " | ".join(f"{100 * v:.1f}" for v in non_iid.values()) + " |",
+      "",
+      "| claim | holds | numbers |",
+      "|---|---|---|",
+  ]
   lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} |" for c, ok, n in claims]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "tta.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(workdir, "tta.json"), "w", encoding="utf-8") as f:
-    json.dump({"table": table, "backward": backward, "continual": continual, "non_iid": non_iid,
-               "claims": claims}, f, indent=2)
+    json.dump(
+        {"table": table, "backward": backward, "continual": continual, "non_iid": non_iid, "claims": claims},
+        f,
+        indent=2,
+    )
   plt.figure(figsize=(8, 3))
   for method, recs in records.items():
     plt.plot(np.cumsum([r["error"] for r in recs]) / np.arange(1, len(recs) + 1), label=method)

@@ -30,7 +30,9 @@ RECIPES = ("digits_vit", "digits_unet")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
 _RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "Config modules under configs/ to run.")
 _METHODS = flags.DEFINE_list("methods", [], "Methods to run (default: every method of each recipe).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+)
 _SUFFIX = flags.DEFINE_string("config_arg_suffix", "", "Appended to each method's config argument, e.g. ':smoke'.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -43,7 +45,9 @@ def run_method(recipe: str, method: str, workdir: str, data_dir: str = "", suffi
   config = importlib.import_module(f"configs.{recipe}").get_config(method + suffix)
   config.dataset.data_dir = data_dir
   if method != digits_recipe.PRETRAIN:
-    config.init_from.params = os.path.abspath(os.path.join(workdir, recipe, digits_recipe.PRETRAIN, "export", "params"))
+    config.init_from.params = os.path.abspath(
+        os.path.join(workdir, recipe, digits_recipe.PRETRAIN, "export", "params")
+    )
   return {"recipe": recipe, **run_harness(config, os.path.join(workdir, recipe, method), method)}
 
 
@@ -67,11 +71,17 @@ def main(argv):
     for method in _METHODS.value or methods:
       if method not in methods:
         raise app.UsageError(f"--methods: {method!r} is not a method of configs/{recipe}.py ({methods}).")
-      jobs[f"{recipe} {method}"] = functools.partial(run_method, recipe, method, workdir, _DATA_DIR.value,
-                                                      _SUFFIX.value)
+      jobs[f"{recipe} {method}"] = functools.partial(
+          run_method, recipe, method, workdir, _DATA_DIR.value, _SUFFIX.value
+      )
   rows, seconds = report.run_each(jobs, report.describe_row)
-  report.write_report(os.path.join(workdir, "results.md"), report.markdown_table(rows, COLUMNS) + "\n\n" + NOTES
-                      + f"\n\nTotal wall time: {sum(seconds.values()):.0f} s.\n")
+  report.write_report(
+      os.path.join(workdir, "results.md"),
+      report.markdown_table(rows, COLUMNS)
+      + "\n\n"
+      + NOTES
+      + f"\n\nTotal wall time: {sum(seconds.values()):.0f} s.\n",
+  )
 
 
 if __name__ == "__main__":

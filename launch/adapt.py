@@ -24,8 +24,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   result = adapt(_CONFIG.value, _WORKDIR.value)
-  print("Error (%) per corruption: " + ", ".join(f"{k}={100 * v:.1f}" for k, v in result["errors"].items()),
-        flush=True)
+  print(
+      "Error (%) per corruption: " + ", ".join(f"{k}={100 * v:.1f}" for k, v in result["errors"].items()),
+      flush=True,
+  )
 
 
 if __name__ == "__main__":

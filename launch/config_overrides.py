@@ -33,7 +33,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
   rest, overrides = [], []
   for arg in argv:
     if arg.startswith(PREFIX):
-      key, sep, value = arg[len(PREFIX):].partition("=")
+      key, sep, value = arg[len(PREFIX) :].partition("=")
       if not sep:
         raise ConfigOverrideError(f"{arg}: write config overrides as --config.{key}=VALUE.")
       overrides.append((key, value))
@@ -74,7 +74,8 @@ def _convert(key: str, raw: str, current: Any) -> Any:
     return ml_collections.ConfigDict(value)
   if type(value) is not type(current) and not (isinstance(current, int) and isinstance(value, int)):
     raise ConfigOverrideError(
-        f"--config.{key}={raw}: expected a {type(current).__name__} like the config's {current!r}.")
+        f"--config.{key}={raw}: expected a {type(current).__name__} like the config's {current!r}."
+    )
   return value
 
 
@@ -91,8 +92,7 @@ def dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigOverrideError:
   valid = dotted_keys(config)
   nearest = difflib.get_close_matches(key, valid, n=3, cutoff=0.5) or [k for k in valid if "." not in k]
-  return ConfigOverrideError(
-      f"Unknown config key --config.{key}; nearest valid keys: {', '.join(nearest)}.")
+  return ConfigOverrideError(f"Unknown config key --config.{key}; nearest valid keys: {', '.join(nearest)}.")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:

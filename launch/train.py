@@ -64,8 +64,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
-  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+  logging.info(
+      "process %d/%d, %d local / %d global devices (%s)",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.default_backend(),
+  )
   try:
     config = _CONFIG.value
     config_overrides.apply_overrides(config, _OVERRIDES)
@@ -74,9 +80,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   if "eval" in result:
-    print(f"Final eval at step {result['step']}: " +
-          ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()) +
-          f" (process {jax.process_index()}, params_l1={result['params_l1']!r})", flush=True)
+    print(
+        f"Final eval at step {result['step']}: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in result["eval"].items())
+        + f" (process {jax.process_index()}, params_l1={result['params_l1']!r})",
+        flush=True,
+    )
   else:
     print(f"Stopped early at step {result['step']}; checkpoint saved. Run again to resume.", flush=True)
 

@@ -57,8 +57,12 @@ def optimizers(learning_rate: float) -> dict[str, optax.GradientTransformation]:
   }
 
 
-def trajectory(f: Callable[[jax.Array], jax.Array], start: tuple[float, float], tx: optax.GradientTransformation,
-               num_steps: int) -> np.ndarray:
+def trajectory(
+    f: Callable[[jax.Array], jax.Array],
+    start: tuple[float, float],
+    tx: optax.GradientTransformation,
+    num_steps: int,
+) -> np.ndarray:
   """The iterates (num_steps + 1, 2) of `tx` minimising `f` from `start` with exact gradients."""
 
   def step(carry, _):
@@ -89,8 +93,12 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
         key = (lr, fname, oname)
         steps[key], finals[key], paths[key] = steps_to_tolerance(values, c.tolerance), float(values[-1]), points
 
-  fig, axes = plt.subplots(len(c.learning_rates), len(FUNCTIONS), squeeze=False,
-                           figsize=(3 * len(FUNCTIONS), 2.7 * len(c.learning_rates)))
+  fig, axes = plt.subplots(
+      len(c.learning_rates),
+      len(FUNCTIONS),
+      squeeze=False,
+      figsize=(3 * len(FUNCTIONS), 2.7 * len(c.learning_rates)),
+  )
   grid = np.linspace(-2.5, 2.5, 101)
   xx, yy = np.meshgrid(grid, grid)
   for row, lr in zip(axes, c.learning_rates):
@@ -110,19 +118,26 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
     return all(race((lr, fn, a)) < race((lr, fn, b)) for lr in c.learning_rates for fn in FUNCTIONS)
 
   measured = "; ".join(
-      f"lr={lr:g}, {fn}: " + ", ".join(
+      f"lr={lr:g}, {fn}: "
+      + ", ".join(
           f"{o} {steps[(lr, fn, o)] if steps[(lr, fn, o)] is not None else f'never (f={finals[(lr, fn, o)]:.2f})'}"
-                                       for o in optimizers(lr))
-      for lr in c.learning_rates for fn in FUNCTIONS)
-  return [ClaimRow(
-      claim="AdaBelief: 2-D toy functions",
-      paper="AdaBelief reaches the optimum fastest on the toy functions (fast in flat regions, stable where"
-            " the gradient/curvature is large).",
-      measurement=f"steps until f < {c.tolerance:g} (of {c.num_steps}): {measured}. Plot: {NAME}.png",
-      checks={
-          "AdaBelief before Adam everywhere": faster("AdaBelief", "Adam"),
-          "AdaBelief before SGD everywhere": faster("AdaBelief", "SGD"),
-          "AdaBelief ends below tolerance everywhere": all(
-              finals[(lr, fn, "AdaBelief")] < c.tolerance for lr in c.learning_rates for fn in FUNCTIONS),
-      },
-  )]
+          for o in optimizers(lr)
+      )
+      for lr in c.learning_rates
+      for fn in FUNCTIONS
+  )
+  return [
+      ClaimRow(
+          claim="AdaBelief: 2-D toy functions",
+          paper="AdaBelief reaches the optimum fastest on the toy functions (fast in flat regions, stable where"
+          " the gradient/curvature is large).",
+          measurement=f"steps until f < {c.tolerance:g} (of {c.num_steps}): {measured}. Plot: {NAME}.png",
+          checks={
+              "AdaBelief before Adam everywhere": faster("AdaBelief", "Adam"),
+              "AdaBelief before SGD everywhere": faster("AdaBelief", "SGD"),
+              "AdaBelief ends below tolerance everywhere": all(
+                  finals[(lr, fn, "AdaBelief")] < c.tolerance for lr in c.learning_rates for fn in FUNCTIONS
+              ),
+          },
+      )
+  ]

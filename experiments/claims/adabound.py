@@ -29,18 +29,20 @@ NAME = "adabound"
 
 
 def get_config(small: bool) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dim": 32,
-      "batch_size": 16,
-      "learning_rate": 1e-3,
-      "final_lr": 0.1,
-      "gamma": 1e-3,
-      "num_steps": 20_000 if small else 100_000,
-      "early_step": 5,
-      "early_spread": 10.0,
-      "late_tolerance": 0.1,
-      "seed": 0,
-  })
+  return ml_collections.ConfigDict(
+      {
+          "dim": 32,
+          "batch_size": 16,
+          "learning_rate": 1e-3,
+          "final_lr": 0.1,
+          "gamma": 1e-3,
+          "num_steps": 20_000 if small else 100_000,
+          "early_step": 5,
+          "early_spread": 10.0,
+          "late_tolerance": 0.1,
+          "seed": 0,
+      }
+  )
 
 
 def effective_rates(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,18 +88,23 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   save_figure(fig, workdir, NAME)
   early = c.early_step - 1
   half = int(np.argmax(clipped >= 0.5)) + 1 if np.any(clipped >= 0.5) else None
-  return [ClaimRow(
-      claim="AdaBound: from Adam to SGD",
-      paper="AdaBound behaves like Adam early (bounds inactive) and gradually becomes SGD at final_lr.",
-      measurement=(
-          f"linear regression, {c.num_steps} steps: effective-lr spread {spread[early]:.3g} at step "
-          f"{c.early_step} (clipped {clipped[early]:.0%}), half the coordinates at a bound from step "
-          f"{half}, at the end spread {spread[-1]:.3f} and all rates within {deviation[-1]:.1%} of "
-          f"final_lr. Plot: {NAME}.png"),
-      checks={
-          f"Adam-like early: spread > {c.early_spread:g} at step {c.early_step}, most rates unclipped":
-              bool(spread[early] > c.early_spread and clipped[early] < 0.5),
-          f"SGD-like late: every rate within {c.late_tolerance:.0%} of final_lr":
-              bool(deviation[-1] < c.late_tolerance),
-      },
-  )]
+  return [
+      ClaimRow(
+          claim="AdaBound: from Adam to SGD",
+          paper="AdaBound behaves like Adam early (bounds inactive) and gradually becomes SGD at final_lr.",
+          measurement=(
+              f"linear regression, {c.num_steps} steps: effective-lr spread {spread[early]:.3g} at step "
+              f"{c.early_step} (clipped {clipped[early]:.0%}), half the coordinates at a bound from step "
+              f"{half}, at the end spread {spread[-1]:.3f} and all rates within {deviation[-1]:.1%} of "
+              f"final_lr. Plot: {NAME}.png"
+          ),
+          checks={
+              f"Adam-like early: spread > {c.early_spread:g} at step {c.early_step}, most rates unclipped": bool(
+                  spread[early] > c.early_spread and clipped[early] < 0.5
+              ),
+              f"SGD-like late: every rate within {c.late_tolerance:.0%} of final_lr": bool(
+                  deviation[-1] < c.late_tolerance
+              ),
+          },
+      )
+  ]

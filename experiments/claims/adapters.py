@@ -89,27 +89,52 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
 
   def measured(*methods: str) -> str:
     setting = "smoke" if c.smoke else f"{c.num_train_steps} steps of {c.batch_size}x{c.max_len} tokens"
-    return (f"{setting}: " + ", ".join(f"{m} {100 * acc[m]:.1f}% with {params[m]:,} params" for m in methods)
-            + f". Plot: {NAME}.png")
+    return (
+        f"{setting}: "
+        + ", ".join(f"{m} {100 * acc[m]:.1f}% with {params[m]:,} params" for m in methods)
+        + f". Plot: {NAME}.png"
+    )
 
   return [
-      ClaimRow("LoRA vs full fine-tuning vs DoRA (MiniLM)",
-               "LoRA matches full fine-tuning with a tiny fraction of the parameters; DoRA beats LoRA at about"
-               " the same count.",
-               measured("full", "lora", "dora"),
-               {"LoRA within 3 points of full": acc["lora"] >= acc["full"] - 0.03,
-                "LoRA trains < 1% of full's params": params["lora"] < 0.01 * params["full"],
-                "DoRA >= LoRA": acc["dora"] >= acc["lora"]}),
-      ClaimRow("Hydra (MiniLM)", "Parallel + sequential low-rank branches beat LoRA of the same rank.",
-               measured("hydra", "lora"), {"Hydra >= LoRA": acc["hydra"] >= acc["lora"]}),
-      ClaimRow("SALT (MiniLM)", "Top singular values scaled/shifted + low-rank on the rest beat LoRA.",
-               measured("salt", "lora"), {"SALT >= LoRA": acc["salt"] >= acc["lora"]}),
-      ClaimRow("NOLA (MiniLM)", "LoRA's accuracy with many times fewer trained parameters.",
-               measured("nola", "lora"),
-               {"NOLA within 2 points of LoRA": acc["nola"] >= acc["lora"] - 0.02,
-                "NOLA trains <= 1/4 of LoRA's params": params["nola"] <= params["lora"] / 4}),
-      ClaimRow("RandLoRA (MiniLM)", "Full-rank updates at a LoRA-like parameter count beat LoRA.",
-               measured("randlora", "lora"),
-               {"RandLoRA >= LoRA": acc["randlora"] >= acc["lora"],
-                "RandLoRA trains <= 1.5x LoRA's params": params["randlora"] <= 1.5 * params["lora"]}),
+      ClaimRow(
+          "LoRA vs full fine-tuning vs DoRA (MiniLM)",
+          "LoRA matches full fine-tuning with a tiny fraction of the parameters; DoRA beats LoRA at about"
+          " the same count.",
+          measured("full", "lora", "dora"),
+          {
+              "LoRA within 3 points of full": acc["lora"] >= acc["full"] - 0.03,
+              "LoRA trains < 1% of full's params": params["lora"] < 0.01 * params["full"],
+              "DoRA >= LoRA": acc["dora"] >= acc["lora"],
+          },
+      ),
+      ClaimRow(
+          "Hydra (MiniLM)",
+          "Parallel + sequential low-rank branches beat LoRA of the same rank.",
+          measured("hydra", "lora"),
+          {"Hydra >= LoRA": acc["hydra"] >= acc["lora"]},
+      ),
+      ClaimRow(
+          "SALT (MiniLM)",
+          "Top singular values scaled/shifted + low-rank on the rest beat LoRA.",
+          measured("salt", "lora"),
+          {"SALT >= LoRA": acc["salt"] >= acc["lora"]},
+      ),
+      ClaimRow(
+          "NOLA (MiniLM)",
+          "LoRA's accuracy with many times fewer trained parameters.",
+          measured("nola", "lora"),
+          {
+              "NOLA within 2 points of LoRA": acc["nola"] >= acc["lora"] - 0.02,
+              "NOLA trains <= 1/4 of LoRA's params": params["nola"] <= params["lora"] / 4,
+          },
+      ),
+      ClaimRow(
+          "RandLoRA (MiniLM)",
+          "Full-rank updates at a LoRA-like parameter count beat LoRA.",
+          measured("randlora", "lora"),
+          {
+              "RandLoRA >= LoRA": acc["randlora"] >= acc["lora"],
+              "RandLoRA trains <= 1.5x LoRA's params": params["randlora"] <= 1.5 * params["lora"],
+          },
+      ),
   ]

@@ -38,16 +38,18 @@ NAME = "adopt"
 
 def get_config(small: bool) -> ml_collections.ConfigDict:
   """The toy's settings; `small` shortens the runs."""
-  return ml_collections.ConfigDict({
-      "k": 10.0,
-      "learning_rate": 0.01,
-      "b1": 0.9,
-      "b2s": (0.1, 0.5, 0.9, 0.999),
-      "num_steps": 20_000 if small else 200_000,
-      "num_runs": 64,  # independent sample paths; the median over them is reported
-      "seed": 0,
-      "tolerance": 0.1,
-  })
+  return ml_collections.ConfigDict(
+      {
+          "k": 10.0,
+          "learning_rate": 0.01,
+          "b1": 0.9,
+          "b2s": (0.1, 0.5, 0.9, 0.999),
+          "num_steps": 20_000 if small else 200_000,
+          "num_runs": 64,  # independent sample paths; the median over them is reported
+          "seed": 0,
+          "tolerance": 0.1,
+      }
+  )
 
 
 def optimizers(b1: float, b2: float, learning_rate: optax.Schedule) -> dict[str, optax.GradientTransformation]:
@@ -79,8 +81,11 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   """Runs every optimizer at every beta2, plots the median trajectories, returns the claim's row."""
   c = get_config(small)
   schedule = lambda t: c.learning_rate / jnp.sqrt(1.0 + c.learning_rate * t)
-  curves = {(name, b2): simulate(tx, c.k, c.num_steps, c.num_runs, c.seed)
-            for b2 in c.b2s for name, tx in optimizers(c.b1, b2, schedule).items()}
+  curves = {
+      (name, b2): simulate(tx, c.k, c.num_steps, c.num_runs, c.seed)
+      for b2 in c.b2s
+      for name, tx in optimizers(c.b1, b2, schedule).items()
+  }
   final = {key: float(curve[-1]) for key, curve in curves.items()}
 
   fig, axes = plt.subplots(1, len(c.b2s), figsize=(3 * len(c.b2s), 3), sharey=True, squeeze=False)
@@ -97,15 +102,20 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   smallest = min(c.b2s)
   summary = "; ".join(
       f"b2={b2}: Adam {final[('Adam', b2)]:+.2f}, ADOPT {final[('ADOPT', b2)]:+.2f}"
-      f" (clipped {final[('ADOPT (clipped)', b2)]:+.2f})" for b2 in c.b2s)
-  return [ClaimRow(
-      claim="ADOPT: counterexample (k={:g})".format(c.k),
-      paper="Adam with a small beta2 fails to converge on the toy problem; ADOPT converges for any beta2.",
-      measurement=f"median final theta over {c.num_runs} runs of {c.num_steps} steps (optimum -1): {summary}."
-                  f" Plot: {NAME}.png",
-      checks={
-          f"Adam (b2={smallest}) ends on the wrong side": final[("Adam", smallest)] > 0.0,
-          "ADOPT ends within tolerance of -1 for every beta2": all(
-              final[("ADOPT", b2)] < -1.0 + c.tolerance for b2 in c.b2s),
-      },
-  )]
+      f" (clipped {final[('ADOPT (clipped)', b2)]:+.2f})"
+      for b2 in c.b2s
+  )
+  return [
+      ClaimRow(
+          claim="ADOPT: counterexample (k={:g})".format(c.k),
+          paper="Adam with a small beta2 fails to converge on the toy problem; ADOPT converges for any beta2.",
+          measurement=f"median final theta over {c.num_runs} runs of {c.num_steps} steps (optimum -1): {summary}."
+          f" Plot: {NAME}.png",
+          checks={
+              f"Adam (b2={smallest}) ends on the wrong side": final[("Adam", smallest)] > 0.0,
+              "ADOPT ends within tolerance of -1 for every beta2": all(
+                  final[("ADOPT", b2)] < -1.0 + c.tolerance for b2 in c.b2s
+              ),
+          },
+      )
+  ]

@@ -31,11 +31,13 @@ NAME = "came"
 
 
 def get_config(small: bool) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "learning_rate": 1e-3,
-      "num_steps": 300 if small else 1500,
-      "smoothing": 20,  # steps in the moving average of the plotted loss
-  })
+  return ml_collections.ConfigDict(
+      {
+          "learning_rate": 1e-3,
+          "num_steps": 300 if small else 1500,
+          "smoothing": 20,  # steps in the moving average of the plotted loss
+      }
+  )
 
 
 def optimizers(learning_rate: float) -> dict[str, optax.GradientTransformation]:
@@ -66,7 +68,7 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
     results[name] = {
         "bytes": state_bytes_per_param(state.opt_state, state.params),
         "losses": losses,
-        "final_loss": float(np.mean(losses[-max(1, c.num_steps // 10):])),
+        "final_loss": float(np.mean(losses[-max(1, c.num_steps // 10) :])),
         "accuracy": task.evaluate(state, task.test_source)["accuracy"],
     }
 
@@ -82,16 +84,21 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   save_figure(fig, workdir, NAME)
 
   adam, came_r, adafactor = results["Adam"], results["CAME"], results["Adafactor (beta1=0.9)"]
-  measured = "; ".join(f"{name}: {r['bytes']:.2f} B/param, final loss {r['final_loss']:.3f},"
-                       f" test acc {100 * r['accuracy']:.1f}%" for name, r in results.items())
-  return [ClaimRow(
-      claim="CAME: memory and convergence",
-      paper="Memory cost close to Adafactor's, far below Adam's, with convergence on par with (or better than) Adam.",
-      measurement=f"digits CNN, {c.num_steps} steps at lr {c.learning_rate:g}: {measured}. Plot: {NAME}.png",
-      checks={
-          "state bytes <= 1.25x Adafactor (beta1=0.9)": came_r["bytes"] <= 1.25 * adafactor["bytes"],
-          "state bytes <= 0.6x Adam": came_r["bytes"] <= 0.6 * adam["bytes"],
-          "final train loss <= 1.5x Adam + 0.02": came_r["final_loss"] <= 1.5 * adam["final_loss"] + 0.02,
-          "test accuracy within 3 points of Adam": came_r["accuracy"] >= adam["accuracy"] - 0.03,
-      },
-  )]
+  measured = "; ".join(
+      f"{name}: {r['bytes']:.2f} B/param, final loss {r['final_loss']:.3f},"
+      f" test acc {100 * r['accuracy']:.1f}%"
+      for name, r in results.items()
+  )
+  return [
+      ClaimRow(
+          claim="CAME: memory and convergence",
+          paper="Memory cost close to Adafactor's, far below Adam's, with convergence on par with (or better than) Adam.",
+          measurement=f"digits CNN, {c.num_steps} steps at lr {c.learning_rate:g}: {measured}. Plot: {NAME}.png",
+          checks={
+              "state bytes <= 1.25x Adafactor (beta1=0.9)": came_r["bytes"] <= 1.25 * adafactor["bytes"],
+              "state bytes <= 0.6x Adam": came_r["bytes"] <= 0.6 * adam["bytes"],
+              "final train loss <= 1.5x Adam + 0.02": came_r["final_loss"] <= 1.5 * adam["final_loss"] + 0.02,
+              "test accuracy within 3 points of Adam": came_r["accuracy"] >= adam["accuracy"] - 0.03,
+          },
+      )
+  ]

@@ -50,12 +50,23 @@ class DigitsTask:
     example = self.preprocess(input_pipeline.fetch_batch(self.train_source, [0]))
     base = self.model.init(base_rng, *[jnp.asarray(example[k]) for k in self.input_keys])["params"]
     params, frozen = self.trainable.split(split_rng, base)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                      opt_state=self.trainable.optimizer(tx).init(params), rng=state_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        frozen=frozen,
+        opt_state=self.trainable.optimizer(tx).init(params),
+        rng=state_rng,
+    )
 
-  def train(self, tx: optax.GradientTransformation, num_steps: int,
-            source: input_pipeline.DataSource | None = None, *, stop_loss: float | None = None,
-            check_every: int = 25) -> tuple[TrainState, np.ndarray]:
+  def train(
+      self,
+      tx: optax.GradientTransformation,
+      num_steps: int,
+      source: input_pipeline.DataSource | None = None,
+      *,
+      stop_loss: float | None = None,
+      check_every: int = 25,
+  ) -> tuple[TrainState, np.ndarray]:
     """Trains from `init_state(tx)` for `num_steps` batches of `source` (default: the clean train split).
 
     With `stop_loss`, training also stops at the first multiple of `check_every` steps where the
@@ -67,23 +78,32 @@ class DigitsTask:
     """
     source = source or self.train_source
     tx = self.trainable.optimizer(tx)
-    loader = input_pipeline.BatchLoader(source, global_batch_size=self.config.batch_size,
-                                        seed=self.config.seed, preprocess=self.preprocess)
+    loader = input_pipeline.BatchLoader(
+        source, global_batch_size=self.config.batch_size, seed=self.config.seed, preprocess=self.preprocess
+    )
     step = jax.jit(make_train_step(self.trainable, tx, self.input_keys))
     state, losses = self.init_state(tx), []
     for i in range(num_steps):
       state, metrics = step(state, loader.batch(i))
       losses.append(metrics["loss"])
-      if stop_loss is not None and (i + 1) % check_every == 0 and self.evaluate(state, source)["loss"] <= stop_loss:
+      if (
+          stop_loss is not None
+          and (i + 1) % check_every == 0
+          and self.evaluate(state, source)["loss"] <= stop_loss
+      ):
         break
     return state, np.asarray(jax.device_get(losses))
 
   def evaluate(self, state: TrainState, source: input_pipeline.DataSource) -> dict[str, float]:
     """Exact mean loss and accuracy of `state` over the whole of `source`."""
     totals = None
-    for batch in input_pipeline.eval_batches(source, batch_size=self.config.eval_batch_size,
-                                             preprocess=self.preprocess):
+    for batch in input_pipeline.eval_batches(
+        source, batch_size=self.config.eval_batch_size, preprocess=self.preprocess
+    ):
       sums = self._eval_step(state, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+    return {
+        "loss": float(totals["loss"] / totals["count"]),
+        "accuracy": float(totals["correct"] / totals["count"]),
+    }

@@ -61,6 +61,8 @@ def save_figure(fig: Figure, workdir: str, name: str) -> str:
 def results_markdown(rows: list[ClaimRow], command: str, seconds: dict[str, float]) -> str:
   """results.md: the command that produced it, the table, and each claim's wall time."""
   timing = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-  return (f"Produced by `{command}` (wall time: {timing}).\n\n" + markdown_table(rows) + "\n\n"
-          "Verdicts are computed from the checks in experiments/claims/: yes = every check holds,"
-          " partly = some, no = none; failed checks are named.\n")
+  return (
+      f"Produced by `{command}` (wall time: {timing}).\n\n" + markdown_table(rows) + "\n\n"
+      "Verdicts are computed from the checks in experiments/claims/: yes = every check holds,"
+      " partly = some, no = none; failed checks are named.\n"
+  )

@@ -44,19 +44,21 @@ BASE = "SGD"
 
 
 def get_config(small: bool) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "learning_rate": 0.05,
-      "momentum": 0.9,
-      "sam_rho": 0.05,
-      "asam_rho": 0.5,
-      "stop_loss": 0.02,
-      "max_steps": 1500,
-      "radius": 10.0,  # about half the trained weights' norm (~18); set from SGD's run alone
-      "num_directions": 5 if small else 20,
-      "label_noise": (0.3,) if small else (0.2, 0.4),
-      "noise_steps": 600 if small else 1500,
-      "seed": 0,
-  })
+  return ml_collections.ConfigDict(
+      {
+          "learning_rate": 0.05,
+          "momentum": 0.9,
+          "sam_rho": 0.05,
+          "asam_rho": 0.5,
+          "stop_loss": 0.02,
+          "max_steps": 1500,
+          "radius": 10.0,  # about half the trained weights' norm (~18); set from SGD's run alone
+          "num_directions": 5 if small else 20,
+          "label_noise": (0.3,) if small else (0.2, 0.4),
+          "noise_steps": 600 if small else 1500,
+          "seed": 0,
+      }
+  )
 
 
 def optimizers(c: ml_collections.ConfigDict) -> dict[str, optax.GradientTransformation]:
@@ -84,8 +86,11 @@ def sharpness(task: DigitsTask, state: TrainState, directions: list[optax.Params
   """Mean training-loss increase when the trained parameters move by `radius` along each direction."""
   loss = task.evaluate(state, task.train_source)["loss"]
   increases = [
-      task.evaluate(state.replace(params=jax.tree.map(lambda w, d: w + radius * d, state.params, direction)),
-                    task.train_source)["loss"] - loss
+      task.evaluate(
+          state.replace(params=jax.tree.map(lambda w, d: w + radius * d, state.params, direction)),
+          task.train_source,
+      )["loss"]
+      - loss
       for direction in directions
   ]
   return float(np.mean(increases))
@@ -98,8 +103,12 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   for name, tx in optimizers(c).items():
     state, losses = task.train(tx, c.max_steps, stop_loss=c.stop_loss)
     directions = random_directions(state.params, c.num_directions, c.seed)
-    r = {"steps": len(losses), "train_loss": task.evaluate(state, task.train_source)["loss"],
-         "sharpness": sharpness(task, state, directions, c.radius), "noisy_accuracy": {}}
+    r = {
+        "steps": len(losses),
+        "train_loss": task.evaluate(state, task.train_source)["loss"],
+        "sharpness": sharpness(task, state, directions, c.radius),
+        "noisy_accuracy": {},
+    }
     for noise in c.label_noise:
       noisy_state, _ = task.train(tx, c.noise_steps, task.noisy_train_source(noise))
       r["noisy_accuracy"][noise] = task.evaluate(noisy_state, task.test_source)["accuracy"]
@@ -112,8 +121,12 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   ax_sharp.set_title(f"flatness at train loss <= {c.stop_loss:g}")
   width = 0.8 / len(c.label_noise)
   for i, noise in enumerate(c.label_noise):
-    ax_noise.bar(np.arange(len(names)) + i * width, [100 * results[n]["noisy_accuracy"][noise] for n in names],
-                 width, label=f"{100 * noise:.0f}% flipped")
+    ax_noise.bar(
+        np.arange(len(names)) + i * width,
+        [100 * results[n]["noisy_accuracy"][noise] for n in names],
+        width,
+        label=f"{100 * noise:.0f}% flipped",
+    )
   ax_noise.set_xticks(np.arange(len(names)) + width * (len(c.label_noise) - 1) / 2, names)
   ax_noise.set_ylabel("clean test accuracy (%)")
   ax_noise.set_ylim(min(100 * min(r["noisy_accuracy"].values()) for r in results.values()) - 5, 100)
@@ -123,14 +136,16 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
   def describe(name: str) -> str:
     r = results[name]
     accuracies = ", ".join(f"{100 * a:.1f}% at {100 * n:.0f}% noise" for n, a in r["noisy_accuracy"].items())
-    return (f"{name}: sharpness {r['sharpness']:.3f} (train loss {r['train_loss']:.3f} after {r['steps']} steps),"
-            f" test acc {accuracies}")
+    return (
+        f"{name}: sharpness {r['sharpness']:.3f} (train loss {r['train_loss']:.3f} after {r['steps']} steps),"
+        f" test acc {accuracies}"
+    )
 
   base = results[BASE]
   papers = {
       "SAM": "SAM (Foret et al. 2021) finds flatter minima and is robust to label noise.",
       "ASAM": "ASAM (Kwon et al. 2021): adaptive sharpness gives flatter minima, better generalization and"
-              " robustness to label noise.",
+      " robustness to label noise.",
       "TRAM": "TRAM (Sherborne et al. 2024): trust-region-aware SAM reaches flatter minima that generalize better.",
   }
   rows = []
@@ -140,11 +155,13 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
     for noise in c.label_noise:
       better = r["noisy_accuracy"][noise] > base["noisy_accuracy"][noise]
       checks[f"test acc > {BASE}'s at {100 * noise:.0f}% noise"] = better
-    rows.append(ClaimRow(
-        claim=f"{name} vs {BASE}: flatness, label noise",
-        paper=paper,
-        measurement=f"digits CNN, loss increase at random |dw|={c.radius:g} (mean of {c.num_directions} directions)."
-                    f" {describe(name)}; {describe(BASE)}. Plot: {NAME}.png",
-        checks=checks,
-    ))
+    rows.append(
+        ClaimRow(
+            claim=f"{name} vs {BASE}: flatness, label noise",
+            paper=paper,
+            measurement=f"digits CNN, loss increase at random |dw|={c.radius:g} (mean of {c.num_directions} directions)."
+            f" {describe(name)}; {describe(BASE)}. Plot: {NAME}.png",
+            checks=checks,
+        )
+    )
   return rows

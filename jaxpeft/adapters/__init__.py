@@ -27,18 +27,42 @@ from jaxpeft.adapters.peft_format import default_module_name, export_merged, exp
 from jaxpeft.adapters.reparam import apply, apply_many, init, init_with_base, merge, unmerge, unmerge_many
 
 __all__ = [
-    "AdapterConfig", "AdapterMethod", "AdapterSet", "Target",
-    "adapter_value_and_grad", "apply", "apply_many", "check_adapter", "combine",
-    "combined_deltas", "default_module_name", "export_merged", "export_peft", "get_method", "import_peft",
-    "init", "init_with_base", "list_methods", "load_adapter", "load_adapter_set", "merge", "optimizer_labels",
-    "pad_to_rank", "param_count", "register_method", "save_adapter", "save_adapter_set", "unmerge",
+    "AdapterConfig",
+    "AdapterMethod",
+    "AdapterSet",
+    "Target",
+    "adapter_value_and_grad",
+    "apply",
+    "apply_many",
+    "check_adapter",
+    "combine",
+    "combined_deltas",
+    "default_module_name",
+    "export_merged",
+    "export_peft",
+    "get_method",
+    "import_peft",
+    "init",
+    "init_with_base",
+    "list_methods",
+    "load_adapter",
+    "load_adapter_set",
+    "merge",
+    "optimizer_labels",
+    "pad_to_rank",
+    "param_count",
+    "register_method",
+    "save_adapter",
+    "save_adapter_set",
+    "unmerge",
     "unmerge_many",
 ]
 
 
 def __getattr__(name: str):
-    # `combine` lives in jaxpeft.merging.lora_updates, which imports this package: re-exported lazily.
-    if name in ("combine", "combined_deltas"):
-        from jaxpeft.merging import lora_updates  # pylint: disable=import-outside-toplevel
-        return getattr(lora_updates, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  # `combine` lives in jaxpeft.merging.lora_updates, which imports this package: re-exported lazily.
+  if name in ("combine", "combined_deltas"):
+    from jaxpeft.merging import lora_updates  # pylint: disable=import-outside-toplevel
+
+    return getattr(lora_updates, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

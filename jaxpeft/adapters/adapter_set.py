@@ -50,109 +50,118 @@ _NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdapterSet:
-    """Named adapters of one base model and the active selection (see the module docstring).
+  """Named adapters of one base model and the active selection (see the module docstring).
 
-    Attributes:
-      base_shapes: ``jax.eval_shape``-style structs of the base params (structure, shapes, dtypes only).
-      adapters: ``name -> (config, adapter_params)``, in insertion order (read-only mapping).
-      active: names of the active adapters, in application order.
-    """
+  Attributes:
+    base_shapes: ``jax.eval_shape``-style structs of the base params (structure, shapes, dtypes only).
+    adapters: ``name -> (config, adapter_params)``, in insertion order (read-only mapping).
+    active: names of the active adapters, in application order.
+  """
 
-    base_shapes: Any
-    adapters: Mapping[str, tuple[AdapterConfig, AdapterParams]] = dataclasses.field(
-        default_factory=lambda: types.MappingProxyType({}))
-    active: tuple[str, ...] = ()
+  base_shapes: Any
+  adapters: Mapping[str, tuple[AdapterConfig, AdapterParams]] = dataclasses.field(
+      default_factory=lambda: types.MappingProxyType({})
+  )
+  active: tuple[str, ...] = ()
 
-    @classmethod
-    def for_model(cls, base_params: Params) -> "AdapterSet":
-        """An empty set for the model whose params are ``base_params``."""
-        return cls(jax.eval_shape(lambda p: p, base_params))
+  @classmethod
+  def for_model(cls, base_params: Params) -> "AdapterSet":
+    """An empty set for the model whose params are ``base_params``."""
+    return cls(jax.eval_shape(lambda p: p, base_params))
 
-    def _replace(self, adapters: dict[str, tuple[AdapterConfig, AdapterParams]],
-                 active: tuple[str, ...]) -> "AdapterSet":
-        return AdapterSet(self.base_shapes, types.MappingProxyType(adapters), active)
+  def _replace(
+      self, adapters: dict[str, tuple[AdapterConfig, AdapterParams]], active: tuple[str, ...]
+  ) -> "AdapterSet":
+    return AdapterSet(self.base_shapes, types.MappingProxyType(adapters), active)
 
-    def _check_known(self, names: Sequence[str]) -> None:
-        unknown = [n for n in names if n not in self.adapters]
-        if unknown:
-            raise KeyError(f"No adapter named {unknown} in this set; it has {list(self.adapters)}.")
+  def _check_known(self, names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in self.adapters]
+    if unknown:
+      raise KeyError(f"No adapter named {unknown} in this set; it has {list(self.adapters)}.")
 
-    def validate_name(self, name: str) -> None:
-        """Raises ``ValueError`` if ``name`` cannot name an adapter of this model (see the module docstring)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"Invalid adapter name {name!r}: use a non-empty name of letters, digits, '_', '-' "
-                             "and '.', not starting with '.' (no '/': names are file names and keys).")
-        clash = next((p for p, _ in named_leaves(self.base_shapes) if name in p.split("/")), None)
-        if clash is not None:
-            raise ValueError(f"Adapter name {name!r} collides with a component of the base parameter path "
-                             f"{clash!r}; adapter names must not equal parameter or module names. Choose "
-                             f"another name (e.g. {name + '_adapter'!r}).")
+  def validate_name(self, name: str) -> None:
+    """Raises ``ValueError`` if ``name`` cannot name an adapter of this model (see the module docstring)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+      raise ValueError(
+          f"Invalid adapter name {name!r}: use a non-empty name of letters, digits, '_', '-' "
+          "and '.', not starting with '.' (no '/': names are file names and keys)."
+      )
+    clash = next((p for p, _ in named_leaves(self.base_shapes) if name in p.split("/")), None)
+    if clash is not None:
+      raise ValueError(
+          f"Adapter name {name!r} collides with a component of the base parameter path "
+          f"{clash!r}; adapter names must not equal parameter or module names. Choose "
+          f"another name (e.g. {name + '_adapter'!r})."
+      )
 
-    def add(self, name: str, config: AdapterConfig, adapter_params: AdapterParams) -> "AdapterSet":
-        """A set with adapter ``name`` added (inactive). The adapter is checked against the base structure."""
-        self.validate_name(name)
-        if name in self.adapters:
-            raise ValueError(f"An adapter named {name!r} already exists; delete it first or pick another name.")
-        check_adapter(adapter_params, config, self.base_shapes)
-        return self._replace({**self.adapters, name: (config, adapter_params)}, self.active)
+  def add(self, name: str, config: AdapterConfig, adapter_params: AdapterParams) -> "AdapterSet":
+    """A set with adapter ``name`` added (inactive). The adapter is checked against the base structure."""
+    self.validate_name(name)
+    if name in self.adapters:
+      raise ValueError(f"An adapter named {name!r} already exists; delete it first or pick another name.")
+    check_adapter(adapter_params, config, self.base_shapes)
+    return self._replace({**self.adapters, name: (config, adapter_params)}, self.active)
 
-    def select(self, *names: str) -> "AdapterSet":
-        """A set whose active adapters are ``names`` (applied in this order); ``select()`` deactivates all."""
-        self._check_known(names)
-        if len(set(names)) != len(names):
-            raise ValueError(f"Adapter names repeated in select{names}; each adapter can be active once.")
-        return self._replace(dict(self.adapters), tuple(names))
+  def select(self, *names: str) -> "AdapterSet":
+    """A set whose active adapters are ``names`` (applied in this order); ``select()`` deactivates all."""
+    self._check_known(names)
+    if len(set(names)) != len(names):
+      raise ValueError(f"Adapter names repeated in select{names}; each adapter can be active once.")
+    return self._replace(dict(self.adapters), tuple(names))
 
-    def delete(self, name: str) -> "AdapterSet":
-        """A set without adapter ``name`` (also removed from the active selection)."""
-        self._check_known([name])
-        return self._replace({k: v for k, v in self.adapters.items() if k != name},
-                             tuple(n for n in self.active if n != name))
+  def delete(self, name: str) -> "AdapterSet":
+    """A set without adapter ``name`` (also removed from the active selection)."""
+    self._check_known([name])
+    return self._replace(
+        {k: v for k, v in self.adapters.items() if k != name}, tuple(n for n in self.active if n != name)
+    )
 
-    def combine(self, name: str, names: Sequence[str], weights: Sequence[float], **kwargs: Any) -> "AdapterSet":
-        """A set with a new LoRA adapter ``name`` = ``combine.combine`` of the named adapters (kwargs passed on)."""
-        self._check_known(names)
-        params, config = combine_lib.combine(self.base_shapes, [self.adapters[n] for n in names], weights, **kwargs)
-        return self.add(name, config, params)
+  def combine(self, name: str, names: Sequence[str], weights: Sequence[float], **kwargs: Any) -> "AdapterSet":
+    """A set with a new LoRA adapter ``name`` = ``combine.combine`` of the named adapters (kwargs passed on)."""
+    self._check_known(names)
+    params, config = combine_lib.combine(self.base_shapes, [self.adapters[n] for n in names], weights, **kwargs)
+    return self.add(name, config, params)
 
-    def apply(self, base_params: Params) -> Params:
-        """The base params with the active adapters applied in order (``reparam.apply_many``)."""
-        if not self.active:
-            raise ValueError(f"No active adapter; call select(name, ...) first (adapters: {list(self.adapters)}).")
-        return reparam.apply_many(base_params, [self.adapters[n] for n in self.active])
+  def apply(self, base_params: Params) -> Params:
+    """The base params with the active adapters applied in order (``reparam.apply_many``)."""
+    if not self.active:
+      raise ValueError(f"No active adapter; call select(name, ...) first (adapters: {list(self.adapters)}).")
+    return reparam.apply_many(base_params, [self.adapters[n] for n in self.active])
 
-    def merge(self, base_params: Params) -> Params:
-        """Merged weights of the active adapters for zero-overhead inference (same values as ``apply``)."""
-        return self.apply(base_params)
+  def merge(self, base_params: Params) -> Params:
+    """Merged weights of the active adapters for zero-overhead inference (same values as ``apply``)."""
+    return self.apply(base_params)
 
-    def unmerge(self, merged_params: Params) -> Params:
-        """The base weights back from ``merge``'s output (``reparam.unmerge_many``)."""
-        return reparam.unmerge_many(merged_params, [self.adapters[n] for n in self.active])
+  def unmerge(self, merged_params: Params) -> Params:
+    """The base weights back from ``merge``'s output (``reparam.unmerge_many``)."""
+    return reparam.unmerge_many(merged_params, [self.adapters[n] for n in self.active])
 
 
 def save_adapter_set(directory: str | os.PathLike, adapter_set: AdapterSet) -> None:
-    """Writes ``adapter_set.json`` and one ``<name>.safetensors`` per adapter into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
-    for name, (config, params) in adapter_set.adapters.items():
-        save_adapter(os.path.join(directory, f"{name}.safetensors"), params, config)
-    with open(os.path.join(directory, _INDEX), "w") as f:
-        json.dump({"adapters": list(adapter_set.adapters), "active": list(adapter_set.active)}, f, indent=1)
+  """Writes ``adapter_set.json`` and one ``<name>.safetensors`` per adapter into ``directory``."""
+  os.makedirs(directory, exist_ok=True)
+  for name, (config, params) in adapter_set.adapters.items():
+    save_adapter(os.path.join(directory, f"{name}.safetensors"), params, config)
+  with open(os.path.join(directory, _INDEX), "w") as f:
+    json.dump({"adapters": list(adapter_set.adapters), "active": list(adapter_set.active)}, f, indent=1)
 
 
 def load_adapter_set(directory: str | os.PathLike, base_params: Params) -> AdapterSet:
-    """Reads a set written by ``save_adapter_set`` and validates every adapter against ``base_params``."""
-    index_path = os.path.join(directory, _INDEX)
-    if not os.path.exists(index_path):
-        raise FileNotFoundError(f"No {_INDEX} in {os.fspath(directory)!r}: not a directory written by "
-                                "save_adapter_set (single adapters load with checkpoint.load_adapter).")
-    with open(index_path) as f:
-        index = json.load(f)
-    adapter_set = AdapterSet.for_model(base_params)
-    for name in index["adapters"]:
-        adapter_set.validate_name(name)
-        params, config = load_adapter(os.path.join(directory, f"{name}.safetensors"))
-        try:
-            adapter_set = adapter_set.add(name, config, params)
-        except ValueError as e:
-            raise ValueError(f"Adapter {name!r} of {os.fspath(directory)!r}: {e}") from None
-    return adapter_set.select(*index["active"])
+  """Reads a set written by ``save_adapter_set`` and validates every adapter against ``base_params``."""
+  index_path = os.path.join(directory, _INDEX)
+  if not os.path.exists(index_path):
+    raise FileNotFoundError(
+        f"No {_INDEX} in {os.fspath(directory)!r}: not a directory written by "
+        "save_adapter_set (single adapters load with checkpoint.load_adapter)."
+    )
+  with open(index_path) as f:
+    index = json.load(f)
+  adapter_set = AdapterSet.for_model(base_params)
+  for name in index["adapters"]:
+    adapter_set.validate_name(name)
+    params, config = load_adapter(os.path.join(directory, f"{name}.safetensors"))
+    try:
+      adapter_set = adapter_set.add(name, config, params)
+    except ValueError as e:
+      raise ValueError(f"Adapter {name!r} of {os.fspath(directory)!r}: {e}") from None
+  return adapter_set.select(*index["active"])

@@ -126,250 +126,257 @@ _REGISTRY: dict[str, type["AdapterMethod"]] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """Everything a method needs to know about one targeted leaf (resolved from the config).
+  """Everything a method needs to know about one targeted leaf (resolved from the config).
 
-    Attributes:
-      path: the leaf's '/'-joined parameter path, e.g. ``"encoder/layer_0/query/kernel"``.
-      shape: the full leaf shape, stacked axes included.
-      dtype: the base leaf's dtype name (``"float32"``, ``"bfloat16"``...).
-      stacked_axes: number of leading stacked-layer axes (``nn.scan`` / ``nnx.scan``), handled by the core.
-      fan_in_axes: number of input axes of one layer's leaf (see the module docstring).
-      kind: ``"embedding"`` for leaves named ``embedding`` (Flax ``Embed``), else ``"kernel"``.
-      rank, alpha: after ``rank_pattern`` / ``alpha_pattern``.
-      use_rslora: scaling ``alpha/sqrt(rank)`` instead of ``alpha/rank``.
-      dropout: adapter-branch input dropout rate (activation-hook mode only).
-      init: the init scheme name (method-specific, e.g. ``"default"``, ``"gaussian"``, ``"pissa"``).
-      options: the method's options (``option_defaults`` updated by ``config.options``), as sorted pairs.
-      bias_path: for methods with ``adapts_bias``, the path of the layer's bias (the sibling leaf ``bias``),
-        or ``None`` when the layer has none; always ``None`` for other methods.
-    """
+  Attributes:
+    path: the leaf's '/'-joined parameter path, e.g. ``"encoder/layer_0/query/kernel"``.
+    shape: the full leaf shape, stacked axes included.
+    dtype: the base leaf's dtype name (``"float32"``, ``"bfloat16"``...).
+    stacked_axes: number of leading stacked-layer axes (``nn.scan`` / ``nnx.scan``), handled by the core.
+    fan_in_axes: number of input axes of one layer's leaf (see the module docstring).
+    kind: ``"embedding"`` for leaves named ``embedding`` (Flax ``Embed``), else ``"kernel"``.
+    rank, alpha: after ``rank_pattern`` / ``alpha_pattern``.
+    use_rslora: scaling ``alpha/sqrt(rank)`` instead of ``alpha/rank``.
+    dropout: adapter-branch input dropout rate (activation-hook mode only).
+    init: the init scheme name (method-specific, e.g. ``"default"``, ``"gaussian"``, ``"pissa"``).
+    options: the method's options (``option_defaults`` updated by ``config.options``), as sorted pairs.
+    bias_path: for methods with ``adapts_bias``, the path of the layer's bias (the sibling leaf ``bias``),
+      or ``None`` when the layer has none; always ``None`` for other methods.
+  """
 
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    stacked_axes: int
-    fan_in_axes: int
-    kind: str
-    rank: int
-    alpha: float
-    use_rslora: bool
-    dropout: float
-    init: str
-    options: tuple[tuple[str, Any], ...] = ()
-    bias_path: str | None = None
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  stacked_axes: int
+  fan_in_axes: int
+  kind: str
+  rank: int
+  alpha: float
+  use_rslora: bool
+  dropout: float
+  init: str
+  options: tuple[tuple[str, Any], ...] = ()
+  bias_path: str | None = None
 
-    @property
-    def layer_shape(self) -> tuple[int, ...]:
-        """Shape of one layer's leaf (stacked axes removed)."""
-        return self.shape[self.stacked_axes:]
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """Shape of one layer's leaf (stacked axes removed)."""
+    return self.shape[self.stacked_axes :]
 
-    @property
-    def stack_shape(self) -> tuple[int, ...]:
-        """Shape of the stacked-layer axes (``()`` when not stacked)."""
-        return self.shape[: self.stacked_axes]
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """Shape of the stacked-layer axes (``()`` when not stacked)."""
+    return self.shape[: self.stacked_axes]
 
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """``(d_in, d_out)`` of the folded per-layer matrix."""
-        layer = self.layer_shape
-        return math.prod(layer[: self.fan_in_axes]), math.prod(layer[self.fan_in_axes:])
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    """``(d_in, d_out)`` of the folded per-layer matrix."""
+    layer = self.layer_shape
+    return math.prod(layer[: self.fan_in_axes]), math.prod(layer[self.fan_in_axes :])
 
-    @property
-    def scaling(self) -> float:
-        """LoRA-style scale ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+  @property
+  def scaling(self) -> float:
+    """LoRA-style scale ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA)."""
+    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    def option(self, name: str) -> Any:
-        """The value of method option ``name`` (default or from ``config.options``)."""
-        return dict(self.options)[name]
+  def option(self, name: str) -> Any:
+    """The value of method option ``name`` (default or from ``config.options``)."""
+    return dict(self.options)[name]
 
 
 class AdapterMethod:
-    """Base class of a reparameterization adapter acting on one ``(d_in, d_out)`` float32 matrix.
+  """Base class of a reparameterization adapter acting on one ``(d_in, d_out)`` float32 matrix.
 
-    Subclasses implement ``init`` and either ``delta`` (linear updates: ``W' = W + delta``) or ``apply``.
-    All methods get per-layer, folded, float32 inputs and must be pure ``jnp`` code (they run under
-    ``jit``, ``grad``, ``vmap`` and ``pmap``).
+  Subclasses implement ``init`` and either ``delta`` (linear updates: ``W' = W + delta``) or ``apply``.
+  All methods get per-layer, folded, float32 inputs and must be pure ``jnp`` code (they run under
+  ``jit``, ``grad``, ``vmap`` and ``pmap``).
+  """
+
+  name: ClassVar[str] = ""
+  option_defaults: ClassVar[Mapping[str, Any]] = {}
+  frozen_leaves: ClassVar[frozenset[str]] = frozenset()
+  no_decay_leaves: ClassVar[frozenset[str]] = frozenset()
+  inits: ClassVar[tuple[str, ...] | None] = None
+  needs_matrix: ClassVar[bool] = False
+  adapts_bias: ClassVar[bool] = False
+  peft: ClassVar[Any] = None  # a jaxpeft.adapters.peft_mapping.PeftMapping: the method's PEFT counterpart
+
+  def check_target(self, target: Target) -> None:
+    """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""
+    if self.needs_matrix and target.fan_in_axes == 0:
+      raise ValueError(
+          f"{target.path}: {self.name} needs a kernel with input and output axes, but this "
+          f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
+          "from AdapterConfig.targets."
+      )
+    if self.inits is not None and target.init not in self.inits:
+      if self.inits == ("default",):
+        raise ValueError(f"{target.path}: {self.name} has only init='default', got {target.init!r}.")
+      raise ValueError(
+          f"{target.path}: unknown init {target.init!r} for {self.name}; expected one of " f"{self.inits}."
+      )
+    self.validate(target)
+
+  def validate(self, target: Target) -> None:
+    """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
+
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    """Returns the adapter leaves for one layer; ``kernel`` is the folded float32 base matrix."""
+    raise NotImplementedError(f"{type(self).__name__} must implement init().")
+
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    """The additive update ``Delta W`` of shape ``(d_in, d_out)`` (linear methods only)."""
+    raise NotImplementedError(
+        f"Method {self.name!r} has no additive update; it must override apply() and unmerge()."
+    )
+
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    """The adapted matrix; default ``kernel + delta(leaves)``."""
+    return kernel + self.delta(leaves, target)
+
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    """Inverse of ``apply`` given the adapter leaves; default ``merged - delta(leaves)``."""
+    return merged - self.delta(leaves, target)
+
+  def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    """The adapted bias (``adapts_bias`` methods, layers with a bias); ``bias`` is float32 ``(d_out,)``."""
+    return bias
+
+  def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    """Inverse of ``apply_bias`` given the adapter leaves."""
+    return merged_bias
+
+  def modifies_base(self, target: Target) -> bool:
+    """True if the init is meant to be paired with a residual base (PiSSA-style inits).
+
+    Then the base must be replaced by ``unmerge(base, adapter)`` (``reparam.init_with_base`` does it).
     """
+    return False
 
-    name: ClassVar[str] = ""
-    option_defaults: ClassVar[Mapping[str, Any]] = {}
-    frozen_leaves: ClassVar[frozenset[str]] = frozenset()
-    no_decay_leaves: ClassVar[frozenset[str]] = frozenset()
-    inits: ClassVar[tuple[str, ...] | None] = None
-    needs_matrix: ClassVar[bool] = False
-    adapts_bias: ClassVar[bool] = False
-    peft: ClassVar[Any] = None  # a jaxpeft.adapters.peft_mapping.PeftMapping: the method's PEFT counterpart
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    """Activation-hook mode: the output added to the base layer's output ``x @ kernel + bias``.
 
-    def check_target(self, target: Target) -> None:
-        """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""
-        if self.needs_matrix and target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: {self.name} needs a kernel with input and output axes, but this "
-                             f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
-                             "from AdapterConfig.targets.")
-        if self.inits is not None and target.init not in self.inits:
-            if self.inits == ("default",):
-                raise ValueError(f"{target.path}: {self.name} has only init='default', got {target.init!r}.")
-            raise ValueError(f"{target.path}: unknown init {target.init!r} for {self.name}; expected one of "
-                             f"{self.inits}.")
-        self.validate(target)
+    For ``adapts_bias`` methods the front-end adds ``apply_bias(bias) - bias`` itself: ``branch`` returns
+    only the input-dependent part.
 
-    def validate(self, target: Target) -> None:
-        """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
+    ``x`` is the (already dropped-out) input folded to ``(..., d_in)`` in float32; ``kernel`` the folded
+    float32 base matrix. Returns ``(..., d_out)``. Optional: methods without it are reparam-only.
+    """
+    raise NotImplementedError(
+        f"Method {self.name!r} has no activation-hook (factored) form; use reparam.apply instead."
+    )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        """Returns the adapter leaves for one layer; ``kernel`` is the folded float32 base matrix."""
-        raise NotImplementedError(f"{type(self).__name__} must implement init().")
+  # Training hooks: optional; the harness (``jaxpeft.train``) asks the method through them and never names it.
+  # ``has_hook(method, name)`` says whether a method implements one.
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        """The additive update ``Delta W`` of shape ``(d_in, d_out)`` (linear methods only)."""
-        raise NotImplementedError(
-            f"Method {self.name!r} has no additive update; it must override apply() and unmerge().")
+  def loss_term(self, config: Any, **options: Any) -> LossTerm:
+    """The method's term added to the training loss, built from ``config.adapter.penalty`` (``options``).
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        """The adapted matrix; default ``kernel + delta(leaves)``."""
-        return kernel + self.delta(leaves, target)
+    ``config`` is the run's ``AdapterConfig``. Returns ``term(base_params, adapter_params, rng) -> scalar``.
+    """
+    raise NotImplementedError(f"Method {self.name!r} has no loss term.")
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        """Inverse of ``apply`` given the adapter leaves; default ``merged - delta(leaves)``."""
-        return merged - self.delta(leaves, target)
+  def update_rule(self, config: Any, **options: Any) -> Any:
+    """The method's own ``optax.GradientTransformation`` over the adapter tree, chained after the optimizer.
 
-    def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        """The adapted bias (``adapts_bias`` methods, layers with a bias); ``bias`` is float32 ``(d_out,)``."""
-        return bias
+    Built from ``config.adapter.update`` (``options``); it must leave the leaves it does not rule unchanged
+    (e.g. with ``optax.masked``).
+    """
+    raise NotImplementedError(f"Method {self.name!r} has no update rule.")
 
-    def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        """Inverse of ``apply_bias`` given the adapter leaves."""
-        return merged_bias
+  def reselect(self, base_params: PyTree, adapter_params: PyTree, config: Any) -> tuple[PyTree, PyTree]:
+    """The between-steps rewrite: ``(base_params, adapter_params)`` with the same model function.
 
-    def modifies_base(self, target: Target) -> bool:
-        """True if the init is meant to be paired with a residual base (PiSSA-style inits).
+    Run every ``config.adapter.reselect_every`` steps; the caller restarts the optimizer state.
+    """
+    raise NotImplementedError(f"Method {self.name!r} has no between-steps re-selection.")
 
-        Then the base must be replaced by ``unmerge(base, adapter)`` (``reparam.init_with_base`` does it).
-        """
-        return False
+  def calibrate(
+      self, apply_fn: Callable[[PyTree, Any], Any], base_params: PyTree, batches: Iterable[Any], config: Any
+  ) -> PyTree:
+    """What the calibrated init reads from data; ``apply_fn(params, batch)`` runs the model on a batch."""
+    raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        """Activation-hook mode: the output added to the base layer's output ``x @ kernel + bias``.
+  def calibrated_init(self, config: Any, base_params: PyTree, calibration: PyTree) -> tuple[PyTree, PyTree]:
+    """``(base_params, adapter_params)`` from ``calibrate``'s result (the base may become a residual)."""
+    raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
 
-        For ``adapts_bias`` methods the front-end adds ``apply_bias(bias) - bias`` itself: ``branch`` returns
-        only the input-dependent part.
+  def trained_count(self, leaves: Leaves) -> int:
+    """Scalars training can change in one target's leaves (stacked layers included).
 
-        ``x`` is the (already dropped-out) input folded to ``(..., d_in)`` in float32; ``kernel`` the folded
-        float32 base matrix. Returns ``(..., d_out)``. Optional: methods without it are reparam-only.
-        """
-        raise NotImplementedError(
-            f"Method {self.name!r} has no activation-hook (factored) form; use reparam.apply instead.")
-
-    # Training hooks: optional; the harness (``jaxpeft.train``) asks the method through them and never names it.
-    # ``has_hook(method, name)`` says whether a method implements one.
-
-    def loss_term(self, config: Any, **options: Any) -> LossTerm:
-        """The method's term added to the training loss, built from ``config.adapter.penalty`` (``options``).
-
-        ``config`` is the run's ``AdapterConfig``. Returns ``term(base_params, adapter_params, rng) -> scalar``.
-        """
-        raise NotImplementedError(f"Method {self.name!r} has no loss term.")
-
-    def update_rule(self, config: Any, **options: Any) -> Any:
-        """The method's own ``optax.GradientTransformation`` over the adapter tree, chained after the optimizer.
-
-        Built from ``config.adapter.update`` (``options``); it must leave the leaves it does not rule unchanged
-        (e.g. with ``optax.masked``).
-        """
-        raise NotImplementedError(f"Method {self.name!r} has no update rule.")
-
-    def reselect(self, base_params: PyTree, adapter_params: PyTree, config: Any) -> tuple[PyTree, PyTree]:
-        """The between-steps rewrite: ``(base_params, adapter_params)`` with the same model function.
-
-        Run every ``config.adapter.reselect_every`` steps; the caller restarts the optimizer state.
-        """
-        raise NotImplementedError(f"Method {self.name!r} has no between-steps re-selection.")
-
-    def calibrate(self, apply_fn: Callable[[PyTree, Any], Any], base_params: PyTree, batches: Iterable[Any],
-                  config: Any) -> PyTree:
-        """What the calibrated init reads from data; ``apply_fn(params, batch)`` runs the model on a batch."""
-        raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
-
-    def calibrated_init(self, config: Any, base_params: PyTree, calibration: PyTree) -> tuple[PyTree, PyTree]:
-        """``(base_params, adapter_params)`` from ``calibrate``'s result (the base may become a residual)."""
-        raise NotImplementedError(f"Method {self.name!r} has no calibrated init.")
-
-    def trained_count(self, leaves: Leaves) -> int:
-        """Scalars training can change in one target's leaves (stacked layers included).
-
-        Default: the sizes of the leaves not in ``frozen_leaves``.
-        """
-        return sum(int(v.size) for k, v in leaves.items() if k not in self.frozen_leaves)
+    Default: the sizes of the leaves not in ``frozen_leaves``.
+    """
+    return sum(int(v.size) for k, v in leaves.items() if k not in self.frozen_leaves)
 
 
 def register_method(name: str):
-    """Class decorator registering an ``AdapterMethod`` subclass under ``name`` (``config.method``)."""
+  """Class decorator registering an ``AdapterMethod`` subclass under ``name`` (``config.method``)."""
 
-    def decorator(cls: type[AdapterMethod]) -> type[AdapterMethod]:
-        if not (isinstance(cls, type) and issubclass(cls, AdapterMethod)):
-            raise TypeError(f"register_method({name!r}) expects an AdapterMethod subclass, got {cls!r}.")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"Adapter method {name!r} is already registered by {_REGISTRY[name]!r}.")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+  def decorator(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+    if not (isinstance(cls, type) and issubclass(cls, AdapterMethod)):
+      raise TypeError(f"register_method({name!r}) expects an AdapterMethod subclass, got {cls!r}.")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+      raise ValueError(f"Adapter method {name!r} is already registered by {_REGISTRY[name]!r}.")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
 
-    return decorator
+  return decorator
 
 
 def _import_methods() -> None:
-    """Imports every built-in method module, so that the registry lists them all."""
-    importlib.import_module("jaxpeft.adapters.methods")
+  """Imports every built-in method module, so that the registry lists them all."""
+  importlib.import_module("jaxpeft.adapters.methods")
 
 
 def list_methods() -> list[str]:
-    """The names of every registered adapter method (the built-in ones and any registered since), sorted."""
-    _import_methods()
-    return sorted(_REGISTRY)
+  """The names of every registered adapter method (the built-in ones and any registered since), sorted."""
+  _import_methods()
+  return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> AdapterMethod:
-    """An instance of the method registered as ``name`` (built-in methods are imported on first use)."""
-    if name not in _REGISTRY:
-        _import_methods()
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown adapter method {name!r}. Registered methods: {sorted(_REGISTRY)}. A new method is an "
-            "AdapterMethod subclass decorated with @register_method(name) (see jaxpeft.adapters.core).")
-    return _REGISTRY[name]()
+  """An instance of the method registered as ``name`` (built-in methods are imported on first use)."""
+  if name not in _REGISTRY:
+    _import_methods()
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"Unknown adapter method {name!r}. Registered methods: {sorted(_REGISTRY)}. A new method is an "
+        "AdapterMethod subclass decorated with @register_method(name) (see jaxpeft.adapters.core)."
+    )
+  return _REGISTRY[name]()
 
 
 HOOKS = ("loss_term", "update_rule", "reselect", "calibrate", "calibrated_init")
 
 
 def has_hook(method: AdapterMethod, hook: str) -> bool:
-    """Whether ``method`` implements the optional training hook ``hook`` (one of ``HOOKS``)."""
-    if hook not in HOOKS:
-        raise ValueError(f"Unknown hook {hook!r}; the optional training hooks are {HOOKS}.")
-    return getattr(type(method), hook) is not getattr(AdapterMethod, hook)
+  """Whether ``method`` implements the optional training hook ``hook`` (one of ``HOOKS``)."""
+  if hook not in HOOKS:
+    raise ValueError(f"Unknown hook {hook!r}; the optional training hooks are {HOOKS}.")
+  return getattr(type(method), hook) is not getattr(AdapterMethod, hook)
 
 
 def stop_frozen(method: AdapterMethod, leaves: Leaves) -> Leaves:
-    """``leaves`` with ``stop_gradient`` on the method's ``frozen_leaves``."""
-    return {k: jax.lax.stop_gradient(v) if k in method.frozen_leaves else v for k, v in leaves.items()}
+  """``leaves`` with ``stop_gradient`` on the method's ``frozen_leaves``."""
+  return {k: jax.lax.stop_gradient(v) if k in method.frozen_leaves else v for k, v in leaves.items()}
 
 
 def fold(leaf: jax.Array, target: Target) -> jax.Array:
-    """One layer's leaf -> float32 ``(d_in, d_out)`` matrix."""
-    return leaf.reshape(target.matrix_shape).astype(jnp.float32)
+  """One layer's leaf -> float32 ``(d_in, d_out)`` matrix."""
+  return leaf.reshape(target.matrix_shape).astype(jnp.float32)
 
 
 def unfold(matrix: jax.Array, target: Target) -> jax.Array:
-    """Float32 ``(d_in, d_out)`` matrix -> one layer's leaf in the base dtype."""
-    return matrix.reshape(target.layer_shape).astype(target.dtype)
+  """Float32 ``(d_in, d_out)`` matrix -> one layer's leaf in the base dtype."""
+  return matrix.reshape(target.layer_shape).astype(target.dtype)
 
 
 def fold_bias(bias: jax.Array) -> jax.Array:
-    """One layer's bias (e.g. DenseGeneral ``(heads, head_dim)``) -> float32 ``(d_out,)``."""
-    return bias.reshape(-1).astype(jnp.float32)
+  """One layer's bias (e.g. DenseGeneral ``(heads, head_dim)``) -> float32 ``(d_out,)``."""
+  return bias.reshape(-1).astype(jnp.float32)
 
 
 def unfold_bias(vector: jax.Array, like: jax.Array) -> jax.Array:
-    """Float32 ``(d_out,)`` -> one layer's bias with the shape and dtype of ``like``."""
-    return vector.reshape(like.shape).astype(like.dtype)
+  """Float32 ``(d_out,)`` -> one layer's bias with the shape and dtype of ``like``."""
+  return vector.reshape(like.shape).astype(like.dtype)

@@ -30,43 +30,49 @@ Handler = Callable[[Callable[..., Any], tuple, dict, nn.Module, Target], Any]
 
 
 def module_path(target: Target, levels_up: int = 0) -> str:
-    """The path of the module owning ``target``'s leaf, or of its ancestor ``levels_up`` levels above."""
-    owner = target.path.split("/")[:-1]
-    if levels_up > len(owner):
-        raise ValueError(f"{target.path}: the hooked module is {levels_up} level(s) above the leaf's owner, but "
-                         "the path is not that deep; target a leaf of a submodule of the module to hook.")
-    return "/".join(owner[: len(owner) - levels_up])
+  """The path of the module owning ``target``'s leaf, or of its ancestor ``levels_up`` levels above."""
+  owner = target.path.split("/")[:-1]
+  if levels_up > len(owner):
+    raise ValueError(
+        f"{target.path}: the hooked module is {levels_up} level(s) above the leaf's owner, but "
+        "the path is not that deep; target a leaf of a submodule of the module to hook."
+    )
+  return "/".join(owner[: len(owner) - levels_up])
 
 
 @contextlib.contextmanager
 def intercept(hooked: Mapping[str, Target], handler: Handler, what: str) -> Iterator[None]:
-    """Inside the block, each ``__call__`` of a module in ``hooked`` returns ``handler(...)``'s output.
+  """Inside the block, each ``__call__`` of a module in ``hooked`` returns ``handler(...)``'s output.
 
-    Args:
-      hooked: ``{module path: target}``.
-      handler: computes the hooked call's output (see ``Handler``).
-      what: names the user of the engine in error messages (e.g. ``"the activation-hook mode"``).
-    """
-    stacked = sorted(t.path for t in hooked.values() if t.stacked_axes)
-    if stacked:
-        raise ValueError(f"Stacked (scanned) targets {stacked} are not supported by {what}; use reparam.apply "
-                         "or unstacked layers.")
-    called: set[str] = set()
+  Args:
+    hooked: ``{module path: target}``.
+    handler: computes the hooked call's output (see ``Handler``).
+    what: names the user of the engine in error messages (e.g. ``"the activation-hook mode"``).
+  """
+  stacked = sorted(t.path for t in hooked.values() if t.stacked_axes)
+  if stacked:
+    raise ValueError(
+        f"Stacked (scanned) targets {stacked} are not supported by {what}; use reparam.apply "
+        "or unstacked layers."
+    )
+  called: set[str] = set()
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or module.scope is None:
-            return next_fun(*args, **kwargs)
-        target = hooked.get("/".join(module.path))
-        if target is None:
-            return next_fun(*args, **kwargs)
-        called.add(target.path)
-        return handler(next_fun, args, kwargs, module, target)
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or module.scope is None:
+      return next_fun(*args, **kwargs)
+    target = hooked.get("/".join(module.path))
+    if target is None:
+      return next_fun(*args, **kwargs)
+    called.add(target.path)
+    return handler(next_fun, args, kwargs, module, target)
 
-    with nn.intercept_methods(interceptor):
-        yield
-    missing = sorted({t.path for t in hooked.values()} - called)
-    if missing:
-        raise ValueError(f"Targets {missing} were not called inside the intercept block ({what}), or a jit cache "
-                         "hit skipped tracing (put the `with` inside the jitted function); nothing was applied "
-                         "to them.")
+  with nn.intercept_methods(interceptor):
+    yield
+  missing = sorted({t.path for t in hooked.values()} - called)
+  if missing:
+    raise ValueError(
+        f"Targets {missing} were not called inside the intercept block ({what}), or a jit cache "
+        "hit skipped tracing (put the `with` inside the jitted function); nothing was applied "
+        "to them."
+    )

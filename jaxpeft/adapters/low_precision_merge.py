@@ -58,92 +58,110 @@ _QMAX = 127
 
 @flax.struct.dataclass
 class Int8Kernel:
-    """A symmetric int8 leaf: value ``scale * q``; ``scale`` keeps the leaf's rank (size 1 on the fan-in axes)."""
+  """A symmetric int8 leaf: value ``scale * q``; ``scale`` keeps the leaf's rank (size 1 on the fan-in axes)."""
 
-    q: jax.Array
-    scale: jax.Array
+  q: jax.Array
+  scale: jax.Array
 
-    def dequantize(self) -> jax.Array:
-        return self.q.astype(jnp.float32) * self.scale
+  def dequantize(self) -> jax.Array:
+    return self.q.astype(jnp.float32) * self.scale
 
 
 def _quantize_leaf(leaf: jax.Array, target: Target) -> Int8Kernel:
-    fan_in = tuple(range(target.stacked_axes, target.stacked_axes + target.fan_in_axes))
-    w = leaf.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=fan_in, keepdims=True) / _QMAX
-    scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(w / scale), -_QMAX, _QMAX).astype(jnp.int8)
-    return Int8Kernel(q=q, scale=scale)
+  fan_in = tuple(range(target.stacked_axes, target.stacked_axes + target.fan_in_axes))
+  w = leaf.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(w), axis=fan_in, keepdims=True) / _QMAX
+  scale = jnp.where(scale > 0, scale, 1.0)
+  q = jnp.clip(jnp.round(w / scale), -_QMAX, _QMAX).astype(jnp.int8)
+  return Int8Kernel(q=q, scale=scale)
 
 
 def _is_int8(x: Any) -> bool:
-    return isinstance(x, Int8Kernel)
+  return isinstance(x, Int8Kernel)
 
 
 def dequantize(params: Params) -> Params:
-    """``params`` with every ``Int8Kernel`` replaced by its float32 value."""
-    return jax.tree.map(lambda x: x.dequantize() if _is_int8(x) else x, params, is_leaf=_is_int8)
+  """``params`` with every ``Int8Kernel`` replaced by its float32 value."""
+  return jax.tree.map(lambda x: x.dequantize() if _is_int8(x) else x, params, is_leaf=_is_int8)
 
 
 def quantize_int8(params: Params, config: AdapterConfig) -> Params:
-    """``params`` with the leaves targeted by ``config`` replaced by per-output-channel ``Int8Kernel``s."""
-    targets = {t.path: t for t in select_targets(config, params)}
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: _quantize_leaf(x, targets[path_string(kp)]) if path_string(kp) in targets else x, params)
+  """``params`` with the leaves targeted by ``config`` replaced by per-output-channel ``Int8Kernel``s."""
+  targets = {t.path: t for t in select_targets(config, params)}
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: _quantize_leaf(x, targets[path_string(kp)]) if path_string(kp) in targets else x, params
+  )
 
 
 def merge_int8(quantized_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> Params:
-    """Merges an adapter into an int8 base: dequantize, ``reparam.merge`` in float32, re-quantize the targets."""
-    if not any(_is_int8(x) for x in jax.tree.leaves(quantized_params, is_leaf=_is_int8)):
-        raise ValueError("merge_int8 expects a base quantized with quantize_int8 (Int8Kernel leaves); for float "
-                         "or bfloat16 bases use reparam.merge.")
-    merged = reparam.merge(dequantize(quantized_params), adapter_params, config)
-    return quantize_int8(merged, config)
+  """Merges an adapter into an int8 base: dequantize, ``reparam.merge`` in float32, re-quantize the targets."""
+  if not any(_is_int8(x) for x in jax.tree.leaves(quantized_params, is_leaf=_is_int8)):
+    raise ValueError(
+        "merge_int8 expects a base quantized with quantize_int8 (Int8Kernel leaves); for float "
+        "or bfloat16 bases use reparam.merge."
+    )
+  merged = reparam.merge(dequantize(quantized_params), adapter_params, config)
+  return quantize_int8(merged, config)
 
 
 def _max_errors(got: Params, want: Params, config: AdapterConfig) -> dict[str, float]:
-    """Max abs error, max elementwise relative error and the Frobenius-relative error over the targets."""
-    targets = [t.path for t in select_targets(config, want)]
-    got_leaves, want_leaves = dict(named_leaves(got)), dict(named_leaves(want))
-    diff = [got_leaves[p].astype(jnp.float32) - want_leaves[p] for p in targets]
-    want_ = [want_leaves[p] for p in targets]
-    return {"max_abs": float(max(jnp.abs(d).max() for d in diff)),
-            "max_rel": float(max((jnp.abs(d) / jnp.maximum(jnp.abs(w), 1e-30)).max() for d, w in zip(diff, want_))),
-            "rel_fro": float(jnp.sqrt(sum(jnp.sum(d ** 2) for d in diff) / sum(jnp.sum(w ** 2) for w in want_)))}
+  """Max abs error, max elementwise relative error and the Frobenius-relative error over the targets."""
+  targets = [t.path for t in select_targets(config, want)]
+  got_leaves, want_leaves = dict(named_leaves(got)), dict(named_leaves(want))
+  diff = [got_leaves[p].astype(jnp.float32) - want_leaves[p] for p in targets]
+  want_ = [want_leaves[p] for p in targets]
+  return {
+      "max_abs": float(max(jnp.abs(d).max() for d in diff)),
+      "max_rel": float(max((jnp.abs(d) / jnp.maximum(jnp.abs(w), 1e-30)).max() for d, w in zip(diff, want_))),
+      "rel_fro": float(jnp.sqrt(sum(jnp.sum(d**2) for d in diff) / sum(jnp.sum(w**2) for w in want_))),
+  }
 
 
 def merge_error(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> dict[str, dict]:
-    """Errors of the low-precision merges of a float32 base against float32 merges (see ``_max_errors``).
+  """Errors of the low-precision merges of a float32 base against float32 merges (see ``_max_errors``).
 
-    Keys: ``"bf16"`` (bf16 base merged by ``reparam.merge`` vs the float32 merge of the same bf16 values),
-    ``"bf16_vs_float_base"`` (vs the float32 merge of the original base), ``"bf16_naive"`` (the update rounded
-    to bf16 and added in bf16, for comparison), ``"int8"`` (``merge_int8`` vs the float32 merge of the
-    dequantized base), ``"int8_vs_float_base"`` (vs the float32 merge of the original base: quantizing the
-    base adds its own half step).
-    """
-    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base_params)
-    bf16_up = jax.tree.map(lambda x: x.astype(jnp.float32), bf16)
-    exact_bf16 = reparam.merge(bf16_up, adapter_params, config)
-    naive = jax.tree.map(lambda w, m: (w + (m - w).astype(jnp.bfloat16)).astype(jnp.bfloat16), bf16, exact_bf16)
-    quantized = quantize_int8(base_params, config)
-    dequantized = dequantize(quantized)
-    return {
-        "bf16": _max_errors(reparam.merge(bf16, adapter_params, config), exact_bf16, config),
-        "bf16_vs_float_base": _max_errors(reparam.merge(bf16, adapter_params, config),
-                                          reparam.merge(base_params, adapter_params, config), config),
-        "bf16_naive": _max_errors(naive, exact_bf16, config),
-        "int8": _max_errors(dequantize(merge_int8(quantized, adapter_params, config)),
-                            reparam.merge(dequantized, adapter_params, config), config),
-        "int8_vs_float_base": _max_errors(dequantize(merge_int8(quantized, adapter_params, config)),
-                                          reparam.merge(base_params, adapter_params, config), config),
-    }
+  Keys: ``"bf16"`` (bf16 base merged by ``reparam.merge`` vs the float32 merge of the same bf16 values),
+  ``"bf16_vs_float_base"`` (vs the float32 merge of the original base), ``"bf16_naive"`` (the update rounded
+  to bf16 and added in bf16, for comparison), ``"int8"`` (``merge_int8`` vs the float32 merge of the
+  dequantized base), ``"int8_vs_float_base"`` (vs the float32 merge of the original base: quantizing the
+  base adds its own half step).
+  """
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base_params)
+  bf16_up = jax.tree.map(lambda x: x.astype(jnp.float32), bf16)
+  exact_bf16 = reparam.merge(bf16_up, adapter_params, config)
+  naive = jax.tree.map(lambda w, m: (w + (m - w).astype(jnp.bfloat16)).astype(jnp.bfloat16), bf16, exact_bf16)
+  quantized = quantize_int8(base_params, config)
+  dequantized = dequantize(quantized)
+  return {
+      "bf16": _max_errors(reparam.merge(bf16, adapter_params, config), exact_bf16, config),
+      "bf16_vs_float_base": _max_errors(
+          reparam.merge(bf16, adapter_params, config), reparam.merge(base_params, adapter_params, config), config
+      ),
+      "bf16_naive": _max_errors(naive, exact_bf16, config),
+      "int8": _max_errors(
+          dequantize(merge_int8(quantized, adapter_params, config)),
+          reparam.merge(dequantized, adapter_params, config),
+          config,
+      ),
+      "int8_vs_float_base": _max_errors(
+          dequantize(merge_int8(quantized, adapter_params, config)),
+          reparam.merge(base_params, adapter_params, config),
+          config,
+      ),
+  }
 
 
 def measure_example(d: int = 1024, rank: int = 16) -> dict[str, dict]:
-    """``merge_error`` on the example of the module docstring (one ``d x d`` kernel, a rank-``rank`` LoRA)."""
-    k_w, k_a, k_b = jax.random.split(jax.random.key(0), 3)
-    base = {"layer": {"kernel": 0.02 * jax.random.normal(k_w, (d, d))}}
-    config = AdapterConfig(targets="layer/kernel", rank=rank, alpha=float(rank))
-    adapter = {"layer": {"kernel": {"a": jax.random.normal(k_a, (d, rank)) / jnp.sqrt(d),
-                                    "b": 2e-3 * jnp.sqrt(d / rank) * jax.random.normal(k_b, (rank, d))}}}
-    return merge_error(base, adapter, config)
+  """``merge_error`` on the example of the module docstring (one ``d x d`` kernel, a rank-``rank`` LoRA)."""
+  k_w, k_a, k_b = jax.random.split(jax.random.key(0), 3)
+  base = {"layer": {"kernel": 0.02 * jax.random.normal(k_w, (d, d))}}
+  config = AdapterConfig(targets="layer/kernel", rank=rank, alpha=float(rank))
+  adapter = {
+      "layer": {
+          "kernel": {
+              "a": jax.random.normal(k_a, (d, rank)) / jnp.sqrt(d),
+              "b": 2e-3 * jnp.sqrt(d / rank) * jax.random.normal(k_b, (rank, d)),
+          }
+      }
+  }
+  return merge_error(base, adapter, config)

@@ -47,47 +47,62 @@ from jaxpeft.adapters.hot_swap import pad_to_rank
 from jaxpeft.adapters.reparam import AdapterParams, Params
 
 
-def stack(base_params: Params, adapters: Sequence[tuple[AdapterConfig, AdapterParams]],
-          max_rank: int | None = None) -> tuple[AdapterParams, AdapterConfig]:
-    """``(stacked adapter, config)``: LoRA adapters padded to one rank and stacked along a leading axis.
+def stack(
+    base_params: Params, adapters: Sequence[tuple[AdapterConfig, AdapterParams]], max_rank: int | None = None
+) -> tuple[AdapterParams, AdapterConfig]:
+  """``(stacked adapter, config)``: LoRA adapters padded to one rank and stacked along a leading axis.
 
-    Adapter ``k`` of the list is ``index == k``. ``max_rank`` defaults to the largest rank of any module.
-    The returned config has ``method="mixed_batch"`` (scale 1: the scales are folded into ``b``).
-    """
-    if not adapters:
-        raise ValueError("mixed_batch.stack needs at least one (config, adapter_params) pair.")
-    if max_rank is None:
-        max_rank = max(max([c.rank, *dict(c.rank_pattern).values()]) for c, _ in adapters)
-    padded = [pad_to_rank(base_params, params, config, max_rank) for config, params in adapters]
-    configs = {c for _, c in padded}
-    if len(configs) > 1:
-        raise ValueError("mixed_batch.stack needs adapters of one layout (same targets, fan_in_axes, "
-                         f"stacked_axes, dropout); after padding to rank {max_rank} the configs still differ: "
-                         f"{sorted(map(str, configs))}.")
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[p for p, _ in padded])
-    return stacked, dataclasses.replace(configs.pop(), method="mixed_batch")
+  Adapter ``k`` of the list is ``index == k``. ``max_rank`` defaults to the largest rank of any module.
+  The returned config has ``method="mixed_batch"`` (scale 1: the scales are folded into ``b``).
+  """
+  if not adapters:
+    raise ValueError("mixed_batch.stack needs at least one (config, adapter_params) pair.")
+  if max_rank is None:
+    max_rank = max(max([c.rank, *dict(c.rank_pattern).values()]) for c, _ in adapters)
+  padded = [pad_to_rank(base_params, params, config, max_rank) for config, params in adapters]
+  configs = {c for _, c in padded}
+  if len(configs) > 1:
+    raise ValueError(
+        "mixed_batch.stack needs adapters of one layout (same targets, fan_in_axes, "
+        f"stacked_axes, dropout); after padding to rank {max_rank} the configs still differ: "
+        f"{sorted(map(str, configs))}."
+    )
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[p for p, _ in padded])
+  return stacked, dataclasses.replace(configs.pop(), method="mixed_batch")
 
 
 @contextlib.contextmanager
-def intercept(params: Params, stacked: AdapterParams, config: AdapterConfig, index: jax.Array, *,
-              rng: jax.Array | None = None, deterministic: bool = True) -> Iterator[None]:
-    """``factored.intercept`` with example ``i`` of the batch using stacked adapter ``index[i]`` (-1: base).
+def intercept(
+    params: Params,
+    stacked: AdapterParams,
+    config: AdapterConfig,
+    index: jax.Array,
+    *,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+) -> Iterator[None]:
+  """``factored.intercept`` with example ``i`` of the batch using stacked adapter ``index[i]`` (-1: base).
 
-    Args:
-      params: the base linen ``variables['params']``.
-      stacked, config: from ``stack``.
-      index: int array ``(batch,)``; a jit argument, so a new mix reuses the compiled program.
-      rng, deterministic: adapter-input dropout, as in ``factored.intercept``.
-    """
-    if config.method != "mixed_batch":
-        raise ValueError(f"config.method is {config.method!r}; build the stacked adapter and its config with "
-                         "mixed_batch.stack(base_params, [(config, adapter), ...]).")
-    index = jnp.asarray(index)
-    if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
-        raise ValueError(f"index must be a 1-D int array (one adapter index per example), got {index.dtype} "
-                         f"of shape {index.shape}.")
-    flat = traverse_util.flatten_dict(stacked, sep="/")
-    flat.update({f"{key.rpartition('/')[0]}/index": index for key in list(flat)})
-    with factored.intercept(params, traverse_util.unflatten_dict(flat, sep="/"), config, rng=rng,
-                            deterministic=deterministic):
-        yield
+  Args:
+    params: the base linen ``variables['params']``.
+    stacked, config: from ``stack``.
+    index: int array ``(batch,)``; a jit argument, so a new mix reuses the compiled program.
+    rng, deterministic: adapter-input dropout, as in ``factored.intercept``.
+  """
+  if config.method != "mixed_batch":
+    raise ValueError(
+        f"config.method is {config.method!r}; build the stacked adapter and its config with "
+        "mixed_batch.stack(base_params, [(config, adapter), ...])."
+    )
+  index = jnp.asarray(index)
+  if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(
+        f"index must be a 1-D int array (one adapter index per example), got {index.dtype} "
+        f"of shape {index.shape}."
+    )
+  flat = traverse_util.flatten_dict(stacked, sep="/")
+  flat.update({f"{key.rpartition('/')[0]}/index": index for key in list(flat)})
+  with factored.intercept(
+      params, traverse_util.unflatten_dict(flat, sep="/"), config, rng=rng, deterministic=deterministic
+  ):
+    yield

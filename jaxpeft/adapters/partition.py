@@ -36,27 +36,28 @@ from jaxpeft.adapters.core import get_method
 from jaxpeft.adapters.reparam import AdapterParams, apply
 
 
-def adapter_value_and_grad(loss_fn: Callable[..., Any], config: AdapterConfig, *,
-                           has_aux: bool = False) -> Callable[..., Any]:
-    """``f(adapter_params, base_params, *args) -> (value, grad wrt adapter_params)``.
+def adapter_value_and_grad(
+    loss_fn: Callable[..., Any], config: AdapterConfig, *, has_aux: bool = False
+) -> Callable[..., Any]:
+  """``f(adapter_params, base_params, *args) -> (value, grad wrt adapter_params)``.
 
-    ``loss_fn(params, *args)`` is the ordinary full-model loss; it receives ``reparam.apply(base_params,
-    adapter_params, config)``. With ``has_aux=True`` ``loss_fn`` returns ``(loss, aux)`` as in ``jax.value_and_grad``.
-    """
+  ``loss_fn(params, *args)`` is the ordinary full-model loss; it receives ``reparam.apply(base_params,
+  adapter_params, config)``. With ``has_aux=True`` ``loss_fn`` returns ``(loss, aux)`` as in ``jax.value_and_grad``.
+  """
 
-    def adapted_loss(adapter_params, base_params, *args, **kwargs):
-        return loss_fn(apply(base_params, adapter_params, config), *args, **kwargs)
+  def adapted_loss(adapter_params, base_params, *args, **kwargs):
+    return loss_fn(apply(base_params, adapter_params, config), *args, **kwargs)
 
-    return jax.value_and_grad(adapted_loss, has_aux=has_aux)
+  return jax.value_and_grad(adapted_loss, has_aux=has_aux)
 
 
 def param_count(tree: Any) -> int:
-    """Number of scalars in a pytree (e.g. to report the adapter's share of the model)."""
-    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
+  """Number of scalars in a pytree (e.g. to report the adapter's share of the model)."""
+  return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def optimizer_labels(adapter_params: AdapterParams, config: AdapterConfig) -> AdapterParams:
-    """A tree like ``adapter_params`` with ``"frozen"`` at the method's ``frozen_leaves``, else ``"trainable"``."""
-    frozen = get_method(config.method).frozen_leaves
-    flat = traverse_util.flatten_dict(adapter_params)
-    return traverse_util.unflatten_dict({k: "frozen" if k[-1] in frozen else "trainable" for k in flat})
+  """A tree like ``adapter_params`` with ``"frozen"`` at the method's ``frozen_leaves``, else ``"trainable"``."""
+  frozen = get_method(config.method).frozen_leaves
+  flat = traverse_util.flatten_dict(adapter_params)
+  return traverse_util.unflatten_dict({k: "frozen" if k[-1] in frozen else "trainable" for k in flat})

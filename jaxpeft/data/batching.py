@@ -91,9 +91,7 @@ class BatchLoader:
       shuffle: bool = True,
       preprocess: Preprocess | None = None,
   ):
-    self.local_batch_size = _check_processes(
-        global_batch_size, process_index, process_count, "global_batch_size"
-    )
+    self.local_batch_size = _check_processes(global_batch_size, process_index, process_count, "global_batch_size")
     self.num_examples = len(source)
     if global_batch_size > self.num_examples:
       raise ValueError(

@@ -56,7 +56,8 @@ def load_tokenizer(name: str) -> tokenizers.Tokenizer:
     return gemma3_tokenizer.from_gguf(path)
   raise FileNotFoundError(
       f"config.dataset.tokenizer={name!r} is neither a file nor a folder; pass a GGUF file, a Hugging Face"
-      f" folder, a tokenizer.json, {gemma3_loader.CHECKPOINT_PACKAGE!r} or {BYTES!r}.")
+      f" folder, a tokenizer.json, {gemma3_loader.CHECKPOINT_PACKAGE!r} or {BYTES!r}."
+  )
 
 
 def special_id(tokenizer: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | None:
@@ -86,12 +87,14 @@ def encode_pairs(tokenizer: tokenizers.Tokenizer, prompts: list[str], responses:
   batch["input_ids"][:] = pad
   for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
     if len(p) >= max_len:
-      raise ValueError(f"A prompt of {len(p)} tokens does not leave room for a response in max_len={max_len}:"
-                       " raise config.dataset.max_len.")
+      raise ValueError(
+          f"A prompt of {len(p)} tokens does not leave room for a response in max_len={max_len}:"
+          " raise config.dataset.max_len."
+      )
     tokens = (p + r + [eos])[:max_len]
-    batch["input_ids"][row, :len(tokens)] = tokens
-    batch["attention_mask"][row, :len(tokens)] = 1
-    batch["loss_mask"][row, len(p):len(tokens)] = 1
+    batch["input_ids"][row, : len(tokens)] = tokens
+    batch["attention_mask"][row, : len(tokens)] = 1
+    batch["loss_mask"][row, len(p) : len(tokens)] = 1
   return batch
 
 
@@ -104,15 +107,18 @@ def causal_lm_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Pr
   name = getattr(dataset_config, "tokenizer", None) if dataset_config else None
   max_len = getattr(dataset_config, "max_len", None) if dataset_config else None
   if not name or not max_len:
-    raise ValueError("A causal-LM dataset needs config.dataset.tokenizer (see jaxpeft.data.causal_lm.load_tokenizer)"
-                     " and config.dataset.max_len (tokens per example); got"
-                     f" tokenizer={name!r}, max_len={max_len!r}.")
+    raise ValueError(
+        "A causal-LM dataset needs config.dataset.tokenizer (see jaxpeft.data.causal_lm.load_tokenizer)"
+        " and config.dataset.max_len (tokens per example); got"
+        f" tokenizer={name!r}, max_len={max_len!r}."
+    )
   tokenizer = load_tokenizer(name)
 
   def preprocess(batch: Batch) -> Batch:
     if "prompt" not in batch or "response" not in batch:
-      raise ValueError("The causal-LM preprocess needs features 'prompt' and 'response'; this batch has"
-                       f" {sorted(batch)}.")
+      raise ValueError(
+          "The causal-LM preprocess needs features 'prompt' and 'response'; this batch has" f" {sorted(batch)}."
+      )
     return encode_pairs(tokenizer, _texts(batch["prompt"]), _texts(batch["response"]), int(max_len))
 
   return preprocess

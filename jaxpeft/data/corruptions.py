@@ -71,9 +71,9 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
   half = 8 if radius <= 8 else int(radius)
   size = 3 if radius <= 8 else 5
   grid = np.arange(-half, half + 1)
-  disk = (grid[None, :] ** 2 + grid[:, None] ** 2 <= radius ** 2).astype(np.float64)
+  disk = (grid[None, :] ** 2 + grid[:, None] ** 2 <= radius**2).astype(np.float64)
   disk /= disk.sum()
-  g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * alias_blur ** 2))
+  g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * alias_blur**2))
   g /= g.sum()
   return ndi.correlate(disk, np.outer(g, g), mode="mirror")
 
@@ -94,7 +94,7 @@ def _motion_blur(x, s, rng):
   radius, sigma = ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5))[s - 1]
   angle = np.deg2rad(rng.uniform(-45, 45))
   t = np.arange(radius)
-  weights = np.exp(-t ** 2 / (2 * sigma ** 2))
+  weights = np.exp(-(t**2) / (2 * sigma**2))
   weights /= weights.sum()
   rows, cols = np.meshgrid(np.arange(x.shape[0]), np.arange(x.shape[1]), indexing="ij")
   out = np.zeros_like(x)
@@ -109,9 +109,9 @@ def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
   h = x.shape[0]
   crop = int(np.ceil(h / factor))
   top = (h - crop) // 2
-  zoomed = ndi.zoom(x[top:top + crop, top:top + crop], factor, order=1)
+  zoomed = ndi.zoom(x[top : top + crop, top : top + crop], factor, order=1)
   trim = (zoomed.shape[0] - h) // 2
-  return zoomed[trim:trim + h, trim:trim + h]
+  return zoomed[trim : trim + h, trim : trim + h]
 
 
 def _zoom_blur(x, s, rng):
@@ -159,8 +159,10 @@ def affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def _elastic(x, s, rng):
-  c0, c1, c2 = np.array(((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
-                         (0.1, 0.03, 0.03))[s - 1]) * _SIZE
+  c0, c1, c2 = (
+      np.array(((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))[s - 1])
+      * _SIZE
+  )
   h, w = x.shape
   center = np.float32((h, w)) // 2
   third = min(h, w) // 3
@@ -179,10 +181,18 @@ def _elastic(x, s, rng):
 
 
 _CORRUPTIONS: dict[str, Corruption] = {
-    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
-    "defocus_blur": _defocus_blur, "gaussian_blur": _gaussian_blur, "motion_blur": _motion_blur,
-    "zoom_blur": _zoom_blur, "brightness": _brightness, "contrast": _contrast, "pixelate": _pixelate,
-    "jpeg": _jpeg, "elastic": _elastic,
+    "gaussian_noise": _gaussian_noise,
+    "shot_noise": _shot_noise,
+    "impulse_noise": _impulse_noise,
+    "defocus_blur": _defocus_blur,
+    "gaussian_blur": _gaussian_blur,
+    "motion_blur": _motion_blur,
+    "zoom_blur": _zoom_blur,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "pixelate": _pixelate,
+    "jpeg": _jpeg,
+    "elastic": _elastic,
 }
 CORRUPTIONS = tuple(_CORRUPTIONS)
 
@@ -206,8 +216,9 @@ def corrupt(image: np.ndarray, name: str, severity: int) -> np.ndarray:
   check_corruption(name, severity)
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 1):
-    raise ValueError(f"corrupt expects one grey-scale uint8 image (h, w) or (h, w, 1); got {image.dtype}"
-                     f" {image.shape}.")
+    raise ValueError(
+        f"corrupt expects one grey-scale uint8 image (h, w) or (h, w, 1); got {image.dtype}" f" {image.shape}."
+    )
   x = image.reshape(image.shape[:2]).astype(np.float64) / 255
   out = _CORRUPTIONS[name](x, severity, rng_for(image, name, severity))
   return np.uint8(np.clip(out, 0, 1) * 255).reshape(image.shape)

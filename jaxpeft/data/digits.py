@@ -65,13 +65,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             "scikit-learn's copy of the UCI optical recognition of handwritten digits test "
             "set: 8x8 images with pixel counts 0..16, digits 0-9."
         ),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "index": tfds.features.Scalar(
-                dtype=np.int32, doc="Row of the example in sklearn.datasets.load_digits()."
-            ),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                "index": tfds.features.Scalar(
+                    dtype=np.int32, doc="Row of the example in sklearn.datasets.load_digits()."
+                ),
+            }
+        ),
         supervised_keys=("image", "label"),
         homepage="https://archive.ics.uci.edu/dataset/80",
         citation=(
@@ -90,4 +92,3 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     images = digits.images.astype(np.uint8)[..., None]
     for i in indices:
       yield int(i), {"image": images[i], "label": int(digits.target[i]), "index": int(i)}
-

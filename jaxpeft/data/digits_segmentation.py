@@ -23,7 +23,9 @@ DEFAULT_THRESHOLD = 0.5
 def segmentation_labels(image: np.ndarray, label: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
   """Per-pixel labels (batch, height, width) int32 of images (batch, height, width, 1) of class `label`."""
   if image.ndim != 4 or image.shape[-1] != 1:
-    raise ValueError(f"segmentation_labels expects grey-scale images (batch, height, width, 1); got {image.shape}.")
+    raise ValueError(
+        f"segmentation_labels expects grey-scale images (batch, height, width, 1); got {image.shape}."
+    )
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"foreground_threshold={threshold}: use a value in (0, 1] (intensities are in [0, 1]).")
   foreground = image[..., 0] >= threshold

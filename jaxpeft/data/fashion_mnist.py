@@ -25,15 +25,27 @@ import tensorflow_datasets as tfds
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-               "ankle_boot")
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+CLASS_NAMES = (
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
 
 
 def read_idx(path: str) -> np.ndarray:
   """The array in a (gzipped) idx file: big-endian magic `0 0 dtype ndim`, ndim uint32 sizes, data."""
-  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+  with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
     data = f.read()
   if data[:2] != b"\0\0" or data[2] != 0x08:
     raise ValueError(f"{path} is not an unsigned-byte idx file (magic {data[:4]!r}).")
@@ -69,16 +81,20 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description="Fashion-MNIST: 28x28 grey-scale images of 10 kinds of clothing.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            "index": tfds.features.Scalar(dtype=np.int32, doc="Position in the split's idx file."),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+                "index": tfds.features.Scalar(dtype=np.int32, doc="Position in the split's idx file."),
+            }
+        ),
         supervised_keys=("image", "label"),
         homepage="https://github.com/zalandoresearch/fashion-mnist",
-        citation=("@article{xiao2017fashion, title={Fashion-MNIST: a Novel Image Dataset for Benchmarking "
-                  "Machine Learning Algorithms}, author={Xiao, Han and Rasul, Kashif and Vollgraf, Roland}, "
-                  "journal={arXiv:1708.07747}, year={2017}}"),
+        citation=(
+            "@article{xiao2017fashion, title={Fashion-MNIST: a Novel Image Dataset for Benchmarking "
+            "Machine Learning Algorithms}, author={Xiao, Han and Rasul, Kashif and Vollgraf, Roland}, "
+            "journal={arXiv:1708.07747}, year={2017}}"
+        ),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -93,7 +109,8 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
       raise RuntimeError(
           f"Fashion-MNIST: no idx files in $FASHION_MNIST_DIR or {DEBIAN_DIR}, and TFDS' fashion_mnist could not"
           f" be downloaded ({type(e).__name__}). Install them with `apt-get install dataset-fashion-mnist`,"
-          " or point $FASHION_MNIST_DIR at a folder with the four idx .gz files.") from e
+          " or point $FASHION_MNIST_DIR at a folder with the four idx .gz files."
+      ) from e
     return {split: self._copy(catalog.as_data_source(split=split)) for split in _FILES}
 
   def _generate_examples(self, images: np.ndarray, labels: np.ndarray):

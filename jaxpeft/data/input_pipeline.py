@@ -28,16 +28,48 @@ No TensorFlow is needed: datasets are stored as `array_record` and read through
 
 from jaxpeft.data.batching import BatchLoader, eval_batches, fetch_batch, stack_examples
 from jaxpeft.data.label_noise import LabelNoiseSource, with_label_noise
-from jaxpeft.data.preprocess import (Batch, Preprocess, dataset_option, digits_preprocess,
-                                     digits_segmentation_preprocess, digits_shift_preprocess, text_preprocess,
-                                     uint8_image_preprocess)
-from jaxpeft.data.sources import (DATASETS, FILE_FORMAT, DatasetEntry, DataSource, get_data_source, get_preprocess,
-                                  resolve_data_dir, select_classes)
+from jaxpeft.data.preprocess import (
+    Batch,
+    Preprocess,
+    dataset_option,
+    digits_preprocess,
+    digits_segmentation_preprocess,
+    digits_shift_preprocess,
+    text_preprocess,
+    uint8_image_preprocess,
+)
+from jaxpeft.data.sources import (
+    DATASETS,
+    FILE_FORMAT,
+    DatasetEntry,
+    DataSource,
+    get_data_source,
+    get_preprocess,
+    resolve_data_dir,
+    select_classes,
+)
 
 __all__ = [
-    "DATASETS", "FILE_FORMAT", "Batch", "BatchLoader", "DataSource", "DatasetEntry", "LabelNoiseSource",
-    "Preprocess", "dataset_option", "digits_preprocess", "digits_segmentation_preprocess",
-    "digits_shift_preprocess", "eval_batches", "fetch_batch", "get_data_source", "get_preprocess",
-    "resolve_data_dir", "select_classes", "stack_examples", "text_preprocess", "uint8_image_preprocess",
+    "DATASETS",
+    "FILE_FORMAT",
+    "Batch",
+    "BatchLoader",
+    "DataSource",
+    "DatasetEntry",
+    "LabelNoiseSource",
+    "Preprocess",
+    "dataset_option",
+    "digits_preprocess",
+    "digits_segmentation_preprocess",
+    "digits_shift_preprocess",
+    "eval_batches",
+    "fetch_batch",
+    "get_data_source",
+    "get_preprocess",
+    "resolve_data_dir",
+    "select_classes",
+    "stack_examples",
+    "text_preprocess",
+    "uint8_image_preprocess",
     "with_label_noise",
 ]

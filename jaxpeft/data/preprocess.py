@@ -75,9 +75,7 @@ def text_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preproc
 
   def preprocess(batch: Batch) -> Batch:
     if "text" not in batch or "label" not in batch:
-      raise ValueError(
-          f"The text preprocess needs features 'text' and 'label'; this batch has {sorted(batch)}."
-      )
+      raise ValueError(f"The text preprocess needs features 'text' and 'label'; this batch has {sorted(batch)}.")
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["text"]]
     return {**tokenizer.encode(texts, int(max_len)), "label": batch["label"].astype(np.int32)}
 

@@ -21,8 +21,14 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from jaxpeft.data import causal_lm, class_subset, digits, fashion_mnist, text_classification, wordnet_glosses
-from jaxpeft.data.preprocess import (Preprocess, dataset_option, digits_segmentation_preprocess,
-                                     digits_shift_preprocess, text_preprocess, uint8_image_preprocess)
+from jaxpeft.data.preprocess import (
+    Preprocess,
+    dataset_option,
+    digits_segmentation_preprocess,
+    digits_shift_preprocess,
+    text_preprocess,
+    uint8_image_preprocess,
+)
 
 DataSource = Sequence[Any]  # `len(source)` and `source[i]`, optionally `source.__getitems__`.
 
@@ -56,14 +62,13 @@ DATASETS: dict[str, DatasetEntry] = {
     "jaxpeft_digits_segmentation": DatasetEntry(digits.Digits, digits_segmentation_preprocess),
     text_classification.PyDoc.name: DatasetEntry(text_classification.PyDoc, text_preprocess),
     fashion_mnist.FashionMnist.name: DatasetEntry(fashion_mnist.FashionMnist, lambda _: uint8_image_preprocess),
-    wordnet_glosses.WordNetGlosses.name: DatasetEntry(wordnet_glosses.WordNetGlosses,
-                                                      causal_lm.causal_lm_preprocess),
+    wordnet_glosses.WordNetGlosses.name: DatasetEntry(
+        wordnet_glosses.WordNetGlosses, causal_lm.causal_lm_preprocess
+    ),
 }
 
 
-def get_preprocess(
-    name: str, dataset_config: ml_collections.ConfigDict | None = None
-) -> Preprocess:
+def get_preprocess(name: str, dataset_config: ml_collections.ConfigDict | None = None) -> Preprocess:
   """The preprocess of dataset `name` for `dataset_config` (`config.dataset`).
 
   jaxpeft's own datasets (`DATASETS`) build theirs from the config; TFDS catalog datasets get
@@ -153,12 +158,12 @@ def resolve_data_dir(data_dir: str = "") -> str:
 
   That place is `$JAXPEFT_DATA_DIR` when it is set, else `~/tensorflow_datasets`.
   """
-  return data_dir or os.environ.get("JAXPEFT_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  return data_dir or os.environ.get(
+      "JAXPEFT_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  )
 
 
-def get_data_source(
-    name: str, split: str, data_dir: str
-) -> tuple[DataSource, tfds.core.DatasetInfo]:
+def get_data_source(name: str, split: str, data_dir: str) -> tuple[DataSource, tfds.core.DatasetInfo]:
   """A random-access source of `split` of dataset `name`, and the dataset's `DatasetInfo`.
 
   The dataset is prepared into `data_dir` as array_record on first use: offline for jaxpeft's own

@@ -26,8 +26,9 @@ from jaxpeft.data import corruptions
 StreamBatch = dict
 
 
-def dirichlet_order(labels: np.ndarray, concentration: float, seed: int,
-                    num_slots: int | None = None) -> np.ndarray:
+def dirichlet_order(
+    labels: np.ndarray, concentration: float, seed: int, num_slots: int | None = None
+) -> np.ndarray:
   """A permutation of `range(len(labels))` with temporally correlated labels.
 
   Time is cut into `num_slots` slots (default: the number of classes); each class's examples (in a
@@ -36,8 +37,9 @@ def dirichlet_order(labels: np.ndarray, concentration: float, seed: int,
   concentration gives about `num_slots * classes` runs; a small one about one run per class.
   """
   if concentration <= 0:
-    raise ValueError(f"Dirichlet concentration must be > 0 (e.g. 0.1 for strongly correlated labels), "
-                     f"got {concentration}.")
+    raise ValueError(
+        f"Dirichlet concentration must be > 0 (e.g. 0.1 for strongly correlated labels), " f"got {concentration}."
+    )
   rng = np.random.default_rng(seed)
   labels = np.asarray(labels)
   classes = np.unique(labels)
@@ -54,10 +56,15 @@ def dirichlet_order(labels: np.ndarray, concentration: float, seed: int,
 
 def _batches(images, labels, order, corruption_of, severity_of, batch_size, name, severity, reset_first):
   for start in range(0, len(order) - batch_size + 1, batch_size):
-    rows = order[start:start + batch_size]
+    rows = order[start : start + batch_size]
     pictures = [corruptions.corrupt(images[i], corruption_of(i), severity_of(i)) for i in rows]
-    yield {"image": np.stack(pictures).astype(np.float32) / 255, "label": labels[rows].astype(np.int32),
-           "corruption": name, "severity": severity, "reset": bool(reset_first and start == 0)}
+    yield {
+        "image": np.stack(pictures).astype(np.float32) / 255,
+        "label": labels[rows].astype(np.int32),
+        "corruption": name,
+        "severity": severity,
+        "reset": bool(reset_first and start == 0),
+    }
 
 
 def _check(images, names: Sequence[str], severity: int, batch_size: int) -> None:
@@ -71,19 +78,36 @@ def _order(n: int, order: np.ndarray | None, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).permutation(n) if order is None else np.asarray(order)
 
 
-def one_at_a_time(images: np.ndarray, labels: np.ndarray, names: Sequence[str], severity: int = 5, *,
-                  batch_size: int = 64, seed: int = 0, order: np.ndarray | None = None,
-                  reset: bool = True) -> Iterator[StreamBatch]:
+def one_at_a_time(
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    severity: int = 5,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+    reset: bool = True,
+) -> Iterator[StreamBatch]:
   """Each corruption in `names` over all `images` (uint8 (n, h, w, 1)), reset before each when `reset`."""
   _check(images, names, severity, batch_size)
   for k, name in enumerate(names):
     rows = _order(len(images), order, seed + k)
-    yield from _batches(images, labels, rows, lambda i, n=name: n, lambda i: severity, batch_size, name,
-                        severity, reset or k == 0)
+    yield from _batches(
+        images, labels, rows, lambda i, n=name: n, lambda i: severity, batch_size, name, severity, reset or k == 0
+    )
 
 
-def continual(images: np.ndarray, labels: np.ndarray, names: Sequence[str], severity: int = 5, *,
-              batch_size: int = 64, seed: int = 0, order: np.ndarray | None = None) -> Iterator[StreamBatch]:
+def continual(
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    severity: int = 5,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+) -> Iterator[StreamBatch]:
   """All corruptions in sequence, adapting without reset (CoTTA's continual setting)."""
   return one_at_a_time(images, labels, names, severity, batch_size=batch_size, seed=seed, order=order, reset=False)
 
@@ -91,27 +115,44 @@ def continual(images: np.ndarray, labels: np.ndarray, names: Sequence[str], seve
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 
-def gradual(images: np.ndarray, labels: np.ndarray, names: Sequence[str], *, batch_size: int = 64, seed: int = 0,
-            order: np.ndarray | None = None) -> Iterator[StreamBatch]:
+def gradual(
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+) -> Iterator[StreamBatch]:
   """Per corruption, severities 1..5..1, each over all `images`, no reset (RMT's gradual setting)."""
   _check(images, names, 1, batch_size)
   step = 0
   for name in names:
     for severity in GRADUAL_SEVERITIES:
       rows = _order(len(images), order, seed + step)
-      yield from _batches(images, labels, rows, lambda i, n=name: n, lambda i, s=severity: s, batch_size, name,
-                          severity, step == 0)
+      yield from _batches(
+          images, labels, rows, lambda i, n=name: n, lambda i, s=severity: s, batch_size, name, severity, step == 0
+      )
       step += 1
 
 
-def mixed(images: np.ndarray, labels: np.ndarray, names: Sequence[str], severity: int = 5, *, batch_size: int = 64,
-          seed: int = 0, order: np.ndarray | None = None) -> Iterator[StreamBatch]:
+def mixed(
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    severity: int = 5,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+) -> Iterator[StreamBatch]:
   """Every image with a corruption drawn uniformly from `names` (one draw per image): mixed batches."""
   _check(images, names, severity, batch_size)
   which = np.random.default_rng(seed).integers(len(names), size=len(images))
   rows = _order(len(images), order, seed + 1)
-  yield from _batches(images, labels, rows, lambda i: names[which[i]], lambda i: severity, batch_size, "mixed",
-                      severity, True)
+  yield from _batches(
+      images, labels, rows, lambda i: names[which[i]], lambda i: severity, batch_size, "mixed", severity, True
+  )
 
 
 SETTINGS = {"one_at_a_time": one_at_a_time, "continual": continual, "gradual": gradual, "mixed": mixed}

@@ -39,8 +39,10 @@ PROMPT_TEMPLATE = "Define: {lemma}\n"
 
 
 def _missing_message(directory: str) -> str:
-  return (f"WordNet data not found in {directory}: install Debian's wordnet-base (`apt-get install -y"
-          " wordnet-base`, as `make install-test` does) or pass the directory holding data.noun etc.")
+  return (
+      f"WordNet data not found in {directory}: install Debian's wordnet-base (`apt-get install -y"
+      " wordnet-base`, as `make install-test` does) or pass the directory holding data.noun etc."
+  )
 
 
 def _read_lines(path: str) -> Iterator[str]:
@@ -94,7 +96,8 @@ def split_examples(directory: str = WORDNET_DIR) -> dict[str, list[dict[str, str
     gloss, word = glosses[pos][offset], lemma.replace("_", " ")
     if gloss:
       splits["test" if is_test(word) else "train"].append(
-          {"prompt": PROMPT_TEMPLATE.format(lemma=word), "response": gloss, "source": f"{pos}:{offset}"})
+          {"prompt": PROMPT_TEMPLATE.format(lemma=word), "response": gloss, "source": f"{pos}:{offset}"}
+      )
   return splits
 
 
@@ -108,11 +111,13 @@ class WordNetGlosses(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description="Instruction-style pairs 'Define: <word>' -> WordNet 3.0 gloss of its most frequent sense.",
-        features=tfds.features.FeaturesDict({
-            "prompt": tfds.features.Text(),
-            "response": tfds.features.Text(),
-            "source": tfds.features.Text(doc="'<pos>:<synset offset>' of the gloss in WordNet's data files."),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "prompt": tfds.features.Text(),
+                "response": tfds.features.Text(),
+                "source": tfds.features.Text(doc="'<pos>:<synset offset>' of the gloss in WordNet's data files."),
+            }
+        ),
         supervised_keys=("prompt", "response"),
         homepage="https://wordnet.princeton.edu/",
     )

@@ -31,8 +31,9 @@ def atlas_merge(base: PyTree, task_vectors: Sequence[PyTree], coefficients: jax.
   """``θ_0 + Σ_i λ_{i,b} τ_{i,b}`` with ``coefficients`` of shape ``(num_tasks, num_blocks)`` (tree leaf order)."""
   expected = (len(task_vectors), num_blocks(base))
   if tuple(coefficients.shape) != expected:
-    raise ValueError(f"coefficients must have shape (num_tasks, num_blocks) = {expected}, got "
-                     f"{tuple(coefficients.shape)}.")
+    raise ValueError(
+        f"coefficients must have shape (num_tasks, num_blocks) = {expected}, got " f"{tuple(coefficients.shape)}."
+    )
   block = {leaf_path(kp): i for i, (kp, _) in enumerate(jax.tree_util.tree_leaves_with_path(base))}
 
   def leaf(path, b, ts):
@@ -41,9 +42,15 @@ def atlas_merge(base: PyTree, task_vectors: Sequence[PyTree], coefficients: jax.
   return map_leaves(leaf, base, task_vectors, "task vector")
 
 
-def fit_atlas(base: PyTree, task_vectors: Sequence[PyTree], loss_fn: Callable[[PyTree, Any], jax.Array],
-              batches: Iterable[Any], optimizer: optax.GradientTransformation, *,
-              init: float = 0.0) -> jax.Array:
+def fit_atlas(
+    base: PyTree,
+    task_vectors: Sequence[PyTree],
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    batches: Iterable[Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    init: float = 0.0,
+) -> jax.Array:
   """The learned ``(num_tasks, num_blocks)`` coefficients after one optimizer step per batch."""
   coefficients = jnp.full((len(task_vectors), num_blocks(base)), init, jnp.float32)
   atlas_merge(base, task_vectors, coefficients)  # checks structure and shapes before compiling

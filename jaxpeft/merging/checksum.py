@@ -31,5 +31,7 @@ def check_base(base: PyTree, recorded: dict[str, str]) -> None:
   actual = base_checksum(base)
   wrong = sorted(name for name, checksum in recorded.items() if checksum != actual)
   if wrong:
-    raise ValueError(f"{wrong} were fine-tuned from a different base (base checksum {recorded[wrong[0]][:12]}... "
-                     f"recorded at export, this base has {actual[:12]}...): merge models of the same base.")
+    raise ValueError(
+        f"{wrong} were fine-tuned from a different base (base checksum {recorded[wrong[0]][:12]}... "
+        f"recorded at export, this base has {actual[:12]}...): merge models of the same base."
+    )

@@ -26,11 +26,21 @@ from jaxpeft.merging.ties import Convention, SignMethod, sign_consensus
 from jaxpeft.merging.trees import PyTree, after, check_densities, leaf_path, map_leaves, per_task
 
 
-def dare(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0,
-         density: float | Sequence[float] = 0.5, *, key: jax.Array | None = None,
-         masks: Sequence[PyTree] | None = None, combination: Literal["linear", "ties"] = "linear",
-         rescale: Rescale = "density", scale: float = 1.0, majority_sign_method: SignMethod = "total",
-         convention: Convention = "paper", normalize: bool | None = None) -> PyTree:
+def dare(
+    base: PyTree,
+    models: Sequence[PyTree],
+    weights: float | Sequence[float] = 1.0,
+    density: float | Sequence[float] = 0.5,
+    *,
+    key: jax.Array | None = None,
+    masks: Sequence[PyTree] | None = None,
+    combination: Literal["linear", "ties"] = "linear",
+    rescale: Rescale = "density",
+    scale: float = 1.0,
+    majority_sign_method: SignMethod = "total",
+    convention: Convention = "paper",
+    normalize: bool | None = None,
+) -> PyTree:
   """DARE-merged parameters; exactly one of ``key`` / ``masks`` (see the module docstring).
 
   ``normalize`` defaults to True for ``ties`` (the disjoint mean) and False for ``linear`` (a plain sum).

@@ -37,15 +37,17 @@ def _accumulate(per_example_sq: Callable[[PyTree, Any], PyTree], params: PyTree,
   return jax.tree.map(lambda t: t / count, total)
 
 
-def empirical_fisher(log_likelihood_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
-                     batches: Iterable[Any]) -> PyTree:
+def empirical_fisher(
+    log_likelihood_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Iterable[Any]
+) -> PyTree:
   """``(1/N) Σ_n (∇ log_likelihood_fn(params, example_n))²``; batches are pytrees with a leading batch axis."""
   grad = jax.grad(log_likelihood_fn)
   return _accumulate(lambda p, ex: jax.tree.map(jnp.square, grad(p, ex)), params, batches)
 
 
-def expected_fisher(logits_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
-                    batches: Iterable[Any]) -> PyTree:
+def expected_fisher(
+    logits_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Iterable[Any]
+) -> PyTree:
   """The exact diagonal Fisher of a classifier: ``(1/N) Σ_n Σ_c p_c(x_n) (∇ log p_c(x_n))²``.
 
   ``logits_fn(params, example)`` returns the ``(num_classes,)`` logits of *one* example (no batch axis).
@@ -54,22 +56,30 @@ def expected_fisher(logits_fn: Callable[[PyTree, Any], jax.Array], params: PyTre
   def per_example(p, example):
     probs = jax.nn.softmax(logits_fn(p, example))
     grads = jax.vmap(jax.grad(lambda q, c: jax.nn.log_softmax(logits_fn(q, example))[c]), (None, 0))(
-        p, jnp.arange(probs.shape[-1]))
+        p, jnp.arange(probs.shape[-1])
+    )
     return jax.tree.map(lambda g: jnp.tensordot(jax.lax.stop_gradient(probs), jnp.square(g), 1), grads)
 
   return _accumulate(per_example, params, batches)
 
 
-def fisher_merge(models: Sequence[PyTree], fishers: Sequence[PyTree], weights: float | Sequence[float] = 1.0, *,
-                 fisher_floor: float = 1e-6, favor_target_model: bool = True,
-                 normalize_fishers: bool = True) -> PyTree:
+def fisher_merge(
+    models: Sequence[PyTree],
+    fishers: Sequence[PyTree],
+    weights: float | Sequence[float] = 1.0,
+    *,
+    fisher_floor: float = 1e-6,
+    favor_target_model: bool = True,
+    normalize_fishers: bool = True,
+) -> PyTree:
   """``Σ_i λ_i F̃_i θ_i / Σ_i λ_i F̃_i`` per parameter (see the module docstring for the options)."""
   if len(fishers) != len(models):
     raise ValueError(f"Got {len(fishers)} Fishers for {len(models)} models: give one Fisher per model.")
   lambdas = per_task(weights, len(models), "weights")
   if normalize_fishers:
-    norms = [jnp.sqrt(sum(jnp.sum(jnp.square(f)) for f in jax.tree_util.tree_leaves(fisher)))
-             for fisher in fishers]
+    norms = [
+        jnp.sqrt(sum(jnp.sum(jnp.square(f)) for f in jax.tree_util.tree_leaves(fisher))) for fisher in fishers
+    ]
     lambdas = [lam / norm for lam, norm in zip(lambdas, norms)]
 
   def leaf(_, first, ms, fisher):

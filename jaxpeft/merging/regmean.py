@@ -29,8 +29,9 @@ from jaxpeft.merging.trees import PyTree, map_leaves
 Grams = Mapping[str, jax.Array]
 
 
-def gram_matrices(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
-                  targets: str = r".*") -> dict[str, jax.Array]:
+def gram_matrices(
+    apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any], targets: str = r".*"
+) -> dict[str, jax.Array]:
   """``{kernel path: mean xᵀx}`` over every input row of each ``nn.Dense`` whose kernel path matches ``targets``.
 
   Args:
@@ -94,8 +95,10 @@ def regmean(models: Sequence[PyTree], grams: Sequence[Grams], *, alpha: float = 
     if path not in shared:
       return (sum(m.astype(jnp.float32) for m in ms) / len(ms)).astype(first.dtype)
     if first.ndim != 2 or any(g[path].shape != (first.shape[0],) * 2 for g in grams):
-      raise ValueError(f"{path}: RegMean needs a (d_in, d_out) kernel and (d_in, d_in) Grams, got kernel "
-                       f"{first.shape} and Grams {[tuple(g[path].shape) for g in grams]}.")
+      raise ValueError(
+          f"{path}: RegMean needs a (d_in, d_out) kernel and (d_in, d_in) Grams, got kernel "
+          f"{first.shape} and Grams {[tuple(g[path].shape) for g in grams]}."
+      )
     reduced = [alpha * g[path] + (1 - alpha) * jnp.diag(jnp.diag(g[path])) for g in grams]
     rhs = sum(g @ m.astype(jnp.float32) for g, m in zip(reduced, ms))
     return jnp.linalg.solve(sum(reduced), rhs).astype(first.dtype)

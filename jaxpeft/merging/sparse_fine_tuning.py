@@ -22,8 +22,9 @@ from jaxpeft.merging.task_vectors import add_task_vectors
 from jaxpeft.merging.trees import PyTree, check_compatible
 
 
-def sparse_difference(finetuned: PyTree, base: PyTree, *, num_kept: int | None = None,
-                      mask: PyTree | None = None) -> PyTree:
+def sparse_difference(
+    finetuned: PyTree, base: PyTree, *, num_kept: int | None = None, mask: PyTree | None = None
+) -> PyTree:
   """``φ``: the fine-tuning difference restricted to the ``num_kept`` largest changes, or to ``mask``."""
   check_compatible(base, [finetuned], "fine-tuned model")
   diff = jax.tree.map(lambda f, b: f - b, finetuned, base)

@@ -26,9 +26,16 @@ def weighted_sum(deltas: Sequence, weights: Sequence[float], normalize: bool = F
   return total / denominator if normalize and abs(denominator) >= 1e-8 else total
 
 
-def task_arithmetic(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0, *,
-                    scale: float = 1.0, normalize: bool = False, density: float | Sequence[float] = 1.0,
-                    stacked_axes: Mapping[str, int] | None = None) -> PyTree:
+def task_arithmetic(
+    base: PyTree,
+    models: Sequence[PyTree],
+    weights: float | Sequence[float] = 1.0,
+    *,
+    scale: float = 1.0,
+    normalize: bool = False,
+    density: float | Sequence[float] = 1.0,
+    stacked_axes: Mapping[str, int] | None = None,
+) -> PyTree:
   """``θ_0 + λ Σ_i w_i trim(θ_i - θ_0, d_i)`` for fine-tuned ``models`` of ``base`` (see the module docstring).
 
   ``stacked_axes`` (``{path regex: leading layer axes}``) makes the trim rank each scanned layer apart.

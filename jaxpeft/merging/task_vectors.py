@@ -24,9 +24,14 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
   return jax.tree.map(lambda f, b: f - b, finetuned, base)
 
 
-def add_task_vectors(base: PyTree, task_vectors: Sequence[PyTree],
-                     scales: float | Sequence[float] = 1.0) -> PyTree:
+def add_task_vectors(
+    base: PyTree, task_vectors: Sequence[PyTree], scales: float | Sequence[float] = 1.0
+) -> PyTree:
   """``θ_0 + Σ_i λ_i τ_i`` in the base's dtypes."""
   lambdas = per_task(scales, len(task_vectors), "scales")
-  return map_leaves(lambda _, b, ts: (b + sum(lam * t for lam, t in zip(lambdas, ts))).astype(b.dtype),
-                    base, task_vectors, "task vector")
+  return map_leaves(
+      lambda _, b, ts: (b + sum(lam * t for lam, t in zip(lambdas, ts))).astype(b.dtype),
+      base,
+      task_vectors,
+      "task vector",
+  )

@@ -41,9 +41,13 @@ def _check(majority_sign_method: str, convention: str) -> None:
     raise ValueError(f"convention must be 'paper' (= PEFT) or 'mergekit', got {convention!r}.")
 
 
-def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float],
-                   majority_sign_method: SignMethod = "total",
-                   convention: Convention = "paper", normalize: bool = True) -> jax.Array:
+def sign_consensus(
+    deltas: Sequence[jax.Array],
+    weights: Sequence[float],
+    majority_sign_method: SignMethod = "total",
+    convention: Convention = "paper",
+    normalize: bool = True,
+) -> jax.Array:
   """Elect a sign per entry of the (already sparsified) ``deltas`` and merge the agreeing ones (docstring)."""
   _check(majority_sign_method, convention)
   f32 = [d.astype(jnp.float32) for d in deltas]
@@ -63,9 +67,15 @@ def sign_consensus(deltas: Sequence[jax.Array], weights: Sequence[float],
   return mixed / jnp.where(divisor == 0, 1.0, divisor)
 
 
-def ties_deltas(deltas: Sequence[jax.Array], weights: Sequence[float], density: float | Sequence[float],
-                majority_sign_method: SignMethod = "total", convention: Convention = "paper",
-                normalize: bool = True, batch_dims: int = 0) -> jax.Array:
+def ties_deltas(
+    deltas: Sequence[jax.Array],
+    weights: Sequence[float],
+    density: float | Sequence[float],
+    majority_sign_method: SignMethod = "total",
+    convention: Convention = "paper",
+    normalize: bool = True,
+    batch_dims: int = 0,
+) -> jax.Array:
   """The TIES-merged update of same-shape updates ``deltas`` (``batch_dims`` leading axes ranked apart)."""
   densities = per_task(density, len(deltas), "density")
   check_densities(densities)
@@ -74,10 +84,18 @@ def ties_deltas(deltas: Sequence[jax.Array], weights: Sequence[float], density: 
   return sign_consensus(trimmed, weights, majority_sign_method, convention, normalize)
 
 
-def ties(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float] = 1.0,
-         density: float | Sequence[float] = 0.2, *, scale: float = 1.0, majority_sign_method: SignMethod = "total",
-         convention: Convention = "paper", normalize: bool = True,
-         stacked_axes: Mapping[str, int] | None = None) -> PyTree:
+def ties(
+    base: PyTree,
+    models: Sequence[PyTree],
+    weights: float | Sequence[float] = 1.0,
+    density: float | Sequence[float] = 0.2,
+    *,
+    scale: float = 1.0,
+    majority_sign_method: SignMethod = "total",
+    convention: Convention = "paper",
+    normalize: bool = True,
+    stacked_axes: Mapping[str, int] | None = None,
+) -> PyTree:
   """``θ_0 + λ τ_m`` for fine-tuned ``models`` of ``base``; ``density`` and ``weights`` per model or shared.
 
   Args:
@@ -97,8 +115,15 @@ def ties(base: PyTree, models: Sequence[PyTree], weights: float | Sequence[float
   _check(majority_sign_method, convention)
 
   def leaf(path, b, ms):
-    merged = ties_deltas([m - b for m in ms], w, density, majority_sign_method, convention, normalize,
-                         batch_dims=stacked_dims(path, stacked_axes))
+    merged = ties_deltas(
+        [m - b for m in ms],
+        w,
+        density,
+        majority_sign_method,
+        convention,
+        normalize,
+        batch_dims=stacked_dims(path, stacked_axes),
+    )
     return (b + scale * merged).astype(b.dtype)
 
   return map_leaves(leaf, base, models)

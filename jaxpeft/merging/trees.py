@@ -31,12 +31,16 @@ def check_compatible(reference: PyTree, trees: Sequence[PyTree], what: str = "mo
     got = {leaf_path(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
     for path in sorted(ref.keys() ^ got.keys()):
       where = f"{what} {i}" if path in got else "the base"
-      raise ValueError(f"Leaf {path!r} is only in {where}: all trees to merge must have the same structure "
-                       "(merge the same architecture, or restrict the trees to their shared leaves first).")
+      raise ValueError(
+          f"Leaf {path!r} is only in {where}: all trees to merge must have the same structure "
+          "(merge the same architecture, or restrict the trees to their shared leaves first)."
+      )
     for path, leaf in ref.items():
       if leaf.shape != got[path].shape:
-        raise ValueError(f"Leaf {path!r} has shape {tuple(got[path].shape)} in {what} {i} but "
-                         f"{tuple(leaf.shape)} in the base: trees to merge must have the same shapes.")
+        raise ValueError(
+            f"Leaf {path!r} has shape {tuple(got[path].shape)} in {what} {i} but "
+            f"{tuple(leaf.shape)} in the base: trees to merge must have the same shapes."
+        )
 
 
 def per_task(value: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -79,8 +83,13 @@ def stacked_dims(path: str, stacked_axes: Mapping[str, int] | None) -> int:
   return 0
 
 
-def map_leaves(fn: Callable[..., jax.Array], base: PyTree, models: Sequence[PyTree], what: str = "model",
-               aux: Mapping[str, Sequence[PyTree]] | None = None) -> PyTree:
+def map_leaves(
+    fn: Callable[..., jax.Array],
+    base: PyTree,
+    models: Sequence[PyTree],
+    what: str = "model",
+    aux: Mapping[str, Sequence[PyTree]] | None = None,
+) -> PyTree:
   """``fn(path, base_leaf, model_leaves, **aux_leaves)`` over every leaf, after checking all trees match the base.
 
   ``aux`` maps a keyword to trees matching the base (masks, Fishers, ...): ``fn`` gets that leaf of each.

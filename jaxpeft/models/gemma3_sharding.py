@@ -48,7 +48,7 @@ def make_mesh(data: int, model: int, devices: list[jax.Device] | None = None) ->
   devices = jax.devices() if devices is None else devices
   if data * model > len(devices):
     raise ValueError(f"A {data}x{model} mesh needs {data * model} devices; {len(devices)} are available.")
-  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+  return Mesh(np.asarray(devices[: data * model]).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
 
 
 def _fit(axis_names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -58,6 +58,7 @@ def _fit(axis_names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh)
 
 def param_specs(params: Any, mesh: Mesh, fsdp: bool = True) -> Any:
   """A `PartitionSpec` per parameter leaf, by the rules of the module docstring."""
+
   def spec(path: str, leaf) -> P:
     for pattern, names in _RULES:
       if re.fullmatch(pattern, path):

@@ -33,8 +33,9 @@ _CONTROL, _USER_DEFINED = 3, 4
 def _merges(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
   merges = []
   for token in tokens:
-    merges.extend((token[:k], token[k:]) for k in range(len(token) - 1, 0, -1)
-                  if token[:k] in vocab and token[k:] in vocab)
+    merges.extend(
+        (token[:k], token[k:]) for k in range(len(token) - 1, 0, -1) if token[:k] in vocab and token[k:] in vocab
+    )
   return merges
 
 
@@ -51,24 +52,40 @@ def from_gguf(path: str | pathlib.Path) -> tokenizers.Tokenizer:
   file = gguf_file.GGUFFile(path)
   meta = file.metadata
   if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.tokens" not in meta:
-    raise ValueError(f"{file.path} has tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}; a Gemma GGUF"
-                     " describes a sentencepiece ('llama') vocabulary. Pass a Gemma 3 GGUF file.")
+    raise ValueError(
+        f"{file.path} has tokenizer.ggml.model={meta.get('tokenizer.ggml.model')!r}; a Gemma GGUF"
+        " describes a sentencepiece ('llama') vocabulary. Pass a Gemma 3 GGUF file."
+    )
   stored = list(meta["tokenizer.ggml.tokens"])
   types = np.asarray(meta.get("tokenizer.ggml.token_type", np.ones(len(stored))))
   tokens = [_SPACE * len(t) if len(t) > 1 and not t.strip(" ") else t for t in stored]
   vocab = {t: i for i, t in enumerate(tokens)}
   unk = stored[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
-  tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_merges(tokens, vocab), unk_token=unk,
-                                              fuse_unk=True, byte_fallback=True))
+  tokenizer = tokenizers.Tokenizer(
+      models.BPE(vocab=vocab, merges=_merges(tokens, vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
+  )
   tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
   tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
   tokenizer.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-  tokenizer.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True)
-                                for t, kind in zip(stored, types) if kind == _CONTROL])
-  tokenizer.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False)
-                        for t, kind in zip(stored, types) if kind == _USER_DEFINED and t in vocab])
-  token = lambda key: (stored[int(meta[f"tokenizer.ggml.{key}_token_id"])]
-                             if meta.get(f"tokenizer.ggml.add_{key}_token", False) else None)
+  tokenizer.add_special_tokens(
+      [
+          tokenizers.AddedToken(t, normalized=False, special=True)
+          for t, kind in zip(stored, types)
+          if kind == _CONTROL
+      ]
+  )
+  tokenizer.add_tokens(
+      [
+          tokenizers.AddedToken(t, normalized=False, special=False)
+          for t, kind in zip(stored, types)
+          if kind == _USER_DEFINED and t in vocab
+      ]
+  )
+  token = lambda key: (
+      stored[int(meta[f"tokenizer.ggml.{key}_token_id"])]
+      if meta.get(f"tokenizer.ggml.add_{key}_token", False)
+      else None
+  )
   return _with_bos_eos(tokenizer, token("bos"), token("eos"))
 
 
@@ -89,5 +106,7 @@ def check_vocabulary(tokenizer: tokenizers.Tokenizer, config: gemma3.Gemma3Confi
   """Raises ValueError if the tokenizer can emit ids the model has no embedding for."""
   size = tokenizer.get_vocab_size(with_added_tokens=True)
   if size > config.vocab_size:
-    raise ValueError(f"The tokenizer has {size} tokens but the model's vocabulary has {config.vocab_size}: they"
-                     " do not belong together. Load the tokenizer from the same checkpoint as the model.")
+    raise ValueError(
+        f"The tokenizer has {size} tokens but the model's vocabulary has {config.vocab_size}: they"
+        " do not belong together. Load the tokenizer from the same checkpoint as the model."
+    )

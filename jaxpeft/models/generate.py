@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 
-def sample(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> jax.Array:
+def sample(
+    logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
   """Token ids (batch,) drawn from logits (batch, vocab) as the module docstring says."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1)
@@ -47,10 +48,21 @@ def sample(logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: i
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-def generate(model: Any, variables: Any, prompt_ids: jax.Array, prompt_mask: jax.Array | None = None, *,
-             max_new_tokens: int, init_cache: Callable[[int, int], Any], rng: jax.Array | None = None,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
-             pad_id: int = 0) -> jax.Array:
+def generate(
+    model: Any,
+    variables: Any,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    init_cache: Callable[[int, int], Any],
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+) -> jax.Array:
   """New tokens (batch, max_new_tokens) continuing left-padded `prompt_ids` (batch, P).
 
   Args:
@@ -74,13 +86,26 @@ def generate(model: Any, variables: Any, prompt_ids: jax.Array, prompt_mask: jax
   cache = init_cache(batch, length + max_new_tokens)
   rng = jax.random.key(0) if rng is None else rng
   stops = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
-  return _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_new_tokens, temperature,
-                   top_k, top_p, pad_id)
+  return _generate(
+      model,
+      variables,
+      prompt_ids,
+      prompt_mask,
+      cache,
+      rng,
+      stops,
+      max_new_tokens,
+      temperature,
+      top_k,
+      top_p,
+      pad_id,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11))
-def _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_new_tokens, temperature, top_k,
-              top_p, pad_id):
+def _generate(
+    model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_new_tokens, temperature, top_k, top_p, pad_id
+):
   batch = prompt_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
   logits, cache = model.apply(variables, prompt_ids, prompt_mask, positions, cache=cache)
@@ -92,8 +117,9 @@ def _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_
     token = jnp.where(done, pad_id, token)
     out = out.at[:, i].set(token)
     done = done | jnp.isin(token, stops)
-    logits, cache = model.apply(variables, token[:, None], jnp.ones((batch, 1), jnp.int32),
-                                position[:, None], cache=cache)
+    logits, cache = model.apply(
+        variables, token[:, None], jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache
+    )
     return i + 1, cache, logits[:, -1], position + 1, done, out, rng
 
   def keep_going(state):
@@ -101,5 +127,13 @@ def _generate(model, variables, prompt_ids, prompt_mask, cache, rng, stops, max_
     return (i < max_new_tokens) & ~jnp.all(done)
 
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  state = (jnp.zeros((), jnp.int32), cache, logits[:, -1], positions[:, -1] + 1, jnp.zeros((batch,), bool), out, rng)
+  state = (
+      jnp.zeros((), jnp.int32),
+      cache,
+      logits[:, -1],
+      positions[:, -1] + 1,
+      jnp.zeros((batch,), bool),
+      out,
+      rng,
+  )
   return jax.lax.while_loop(keep_going, step, state)[5]

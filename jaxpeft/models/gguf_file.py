@@ -19,8 +19,19 @@ _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types -> struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 # Unquantised ggml tensor types -> numpy dtype (F32, F16, F64; BF16 is dequantised by `gguf`).
 _PLAIN_TENSORS = {0: np.float32, 1: np.float16, 28: np.float64}
@@ -53,14 +64,18 @@ class GGUFFile:
     try:
       self._parse()
     except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
-      raise GGUFError(f"{self.path} could not be read as GGUF ({e}); it is truncated or not a GGUF file."
-                      " Download or assemble it again.") from e
+      raise GGUFError(
+          f"{self.path} could not be read as GGUF ({e}); it is truncated or not a GGUF file."
+          " Download or assemble it again."
+      ) from e
 
   def _take(self, n: int) -> bytes:
     if self._pos + n > len(self._data):
-      raise GGUFError(f"{self.path} is truncated: it ends at byte {len(self._data)} inside its header."
-                      " Download or assemble it again.")
-    out = self._data[self._pos:self._pos + n].tobytes()
+      raise GGUFError(
+          f"{self.path} is truncated: it ends at byte {len(self._data)} inside its header."
+          " Download or assemble it again."
+      )
+    out = self._data[self._pos : self._pos + n].tobytes()
     self._pos += n
     return out
 
@@ -109,20 +124,27 @@ class GGUFFile:
       if ggml_type not in GGML_QUANT_SIZES:
         raise GGUFError(f"{self.path}: tensor {name} has unknown ggml type {ggml_type}.")
       block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-      self.tensors[name] = TensorInfo(name, ggml_type, tuple(reversed(dims)), start + offset,
-                                      int(np.prod(dims)) // block * block_bytes)
+      self.tensors[name] = TensorInfo(
+          name, ggml_type, tuple(reversed(dims)), start + offset, int(np.prod(dims)) // block * block_bytes
+      )
     short = [t.name for t in self.tensors.values() if t.offset + t.n_bytes > len(self._data)]
     if short:
-      raise GGUFError(f"{self.path} is truncated: {len(short)} tensor(s) end past its {len(self._data)} bytes"
-                      f" (first: {short[0]}). Download or assemble it again.")
+      raise GGUFError(
+          f"{self.path} is truncated: {len(short)} tensor(s) end past its {len(self._data)} bytes"
+          f" (first: {short[0]}). Download or assemble it again."
+      )
 
   def read(self, name: str) -> np.ndarray:
     """Tensor `name` as a float32 array in numpy order (for a Linear weight: (out, in))."""
     info = self.tensors[name]
-    raw = self._data[info.offset:info.offset + info.n_bytes]
+    raw = self._data[info.offset : info.offset + info.n_bytes]
     if info.ggml_type in _PLAIN_TENSORS:
       return raw.view(_PLAIN_TENSORS[info.ggml_type]).reshape(info.shape).astype(np.float32)
     import gguf  # Only quantised tensors need the `gguf` package.
 
     rows = raw.reshape(-1, info.n_bytes // max(1, int(np.prod(info.shape[:-1]))))
-    return gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type)).reshape(info.shape).astype(np.float32)
+    return (
+        gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))
+        .reshape(info.shape)
+        .astype(np.float32)
+    )

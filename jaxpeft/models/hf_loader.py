@@ -111,9 +111,7 @@ def _download(repo_id: str) -> pathlib.Path:
         " (pip install huggingface_hub). Or pass a local folder."
     ) from e
   try:
-    return pathlib.Path(
-        huggingface_hub.snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"])
-    )
+    return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
   except Exception as e:  # Network, authentication and missing-repository errors alike.
     raise OSError(
         f"{repo_id!r} is not a local folder and could not be fetched from the hub ({e}). Offline,"
@@ -142,13 +140,11 @@ class Tokenizer:
     if max_len < 2:
       raise ValueError(f"max_len={max_len} leaves no room for [CLS] and [SEP]; use max_len >= 2.")
     self._tokenizer.enable_truncation(max_length=max_len)
-    self._tokenizer.enable_padding(
-        length=max_len, pad_id=self.pad_id, pad_token=self.pad_token, pad_type_id=0
-    )
+    self._tokenizer.enable_padding(length=max_len, pad_id=self.pad_id, pad_token=self.pad_token, pad_type_id=0)
     encodings = self._tokenizer.encode_batch(list(texts))
-    as_array = lambda field: np.array(
-        [getattr(e, field) for e in encodings], dtype=np.int32
-    ).reshape(len(encodings), max_len)
+    as_array = lambda field: np.array([getattr(e, field) for e in encodings], dtype=np.int32).reshape(
+        len(encodings), max_len
+    )
     return {
         "input_ids": as_array("ids"),
         "attention_mask": as_array("attention_mask"),
@@ -285,13 +281,11 @@ def load_bert(
   )
   rng = jax.random.key(0) if rng is None else rng
   dummy = jnp.zeros((1, 1), jnp.int32)
-  encoder_shapes = jax.eval_shape(
-      lambda: model.init(rng, dummy, method=BertEncoder.embed)["params"]
-  )
+  encoder_shapes = jax.eval_shape(lambda: model.init(rng, dummy, method=BertEncoder.embed)["params"])
   params = params_from_hf(tensors, encoder_shapes, param_dtype)
   if num_classes is not None:
-    head = model.init(
-        rng, jnp.zeros((1, config.hidden_size), dtype), method=lambda m, x: m.classifier(x)
-    )["params"]
+    head = model.init(rng, jnp.zeros((1, config.hidden_size), dtype), method=lambda m, x: m.classifier(x))[
+        "params"
+    ]
     params.update(head)
   return model, params, Tokenizer(folder / "tokenizer.json"), config

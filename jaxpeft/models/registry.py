@@ -39,15 +39,18 @@ def bert_from_checkpoint(
   return BertEncoder(config, num_classes=num_classes, normalize=normalize)
 
 
-def gemma3_from_checkpoint(checkpoint: str, scan_layers: bool = False, dtype: str = "float32",
-                           remat: bool = False) -> gemma3.Gemma3:
+def gemma3_from_checkpoint(
+    checkpoint: str, scan_layers: bool = False, dtype: str = "float32", remat: bool = False
+) -> gemma3.Gemma3:
   """A `Gemma3` with the architecture of a GGUF file or a Hugging Face folder (weights not read)."""
-  return gemma3.Gemma3(gemma3_loader.read_config(checkpoint), scan_layers=scan_layers, remat=remat,
-                       dtype=jnp.dtype(dtype))
+  return gemma3.Gemma3(
+      gemma3_loader.read_config(checkpoint), scan_layers=scan_layers, remat=remat, dtype=jnp.dtype(dtype)
+  )
 
 
-def gemma3_from_architecture(architecture: Any, scan_layers: bool = False, dtype: str = "float32",
-                             remat: bool = False) -> gemma3.Gemma3:
+def gemma3_from_architecture(
+    architecture: Any, scan_layers: bool = False, dtype: str = "float32", remat: bool = False
+) -> gemma3.Gemma3:
   """A `Gemma3` of the `Gemma3Config` fields in `architecture` (a dict), e.g. a tiny random model for tests."""
   return gemma3.from_config_dict(architecture, scan_layers=scan_layers, remat=remat, dtype=jnp.dtype(dtype))
 

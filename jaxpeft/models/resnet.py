@@ -28,8 +28,9 @@ class BasicBlock(nn.Module):
     y = nn.relu(norm("bn1")(y))
     y = norm("bn2")(nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y))
     if x.shape[-1] != self.features or self.strides != 1:
-      x = norm("shortcut_bn")(nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
-                                      name="shortcut_conv")(x))
+      x = norm("shortcut_bn")(
+          nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False, name="shortcut_conv")(x)
+      )
     return nn.relu(x + y)
 
 
@@ -53,7 +54,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2 ** i, strides=strides, name=f"stage{i}_block{j}")(x, train)
+        x = BasicBlock(self.width * 2**i, strides=strides, name=f"stage{i}_block{j}")(x, train)
     features = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "features", features)  # read by feature-based TTA methods (LAME)
     return nn.Dense(self.num_classes, name="head")(features)

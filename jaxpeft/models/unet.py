@@ -61,9 +61,10 @@ class UNet(nn.Module):
     del train  # No dropout or batch statistics: the same function in train and eval.
     levels = len(self.features) - 1
     if levels < 1:
-      raise ValueError(f"UNet features={tuple(self.features)}: give at least two entries (one level"
-                       " and the bottleneck).")
-    if x.ndim != 4 or x.shape[1] % 2**levels or x.shape[2] % 2**levels:
+      raise ValueError(
+          f"UNet features={tuple(self.features)}: give at least two entries (one level" " and the bottleneck)."
+      )
+    if x.ndim != 4 or x.shape[1] % 2 ** levels or x.shape[2] % 2**levels:
       raise ValueError(
           f"UNet with {levels} levels expects images (batch, height, width, channels) with height"
           f" and width multiples of {2**levels}; got shape {x.shape}. Use fewer config.model.features."

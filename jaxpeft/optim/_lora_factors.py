@@ -59,14 +59,14 @@ BaseOptimizer = Callable[..., optax.GradientTransformation]
 
 
 def build_base(
-  name: str, base_optimizer: BaseOptimizer, learning_rate: optax.ScalarOrSchedule, weight_decay: Any | None
+    name: str, base_optimizer: BaseOptimizer, learning_rate: optax.ScalarOrSchedule, weight_decay: Any | None
 ) -> optax.GradientTransformation:
   """``base_optimizer(learning_rate)``, given ``weight_decay=`` too unless it is None (the base's default)."""
   if weight_decay is None:
     return base_optimizer(learning_rate)
   if "weight_decay" not in inspect.signature(base_optimizer).parameters:
     raise ValueError(
-      f"{name}: weight_decay={weight_decay} is set but the base optimizer {base_optimizer!r} takes no "
-      "weight_decay; leave it None or give a base that has one (e.g. optax.adamw)."
+        f"{name}: weight_decay={weight_decay} is set but the base optimizer {base_optimizer!r} takes no "
+        "weight_decay; leave it None or give a base that has one (e.g. optax.adamw)."
     )
   return base_optimizer(learning_rate, weight_decay=weight_decay)

@@ -91,13 +91,13 @@ def _rectification(b2: jax.typing.ArrayLike, t: jax.Array) -> tuple[jax.Array, j
 
 
 def scale_by_adabelief(
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-16,
-  *,
-  amsgrad: bool = False,
-  rectify: bool = True,
-  degenerated_to_sgd: bool = True,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-16,
+    *,
+    amsgrad: bool = False,
+    rectify: bool = True,
+    degenerated_to_sgd: bool = True,
 ) -> optax.GradientTransformation:
   """Rescales updates by AdaBelief's belief in the gradient (the direction u_t, before -lr).
 
@@ -118,21 +118,21 @@ def scale_by_adabelief(
   check_hyperparameters("AdaBelief", NON_NEGATIVE, eps=eps)
   if amsgrad and rectify:
     raise ValueError(
-      "adabelief: amsgrad=True has no effect with rectify=True in the authors' "
-      "adabelief-pytorch (and a different one in pytorch_optimizer); pass rectify=False "
-      "to use AMSGrad, or amsgrad=False for the rectified update."
+        "adabelief: amsgrad=True has no effect with rectify=True in the authors' "
+        "adabelief-pytorch (and a different one in pytorch_optimizer); pass rectify=False "
+        "to use AMSGrad, or amsgrad=False for the rectified update."
     )
 
   def init_fn(params: optax.Params) -> AdaBeliefState:
     return AdaBeliefState(
-      count=jnp.zeros([], jnp.int32),
-      mu=optax.tree.zeros_like(params),
-      nu=optax.tree.zeros_like(params),
-      nu_max=optax.tree.zeros_like(params) if amsgrad else None,
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+        nu_max=optax.tree.zeros_like(params) if amsgrad else None,
     )
 
   def update_fn(
-    updates: optax.Updates, state: AdaBeliefState, params: optax.Params | None = None
+      updates: optax.Updates, state: AdaBeliefState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, AdaBeliefState]:
     del params
     count = numerics.safe_increment(state.count)
@@ -157,10 +157,10 @@ def scale_by_adabelief(
       new_updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
 
     new_state = AdaBeliefState(
-      count=count,
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      nu_max=optax.tree.cast_like(nu_max, state.nu_max) if amsgrad else None,
+        count=count,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        nu_max=optax.tree.cast_like(nu_max, state.nu_max) if amsgrad else None,
     )
     return optax.tree.cast_like(new_updates, updates), new_state
 
@@ -168,17 +168,17 @@ def scale_by_adabelief(
 
 
 def adabelief(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-16,
-  weight_decay: jax.typing.ArrayLike = 0.0,
-  *,
-  amsgrad: bool = False,
-  weight_decouple: bool = True,
-  fixed_decay: bool = False,
-  rectify: bool = True,
-  degenerated_to_sgd: bool = True,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-16,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    amsgrad: bool = False,
+    weight_decouple: bool = True,
+    fixed_decay: bool = False,
+    rectify: bool = True,
+    degenerated_to_sgd: bool = True,
 ) -> optax.GradientTransformation:
   """AdaBelief with the authors' defaults (rectified, decoupled weight decay); see the module doc.
 
@@ -196,12 +196,10 @@ def adabelief(
   check_hyperparameters("AdaBelief", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   if fixed_decay and not weight_decouple:
     raise ValueError(
-      "adabelief: fixed_decay=True only applies to decoupled weight decay; set "
-      "weight_decouple=True, or fixed_decay=False for an L2 penalty on the gradient."
+        "adabelief: fixed_decay=True only applies to decoupled weight decay; set "
+        "weight_decouple=True, or fixed_decay=False for an L2 penalty on the gradient."
     )
-  core = scale_by_adabelief(
-    b1, b2, eps, amsgrad=amsgrad, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd
-  )
+  core = scale_by_adabelief(b1, b2, eps, amsgrad=amsgrad, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd)
   lr = optax.scale_by_learning_rate(learning_rate)
   if not weight_decouple:
     return optax.chain(optax.add_decayed_weights(weight_decay), core, lr)

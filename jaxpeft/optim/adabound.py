@@ -66,14 +66,14 @@ def _evaluate(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.typing.Arr
 
 
 def scale_by_adabound(
-  learning_rate: optax.ScalarOrSchedule,
-  final_lr: optax.ScalarOrSchedule = 0.1,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  gamma: jax.typing.ArrayLike = 1e-3,
-  eps: jax.typing.ArrayLike = 1e-8,
-  *,
-  amsbound: bool = False,
+    learning_rate: optax.ScalarOrSchedule,
+    final_lr: optax.ScalarOrSchedule = 0.1,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    gamma: jax.typing.ArrayLike = 1e-3,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    amsbound: bool = False,
 ) -> optax.GradientTransformation:
   """Returns the clipped step clip(eta_t, eta_l, eta_u) * m_t (learning rate included, not negated).
 
@@ -98,14 +98,14 @@ def scale_by_adabound(
 
   def init_fn(params: optax.Params) -> AdaBoundState:
     return AdaBoundState(
-      count=jnp.zeros([], jnp.int32),
-      mu=optax.tree.zeros_like(params),
-      nu=optax.tree.zeros_like(params),
-      nu_max=optax.tree.zeros_like(params) if amsbound else None,
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+        nu_max=optax.tree.zeros_like(params) if amsbound else None,
     )
 
   def update_fn(
-    updates: optax.Updates, state: AdaBoundState, params: optax.Params | None = None
+      updates: optax.Updates, state: AdaBoundState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, AdaBoundState]:
     del params
     lr, target = _evaluate(learning_rate, state.count), _evaluate(final_lr, state.count)
@@ -123,10 +123,10 @@ def scale_by_adabound(
 
     new_updates = jax.tree.map(clipped_step, mu, nu_max if amsbound else nu)
     new_state = AdaBoundState(
-      count=count,
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      nu_max=optax.tree.cast_like(nu_max, state.nu_max) if amsbound else None,
+        count=count,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        nu_max=optax.tree.cast_like(nu_max, state.nu_max) if amsbound else None,
     )
     return optax.tree.cast_like(new_updates, updates), new_state
 
@@ -134,15 +134,15 @@ def scale_by_adabound(
 
 
 def adabound(
-  learning_rate: optax.ScalarOrSchedule = 1e-3,
-  final_lr: optax.ScalarOrSchedule = 0.1,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  gamma: jax.typing.ArrayLike = 1e-3,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0.0,
-  *,
-  amsbound: bool = False,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    final_lr: optax.ScalarOrSchedule = 0.1,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    gamma: jax.typing.ArrayLike = 1e-3,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    *,
+    amsbound: bool = False,
 ) -> optax.GradientTransformation:
   """AdaBound (``amsbound=True``: AMSBound) with the authors' defaults and L2 weight decay.
 
@@ -156,7 +156,7 @@ def adabound(
   """
   check_hyperparameters("AdaBound", NON_NEGATIVE, weight_decay=weight_decay)
   return optax.chain(
-    optax.add_decayed_weights(weight_decay),
-    scale_by_adabound(learning_rate, final_lr, b1, b2, gamma, eps, amsbound=amsbound),
-    optax.scale(-1.0),
+      optax.add_decayed_weights(weight_decay),
+      scale_by_adabound(learning_rate, final_lr, b1, b2, gamma, eps, amsbound=amsbound),
+      optax.scale(-1.0),
   )

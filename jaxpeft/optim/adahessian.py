@@ -227,8 +227,15 @@ def adahessian(
   """
   return optax.chain(
       scale_by_adahessian(
-          b1, b2, eps, hessian_power, update_each, mu_dtype,
-          key=key, conv_spatial_axes=conv_spatial_axes, axis_name=axis_name,
+          b1,
+          b2,
+          eps,
+          hessian_power,
+          update_each,
+          mu_dtype,
+          key=key,
+          conv_spatial_axes=conv_spatial_axes,
+          axis_name=axis_name,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -56,11 +56,11 @@ class AdamCMState(NamedTuple):
 
 
 def scale_by_adam_cm(
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  decay: jax.typing.ArrayLike = 0.7,
-  topc: int = 5,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    decay: jax.typing.ArrayLike = 0.7,
+    topc: int = 5,
 ) -> optax.GradientTransformation:
   """Rescales updates to Adam's direction with the critical-momenta aggregate, before -lr.
 
@@ -81,16 +81,16 @@ def scale_by_adam_cm(
   def init_fn(params: optax.Params) -> AdamCMState:
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return AdamCMState(
-      count=jnp.zeros([], jnp.int32),
-      mu=optax.tree.zeros_like(params),
-      nu=optax.tree.zeros_like(params),
-      buffer=tuple(optax.tree.zeros_like(params) for _ in range(topc)),
-      priorities=jnp.zeros([topc], dtype),  # in the parameters' dtype, like the state's other floats
-      size=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+        buffer=tuple(optax.tree.zeros_like(params) for _ in range(topc)),
+        priorities=jnp.zeros([topc], dtype),  # in the parameters' dtype, like the state's other floats
+        size=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(
-    updates: optax.Updates, state: AdamCMState, params: optax.Params | None = None
+      updates: optax.Updates, state: AdamCMState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, AdamCMState]:
     del params
     count = numerics.safe_increment(state.count)
@@ -105,24 +105,25 @@ def scale_by_adam_cm(
     insert = jnp.logical_not(full) | (norm > jnp.min(state.priorities))
     entry = jax.tree.map(lambda m, g: jnp.where(first, g, m), mu, updates)  # step 1 stores g_1
     buffer = tuple(
-      jax.tree.map(lambda c, e, j=j: jnp.where(insert & (slot == j), e.astype(c.dtype), c), slot_tree, entry)
-      for j, slot_tree in enumerate(state.buffer)
+        jax.tree.map(lambda c, e, j=j: jnp.where(insert & (slot == j), e.astype(c.dtype), c), slot_tree, entry)
+        for j, slot_tree in enumerate(state.buffer)
     )
     priorities = jnp.where(insert, state.priorities.at[slot].set(norm), state.priorities) * decay
     new_size = jnp.where(insert, jnp.minimum(state.size + 1, capacity), state.size)
     nu = jax.tree.map(lambda v, a: jnp.where(first, v, b2 * v + (1 - b2) * a * a), state.nu, aggregate)
     t = count.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
     direction = jax.tree.map(
-      lambda a, v: jnp.where(first, 0.0, a / (1 - b1**t) / (jnp.sqrt(v) / jnp.sqrt(1 - b2**t) + eps)),
-      aggregate, nu,
+        lambda a, v: jnp.where(first, 0.0, a / (1 - b1**t) / (jnp.sqrt(v) / jnp.sqrt(1 - b2**t) + eps)),
+        aggregate,
+        nu,
     )
     new_state = AdamCMState(
-      count=count,
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      buffer=buffer,
-      priorities=priorities.astype(state.priorities.dtype),
-      size=new_size.astype(jnp.int32),
+        count=count,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        buffer=buffer,
+        priorities=priorities.astype(state.priorities.dtype),
+        size=new_size.astype(jnp.int32),
     )
     return optax.tree.cast_like(direction, updates), new_state
 
@@ -130,13 +131,13 @@ def scale_by_adam_cm(
 
 
 def adam_cm(
-  learning_rate: optax.ScalarOrSchedule = 1e-3,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  decay: jax.typing.ArrayLike = 0.7,
-  topc: int = 5,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    decay: jax.typing.ArrayLike = 0.7,
+    topc: int = 5,
+    weight_decay: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   """Adam with critical momenta, the authors' defaults and decoupled weight decay (lr * weight_decay * theta).
 
@@ -150,7 +151,7 @@ def adam_cm(
   """
   check_hyperparameters("AdamCM", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
-    scale_by_adam_cm(b1, b2, eps, decay, topc),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+      scale_by_adam_cm(b1, b2, eps, decay, topc),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
   )

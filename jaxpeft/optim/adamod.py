@@ -48,11 +48,11 @@ class AdaModState(NamedTuple):
 
 
 def scale_by_adamod(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  b3: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    b3: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformation:
   """Returns the bounded step min(eta_t, s_t) * m_t (learning rate included, not negated).
 
@@ -68,7 +68,9 @@ def scale_by_adamod(
     An ``optax.GradientTransformation`` whose state is :class:`AdaModState`.
   """
   check_hyperparameters("AdaMod", NON_NEGATIVE, learning_rate=learning_rate)
-  check_hyperparameters("AdaMod", DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.999, eps=1e-8.", b1=b1, b2=b2, b3=b3)
+  check_hyperparameters(
+      "AdaMod", DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.999, eps=1e-8.", b1=b1, b2=b2, b3=b3
+  )
   check_hyperparameters("AdaMod", NON_NEGATIVE, eps=eps)
 
   def init_fn(params: optax.Params) -> AdaModState:
@@ -77,7 +79,7 @@ def scale_by_adamod(
     return AdaModState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, eta=eta)
 
   def update_fn(
-    updates: optax.Updates, state: AdaModState, params: optax.Params | None = None
+      updates: optax.Updates, state: AdaModState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, AdaModState]:
     del params
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
@@ -89,10 +91,10 @@ def scale_by_adamod(
     eta = optax.tree.update_moment(eta_t, state.eta, b3, 1)
     new_updates = jax.tree.map(lambda e, s, m: jnp.minimum(e, s) * m, eta_t, eta, mu)
     new_state = AdaModState(
-      count=count,
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      eta=optax.tree.cast_like(eta, state.eta),
+        count=count,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        eta=optax.tree.cast_like(eta, state.eta),
     )
     return optax.tree.cast_like(new_updates, updates), new_state
 
@@ -100,12 +102,12 @@ def scale_by_adamod(
 
 
 def adamod(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  b3: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    b3: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   """AdaMod with the authors' defaults and decoupled weight decay (lr * weight_decay * theta).
 
@@ -126,7 +128,7 @@ def adamod(
   else:
     decay = weight_decay * learning_rate
   return optax.chain(
-    scale_by_adamod(learning_rate, b1, b2, b3, eps),
-    optax.add_decayed_weights(decay),
-    optax.scale(-1.0),
+      scale_by_adamod(learning_rate, b1, b2, b3, eps),
+      optax.add_decayed_weights(decay),
+      optax.scale(-1.0),
   )

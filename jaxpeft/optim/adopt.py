@@ -59,12 +59,12 @@ def _default_clip(step: jax.Array) -> jax.Array:
 
 
 def scale_by_adopt(
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.9999,
-  eps: jax.typing.ArrayLike = 1e-6,
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  *,
-  clip_lambda: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = _default_clip,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.9999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    clip_lambda: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = _default_clip,
 ) -> optax.GradientTransformation:
   """Rescales updates according to ADOPT (the direction m_k, before -lr).
 
@@ -85,13 +85,13 @@ def scale_by_adopt(
 
   def init_fn(params: optax.Params) -> AdoptState:
     return AdoptState(
-      count=jnp.zeros([], jnp.int32),
-      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-      nu=optax.tree.zeros_like(params),
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params),
     )
 
   def update_fn(
-    updates: optax.Updates, state: AdoptState, params: optax.Params | None = None
+      updates: optax.Updates, state: AdoptState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, AdoptState]:
     del params
     first = state.count == 0
@@ -105,16 +105,16 @@ def scale_by_adopt(
 
     normed = jax.tree.map(normalise, updates, state.nu)
     mu = jax.tree.map(
-      lambda m, new: jnp.where(first, m, new),
-      state.mu,
-      optax.tree.update_moment(normed, state.mu, b1, 1),
+        lambda m, new: jnp.where(first, m, new),
+        state.mu,
+        optax.tree.update_moment(normed, state.mu, b1, 1),
     )
     # On the first step v_0 = g_0**2 (decay 0); afterwards the usual EMA.
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, jnp.where(first, 0.0, b2), 2)
     new_state = AdoptState(
-      count=numerics.safe_increment(state.count),
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
+        count=numerics.safe_increment(state.count),
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
     )
     return optax.tree.cast_like(mu, updates), new_state
 
@@ -122,15 +122,15 @@ def scale_by_adopt(
 
 
 def adopt(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.9999,
-  eps: jax.typing.ArrayLike = 1e-6,
-  weight_decay: jax.typing.ArrayLike = 0.0,
-  mu_dtype: jax.typing.DTypeLike | None = None,
-  *,
-  clip_lambda: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = _default_clip,
-  decouple: bool = False,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.9999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    clip_lambda: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = _default_clip,
+    decouple: bool = False,
 ) -> optax.GradientTransformation:
   """ADOPT with the authors' defaults and optional weight decay; see the module doc.
 

@@ -147,11 +147,17 @@ def _view(rule: FactoredAxes, path: str, shape: tuple[int, ...]) -> _View | None
   rows, cols = (tuple(np.atleast_1d(a).tolist()) for a in axes)
   chosen = rows + cols
   if not rows or not cols or len(set(chosen)) != len(chosen) or not all(0 <= a < len(shape) for a in chosen):
-    raise ValueError(f"CAME factored_axes gave {axes!r} for {path!r} of shape {shape}: expected (rows, cols), "
-                     "two non-empty, disjoint axes or tuples of axes of that shape, or None (unfactored).")
+    raise ValueError(
+        f"CAME factored_axes gave {axes!r} for {path!r} of shape {shape}: expected (rows, cols), "
+        "two non-empty, disjoint axes or tuples of axes of that shape, or None (unfactored)."
+    )
   batch = tuple(a for a in range(len(shape)) if a not in chosen)
-  return _View(batch + rows + cols, tuple(shape[a] for a in batch), math.prod(shape[a] for a in rows),
-               math.prod(shape[a] for a in cols))
+  return _View(
+      batch + rows + cols,
+      tuple(shape[a] for a in batch),
+      math.prod(shape[a] for a in rows),
+      math.prod(shape[a] for a in cols),
+  )
 
 
 def _empty(x: jax.Array) -> jax.Array:
@@ -202,8 +208,10 @@ def scale_by_came(
   """
   if isinstance(factored_axes, str):
     if factored_axes not in _NAMED_AXES:
-      raise ValueError(f"CAME factored_axes={factored_axes!r}: use one of {sorted(_NAMED_AXES)} or a callable "
-                       "(path, shape) -> (rows, cols) | None.")
+      raise ValueError(
+          f"CAME factored_axes={factored_axes!r}: use one of {sorted(_NAMED_AXES)} or a callable "
+          "(path, shape) -> (rows, cols) | None."
+      )
     factored_axes = _NAMED_AXES[factored_axes]
   check_hyperparameters("CAME", _DECAY_RATE, "Defaults: b1=0.9, b2=0.999, b3=0.9999.", b1=b1, b2=b2, b3=b3)
   check_hyperparameters("CAME", NON_NEGATIVE, "Defaults: eps=1e-30, eps_res=1e-16.", eps=eps, eps_res=eps_res)
@@ -212,8 +220,10 @@ def scale_by_came(
 
   def views(tree: optax.Params) -> list[_View | None]:
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [_view(factored_axes, jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape))
-            for path, leaf in paths_and_leaves]
+    return [
+        _view(factored_axes, jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape))
+        for path, leaf in paths_and_leaves
+    ]
 
   def init_fn(params: optax.Params) -> CameState:
     treedef = jax.tree.structure(params)
@@ -238,8 +248,14 @@ def scale_by_came(
     )
 
   def update_leaf(
-      view: _View | None, grad: jax.Array, mu: jax.Array, nu_row: jax.Array, nu_col: jax.Array, nu: jax.Array,
-      res_row: jax.Array, res_col: jax.Array,
+      view: _View | None,
+      grad: jax.Array,
+      mu: jax.Array,
+      nu_row: jax.Array,
+      nu_col: jax.Array,
+      nu: jax.Array,
+      res_row: jax.Array,
+      res_col: jax.Array,
   ) -> tuple[jax.Array, ...]:
     """One CAME step for one parameter; returns (update, *new state leaves)."""
     compute_dtype = jnp.promote_types(grad.dtype, jnp.float32)

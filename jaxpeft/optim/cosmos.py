@@ -70,11 +70,11 @@ def _at_least_float32(x: jax.Array) -> jax.Array:
 
 
 def scale_by_cosmos(
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  lr_ratio: jax.typing.ArrayLike = 0.1,
-  rank: int = 64,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    lr_ratio: jax.typing.ArrayLike = 0.1,
+    rank: int = 64,
 ) -> optax.GradientTransformation:
   """Rescales updates to COSMOS's direction (matrices) or Adam's (others), before -lr.
 
@@ -103,12 +103,15 @@ def scale_by_cosmos(
       return jnp.zeros((min(rank, p.shape[0]),) * 2, p.dtype) if _is_cosmos_matrix(p) else None
 
     return CosmosState(
-      count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params), nu=jax.tree.map(nu, params),
-      basis=jax.tree.map(basis, params), gram=jax.tree.map(gram, params),
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=jax.tree.map(nu, params),
+        basis=jax.tree.map(basis, params),
+        gram=jax.tree.map(gram, params),
     )
 
   def update_fn(
-    updates: optax.Updates, state: CosmosState, params: optax.Params | None = None
+      updates: optax.Updates, state: CosmosState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, CosmosState]:
     del params
     count = numerics.safe_increment(state.count)
@@ -147,7 +150,7 @@ def scale_by_cosmos(
       projected = g_hat @ basis
       adaptive = (projected / (jnp.sqrt(v) / jnp.sqrt(1 - b2**t) + eps)) @ basis.T
       residual = orthogonalize_via_newton_schulz(
-        g_hat - projected @ basis.T, jnp.asarray(KELLER_JORDAN_COEFFS), 5, "frobenius", NEWTON_SCHULZ_EPS
+          g_hat - projected @ basis.T, jnp.asarray(KELLER_JORDAN_COEFFS), 5, "frobenius", NEWTON_SCHULZ_EPS
       )
       residual = residual / (jnp.linalg.norm(residual) + eps)
       scale = jnp.sqrt(g.shape[0] * g.shape[1] * 1.0)
@@ -160,9 +163,9 @@ def scale_by_cosmos(
       return tuple(None if x is None else x.astype(ref.dtype) for x, ref in zip(out, (g, m, v, g, g)))
 
     treedef = jax.tree.structure(updates)
-    parts = treedef.flatten_up_to(jax.tree.map(
-      per_leaf, updates, state.mu, state.nu, state.basis, state.gram, is_leaf=lambda x: x is None
-    ))
+    parts = treedef.flatten_up_to(
+        jax.tree.map(per_leaf, updates, state.mu, state.nu, state.basis, state.gram, is_leaf=lambda x: x is None)
+    )
     direction, mu, nu, basis, gram = (treedef.unflatten([p[k] for p in parts]) for k in range(5))
     return direction, CosmosState(count=count, mu=mu, nu=nu, basis=basis, gram=gram)
 
@@ -170,13 +173,13 @@ def scale_by_cosmos(
 
 
 def cosmos(
-  learning_rate: optax.ScalarOrSchedule = 1e-3,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  lr_ratio: jax.typing.ArrayLike = 0.1,
-  rank: int = 64,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    lr_ratio: jax.typing.ArrayLike = 0.1,
+    rank: int = 64,
+    weight_decay: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   """COSMOS with the official defaults and decoupled weight decay (lr * weight_decay * theta).
 
@@ -190,7 +193,7 @@ def cosmos(
   """
   check_hyperparameters("COSMOS", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
-    scale_by_cosmos(b1, b2, eps, lr_ratio, rank),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+      scale_by_cosmos(b1, b2, eps, lr_ratio, rank),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
   )

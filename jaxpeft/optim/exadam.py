@@ -48,9 +48,9 @@ class EXAdamState(NamedTuple):
 
 
 def scale_by_exadam(
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformation:
   """Rescales updates to EXAdam's direction (m~_t + g~_t) / (sqrt(v~_t) + eps), before -lr.
 
@@ -67,11 +67,11 @@ def scale_by_exadam(
 
   def init_fn(params: optax.Params) -> EXAdamState:
     return EXAdamState(
-      count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params)
+        count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params)
     )
 
   def update_fn(
-    updates: optax.Updates, state: EXAdamState, params: optax.Params | None = None
+      updates: optax.Updates, state: EXAdamState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, EXAdamState]:
     del params
     count = numerics.safe_increment(state.count)
@@ -88,7 +88,7 @@ def scale_by_exadam(
 
     new_updates = jax.tree.map(direction, updates, mu, nu)
     new_state = EXAdamState(
-      count=count, mu=optax.tree.cast_like(mu, state.mu), nu=optax.tree.cast_like(nu, state.nu)
+        count=count, mu=optax.tree.cast_like(mu, state.mu), nu=optax.tree.cast_like(nu, state.nu)
     )
     return optax.tree.cast_like(new_updates, updates), new_state
 
@@ -96,11 +96,11 @@ def scale_by_exadam(
 
 
 def exadam(
-  learning_rate: optax.ScalarOrSchedule = 1e-3,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   """EXAdam with the author's defaults and decoupled weight decay (lr * weight_decay * theta).
 
@@ -114,7 +114,7 @@ def exadam(
   """
   check_hyperparameters("EXAdam", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
-    scale_by_exadam(b1, b2, eps),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+      scale_by_exadam(b1, b2, eps),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
   )

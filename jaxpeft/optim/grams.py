@@ -105,7 +105,9 @@ def scale_by_grams(
       return (jnp.sign(g) * jnp.abs(m) / (jnp.sqrt(v) + eps_hat)).astype(g.dtype)
 
     updates = jax.tree.map(direction_times_magnitude, updates, mu_hat, nu_hat)
-    return updates, GramsState(count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast_like(nu, state.nu))
+    return updates, GramsState(
+        count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast_like(nu, state.nu)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -51,7 +51,7 @@ def damped_pinv(gram: jax.Array, delta: jax.typing.ArrayLike) -> jax.Array:
 
 
 def project_lora_fa_gradients(
-  scaling: jax.typing.ArrayLike = 1.0, delta: jax.typing.ArrayLike = 1e-8
+    scaling: jax.typing.ArrayLike = 1.0, delta: jax.typing.ArrayLike = 1e-8
 ) -> optax.GradientTransformation:
   """Replaces each pair's B gradient by (A^T A + delta I)^+ g_B / scaling^2 (A's is left as is).
 
@@ -85,12 +85,12 @@ def _labels(tree):
 
 
 def lora_fa(
-  learning_rate: optax.ScalarOrSchedule,
-  scaling: jax.typing.ArrayLike = 1.0,
-  delta: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike | None = None,
-  *,
-  base_optimizer: BaseOptimizer = optax.adamw,
+    learning_rate: optax.ScalarOrSchedule,
+    scaling: jax.typing.ArrayLike = 1.0,
+    delta: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike | None = None,
+    *,
+    base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
   """LoRA-FA over any base optimizer: A frozen (no optimizer state), B's gradient projected.
 
@@ -106,6 +106,6 @@ def lora_fa(
   """
   base = _lora_factors.build_base("LoRA-FA", base_optimizer, learning_rate, weight_decay)
   return optax.chain(
-    project_lora_fa_gradients(scaling, delta),
-    optax.multi_transform({"frozen": optax.set_to_zero(), "trained": base}, _labels),
+      project_lora_fa_gradients(scaling, delta),
+      optax.multi_transform({"frozen": optax.set_to_zero(), "trained": base}, _labels),
   )

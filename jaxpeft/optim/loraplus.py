@@ -37,9 +37,9 @@ BaseOptimizer = _lora_factors.BaseOptimizer
 
 
 def scale_by_loraplus(
-  learning_rate: optax.ScalarOrSchedule,
-  loraplus_lr_ratio: jax.typing.ArrayLike = 16.0,
-  loraplus_lr_embedding: jax.typing.ArrayLike = 1e-6,
+    learning_rate: optax.ScalarOrSchedule,
+    loraplus_lr_ratio: jax.typing.ArrayLike = 16.0,
+    loraplus_lr_embedding: jax.typing.ArrayLike = 1e-6,
 ) -> optax.GradientTransformation:
   """Scales the base optimizer's updates to LoRA+'s group learning rates (see module doc).
 
@@ -60,7 +60,7 @@ def scale_by_loraplus(
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(
-    updates: optax.Updates, state: optax.ScaleByScheduleState, params: optax.Params | None = None
+      updates: optax.Updates, state: optax.ScaleByScheduleState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, optax.ScaleByScheduleState]:
     del params
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
@@ -81,12 +81,12 @@ def scale_by_loraplus(
 
 
 def loraplus(
-  learning_rate: optax.ScalarOrSchedule,
-  loraplus_lr_ratio: jax.typing.ArrayLike = 16.0,
-  loraplus_lr_embedding: jax.typing.ArrayLike = 1e-6,
-  weight_decay: jax.typing.ArrayLike | None = None,
-  *,
-  base_optimizer: BaseOptimizer = optax.adamw,
+    learning_rate: optax.ScalarOrSchedule,
+    loraplus_lr_ratio: jax.typing.ArrayLike = 16.0,
+    loraplus_lr_embedding: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike | None = None,
+    *,
+    base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
   """LoRA+ over any base optimizer: ``chain(base_optimizer(learning_rate), scale_by_loraplus(...))``.
 
@@ -108,6 +108,6 @@ def loraplus(
     An ``optax.GradientTransformation`` (``...ExtraArgs`` if the base needs extra arguments).
   """
   return optax.chain(
-    _lora_factors.build_base("LoRA+", base_optimizer, learning_rate, weight_decay),
-    scale_by_loraplus(learning_rate, loraplus_lr_ratio, loraplus_lr_embedding),
+      _lora_factors.build_base("LoRA+", base_optimizer, learning_rate, weight_decay),
+      scale_by_loraplus(learning_rate, loraplus_lr_ratio, loraplus_lr_embedding),
   )

@@ -69,15 +69,15 @@ def _is_matrix(x: jax.Array) -> bool:
 
 
 def scale_by_mars(
-  b1: jax.typing.ArrayLike = 0.95,
-  b2: jax.typing.ArrayLike = 0.99,
-  gamma: jax.typing.ArrayLike = 0.025,
-  eps: jax.typing.ArrayLike = 1e-8,
-  b1_1d: jax.typing.ArrayLike = 0.9,
-  b2_1d: jax.typing.ArrayLike = 0.95,
-  *,
-  mars_type: MarsType = "adamw",
-  optimize_1d: bool = False,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.99,
+    gamma: jax.typing.ArrayLike = 0.025,
+    eps: jax.typing.ArrayLike = 1e-8,
+    b1_1d: jax.typing.ArrayLike = 0.9,
+    b2_1d: jax.typing.ArrayLike = 0.95,
+    *,
+    mars_type: MarsType = "adamw",
+    optimize_1d: bool = False,
 ) -> optax.GradientTransformation:
   """Rescales updates to MARS's direction u_t (before the learning rate and decay).
 
@@ -104,7 +104,7 @@ def scale_by_mars(
     return MarsState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, last_grad=last_grad)
 
   def update_fn(
-    updates: optax.Updates, state: MarsState, params: optax.Params | None = None
+      updates: optax.Updates, state: MarsState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, MarsState]:
     del params
     count = numerics.safe_increment(state.count)
@@ -131,10 +131,10 @@ def scale_by_mars(
     results = jax.tree.map(leaf, updates, state.mu, state.nu, state.last_grad)
     direction, mu, nu = jax.tree.transpose(jax.tree.structure(updates), jax.tree.structure((0, 0, 0)), results)
     new_state = MarsState(
-      count=count,
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      last_grad=optax.tree.cast_like(updates, state.last_grad),
+        count=count,
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        last_grad=optax.tree.cast_like(updates, state.last_grad),
     )
     return optax.tree.cast_like(direction, updates), new_state
 
@@ -142,19 +142,19 @@ def scale_by_mars(
 
 
 def mars(
-  learning_rate: optax.ScalarOrSchedule = 3e-3,
-  b1: jax.typing.ArrayLike = 0.95,
-  b2: jax.typing.ArrayLike = 0.99,
-  gamma: jax.typing.ArrayLike = 0.025,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0.0,
-  lr_1d: optax.ScalarOrSchedule = 3e-3,
-  b1_1d: jax.typing.ArrayLike = 0.9,
-  b2_1d: jax.typing.ArrayLike = 0.95,
-  weight_decay_1d: jax.typing.ArrayLike = 0.1,
-  *,
-  mars_type: MarsType = "adamw",
-  optimize_1d: bool = False,
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.99,
+    gamma: jax.typing.ArrayLike = 0.025,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    lr_1d: optax.ScalarOrSchedule = 3e-3,
+    b1_1d: jax.typing.ArrayLike = 0.9,
+    b2_1d: jax.typing.ArrayLike = 0.95,
+    weight_decay_1d: jax.typing.ArrayLike = 0.1,
+    *,
+    mars_type: MarsType = "adamw",
+    optimize_1d: bool = False,
 ) -> optax.GradientTransformation:
   """MARS-AdamW (``mars_type="lion"``: MARS-Lion) with the authors' defaults.
 
@@ -173,11 +173,12 @@ def mars(
   uses_mars = lambda tree: jax.tree.map(lambda x: optimize_1d or _is_matrix(x), tree)
   uses_adamw = lambda tree: jax.tree.map(lambda x: not (optimize_1d or _is_matrix(x)), tree)
   return optax.chain(
-    scale_by_mars(b1, b2, gamma, eps, b1_1d, b2_1d, mars_type=mars_type, optimize_1d=optimize_1d),
-    optax.masked(
-      optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate)), uses_mars
-    ),
-    optax.masked(
-      optax.chain(optax.add_decayed_weights(weight_decay_1d), optax.scale_by_learning_rate(lr_1d)), uses_adamw
-    ),
+      scale_by_mars(b1, b2, gamma, eps, b1_1d, b2_1d, mars_type=mars_type, optimize_1d=optimize_1d),
+      optax.masked(
+          optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate)),
+          uses_mars,
+      ),
+      optax.masked(
+          optax.chain(optax.add_decayed_weights(weight_decay_1d), optax.scale_by_learning_rate(lr_1d)), uses_adamw
+      ),
   )

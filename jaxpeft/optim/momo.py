@@ -143,8 +143,12 @@ class _StepConfig(NamedTuple):
   axis_name: str | None
 
 
-def _init_state(state_type: type[MomoState | MomoAdamState], params: optax.Params, lower_bound: ArrayLike,
-                **other_fields: optax.Updates) -> MomoState | MomoAdamState:
+def _init_state(
+    state_type: type[MomoState | MomoAdamState],
+    params: optax.Params,
+    lower_bound: ArrayLike,
+    **other_fields: optax.Updates,
+) -> MomoState | MomoAdamState:
   """Zero averages, scalars in `_scalar_dtype(params)`, and `other_fields` as given."""
   dtype = _scalar_dtype(params)
   return state_type(
@@ -180,8 +184,10 @@ def _update_averages(
 def _transformation(
     name: str,
     init_fn: Callable[[optax.Params], MomoState | MomoAdamState],
-    step: Callable[[optax.Updates, MomoState | MomoAdamState, optax.Params, ArrayLike, jax.Array],
-                   tuple[optax.Updates, MomoState | MomoAdamState]],
+    step: Callable[
+        [optax.Updates, MomoState | MomoAdamState, optax.Params, ArrayLike, jax.Array],
+        tuple[optax.Updates, MomoState | MomoAdamState],
+    ],
 ) -> optax.GradientTransformationExtraArgs:
   """The optax transformation of `init_fn` and `step(updates, state, params, value, new_count)`.
 
@@ -287,8 +293,14 @@ def scale_by_momo(
     averages = _update_averages(state, updates, params, value, b, axis_name)
     exp_avg = averages.exp_avg
     new_updates, lb = _model_step(
-        config, state, params, averages,
-        direction=exp_avg, norm_sq=_vdot(exp_avg, exp_avg, dtype, axis_name), rho=rho, divide=True,
+        config,
+        state,
+        params,
+        averages,
+        direction=exp_avg,
+        norm_sq=_vdot(exp_avg, exp_avg, dtype, axis_name),
+        rho=rho,
+        divide=True,
     )
     return new_updates, MomoState(count, *averages, lb)
 
@@ -341,11 +353,18 @@ def scale_by_momo_adam(
     preconditioner = jax.tree.map(lambda s: jnp.sqrt(s) + eps, optax.tree.bias_correction(exp_avg_sq, b2, count))
     direction = jax.tree.map(jnp.divide, averages.exp_avg, preconditioner)
     new_updates, lb = _model_step(
-        config, state, params, averages,
-        direction=direction, norm_sq=_vdot(averages.exp_avg, direction, dtype, axis_name),
-        rho=1 - jnp.asarray(b1, dtype) ** count, divide=divide,
+        config,
+        state,
+        params,
+        averages,
+        direction=direction,
+        norm_sq=_vdot(averages.exp_avg, direction, dtype, axis_name),
+        rho=1 - jnp.asarray(b1, dtype) ** count,
+        divide=divide,
     )
-    return new_updates, MomoAdamState(count, averages.exp_avg, exp_avg_sq, averages.loss_avg, averages.grad_dot_w, lb)
+    return new_updates, MomoAdamState(
+        count, averages.exp_avg, exp_avg_sq, averages.loss_avg, averages.grad_dot_w, lb
+    )
 
   return _transformation("momo_adam", init_fn, step)
 
@@ -367,17 +386,21 @@ def _factory(core: Callable[_P, _R], name: str, doc: str) -> Callable[_P, _R]:
 
 
 momo = _factory(
-    scale_by_momo, "momo",
+    scale_by_momo,
+    "momo",
     """MoMo (SGD with momentum and a model-based step size), defaults of the authors' `momo.Momo`.
 
     Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
     `scale_by_momo`, which is the whole update (the step size itself needs the learning rate).
-    """)
+    """,
+)
 
 momo_adam = _factory(
-    scale_by_momo_adam, "momo_adam",
+    scale_by_momo_adam,
+    "momo_adam",
     """MoMo-Adam (Adam with a model-based step size), defaults of the authors' `momo.MomoAdam`.
 
     Pass the current loss: `tx.update(grads, state, params, value=loss)`. Arguments as
     `scale_by_momo_adam`, which is the whole update (the step size itself needs the learning rate).
-    """)
+    """,
+)

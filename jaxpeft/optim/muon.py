@@ -69,18 +69,18 @@ class MuonState(NamedTuple):
 def flax_dimension_numbers(params: optax.Params) -> Any:
   """Muon dimension numbers for a Flax param tree: last axis = output, the others = input; None if ndim < 2."""
   return jax.tree.map(
-    lambda x: MuonDimensionNumbers(tuple(range(x.ndim - 1)), x.ndim - 1) if jnp.ndim(x) >= 2 else None, params
+      lambda x: MuonDimensionNumbers(tuple(range(x.ndim - 1)), x.ndim - 1) if jnp.ndim(x) >= 2 else None, params
   )
 
 
 def scale_by_muon(
-  beta: jax.typing.ArrayLike = 0.95,
-  nesterov: bool = True,
-  ns_coeffs: tuple[float, float, float] | tuple[tuple[float, float, float], ...] = KELLER_JORDAN_COEFFS,
-  ns_steps: int = 5,
-  eps: jax.typing.ArrayLike = 1e-7,
-  consistent_rms: jax.typing.ArrayLike | None = None,
-  weight_dimension_numbers: DimensionNumbers | None = None,
+    beta: jax.typing.ArrayLike = 0.95,
+    nesterov: bool = True,
+    ns_coeffs: tuple[float, float, float] | tuple[tuple[float, float, float], ...] = KELLER_JORDAN_COEFFS,
+    ns_steps: int = 5,
+    eps: jax.typing.ArrayLike = 1e-7,
+    consistent_rms: jax.typing.ArrayLike | None = None,
+    weight_dimension_numbers: DimensionNumbers | None = None,
 ) -> optax.GradientTransformation:
   """Rescales matrix updates to Muon's shape-scaled orthogonalized momentum, before -lr.
 
@@ -110,7 +110,7 @@ def scale_by_muon(
     return MuonState(momentum=optax.tree.zeros_like(params))
 
   def update_fn(
-    updates: optax.Updates, state: MuonState, params: optax.Params | None = None
+      updates: optax.Updates, state: MuonState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, MuonState]:
     del params
     momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
@@ -120,10 +120,10 @@ def scale_by_muon(
       direction = momentum
     coeffs = jnp.asarray(ns_coeffs)  # here, not at construction: float64 under x64
     orthogonal = jax.tree.map(
-      lambda u, dims: orthogonalize_via_newton_schulz(u, coeffs, ns_steps, "frobenius", eps, dims),
-      direction,
-      resolve(updates),
-      is_leaf=lambda x: isinstance(x, MuonDimensionNumbers),
+        lambda u, dims: orthogonalize_via_newton_schulz(u, coeffs, ns_steps, "frobenius", eps, dims),
+        direction,
+        resolve(updates),
+        is_leaf=lambda x: isinstance(x, MuonDimensionNumbers),
     )
     scaled, _ = scale_by_shape(resolve(updates), consistent_rms).update(orthogonal, None)
     new_state = MuonState(momentum=optax.tree.cast_like(momentum, state.momentum))
@@ -133,20 +133,20 @@ def scale_by_muon(
 
 
 def muon(
-  learning_rate: optax.ScalarOrSchedule = 2e-2,
-  beta: jax.typing.ArrayLike = 0.95,
-  nesterov: bool = True,
-  ns_coeffs: tuple[float, float, float] | tuple[tuple[float, float, float], ...] = KELLER_JORDAN_COEFFS,
-  ns_steps: int = 5,
-  eps: jax.typing.ArrayLike = 1e-7,
-  weight_decay: jax.typing.ArrayLike = 0.0,
-  consistent_rms: jax.typing.ArrayLike | None = None,
-  adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
-  adam_b1: jax.typing.ArrayLike = 0.9,
-  adam_b2: jax.typing.ArrayLike = 0.95,
-  adam_eps: jax.typing.ArrayLike = 1e-10,
-  adam_weight_decay: jax.typing.ArrayLike = 0.0,
-  muon_weight_dimension_numbers: DimensionNumbers | None = None,
+    learning_rate: optax.ScalarOrSchedule = 2e-2,
+    beta: jax.typing.ArrayLike = 0.95,
+    nesterov: bool = True,
+    ns_coeffs: tuple[float, float, float] | tuple[tuple[float, float, float], ...] = KELLER_JORDAN_COEFFS,
+    ns_steps: int = 5,
+    eps: jax.typing.ArrayLike = 1e-7,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    consistent_rms: jax.typing.ArrayLike | None = None,
+    adam_learning_rate: optax.ScalarOrSchedule = 3e-4,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.95,
+    adam_eps: jax.typing.ArrayLike = 1e-10,
+    adam_weight_decay: jax.typing.ArrayLike = 0.0,
+    muon_weight_dimension_numbers: DimensionNumbers | None = None,
 ) -> optax.GradientTransformation:
   """Muon on the matrix parameters and AdamW on the others, with pytorch_optimizer.Muon's defaults.
 
@@ -162,8 +162,14 @@ def muon(
   Returns:
     An ``optax.GradientTransformation``.
   """
-  check_hyperparameters("Muon", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay,
-                        adam_learning_rate=adam_learning_rate, adam_weight_decay=adam_weight_decay)
+  check_hyperparameters(
+      "Muon",
+      NON_NEGATIVE,
+      learning_rate=learning_rate,
+      weight_decay=weight_decay,
+      adam_learning_rate=adam_learning_rate,
+      adam_weight_decay=adam_weight_decay,
+  )
   dimension_numbers = muon_weight_dimension_numbers or flax_dimension_numbers
 
   def resolve(params: optax.Params) -> Any:
@@ -171,25 +177,29 @@ def muon(
 
   def labels(params: optax.Params) -> Any:
     return jax.tree.map(
-      lambda dims, _: "adam" if dims is None else "muon", resolve(params), params,
-      is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers),
+        lambda dims, _: "adam" if dims is None else "muon",
+        resolve(params),
+        params,
+        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers),
     )
 
   def muon_dimension_numbers(updates: optax.Updates) -> Any:
     # optax.partition hands the Muon branch a tree whose AdamW leaves are MaskedNodes: mask those.
     return jax.tree.map(
-      lambda dims, u: u if isinstance(u, optax.MaskedNode) else dims, resolve(updates), updates,
-      is_leaf=lambda x: x is None or isinstance(x, (MuonDimensionNumbers, optax.MaskedNode)),
+        lambda dims, u: u if isinstance(u, optax.MaskedNode) else dims,
+        resolve(updates),
+        updates,
+        is_leaf=lambda x: x is None or isinstance(x, (MuonDimensionNumbers, optax.MaskedNode)),
     )
 
   return optax.partition(
-    {
-      "muon": optax.chain(
-        scale_by_muon(beta, nesterov, ns_coeffs, ns_steps, eps, consistent_rms, muon_dimension_numbers),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
-      ),
-      "adam": optax.adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay),
-    },
-    labels,
+      {
+          "muon": optax.chain(
+              scale_by_muon(beta, nesterov, ns_coeffs, ns_steps, eps, consistent_rms, muon_dimension_numbers),
+              optax.add_decayed_weights(weight_decay),
+              optax.scale_by_learning_rate(learning_rate),
+          ),
+          "adam": optax.adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, weight_decay=adam_weight_decay),
+      },
+      labels,
   )

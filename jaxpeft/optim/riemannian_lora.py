@@ -58,11 +58,11 @@ def precondition_lora_gradients(reg: jax.typing.ArrayLike = 1e-2) -> optax.Gradi
 
 
 def riemannian_lora(
-  learning_rate: optax.ScalarOrSchedule,
-  reg: jax.typing.ArrayLike = 1e-2,
-  weight_decay: jax.typing.ArrayLike | None = None,
-  *,
-  base_optimizer: BaseOptimizer = optax.adamw,
+    learning_rate: optax.ScalarOrSchedule,
+    reg: jax.typing.ArrayLike = 1e-2,
+    weight_decay: jax.typing.ArrayLike | None = None,
+    *,
+    base_optimizer: BaseOptimizer = optax.adamw,
 ) -> optax.GradientTransformation:
   """``chain(precondition_lora_gradients(reg), base_optimizer(learning_rate[, weight_decay]))``.
 

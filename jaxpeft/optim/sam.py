@@ -89,9 +89,7 @@ def sam_perturbation(
     directions = jax.tree.map(jnp.multiply, scales, scaled_grads)
   else:
     scaled_grads = directions = grads
-  norm = optax.tree.norm(
-      jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), scaled_grads)
-  )
+  norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), scaled_grads))
   factor = radius / (norm + eps)
   return jax.tree.map(lambda d, p: (factor * d).astype(p.dtype), directions, params)
 
@@ -112,9 +110,7 @@ def sharpness_aware_gradient(
   def mean_over_devices(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
-  perturbation = sam_perturbation(
-      mean_over_devices(grads), params, radius, adaptive=adaptive, eta=eta, eps=eps
-  )
+  perturbation = sam_perturbation(mean_over_devices(grads), params, radius, adaptive=adaptive, eta=eta, eps=eps)
   return mean_over_devices(grad_fn(optax.apply_updates(params, perturbation)))
 
 
@@ -223,6 +219,4 @@ def sam(
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` and ``grad_fn=``.
   """
   base = base_optimizer_or_sgd("sam", learning_rate, base_optimizer)
-  return optax.chain(
-      scale_by_sam(rho, adaptive=adaptive, eta=eta, eps=eps, axis_name=axis_name), base
-  )
+  return optax.chain(scale_by_sam(rho, adaptive=adaptive, eta=eta, eps=eps, axis_name=axis_name), base)

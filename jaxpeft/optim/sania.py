@@ -55,10 +55,10 @@ class SaniaState(NamedTuple):
 
 
 def scale_by_sania(
-  preconditioner: Literal["adam", "adagrad"] = "adam",
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 0.1,
-  is_sqrt: bool = False,
+    preconditioner: Literal["adam", "adagrad"] = "adam",
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 0.1,
+    is_sqrt: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates to gamma_t * g / B_t, before -lr; needs the loss as ``value=``.
 
@@ -80,12 +80,12 @@ def scale_by_sania(
     return SaniaState(count=jnp.zeros([], jnp.int32), nu=optax.tree.zeros_like(params))
 
   def update_fn(
-    updates: optax.Updates,
-    state: SaniaState,
-    params: optax.Params | None = None,
-    *,
-    value: jax.typing.ArrayLike | None = None,
-    **extra_args,
+      updates: optax.Updates,
+      state: SaniaState,
+      params: optax.Params | None = None,
+      *,
+      value: jax.typing.ArrayLike | None = None,
+      **extra_args,
   ) -> tuple[optax.Updates, SaniaState]:
     del params, extra_args
     if value is None:
@@ -115,11 +115,11 @@ def scale_by_sania(
 
 
 def sania(
-  learning_rate: optax.ScalarOrSchedule = 1.0,
-  preconditioner: Literal["adam", "adagrad"] = "adam",
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 0.1,
-  is_sqrt: bool = False,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    preconditioner: Literal["adam", "adagrad"] = "adam",
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 0.1,
+    is_sqrt: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """SANIA with the authors' defaults; ``update`` needs the loss as ``value=``.
 

@@ -61,10 +61,10 @@ import optax
 from optax._src import numerics
 
 from jaxpeft.optim._hyperparameter_checks import (
-  DECAY_RATE,
-  NON_NEGATIVE,
-  POSITIVE,
-  check_hyperparameters,
+    DECAY_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    check_hyperparameters,
 )
 
 # One matrix per axis, Q_i^T (eigenvectors as rows); None: the axis is not preconditioned. Stored
@@ -124,13 +124,13 @@ def _power_iteration(statistics: Bases, bases: Bases, nu: jax.Array) -> tuple[Ba
 
 
 def scale_by_soap(
-  b1: jax.typing.ArrayLike = 0.95,
-  b2: jax.typing.ArrayLike = 0.95,
-  shampoo_beta: jax.typing.ArrayLike | None = None,
-  eps: jax.typing.ArrayLike = 1e-8,
-  precondition_frequency: int = 10,
-  max_precondition_dim: int = 10000,
-  correct_bias: bool = True,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    precondition_frequency: int = 10,
+    max_precondition_dim: int = 10000,
+    correct_bias: bool = True,
 ) -> optax.GradientTransformation:
   """Rescales updates to SOAP's rotated-Adam direction, before -lr (zero on the first update).
 
@@ -149,7 +149,7 @@ def scale_by_soap(
   check_hyperparameters("SOAP", DECAY_RATE, "Defaults: b1=b2=0.95.", b1=b1, b2=b2, shampoo_beta=shampoo_beta)
   check_hyperparameters("SOAP", NON_NEGATIVE, eps=eps)
   check_hyperparameters(
-    "SOAP", POSITIVE, precondition_frequency=precondition_frequency, max_precondition_dim=max_precondition_dim
+      "SOAP", POSITIVE, precondition_frequency=precondition_frequency, max_precondition_dim=max_precondition_dim
   )
   beta_s = b2 if shampoo_beta is None else shampoo_beta
 
@@ -163,15 +163,15 @@ def scale_by_soap(
       return tuple(jnp.zeros((d, d), p.dtype) if on else None for d, on in zip(p.shape, preconditioned_axes(p)))
 
     return SoapState(
-      count=jnp.zeros([], jnp.int32),
-      mu=optax.tree.zeros_like(params),
-      nu=optax.tree.zeros_like(params),
-      statistics=jax.tree.map(matrices, params),
-      bases=jax.tree.map(matrices, params),
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+        statistics=jax.tree.map(matrices, params),
+        bases=jax.tree.map(matrices, params),
     )
 
   def update_fn(
-    updates: optax.Updates, state: SoapState, params: optax.Params | None = None
+      updates: optax.Updates, state: SoapState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, SoapState]:
     del params
     s = state.count  # the reference's step - 1
@@ -179,8 +179,9 @@ def scale_by_soap(
     scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if correct_bias else 1.0
 
     def first(g, m, v, stats, bases):
-      stats = tuple(None if L is None else (1 - beta_s) * _axis_statistic(g, i).astype(L.dtype)
-                    for i, L in enumerate(stats))
+      stats = tuple(
+          None if L is None else (1 - beta_s) * _axis_statistic(g, i).astype(L.dtype) for i, L in enumerate(stats)
+      )
       bases = tuple(None if L is None else _eigenbasis(L) for L in stats)
       return jnp.zeros_like(g), m, v, stats, bases
 
@@ -188,10 +189,12 @@ def scale_by_soap(
       m = (b1 * m + (1 - b1) * g).astype(m.dtype)
       v = (b2 * v + (1 - b2) * jnp.square(_rotate(g, bases))).astype(v.dtype)
       direction = (scale * _rotate(_rotate(m, bases) / (jnp.sqrt(v) + eps), bases, back=True)).astype(g.dtype)
-      stats = tuple(None if L is None else (beta_s * L + (1 - beta_s) * _axis_statistic(g, i)).astype(L.dtype)
-                    for i, L in enumerate(stats))
+      stats = tuple(
+          None if L is None else (beta_s * L + (1 - beta_s) * _axis_statistic(g, i)).astype(L.dtype)
+          for i, L in enumerate(stats)
+      )
       bases, v = jax.lax.cond(
-        s % precondition_frequency == 0, _power_iteration, lambda _, b, v: (b, v), stats, bases, v
+          s % precondition_frequency == 0, _power_iteration, lambda _, b, v: (b, v), stats, bases, v
       )
       return direction, m, v, stats, bases
 
@@ -202,15 +205,15 @@ def scale_by_soap(
     # 5-tuple per leaf of `updates`, split into five trees.
     treedef = jax.tree.structure(updates)
     parts = treedef.flatten_up_to(
-      jax.tree.map(per_leaf, updates, state.mu, state.nu, state.statistics, state.bases)
+        jax.tree.map(per_leaf, updates, state.mu, state.nu, state.statistics, state.bases)
     )
     direction, mu, nu, statistics, bases = (treedef.unflatten([p[k] for p in parts]) for k in range(5))
     new_state = SoapState(
-      count=numerics.safe_increment(state.count),
-      mu=optax.tree.cast_like(mu, state.mu),
-      nu=optax.tree.cast_like(nu, state.nu),
-      statistics=statistics,
-      bases=bases,
+        count=numerics.safe_increment(state.count),
+        mu=optax.tree.cast_like(mu, state.mu),
+        nu=optax.tree.cast_like(nu, state.nu),
+        statistics=statistics,
+        bases=bases,
     )
     return optax.tree.cast_like(direction, updates), new_state
 
@@ -224,7 +227,7 @@ class SoapWeightDecayState(NamedTuple):
 
 
 def soap_weight_decay(
-  learning_rate: optax.ScalarOrSchedule, weight_decay: jax.typing.ArrayLike
+    learning_rate: optax.ScalarOrSchedule, weight_decay: jax.typing.ArrayLike
 ) -> optax.GradientTransformation:
   """SOAP's decay of the updated parameters: theta + u' = (1 - lr * weight_decay) (theta + u).
 
@@ -243,7 +246,7 @@ def soap_weight_decay(
     return SoapWeightDecayState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(
-    updates: optax.Updates, state: SoapWeightDecayState, params: optax.Params | None = None
+      updates: optax.Updates, state: SoapWeightDecayState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, SoapWeightDecayState]:
     if params is None:
       raise ValueError("SOAP's weight decay needs the parameters: call update(grads, state, params).")
@@ -257,15 +260,15 @@ def soap_weight_decay(
 
 
 def soap(
-  learning_rate: optax.ScalarOrSchedule = 3e-3,
-  b1: jax.typing.ArrayLike = 0.95,
-  b2: jax.typing.ArrayLike = 0.95,
-  shampoo_beta: jax.typing.ArrayLike | None = None,
-  eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 1e-2,
-  precondition_frequency: int = 10,
-  max_precondition_dim: int = 10000,
-  correct_bias: bool = True,
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: jax.typing.ArrayLike = 0.95,
+    b2: jax.typing.ArrayLike = 0.95,
+    shampoo_beta: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 1e-2,
+    precondition_frequency: int = 10,
+    max_precondition_dim: int = 10000,
+    correct_bias: bool = True,
 ) -> optax.GradientTransformation:
   """SOAP with the official defaults; weight decay (1 - lr * weight_decay) on the updated parameters.
 
@@ -280,7 +283,7 @@ def soap(
   """
   check_hyperparameters("SOAP", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
-    scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, correct_bias),
-    optax.scale_by_learning_rate(learning_rate),
-    soap_weight_decay(learning_rate, weight_decay),
+      scale_by_soap(b1, b2, shampoo_beta, eps, precondition_frequency, max_precondition_dim, correct_bias),
+      optax.scale_by_learning_rate(learning_rate),
+      soap_weight_decay(learning_rate, weight_decay),
   )

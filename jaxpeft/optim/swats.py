@@ -57,15 +57,17 @@ class SwatsState(NamedTuple):
 
 def _dot(a: optax.Updates, b: optax.Updates, dtype: jnp.dtype) -> jax.Array:
   """The dot product of two trees over all leaves, accumulated in `dtype`."""
-  return sum((jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
-             jnp.zeros([], dtype))
+  return sum(
+      (jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+      jnp.zeros([], dtype),
+  )
 
 
 def scale_by_swats(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-9,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-9,
 ) -> optax.GradientTransformation:
   """Returns SWATS's step (learning rate included, not negated): Adam's -p_t, then (1 - b1) Lambda b_t.
 
@@ -87,12 +89,17 @@ def scale_by_swats(
     mu, nu, momentum = (optax.tree.zeros_like(params) for _ in range(3))
     scalar = jnp.zeros([], jax.dtypes.canonicalize_dtype(jnp.float64))  # float64 under x64
     return SwatsState(
-      count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, momentum=momentum,
-      sgd_lr_ema=scalar, sgd_lr=jnp.zeros_like(scalar), sgd_phase=jnp.zeros([], bool),
+        count=jnp.zeros([], jnp.int32),
+        mu=mu,
+        nu=nu,
+        momentum=momentum,
+        sgd_lr_ema=scalar,
+        sgd_lr=jnp.zeros_like(scalar),
+        sgd_phase=jnp.zeros([], bool),
     )
 
   def update_fn(
-    updates: optax.Updates, state: SwatsState, params: optax.Params | None = None
+      updates: optax.Updates, state: SwatsState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, SwatsState]:
     del params
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
@@ -118,13 +125,17 @@ def scale_by_swats(
 
     new_updates = jax.tree.map(lambda s, a: jnp.where(in_sgd, s, a), sgd_step, adam_step)
     new_state = SwatsState(
-      count=count,
-      mu=optax.tree.cast_like(jax.tree.map(lambda new, old: jnp.where(in_sgd, old, new), mu, state.mu), state.mu),
-      nu=optax.tree.cast_like(jax.tree.map(lambda new, old: jnp.where(in_sgd, old, new), nu, state.nu), state.nu),
-      momentum=optax.tree.cast_like(momentum, state.momentum),
-      sgd_lr_ema=jnp.where(in_sgd, state.sgd_lr_ema, sgd_lr_ema),
-      sgd_lr=jnp.where(in_sgd | ~switch, state.sgd_lr, estimate),
-      sgd_phase=in_sgd | switch,
+        count=count,
+        mu=optax.tree.cast_like(
+            jax.tree.map(lambda new, old: jnp.where(in_sgd, old, new), mu, state.mu), state.mu
+        ),
+        nu=optax.tree.cast_like(
+            jax.tree.map(lambda new, old: jnp.where(in_sgd, old, new), nu, state.nu), state.nu
+        ),
+        momentum=optax.tree.cast_like(momentum, state.momentum),
+        sgd_lr_ema=jnp.where(in_sgd, state.sgd_lr_ema, sgd_lr_ema),
+        sgd_lr=jnp.where(in_sgd | ~switch, state.sgd_lr, estimate),
+        sgd_phase=in_sgd | switch,
     )
     return optax.tree.cast_like(new_updates, updates), new_state
 
@@ -132,11 +143,11 @@ def scale_by_swats(
 
 
 def swats(
-  learning_rate: optax.ScalarOrSchedule = 1e-3,
-  b1: jax.typing.ArrayLike = 0.9,
-  b2: jax.typing.ArrayLike = 0.999,
-  eps: jax.typing.ArrayLike = 1e-9,
-  weight_decay: jax.typing.ArrayLike = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-9,
+    weight_decay: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
   """SWATS with the paper's defaults and L2 weight decay.
 
@@ -150,7 +161,7 @@ def swats(
   """
   check_hyperparameters("SWATS", NON_NEGATIVE, weight_decay=weight_decay)
   return optax.chain(
-    optax.add_decayed_weights(weight_decay),
-    scale_by_swats(learning_rate, b1, b2, eps),
-    optax.scale(-1.0),
+      optax.add_decayed_weights(weight_decay),
+      scale_by_swats(learning_rate, b1, b2, eps),
+      optax.scale(-1.0),
   )

@@ -124,8 +124,9 @@ def _official_code_perturbation(
     return (jnp.abs(p) * g if adaptive else g).astype(jnp.promote_types(g.dtype, jnp.float32))
 
   factor = radius / (optax.tree.norm(jax.tree.map(scaled, params, grads)) + eps)
-  return jax.tree.map(lambda p: (factor * (jnp.square(p) if adaptive else jnp.ones_like(p))).astype(p.dtype),
-                      params)
+  return jax.tree.map(
+      lambda p: (factor * (jnp.square(p) if adaptive else jnp.ones_like(p))).astype(p.dtype), params
+  )
 
 
 class TramState(NamedTuple):
@@ -196,9 +197,11 @@ def scale_by_tram(
       raise ValueError(
           "scale_by_tram: `update` needs `trust_region_logits_fn=`, a function (params, "
           "reference_params, *, train) -> (target_logits, logits) on the current batch"
-          + (" (distance='official_kl' computes the distance itself, so `trust_region_fn` is not used)."
-             if trust_region_fn is not None else
-             ", or `trust_region_fn=`, a function (params, reference_params) -> scalar distance.")
+          + (
+              " (distance='official_kl' computes the distance itself, so `trust_region_fn` is not used)."
+              if trust_region_fn is not None
+              else ", or `trust_region_fn=`, a function (params, reference_params) -> scalar distance."
+          )
       )
     if radius.ndim != 0:
       raise ValueError(
@@ -212,8 +215,9 @@ def scale_by_tram(
           updates, params, grad_fn, radius, adaptive=adaptive, eta=eta, eps=eps, axis_name=axis_name
       )
     else:
-      mean_over_devices = (lambda tree: tree) if axis_name is None else (
-          lambda tree: jax.lax.pmean(tree, axis_name))
+      mean_over_devices = (
+          (lambda tree: tree) if axis_name is None else (lambda tree: jax.lax.pmean(tree, axis_name))
+      )
       shift = _official_code_perturbation(mean_over_devices(updates), params, radius, adaptive, eps)
       tram_grads = mean_over_devices(grad_fn(optax.apply_updates(params, shift)))
     if reference_decay is None:
@@ -264,7 +268,12 @@ def tram(
   """
   base = base_optimizer_or_sgd("tram", learning_rate, base_optimizer)
   core = scale_by_tram(
-      reference_decay=reference_decay, adaptive=adaptive, eta=eta, eps=eps, axis_name=axis_name,
-      distance=distance, perturbation=perturbation,
+      reference_decay=reference_decay,
+      adaptive=adaptive,
+      eta=eta,
+      eps=eps,
+      axis_name=axis_name,
+      distance=distance,
+      perturbation=perturbation,
   )
   return optax.chain(core, base)

@@ -49,9 +49,9 @@ class UpgdState(NamedTuple):
 
 
 def scale_by_upgd(
-  beta_utility: jax.typing.ArrayLike = 0.999,
-  sigma: jax.typing.ArrayLike = 1e-3,
-  seed: int = 0,
+    beta_utility: jax.typing.ArrayLike = 0.999,
+    sigma: jax.typing.ArrayLike = 1e-3,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   """Returns 2 (g_t + sigma xi_t)(1 - s_t): the utility-gated, perturbed gradient (before -lr).
 
@@ -69,17 +69,17 @@ def scale_by_upgd(
 
   def init_fn(params: optax.Params) -> UpgdState:
     return UpgdState(
-      count=jnp.zeros([], jnp.int32), utility=optax.tree.zeros_like(params), key=jax.random.PRNGKey(seed)
+        count=jnp.zeros([], jnp.int32), utility=optax.tree.zeros_like(params), key=jax.random.PRNGKey(seed)
     )
 
   def update_fn(
-    updates: optax.Updates, state: UpgdState, params: optax.Params | None = None
+      updates: optax.Updates, state: UpgdState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, UpgdState]:
     if params is None:
       raise ValueError("UPGD needs the parameters (utility = -grad * param): call update(grads, state, params).")
     count = numerics.safe_increment(state.count)
     utility = jax.tree.map(
-      lambda u, g, p: beta_utility * u + (1.0 - beta_utility) * (-g * p), state.utility, updates, params
+        lambda u, g, p: beta_utility * u + (1.0 - beta_utility) * (-g * p), state.utility, updates, params
     )
     wide = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 under x64, else float32
     global_max = jnp.max(jnp.stack([jnp.max(u).astype(wide) for u in jax.tree.leaves(utility)]))
@@ -102,11 +102,11 @@ def scale_by_upgd(
 
 
 def upgd(
-  learning_rate: optax.ScalarOrSchedule = 1e-5,
-  beta_utility: jax.typing.ArrayLike = 0.999,
-  sigma: jax.typing.ArrayLike = 1e-3,
-  weight_decay: jax.typing.ArrayLike = 1e-3,
-  seed: int = 0,
+    learning_rate: optax.ScalarOrSchedule = 1e-5,
+    beta_utility: jax.typing.ArrayLike = 0.999,
+    sigma: jax.typing.ArrayLike = 1e-3,
+    weight_decay: jax.typing.ArrayLike = 1e-3,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   """UPGD with the authors' defaults and decoupled weight decay (lr * weight_decay * theta).
 
@@ -120,7 +120,7 @@ def upgd(
   """
   check_hyperparameters("UPGD", NON_NEGATIVE, learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
-    scale_by_upgd(beta_utility, sigma, seed),
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_learning_rate(learning_rate),
+      scale_by_upgd(beta_utility, sigma, seed),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
   )

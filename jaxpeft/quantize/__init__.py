@@ -13,10 +13,26 @@ quantization), ``quantized_array`` (the ``QuantizedArray`` leaf), ``tree`` (rege
 from jaxpeft.quantize.adapted import apply
 from jaxpeft.quantize.merge import merge, merge_error
 from jaxpeft.quantize.quantized_array import FORMATS, QuantizedArray, quantize_array
-from jaxpeft.quantize.tree import (bytes_per_param, check_frozen, dequantize_tree, is_quantized, quantize_tree,
-                                   quantized_paths)
+from jaxpeft.quantize.tree import (
+    bytes_per_param,
+    check_frozen,
+    dequantize_tree,
+    is_quantized,
+    quantize_tree,
+    quantized_paths,
+)
 
 __all__ = [
-    "FORMATS", "QuantizedArray", "apply", "bytes_per_param", "check_frozen", "dequantize_tree", "is_quantized",
-    "merge", "merge_error", "quantize_array", "quantize_tree", "quantized_paths",
+    "FORMATS",
+    "QuantizedArray",
+    "apply",
+    "bytes_per_param",
+    "check_frozen",
+    "dequantize_tree",
+    "is_quantized",
+    "merge",
+    "merge_error",
+    "quantize_array",
+    "quantize_tree",
+    "quantized_paths",
 ]

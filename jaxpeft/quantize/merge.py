@@ -35,18 +35,24 @@ KEEP = ("quantized", "bfloat16", "float32")
 
 
 def _float32_base(quantized_params: Params) -> Params:
-  return jax.tree.map(lambda x: x.dequantize().astype(jnp.float32) if is_quantized(x) else x, quantized_params,
-                      is_leaf=is_quantized)
+  return jax.tree.map(
+      lambda x: x.dequantize().astype(jnp.float32) if is_quantized(x) else x,
+      quantized_params,
+      is_leaf=is_quantized,
+  )
 
 
-def merge(quantized_params: Params, adapter_params: AdapterParams, config: AdapterConfig, *,
-          keep: str = "quantized") -> Params:
+def merge(
+    quantized_params: Params, adapter_params: AdapterParams, config: AdapterConfig, *, keep: str = "quantized"
+) -> Params:
   """The merged model: targeted quantized leaves re-quantized (``keep="quantized"``) or in bf16 / float32."""
   if keep not in KEEP:
     raise ValueError(f"keep={keep!r}: use one of {KEEP}.")
   if not any(is_quantized(x) for x in jax.tree.leaves(quantized_params, is_leaf=is_quantized)):
-    raise ValueError("merge expects a base with QuantizedArray leaves (from quantize_tree); for float or bfloat16 "
-                     "bases use jaxpeft.adapters.reparam.merge.")
+    raise ValueError(
+        "merge expects a base with QuantizedArray leaves (from quantize_tree); for float or bfloat16 "
+        "bases use jaxpeft.adapters.reparam.merge."
+    )
   base = _float32_base(quantized_params)
   merged = reparam.merge(base, adapter_params, config)
   targets = {t.path for t in select_targets(config, base)}
@@ -61,15 +67,20 @@ def merge(quantized_params: Params, adapter_params: AdapterParams, config: Adapt
     value = merged_leaves[path]
     if keep != "quantized":
       return value.astype(keep)
-    requantized = quantize_array(value, leaf.fmt, leaf.block_size, leaf.double_quant,
-                                 transposed=leaf.transposed, name=f"leaf {path!r}")
+    requantized = quantize_array(
+        value, leaf.fmt, leaf.block_size, leaf.double_quant, transposed=leaf.transposed, name=f"leaf {path!r}"
+    )
     return dataclasses.replace(requantized, dtype=leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(rebuild, quantized_params, is_leaf=is_quantized)
 
 
-def merge_error(quantized_params: Params, adapter_params: AdapterParams, config: AdapterConfig,
-                float_params: Params | None = None) -> dict[str, dict[str, float]]:
+def merge_error(
+    quantized_params: Params,
+    adapter_params: AdapterParams,
+    config: AdapterConfig,
+    float_params: Params | None = None,
+) -> dict[str, dict[str, float]]:
   """Errors of ``merge`` against float32 merges (``low_precision_merge``'s max abs / max rel / Frobenius rel).
 
   Keys: ``"requantized"`` (re-quantized merge vs the float32 merge of the dequantized base: the rounding of the
@@ -77,10 +88,13 @@ def merge_error(quantized_params: Params, adapter_params: AdapterParams, config:
   ``float_params`` is given, ``"requantized_vs_float_base"`` (vs the float32 merge of the unquantized base:
   both roundings, of the base and of the merge).
   """
+
   def merges(quantized_params, adapter_params, float_params):  # one compiled program instead of eager ops
-    out = {"exact": reparam.merge(_float32_base(quantized_params), adapter_params, config),
-           "requantized": dequantize_tree(merge(quantized_params, adapter_params, config)),
-           "bfloat16": merge(quantized_params, adapter_params, config, keep="bfloat16")}
+    out = {
+        "exact": reparam.merge(_float32_base(quantized_params), adapter_params, config),
+        "requantized": dequantize_tree(merge(quantized_params, adapter_params, config)),
+        "bfloat16": merge(quantized_params, adapter_params, config, keep="bfloat16"),
+    }
     if float_params is not None:
       out["float_base"] = reparam.merge(float_params, adapter_params, config)
     return out

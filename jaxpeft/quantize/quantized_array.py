@@ -97,8 +97,7 @@ def _decode(q: QuantizedArray) -> jax.Array:
   if q.fmt == "int8":
     values = q.codes.astype(jnp.float32) * q.scales
   else:
-    scales = (blockwise.dequantize_scales(q.scales, q.scale_scales, q.scale_offset) if q.double_quant
-              else q.scales)
+    scales = blockwise.dequantize_scales(q.scales, q.scale_scales, q.scale_offset) if q.double_quant else q.scales
     flat = blockwise.dequantize_blocks(blockwise.unpack_nibbles(q.codes), FOUR_BIT[q.fmt], scales, q.block_size)
     values = flat.reshape(q.shape[::-1] if q.transposed else q.shape)
     if q.transposed:
@@ -113,12 +112,17 @@ def _dequantize(q: QuantizedArray) -> jax.Array:
 
 def _dequantize_jvp(primals, tangents):
   (q,), (dq,) = primals, tangents
-  perturbed = [t for t in jax.tree.leaves(dq, is_leaf=lambda t: isinstance(t, SymbolicZero))
-               if not isinstance(t, SymbolicZero) and t.dtype != jax.dtypes.float0]
+  perturbed = [
+      t
+      for t in jax.tree.leaves(dq, is_leaf=lambda t: isinstance(t, SymbolicZero))
+      if not isinstance(t, SymbolicZero) and t.dtype != jax.dtypes.float0
+  ]
   if perturbed:
-    raise ValueError(f"A quantized {q.fmt} leaf of shape {q.shape} is being differentiated, but quantized "
-                     "weights are frozen. Train an adapter on it (jaxpeft.quantize.apply) and differentiate "
-                     "only the adapter, or keep this leaf out of quantize_tree's pattern to train it.")
+    raise ValueError(
+        f"A quantized {q.fmt} leaf of shape {q.shape} is being differentiated, but quantized "
+        "weights are frozen. Train an adapter on it (jaxpeft.quantize.apply) and differentiate "
+        "only the adapter, or keep this leaf out of quantize_tree's pattern to train it."
+    )
   out = _decode(q)
   return out, jnp.zeros_like(out)
 
@@ -130,26 +134,41 @@ def _check_quantizable(x: jax.Array, fmt: str, block_size: int, double_quant: bo
   if fmt not in FORMATS:
     raise ValueError(f"Unknown quantization format {fmt!r} for {name}; use one of {FORMATS}.")
   if not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} is not a floating-point array (got {type(x).__name__} {getattr(x, 'dtype', '')}); "
-                     "narrow the quantization pattern.")
+    raise ValueError(
+        f"{name} is not a floating-point array (got {type(x).__name__} {getattr(x, 'dtype', '')}); "
+        "narrow the quantization pattern."
+    )
   if x.ndim < 2:
-    raise ValueError(f"{name} has shape {tuple(x.shape)}: 1-D leaves (biases, norms) are not quantized; narrow "
-                     "the pattern to weight matrices, e.g. r'.*/kernel'.")
+    raise ValueError(
+        f"{name} has shape {tuple(x.shape)}: 1-D leaves (biases, norms) are not quantized; narrow "
+        "the pattern to weight matrices, e.g. r'.*/kernel'."
+    )
   if fmt == "int8":
     if double_quant:
-      raise ValueError(f"double_quant applies to the 4-bit formats' block scales; int8 ({name}) has one scale per "
-                       "output channel. Use double_quant=False.")
+      raise ValueError(
+          f"double_quant applies to the 4-bit formats' block scales; int8 ({name}) has one scale per "
+          "output channel. Use double_quant=False."
+      )
     return
   if block_size < 2 or block_size % 2:
     raise ValueError(f"block_size={block_size} must be an even number >= 2 (QLoRA uses 64).")
   if x.size % block_size:
-    raise ValueError(f"{name} of shape {tuple(x.shape)} has {x.size} entries, not a multiple of "
-                     f"block_size={block_size}; use a block size dividing it or exclude the leaf from the "
-                     "pattern.")
+    raise ValueError(
+        f"{name} of shape {tuple(x.shape)} has {x.size} entries, not a multiple of "
+        f"block_size={block_size}; use a block size dividing it or exclude the leaf from the "
+        "pattern."
+    )
 
 
-def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False, *,
-                   transposed: bool = False, name: str = "the array") -> QuantizedArray:
+def quantize_array(
+    x: jax.Array,
+    fmt: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = False,
+    *,
+    transposed: bool = False,
+    name: str = "the array",
+) -> QuantizedArray:
   """Quantizes one float array (at least 2-D) to ``fmt``; ``name`` is used in error messages.
 
   ``transposed=True`` quantizes the 2-D ``x.T`` (bitsandbytes' ``(out, in)`` order for a Flax ``(in, out)``
@@ -157,8 +176,10 @@ def quantize_array(x: jax.Array, fmt: str = "nf4", block_size: int = 64, double_
   """
   _check_quantizable(x, fmt, block_size, double_quant, name)
   if transposed and (fmt == "int8" or x.ndim != 2):
-    raise ValueError(f"transposed=True is for 2-D kernels in a 4-bit format; {name} has shape {tuple(x.shape)} "
-                     f"and format {fmt!r}.")
+    raise ValueError(
+        f"transposed=True is for 2-D kernels in a 4-bit format; {name} has shape {tuple(x.shape)} "
+        f"and format {fmt!r}."
+    )
   return _encode(x, fmt, block_size, double_quant, transposed)
 
 
@@ -178,5 +199,11 @@ def _encode(x: jax.Array, fmt: str, block_size: int, double_quant: bool, transpo
   if not double_quant:
     return QuantizedArray(codes=codes, scales=absmax, block_size=block_size, **meta)
   scale_codes, scale_scales, offset = blockwise.quantize_scales(absmax)
-  return QuantizedArray(codes=codes, scales=scale_codes, scale_scales=scale_scales, scale_offset=offset,
-                        block_size=block_size, **meta)
+  return QuantizedArray(
+      codes=codes,
+      scales=scale_codes,
+      scale_scales=scale_scales,
+      scale_offset=offset,
+      block_size=block_size,
+      **meta,
+  )

@@ -27,14 +27,17 @@ def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedArray)
 
 
-def quantize_tree(params: Params, pattern: str, fmt: str = "nf4", block_size: int = 64,
-                  double_quant: bool = False) -> Params:
+def quantize_tree(
+    params: Params, pattern: str, fmt: str = "nf4", block_size: int = 64, double_quant: bool = False
+) -> Params:
   """``params`` with the leaves whose path fully matches ``pattern`` replaced by ``QuantizedArray``s."""
   leaves = list(named_leaves(params))
   if not any(re.fullmatch(pattern, path) for path, _ in leaves):
     available = "\n  ".join(f"{p} {tuple(getattr(l, 'shape', ()))}" for p, l in leaves)
-    raise ValueError(f"Quantization pattern {pattern!r} matches no parameter (re.fullmatch on '/'-joined paths). "
-                     f"Available paths:\n  {available}")
+    raise ValueError(
+        f"Quantization pattern {pattern!r} matches no parameter (re.fullmatch on '/'-joined paths). "
+        f"Available paths:\n  {available}"
+    )
 
   def convert(key_path, leaf):
     path = path_string(key_path)
@@ -60,8 +63,10 @@ def check_frozen(trainable: Params, what: str = "the trainable set") -> None:
   """Raises if ``trainable`` (what an optimizer is about to train) holds a quantized leaf."""
   paths = quantized_paths(trainable)
   if paths:
-    raise ValueError(f"{what} contains quantized leaves {paths}; quantized weights are frozen. Exclude them "
-                     "from the trainable pattern (train an adapter on them) or from the quantization pattern.")
+    raise ValueError(
+        f"{what} contains quantized leaves {paths}; quantized weights are frozen. Exclude them "
+        "from the trainable pattern (train an adapter on them) or from the quantization pattern."
+    )
 
 
 def bytes_per_param(params: Params) -> float:

@@ -93,8 +93,9 @@ def rouge_l(prediction: str, reference: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def greedy_responses(model: Any, params: Any, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str], *,
-                     max_new_tokens: int) -> list[str]:
+def greedy_responses(
+    model: Any, params: Any, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str], *, max_new_tokens: int
+) -> list[str]:
   """Greedy continuations of `prompts` (left-padded into one batch), decoded up to the end token."""
   pad, eos = causal_lm_data.pad_and_eos_ids(tokenizer)
   encoded = [e.ids for e in tokenizer.encode_batch(list(prompts))]
@@ -102,31 +103,57 @@ def greedy_responses(model: Any, params: Any, tokenizer: tokenizers.Tokenizer, p
   ids = np.full((len(encoded), width), pad, np.int32)
   mask = np.zeros((len(encoded), width), np.int32)
   for row, tokens in enumerate(encoded):
-    ids[row, width - len(tokens):], mask[row, width - len(tokens):] = tokens, 1
+    ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
   init_cache = getattr(model, "init_cache", None) or functools.partial(_gemma3_cache, model)
-  out = np.asarray(generate_lib.generate(model, {"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                         max_new_tokens=max_new_tokens, init_cache=init_cache, stop_tokens=(eos,),
-                                         pad_id=pad))
+  out = np.asarray(
+      generate_lib.generate(
+          model,
+          {"params": params},
+          jnp.asarray(ids),
+          jnp.asarray(mask),
+          max_new_tokens=max_new_tokens,
+          init_cache=init_cache,
+          stop_tokens=(eos,),
+          pad_id=pad,
+      )
+  )
   return [tokenizer.decode([int(t) for t in row if t not in (pad, eos)]) for row in out]
 
 
 def _gemma3_cache(model: Any, batch: int, max_len: int) -> Any:
   from jaxpeft.models import gemma3  # pylint: disable=import-outside-toplevel
+
   return gemma3.init_cache(model.config, batch, max_len, model.dtype)
 
 
-def generation_metrics(model: Any, params: Any, tokenizer: tokenizers.Tokenizer, prompts: Sequence[str],
-                       references: Sequence[str], *, max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
+def generation_metrics(
+    model: Any,
+    params: Any,
+    tokenizer: tokenizers.Tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    max_new_tokens: int,
+) -> tuple[dict[str, float], list[str]]:
   """(`{exact_match, rouge_l}` averaged over the examples, the greedy responses)."""
   responses = greedy_responses(model, params, tokenizer, prompts, max_new_tokens=max_new_tokens)
   normal = lambda text: " ".join(text.split())
-  metrics = {"exact_match": float(np.mean([normal(p) == normal(r) for p, r in zip(responses, references)])),
-             "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(responses, references)]))}
+  metrics = {
+      "exact_match": float(np.mean([normal(p) == normal(r) for p, r in zip(responses, references)])),
+      "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(responses, references)])),
+  }
   return metrics, responses
 
 
-def held_out_generation(model: Any, params: Any, source: Sequence[dict[str, Any]], tokenizer_name: str, *,
-                        count: int, max_new_tokens: int) -> tuple[dict[str, float], list[dict[str, str]]]:
+def held_out_generation(
+    model: Any,
+    params: Any,
+    source: Sequence[dict[str, Any]],
+    tokenizer_name: str,
+    *,
+    count: int,
+    max_new_tokens: int,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
   """`generation_metrics` on the first `count` examples of a `{prompt, response}` split, and the samples.
 
   Returns the metrics (prefixed `generation_`) and, per example, its prompt, reference and greedy response.
@@ -134,7 +161,13 @@ def held_out_generation(model: Any, params: Any, source: Sequence[dict[str, Any]
   text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
   examples = [source[i] for i in range(min(count, len(source)))]
   prompts, references = [text(e["prompt"]) for e in examples], [text(e["response"]) for e in examples]
-  metrics, responses = generation_metrics(model, params, causal_lm_data.load_tokenizer(tokenizer_name), prompts,
-                                          references, max_new_tokens=max_new_tokens)
+  metrics, responses = generation_metrics(
+      model,
+      params,
+      causal_lm_data.load_tokenizer(tokenizer_name),
+      prompts,
+      references,
+      max_new_tokens=max_new_tokens,
+  )
   samples = [{"prompt": p, "reference": r, "response": g} for p, r, g in zip(prompts, references, responses)]
   return {f"generation_{k}": v for k, v in metrics.items()}, samples

@@ -121,25 +121,32 @@ class Checkpointer:
     if not jax.tree.leaves(abstract_frozen):
       return abstract_frozen
     checkpointer = ocp.StandardCheckpointer()
-    advice = (f" Every numbered checkpoint in {self.directory} depends on this single copy. Restore"
-              f" {self._frozen_dir()} from a backup, or start afresh in a new --workdir (the numbered"
-              " checkpoints alone cannot rebuild it).")
+    advice = (
+        f" Every numbered checkpoint in {self.directory} depends on this single copy. Restore"
+        f" {self._frozen_dir()} from a backup, or start afresh in a new --workdir (the numbered"
+        " checkpoints alone cannot rebuild it)."
+    )
     try:
       saved = checkpointer.metadata(self._frozen_dir())
       saved_tree = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
-      diff = tree_diff(_shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),
-                       _shapes(abstract_frozen))
+      diff = tree_diff(
+          _shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),
+          _shapes(abstract_frozen),
+      )
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} are missing or damaged"
-                                   f" ({_reason(e)}).{advice}") from e
+      raise DamagedCheckpointError(
+          f"The frozen params in {self._frozen_dir()} are missing or damaged" f" ({_reason(e)}).{advice}"
+      ) from e
     if diff:
-      raise DamagedCheckpointError(f"The frozen params in {self._frozen_dir()} do not fit this model:\n"
-                                   + "\n".join(diff) + f"\n{advice}")
+      raise DamagedCheckpointError(
+          f"The frozen params in {self._frozen_dir()} do not fit this model:\n" + "\n".join(diff) + f"\n{advice}"
+      )
     try:
       return checkpointer.restore(self._frozen_dir(), abstract_frozen)
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
-          f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}") from e
+          f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}"
+      ) from e
 
   def _set_aside(self, step: int) -> str:
     """Moves checkpoint `step` to `<workdir>/checkpoints_damaged/<step>[.<time>]`; returns where."""
@@ -174,17 +181,25 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  (any library error means: unreadable)
         where = self._set_aside(step)
         failures.append(f"step {step} ({_reason(e)}; moved to {where})")
-        logging.warning("Checkpoint %s/%d does not restore (%s); moved it to %s and trying the next older one.",
-                        self.directory, step, _reason(e), where)
+        logging.warning(
+            "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the next older one.",
+            self.directory,
+            step,
+            _reason(e),
+            where,
+        )
         continue
       if failures:
-        logging.warning("Resuming from checkpoint %d, the newest that restores; damaged: %s.", step,
-                        "; ".join(failures))
+        logging.warning(
+            "Resuming from checkpoint %d, the newest that restores; damaged: %s.", step, "; ".join(failures)
+        )
       return restored
     if failures:
       raise DamagedCheckpointError(
-          f"No checkpoint in {self.directory} restores: " + "; ".join(failures)
-          + ". They were kept, not deleted. Rerun to start from step 0 here, or use a new --workdir.")
+          f"No checkpoint in {self.directory} restores: "
+          + "; ".join(failures)
+          + ". They were kept, not deleted. Rerun to start from step 0 here, or use a new --workdir."
+      )
     return None
 
   def reached_preemption(self, step: int) -> bool:
@@ -217,9 +232,7 @@ class Checkpointer:
       )
     restored = self._manager.restore(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
     )
     return restored["state"], restored["meta"]
 

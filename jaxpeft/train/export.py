@@ -34,8 +34,14 @@ def _bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree,
-           model_state: PyTree | None = None, base_params: PyTree | None = None) -> dict[str, int]:
+def export(
+    workdir: str,
+    trainable: Trainable,
+    params: PyTree,
+    frozen: PyTree,
+    model_state: PyTree | None = None,
+    base_params: PyTree | None = None,
+) -> dict[str, int]:
   """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`, `model_state_bytes`).
 
   `base_params`, the model's parameters before training, gives `export/base_checksum.txt`.
@@ -59,9 +65,12 @@ def export(workdir: str, trainable: Trainable, params: PyTree, frozen: PyTree,
     checkpointer.wait_until_finished()
     sizes["model_state_bytes"] = _bytes(state_dir)
   if trainable.adapter is not None and not trainable.adapter_fits_original_base(frozen, params):
-    logging.warning("No export/adapter.safetensors: this run trained %r on a rewritten base (residual init"
-                    " or re-selection), so the adapter alone does not apply to the original weights; use"
-                    " export/params (merged).", trainable.adapter.method)
+    logging.warning(
+        "No export/adapter.safetensors: this run trained %r on a rewritten base (residual init"
+        " or re-selection), so the adapter alone does not apply to the original weights; use"
+        " export/params (merged).",
+        trainable.adapter.method,
+    )
   elif trainable.adapter is not None:
     adapter = multihost_utils.process_allgather(params["adapter"], tiled=True)
     adapter_path = os.path.join(out, "adapter.safetensors")

@@ -135,14 +135,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ("batch_size", config.batch_size, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
       ("log_every", config.log_every, lambda v: isinstance(v, int) and v > 0, "a positive integer"),
       ("eval_every", config.eval_every, lambda v: isinstance(v, int) and v >= 0, "0 (off) or a positive integer"),
-      ("checkpoint.every_steps", config.checkpoint.every_steps, lambda v: isinstance(v, int) and v > 0,
-       "a positive integer (saves also happen at the end)"),
-      ("checkpoint.max_to_keep", config.checkpoint.max_to_keep, lambda v: isinstance(v, int) and v > 0,
-       "a positive integer"),
-      ("optimizer.learning_rate", config.optimizer.learning_rate,
-       lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a positive finite number"),
-      ("optimizer.warmup_steps", config.optimizer.warmup_steps, lambda v: isinstance(v, int) and v >= 0,
-       "a non-negative integer"),
+      (
+          "checkpoint.every_steps",
+          config.checkpoint.every_steps,
+          lambda v: isinstance(v, int) and v > 0,
+          "a positive integer (saves also happen at the end)",
+      ),
+      (
+          "checkpoint.max_to_keep",
+          config.checkpoint.max_to_keep,
+          lambda v: isinstance(v, int) and v > 0,
+          "a positive integer",
+      ),
+      (
+          "optimizer.learning_rate",
+          config.optimizer.learning_rate,
+          lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+          "a positive finite number",
+      ),
+      (
+          "optimizer.warmup_steps",
+          config.optimizer.warmup_steps,
+          lambda v: isinstance(v, int) and v >= 0,
+          "a non-negative integer",
+      ),
   ]
   for key, value, ok, expected in checks:
     if not ok(value):
@@ -152,8 +168,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 @jax.jit
 def _first_non_finite(tree) -> jax.Array:
   """Index (in `jax.tree.leaves` order) of the first floating leaf holding a NaN or Inf, or -1."""
-  flags = [jnp.logical_not(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  flags = [
+      jnp.logical_not(jnp.all(jnp.isfinite(x)))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   if not flags:
     return jnp.array(-1)
   flags = jnp.stack(flags)
@@ -166,10 +185,16 @@ def check_state_finite(state: TrainState, step: int, last_saved: int | None) -> 
   index = int(_first_non_finite(tree))
   if index < 0:
     return
-  paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if jnp.issubdtype(x.dtype, jnp.inexact)]
-  kept = (f"the last checkpoint (step {last_saved}) is intact" if last_saved is not None
-          else "no checkpoint was written")
+  paths = [
+      jax.tree_util.keystr(p)
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  kept = (
+      f"the last checkpoint (step {last_saved}) is intact"
+      if last_saved is not None
+      else "no checkpoint was written"
+  )
   raise NonFiniteLossError(
       f"Non-finite values in the updated state {paths[index]} by step {step}; not saved, {kept}. Lower"
       " the learning rate, enable --config.optimizer.grad_clip_norm, or check the input data."
@@ -206,20 +231,32 @@ class _Runner:
           out_shardings=(self.shardings, repl),
           donate_argnums=0,
       )
-      self._eval = jax.jit(make_eval_step(trainable, input_keys, task=self.task),
-                           in_shardings=(self.shardings, batch_sh))
-      self._reselect = jax.jit(make_reselect_step(trainable, tx), in_shardings=(self.shardings,),
-                               out_shardings=self.shardings, donate_argnums=0)
+      self._eval = jax.jit(
+          make_eval_step(trainable, input_keys, task=self.task), in_shardings=(self.shardings, batch_sh)
+      )
+      self._reselect = jax.jit(
+          make_reselect_step(trainable, tx),
+          in_shardings=(self.shardings,),
+          out_shardings=self.shardings,
+          donate_argnums=0,
+      )
     elif self.mode == "pmap":
       if config.sharding.fsdp:
         raise ValueError("config.sharding.fsdp=True needs parallelism='jit'; pmap replicates state.")
       self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
       self.abstract = abstract
       self._init = jax.jit(make_state)
-      self._train = jax.pmap(make_train_step(trainable, tx, input_keys, axis_name=PMAP_AXIS, task=self.task),
-                             axis_name=PMAP_AXIS, donate_argnums=0, devices=self.local_devices)
-      self._eval = jax.pmap(make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS, task=self.task),
-                            axis_name=PMAP_AXIS, devices=self.local_devices)
+      self._train = jax.pmap(
+          make_train_step(trainable, tx, input_keys, axis_name=PMAP_AXIS, task=self.task),
+          axis_name=PMAP_AXIS,
+          donate_argnums=0,
+          devices=self.local_devices,
+      )
+      self._eval = jax.pmap(
+          make_eval_step(trainable, input_keys, axis_name=PMAP_AXIS, task=self.task),
+          axis_name=PMAP_AXIS,
+          devices=self.local_devices,
+      )
       self._reselect = jax.pmap(make_reselect_step(trainable, tx), donate_argnums=0, devices=self.local_devices)
     else:
       raise ValueError(f"config.sharding.parallelism={self.mode!r}: use 'jit' or 'pmap'.")
@@ -261,8 +298,11 @@ def evaluate(runner: _Runner, state: TrainState, config, source, preprocess) -> 
   """
   totals = None
   for batch in input_pipeline.eval_batches(
-      source, batch_size=config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), preprocess=preprocess,
+      source,
+      batch_size=config.eval_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      preprocess=preprocess,
   ):
     sums = runner.eval_sums(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -292,12 +332,15 @@ def _calibration_inputs(config, source, preprocess, input_keys) -> list[list[jax
   """The model inputs of the first `config.adapter.calibration_batches` training batches (global batches)."""
   count = config.adapter.get("calibration_batches", 0)
   if count < 1:
-    raise ValueError(f"Adapter method {config.adapter.method!r} initialises from activations: set"
-                     f" config.adapter.calibration_batches to a positive number of training batches (e.g. 8),"
-                     f" got {count}.")
+    raise ValueError(
+        f"Adapter method {config.adapter.method!r} initialises from activations: set"
+        f" config.adapter.calibration_batches to a positive number of training batches (e.g. 8),"
+        f" got {count}."
+    )
   # Every process reads the same global batches, so all of them compute the same residual base.
-  loader = input_pipeline.BatchLoader(source, global_batch_size=config.batch_size, seed=config.seed,
-                                      preprocess=preprocess)
+  loader = input_pipeline.BatchLoader(
+      source, global_batch_size=config.batch_size, seed=config.seed, preprocess=preprocess
+  )
   return [[jnp.asarray(batch[k]) for k in input_keys] for batch in map(loader.batch, range(count))]
 
 
@@ -319,9 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return _train_and_evaluate(config, workdir)
     except Exception as e:  # pylint: disable=broad-except  (library errors wrap the OSError)
       if is_disk_full(e):
-        raise DiskFullError(f"No space left on the device of --workdir={os.path.abspath(workdir)}. Free space"
-                            " there (or pass another --workdir) and rerun: the run resumes from its last"
-                            " complete checkpoint.") from e
+        raise DiskFullError(
+            f"No space left on the device of --workdir={os.path.abspath(workdir)}. Free space"
+            " there (or pass another --workdir) and rerun: the run resumes from its last"
+            " complete checkpoint."
+        ) from e
       raise
 
 
@@ -330,24 +375,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   devices = jax.devices()
   if config.sharding.num_devices:
     if jax.process_count() > 1 or config.sharding.num_devices > len(devices):
-      raise ValueError(f"config.sharding.num_devices={config.sharding.num_devices}: this job has"
-                       f" {len(devices)} devices in {jax.process_count()} process(es); use 0 (all).")
+      raise ValueError(
+          f"config.sharding.num_devices={config.sharding.num_devices}: this job has"
+          f" {len(devices)} devices in {jax.process_count()} process(es); use 0 (all)."
+      )
     devices = devices[: config.sharding.num_devices]
   mesh = sharding.make_mesh(devices)
   sharding.check_batch_size(config.batch_size, mesh)
   if config.eval_batch_size % len(devices):
-    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the"
-                     f" {len(devices)} devices.")
+    raise ValueError(
+        f"config.eval_batch_size={config.eval_batch_size} is not divisible by the" f" {len(devices)} devices."
+    )
   data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
   train_source, info = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   eval_source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.eval_split, data_dir)
-  train_source = input_pipeline.with_label_noise(input_pipeline.select_classes(train_source, config.dataset), info,
-                                                config.dataset, config.seed)
+  train_source = input_pipeline.with_label_noise(
+      input_pipeline.select_classes(train_source, config.dataset), info, config.dataset, config.seed
+  )
   eval_source = input_pipeline.select_classes(eval_source, config.dataset)
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
   loader = input_pipeline.BatchLoader(
-      train_source, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), preprocess=preprocess,
+      train_source,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      preprocess=preprocess,
   )
 
   model = build_model(config.model)
@@ -363,8 +416,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     params, frozen = trainable.split(rng, base_params, calibration)
     # Mutable collections (BatchNorm's batch_stats) start from their fresh init.
     model_state = {k: v for k, v in model.init(base_rng, *example_inputs).items() if k in collections}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                      opt_state=tx.init(params), rng=state_rng, model_state=model_state)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        frozen=frozen,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        model_state=model_state,
+    )
 
   def base_params():
     fresh = jax.jit(model.init)(base_rng, *example_inputs)["params"]
@@ -374,17 +433,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   abstract_base = jax.eval_shape(lambda: model.init(base_rng, *example_inputs)["params"])
   runner = _Runner(config, trainable, tx, make_state, adapter_rng, abstract_base, mesh)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              max_to_keep=config.checkpoint.max_to_keep,
-                              async_save=config.checkpoint.async_save)
+  checkpointer = Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.checkpoint.max_to_keep,
+      async_save=config.checkpoint.async_save,
+  )
   # A run that rewrites its base keeps the frozen params in every numbered checkpoint.
   restored = checkpointer.restore_latest(
-      runner.abstract if trainable.rewrites_base else runner.abstract.replace(frozen={}))
+      runner.abstract if trainable.rewrites_base else runner.abstract.replace(frozen={})
+  )
   if restored is None:
     base, calibration = base_params(), None
     if trainable.needs_calibration:
       calibration = trainable.calibrate(
-          base, _calibration_inputs(config, train_source, preprocess, config.dataset.input_keys))
+          base, _calibration_inputs(config, train_source, preprocess, config.dataset.input_keys)
+      )
     state, start = runner.init(adapter_rng, base, calibration), 0
     if not trainable.rewrites_base:
       checkpointer.save_frozen(runner.single_copy(state).frozen)
@@ -393,8 +456,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if not trainable.rewrites_base:
       restored = restored.replace(frozen=checkpointer.restore_frozen(runner.abstract.frozen))
     state, start = runner.place(restored), int(meta["step"])
-    logging.info("Resumed from %s at step %d (input position %s).", checkpointer.directory, start,
-                 meta["input_position"])
+    logging.info(
+        "Resumed from %s at step %d (input position %s).", checkpointer.directory, start, meta["input_position"]
+    )
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -408,8 +472,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     check_state_finite(state, step, last_saved)
     last_saved = step
     saved = runner.single_copy(state)
-    checkpointer.save(step, saved if trainable.rewrites_base else saved.replace(frozen={}),
-                      {"step": step, "input_position": loader.position(step)})
+    checkpointer.save(
+        step,
+        saved if trainable.rewrites_base else saved.replace(frozen={}),
+        {"step": step, "input_position": loader.position(step)},
+    )
 
   pending, step, preempted, last_log, rates = [], start, False, time.perf_counter(), []
   try:
@@ -453,21 +520,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   checkpointer.close()
   final = runner.single_copy(state)
   steps_per_sec = float(np.median(rates)) if rates else None  # None: no interval after compilation
-  result = {"step": step, "preempted": preempted, "params_l1": _l1_norm(final.params),
-            "trainable_params": trainable.num_trained(final.params),
-            "total_params": param_count(final.params["base"]) + param_count(final.frozen),
-            "steps_per_sec": steps_per_sec}
+  result = {
+      "step": step,
+      "preempted": preempted,
+      "params_l1": _l1_norm(final.params),
+      "trainable_params": trainable.num_trained(final.params),
+      "total_params": param_count(final.params["base"]) + param_count(final.frozen),
+      "steps_per_sec": steps_per_sec,
+  }
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
     if runner.task == "causal_lm" and config.get("generation_examples", 0):
       generation, result["samples"] = causal_lm.held_out_generation(
-          model, trainable.merged(final.params, final.frozen), eval_source, config.dataset.tokenizer,
-          count=config.generation_examples, max_new_tokens=config.generation_max_new_tokens)
+          model,
+          trainable.merged(final.params, final.frozen),
+          eval_source,
+          config.dataset.tokenizer,
+          count=config.generation_examples,
+          max_new_tokens=config.generation_max_new_tokens,
+      )
       result["eval"].update(generation)
     writer.write(step, "eval", result["eval"])
     if config.export:
-      result.update(export(workdir, trainable, final.params, final.frozen, final.model_state,
-                           base_params=base_params()))
+      result.update(
+          export(workdir, trainable, final.params, final.frozen, final.model_state, base_params=base_params())
+      )
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2, allow_nan=False)

@@ -67,11 +67,25 @@ def _merge_params(config: ml_collections.ConfigDict, base: Any, models: list[Any
   if method == "task_arithmetic":
     fn = lambda b, ms: merging.task_arithmetic(b, ms, weights, scale=config.scale)
   elif method == "ties":
-    fn = lambda b, ms: merging.ties(b, ms, weights, config.density, scale=config.scale,
-                                    majority_sign_method=config.majority_sign_method, convention=config.convention)
+    fn = lambda b, ms: merging.ties(
+        b,
+        ms,
+        weights,
+        config.density,
+        scale=config.scale,
+        majority_sign_method=config.majority_sign_method,
+        convention=config.convention,
+    )
   elif method == "dare":
-    fn = lambda b, ms: merging.dare(b, ms, weights, config.density, key=jax.random.key(config.seed),
-                                    combination=config.dare_combination, scale=config.scale)
+    fn = lambda b, ms: merging.dare(
+        b,
+        ms,
+        weights,
+        config.density,
+        key=jax.random.key(config.seed),
+        combination=config.dare_combination,
+        scale=config.scale,
+    )
   elif method == "linear":
     fn = lambda b, ms: merging.linear(ms, weights)
   else:
@@ -95,8 +109,10 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
   if config.kind not in ("params", "adapter"):
     raise ValueError(f"config.kind must be 'params' or 'adapter', got {config.kind!r}.")
   if not config.base and not (config.kind == "params" and config.method == "linear"):
-    raise ValueError("config.base must name the Orbax params the inputs were fine-tuned from (e.g. the "
-                     "pretraining run's export/params); only kind='params' with method='linear' needs none.")
+    raise ValueError(
+        "config.base must name the Orbax params the inputs were fine-tuned from (e.g. the "
+        "pretraining run's export/params); only kind='params' with method='linear' needs none."
+    )
   bar = tqdm.tqdm(total=len(workdirs) + 2, desc=f"merge ({config.method})", disable=not show_progress)
   base = _restore(config.base) if config.base else None
   recorded = _recorded_checksums(workdirs)
@@ -104,9 +120,14 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
     merging.check_base(base, recorded)
   bar.update(1)
   os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
-  summary = {"kind": config.kind, "method": config.method, "inputs": workdirs, "weights": weights,
-             "base": config.base,
-             "base_checked": sorted(recorded) if base is not None and config.check_base else []}
+  summary = {
+      "kind": config.kind,
+      "method": config.method,
+      "inputs": workdirs,
+      "weights": weights,
+      "base": config.base,
+      "base_checked": sorted(recorded) if base is not None and config.check_base else [],
+  }
   if config.kind == "params":
     models = []
     for wd in workdirs:
@@ -121,11 +142,19 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
       params, adapter_config = load_adapter(os.path.join(wd, "export", "adapter.safetensors"), base_params=base)
       adapters.append((adapter_config, params))
       bar.update(1)
-    rank = None if config.adapter_rank in ("", None) else (
-        "max" if config.adapter_rank == "max" else int(config.adapter_rank))
+    rank = (
+        None
+        if config.adapter_rank in ("", None)
+        else ("max" if config.adapter_rank == "max" else int(config.adapter_rank))
+    )
     adapter, adapter_config = merging.combine(
-        base, adapters, weights, config.method, rank=rank,
-        density=config.density if config.method == "ties" else None)
+        base,
+        adapters,
+        weights,
+        config.method,
+        rank=rank,
+        density=config.density if config.method == "ties" else None,
+    )
     save_adapter(os.path.join(workdir, "export", "adapter.safetensors"), adapter, adapter_config)
     merged = reparam.merge(base, adapter, adapter_config)
     summary["adapter_ranks"] = dict(adapter_config.rank_pattern)
@@ -133,10 +162,21 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
   bar.update(1)
   bar.close()
   leaves = jax.tree_util.tree_leaves(merged)
-  summary.update(num_leaves=len(leaves), num_params=int(sum(np.size(x) for x in leaves)),
-                 seconds=round(time.perf_counter() - start, 2))
+  summary.update(
+      num_leaves=len(leaves),
+      num_params=int(sum(np.size(x) for x in leaves)),
+      seconds=round(time.perf_counter() - start, 2),
+  )
   with open(os.path.join(workdir, "merge_summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  logging.info("Merged %d %s exports with %s (weights %s) into %s: %d leaves, %d parameters.", len(workdirs),
-               config.kind, config.method, weights, workdir, summary["num_leaves"], summary["num_params"])
+  logging.info(
+      "Merged %d %s exports with %s (weights %s) into %s: %d leaves, %d parameters.",
+      len(workdirs),
+      config.kind,
+      config.method,
+      weights,
+      workdir,
+      summary["num_leaves"],
+      summary["num_params"],
+  )
   return summary

@@ -56,11 +56,16 @@ class MetricWriter:
         f.writelines(kept)
       os.replace(path + ".tmp", path)
     self._jsonl = open(path, "a", encoding="utf-8")
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                          purge_step=initial_step + 1 if initial_step else None)
+    self._tb = tensorboardX.SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=initial_step + 1 if initial_step else None
+    )
     self._bar = tqdm.tqdm(
-        total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-        disable=not show_progress, mininterval=1.0,
+        total=total_steps,
+        initial=initial_step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not show_progress,
+        mininterval=1.0,
     )
 
   def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:

@@ -38,8 +38,12 @@ def _factory(name: str) -> Callable[..., optax.GradientTransformation]:
     factory = getattr(namespace, name, None)
     if callable(factory) and "learning_rate" in inspect.signature(factory).parameters:
       return factory
-  ours = sorted(n for n in getattr(jaxpeft.optim, "__all__", []) if callable(getattr(jaxpeft.optim, n))
-                and "learning_rate" in inspect.signature(getattr(jaxpeft.optim, n)).parameters)
+  ours = sorted(
+      n
+      for n in getattr(jaxpeft.optim, "__all__", [])
+      if callable(getattr(jaxpeft.optim, n))
+      and "learning_rate" in inspect.signature(getattr(jaxpeft.optim, n)).parameters
+  )
   raise UserError(
       f"Unknown optimizer {name!r}. Use a jaxpeft optimizer ({', '.join(ours)}) or an optax alias"
       " taking learning_rate (e.g. adam, adamw, sgd, lion, adafactor)."
@@ -81,8 +85,9 @@ def _plain(value: Any) -> Any:
   return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
-def _leaf_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, shared: dict[str, Any],
-                    kwargs: dict[str, Any], where: str) -> optax.GradientTransformation:
+def _leaf_optimizer(
+    name: str, learning_rate: optax.ScalarOrSchedule, shared: dict[str, Any], kwargs: dict[str, Any], where: str
+) -> optax.GradientTransformation:
   """`name`'s factory with the shared hyperparameters it takes and every kwarg (strictly)."""
   factory = _factory(name)
   accepted = inspect.signature(factory).parameters
@@ -113,13 +118,16 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> 
   if "base_optimizer" in inspect.signature(factory).parameters:
     base_name = kwargs.pop("base_optimizer", None) or _DEFAULT_BASE
     if not isinstance(base_name, str):
-      raise ValueError(f"config.optimizer.kwargs.base_optimizer={base_name!r}: give an optimizer name, e.g."
-                       " 'adamw'.")
+      raise ValueError(
+          f"config.optimizer.kwargs.base_optimizer={base_name!r}: give an optimizer name, e.g." " 'adamw'."
+      )
     _check_taken(opt_config.name, factory, kwargs, "config.optimizer.kwargs")
     shared = _shared(opt_config)
     if _takes_base_factory(factory):  # e.g. LoRA+: builds its base from `learning_rate -> transformation`
+
       def base_factory(base_learning_rate, **base_kwargs):
         return _leaf_optimizer(base_name, base_learning_rate, shared, base_kwargs, "config.optimizer")
+
       tx = factory(learning_rate=learning_rate, base_optimizer=base_factory, **kwargs)
     else:  # e.g. SAM, TRAM: take a ready transformation, learning rate included
       base = _leaf_optimizer(base_name, learning_rate, shared, {}, "config.optimizer")

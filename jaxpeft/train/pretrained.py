@@ -46,19 +46,27 @@ def _is_hf_checkpoint(path: str) -> bool:
 
 def _is_gemma3_checkpoint(path: str) -> bool:
   resolved = pathlib.Path(path).expanduser()
-  return (path == gemma3_loader.CHECKPOINT_PACKAGE or resolved.suffix == ".gguf"
-          or ((resolved / "config.json").is_file() and '"gemma3' in (resolved / "config.json").read_text()))
+  return (
+      path == gemma3_loader.CHECKPOINT_PACKAGE
+      or resolved.suffix == ".gguf"
+      or ((resolved / "config.json").is_file() and '"gemma3' in (resolved / "config.json").read_text())
+  )
 
 
 def _load_gemma3(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
   """The leaves of a Gemma 3 GGUF file or HF folder (`jaxpeft.models.gemma3_loader`), checked against `fresh`."""
   _, params = gemma3_loader.load(path, scan_layers=any(k.startswith("layers/") for k in fresh))
   loaded = traverse_util.flatten_dict(params, sep="/")
-  diff = tree_diff({k: tuple(v.shape) for k, v in loaded.items() if k not in kept},
-                   {k: tuple(v.shape) for k, v in fresh.items() if k not in kept})
+  diff = tree_diff(
+      {k: tuple(v.shape) for k, v in loaded.items() if k not in kept},
+      {k: tuple(v.shape) for k, v in fresh.items() if k not in kept},
+  )
   if diff:
-    raise ValueError(f"The Gemma 3 checkpoint {path} does not fit this model:\n" + "\n".join(diff)
-                     + "\nUse config.model.name='gemma3' with config.model.checkpoint set to the same checkpoint.")
+    raise ValueError(
+        f"The Gemma 3 checkpoint {path} does not fit this model:\n"
+        + "\n".join(diff)
+        + "\nUse config.model.name='gemma3' with config.model.checkpoint set to the same checkpoint."
+    )
   return loaded
 
 
@@ -78,9 +86,11 @@ def load_params(path: str, fresh_params: PyTree, keep_fresh: str = "") -> PyTree
 
 def _load_export(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, np.ndarray]:
   """The leaves of an Orbax params checkpoint, checked against the fresh (non-kept) leaves."""
-  advice = (" Point it at the export/params directory of an earlier run (written at its end when"
-            " config.export=True), a Hugging Face BERT folder, or"
-            f" {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}.")
+  advice = (
+      " Point it at the export/params directory of an earlier run (written at its end when"
+      " config.export=True), a Hugging Face BERT folder, or"
+      f" {hf_loader.EMBEDDED_MODEL_NAMES[0]!r}."
+  )
   given, path = path, os.path.abspath(os.path.expanduser(path))  # Orbax needs absolute paths.
   if not os.path.isdir(path):
     raise UserError(f"config.init_from.params={given!r}: no such directory ({path}).{advice}")
@@ -94,11 +104,13 @@ def _load_export(path: str, fresh: dict[str, Any], kept: set[str]) -> dict[str, 
   saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
   saved = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved_tree, sep="/").items()}
   shapes = {k: tuple(v.shape) for k, v in fresh.items()}
-  diff = tree_diff({k: v for k, v in saved.items() if k not in kept},
-                   {k: v for k, v in shapes.items() if k not in kept})
+  diff = tree_diff(
+      {k: v for k, v in saved.items() if k not in kept}, {k: v for k, v in shapes.items() if k not in kept}
+  )
   if diff:
     raise ValueError(
-        f"The params at {path} do not fit this model:\n" + "\n".join(diff)
+        f"The params at {path} do not fit this model:\n"
+        + "\n".join(diff)
         + "\nSet config.init_from.keep_fresh to a regex of the leaves to initialise afresh."
     )
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_tree)

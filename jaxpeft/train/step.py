@@ -99,9 +99,15 @@ OBJECTIVES: dict[str, Objective] = {
     "classification": Objective(
         loss=lambda logits, batch: _cross_entropy(logits, batch["label"]).mean(),
         train_metrics=lambda logits, batch: {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])},
-        eval_sums=_classification_eval_sums, finalize_eval=_classification_metrics),
-    "causal_lm": Objective(loss=causal_lm.loss, train_metrics=causal_lm.train_metrics,
-                           eval_sums=causal_lm.eval_sums, finalize_eval=causal_lm.finalize_eval),
+        eval_sums=_classification_eval_sums,
+        finalize_eval=_classification_metrics,
+    ),
+    "causal_lm": Objective(
+        loss=causal_lm.loss,
+        train_metrics=causal_lm.train_metrics,
+        eval_sums=causal_lm.eval_sums,
+        finalize_eval=causal_lm.finalize_eval,
+    ),
 }
 
 
@@ -130,8 +136,15 @@ def make_train_step(
     mutable = list(state.model_state)  # BatchNorm: normalise by the batch, update the running averages.
 
     def loss_fn(params):
-      out = trainable.apply(params, state.frozen, inputs, train=True, rng=dropout_rng,
-                            model_state=state.model_state, mutable=mutable or False)
+      out = trainable.apply(
+          params,
+          state.frozen,
+          inputs,
+          train=True,
+          rng=dropout_rng,
+          model_state=state.model_state,
+          mutable=mutable or False,
+      )
       logits, model_state = out if mutable else (out, state.model_state)
       loss = task_objective.loss(logits, batch)
       penalty = trainable.regularizer(params, state.frozen, penalty_rng)  # None for most methods
@@ -149,12 +162,19 @@ def make_train_step(
     def trust_region_logits_fn(params, reference_params, *, train):
       """TRAM's (target, current) logits; `train`: the current ones as the loss's forward computes them."""
       if reference_params is None:
-        raise ValueError("The harness computes TRAM's distance against reference parameters;"
-                         " use reference_decay in [0, 1], not None.")
-      target = trainable.apply(reference_params, state.frozen, inputs, train=False,
-                               model_state=state.model_state)
-      current = trainable.apply(params, state.frozen, inputs, train=train, rng=dropout_rng if train else None,
-                                model_state=state.model_state)
+        raise ValueError(
+            "The harness computes TRAM's distance against reference parameters;"
+            " use reference_decay in [0, 1], not None."
+        )
+      target = trainable.apply(reference_params, state.frozen, inputs, train=False, model_state=state.model_state)
+      current = trainable.apply(
+          params,
+          state.frozen,
+          inputs,
+          train=train,
+          rng=dropout_rng if train else None,
+          model_state=state.model_state,
+      )
       return whole_batch((target, current))
 
     def whole_batch(x):  # TRAM's distance is over the whole batch: gather the logits of every device
@@ -165,11 +185,18 @@ def make_train_step(
     # Under pmap each device's running averages saw its own shard: averaged, they stay replicated.
     grads, loss, task_metrics, model_state = batch_mean((grads, loss, task_metrics, model_state))
     updates, opt_state = tx.update(
-        grads, state.opt_state, state.params, value=loss, obj_fn=objective, grad_fn=grad_fn,
+        grads,
+        state.opt_state,
+        state.params,
+        value=loss,
+        obj_fn=objective,
+        grad_fn=grad_fn,
         trust_region_logits_fn=trust_region_logits_fn,
     )
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
         model_state=model_state,
     )
     metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads)}
@@ -183,8 +210,9 @@ def make_train_step(
 _SCHEDULE_STATES = (optax.ScaleByScheduleState, optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
 
-def restart_optimizer_state(tx: optax.GradientTransformation, opt_state: optax.OptState,
-                            params: optax.Params) -> optax.OptState:
+def restart_optimizer_state(
+    tx: optax.GradientTransformation, opt_state: optax.OptState, params: optax.Params
+) -> optax.OptState:
   """`tx.init(params)`, except that learning-rate schedules keep their position from `opt_state`.
 
   Moments and step counts (so bias corrections) restart; `ScaleByScheduleState` (optax's
@@ -192,6 +220,7 @@ def restart_optimizer_state(tx: optax.GradientTransformation, opt_state: optax.O
   the count and hyperparameters of `inject_hyperparams` keep theirs. Optimizers that read their
   schedule from their own step count (MoMo, AdaMod) restart the schedule with it.
   """
+
   def keep_schedule(fresh, old):
     if isinstance(fresh, optax.ScaleByScheduleState):
       return old
@@ -205,7 +234,9 @@ def restart_optimizer_state(tx: optax.GradientTransformation, opt_state: optax.O
   return restart(tx.init(params), opt_state)
 
 
-def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -> Callable[[TrainState], TrainState]:
+def make_reselect_step(
+    trainable: Trainable, tx: optax.GradientTransformation
+) -> Callable[[TrainState], TrainState]:
   """Returns `reselect_step(state) -> state` for methods that re-select their trained entries.
 
   After `reselect_every` updates the method's `reselect` hook rewrites base and adapter (e.g. merges the
@@ -217,13 +248,17 @@ def make_reselect_step(trainable: Trainable, tx: optax.GradientTransformation) -
 
   def reselect_step(state: TrainState) -> TrainState:
     params, frozen = trainable.reselect(state.params, state.frozen)
-    return state.replace(params=params, frozen=frozen, opt_state=restart_optimizer_state(tx, state.opt_state, params))
+    return state.replace(
+        params=params, frozen=frozen, opt_state=restart_optimizer_state(tx, state.opt_state, params)
+    )
 
   return reselect_step
 
 
 def make_eval_step(
-    trainable: Trainable, input_keys: tuple[str, ...] = ("image",), axis_name: str | None = None,
+    trainable: Trainable,
+    input_keys: tuple[str, ...] = ("image",),
+    axis_name: str | None = None,
     task: str = "classification",
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Returns `eval_step(state, batch) -> sums` of loss, correct predictions and real examples (or tokens).
@@ -237,8 +272,9 @@ def make_eval_step(
   eval_sums = objective(task).eval_sums
 
   def eval_step(state: TrainState, batch: Batch):
-    logits = trainable.apply(state.params, state.frozen, [batch[k] for k in input_keys], train=False,
-                             model_state=state.model_state)
+    logits = trainable.apply(
+        state.params, state.frozen, [batch[k] for k in input_keys], train=False, model_state=state.model_state
+    )
     sums = eval_sums(logits, batch)
     if axis_name:
       sums = jax.lax.psum(sums, axis_name)

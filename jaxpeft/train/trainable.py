@@ -62,11 +62,18 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
   if not a.method:
     return None
   return AdapterConfig(
-      targets=a.targets, method=a.method, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-      use_rslora=a.use_rslora, init=a.init, options=dict(a.options),
+      targets=a.targets,
+      method=a.method,
+      rank=a.rank,
+      alpha=a.alpha,
+      dropout=a.dropout,
+      use_rslora=a.use_rslora,
+      init=a.init,
+      options=dict(a.options),
       # ((regex, value), ...) pairs: fan_in_axes (input axes of >2-D leaves), per-leaf ranks/alphas, scan axes.
-      **{name: tuple(a.get(name, ())) for name in ("fan_in_axes", "rank_pattern", "alpha_pattern",
-                                                   "stacked_axes")},
+      **{
+          name: tuple(a.get(name, ())) for name in ("fan_in_axes", "rank_pattern", "alpha_pattern", "stacked_axes")
+      },
   )
 
 
@@ -79,16 +86,23 @@ def _method_hook(config: ml_collections.ConfigDict, field: str, hook: str, what:
   method = get_method(config.adapter.method) if config.adapter.method else None
   if method is None or not has_hook(method, hook):
     if options:
-      raise ValueError(f"config.adapter.{field}={options} is set, but method {config.adapter.method!r} has no"
-                       f" {what}; leave it empty.")
+      raise ValueError(
+          f"config.adapter.{field}={options} is set, but method {config.adapter.method!r} has no"
+          f" {what}; leave it empty."
+      )
     return None
   try:
     return getattr(method, hook)(*args, **options)
   except TypeError as e:
-    accepted = [p for p in inspect.signature(getattr(method, hook)).parameters.values()
-                if p.kind == p.KEYWORD_ONLY or p.kind == p.VAR_KEYWORD]
-    raise ValueError(f"config.adapter.{field}={options} does not fit {config.adapter.method!r}'s {what}"
-                     f" ({e}); it takes: {', '.join(map(str, accepted))}.") from None
+    accepted = [
+        p
+        for p in inspect.signature(getattr(method, hook)).parameters.values()
+        if p.kind == p.KEYWORD_ONLY or p.kind == p.VAR_KEYWORD
+    ]
+    raise ValueError(
+        f"config.adapter.{field}={options} does not fit {config.adapter.method!r}'s {what}"
+        f" ({e}); it takes: {', '.join(map(str, accepted))}."
+    ) from None
 
 
 def adapter_update(config: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
@@ -109,8 +123,10 @@ def adapter_reselect_every(config: ml_collections.ConfigDict) -> int:
   if every < 0:
     raise ValueError(f"config.adapter.reselect_every={every} must be >= 0 (0: off).")
   if every and not (config.adapter.method and has_hook(get_method(config.adapter.method), "reselect")):
-    raise ValueError(f"config.adapter.reselect_every={every} is set, but method {config.adapter.method!r} has no"
-                     " re-selection; set it to 0.")
+    raise ValueError(
+        f"config.adapter.reselect_every={every} is set, but method {config.adapter.method!r} has no"
+        " re-selection; set it to 0."
+    )
   return every
 
 
@@ -168,8 +184,15 @@ class Trainable:
   def from_config(cls, model: nn.Module, config: ml_collections.ConfigDict) -> "Trainable":
     if config.adapter.mode not in application.MODES:
       raise ValueError(f"config.adapter.mode={config.adapter.mode!r}: use 'reparam' or 'factored'.")
-    return cls(model, config.trainable.base, adapter_config(config), config.adapter.mode, adapter_update(config),
-               adapter_penalty(config), adapter_reselect_every(config))
+    return cls(
+        model,
+        config.trainable.base,
+        adapter_config(config),
+        config.adapter.mode,
+        adapter_update(config),
+        adapter_penalty(config),
+        adapter_reselect_every(config),
+    )
 
   @property
   def method(self) -> AdapterMethod | None:
@@ -209,8 +232,10 @@ class Trainable:
     Each batch is the list of the model's positional inputs; the model runs with `train=False`.
     """
     if not self.needs_calibration:
-      raise ValueError(f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init;"
-                       " call split without calibration.")
+      raise ValueError(
+          f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init;"
+          " call split without calibration."
+      )
     apply_fn = lambda params, inputs: self.model.apply({"params": params}, *inputs, train=False)
     return self.method.calibrate(apply_fn, base_params, batches, self.adapter)
 
@@ -241,8 +266,9 @@ class Trainable:
       )
     return params, frozen
 
-  def optimizer(self, tx: optax.GradientTransformation,
-                no_decay: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+  def optimizer(
+      self, tx: optax.GradientTransformation, no_decay: optax.GradientTransformation | None = None
+  ) -> optax.GradientTransformation:
     """`tx` for the trained leaves; adapter leaves the method keeps fixed get no update or state.
 
     With `no_decay` (`tx` without weight decay: `no_decay_optimizer`), the method's `no_decay_leaves` take it.
@@ -254,11 +280,14 @@ class Trainable:
     def adapter_labels(adapter):
       flat = traverse_util.flatten_dict(partition.optimizer_labels(adapter, self.adapter))
       return traverse_util.unflatten_dict(
-          {k: "no_decay" if label == "trainable" and k[-1] in no_decay else label for k, label in flat.items()})
+          {k: "no_decay" if label == "trainable" and k[-1] in no_decay else label for k, label in flat.items()}
+      )
 
     def labels(params):
-      return {"base": jax.tree.map(lambda _: "trainable", params["base"]),
-              "adapter": adapter_labels(params["adapter"])}
+      return {
+          "base": jax.tree.map(lambda _: "trainable", params["base"]),
+          "adapter": adapter_labels(params["adapter"]),
+      }
 
     transforms = {"trainable": tx, "frozen": optax.set_to_zero()}
     if no_decay:
@@ -266,8 +295,10 @@ class Trainable:
     tx = optax.multi_transform(transforms, labels)
     if self.update is None:
       return tx
-    adapter_only = lambda params: {"base": jax.tree.map(lambda _: False, params["base"]),
-                                   "adapter": jax.tree.map(lambda _: True, params["adapter"])}
+    adapter_only = lambda params: {
+        "base": jax.tree.map(lambda _: False, params["base"]),
+        "adapter": jax.tree.map(lambda _: True, params["adapter"]),
+    }
     return optax.chain(tx, optax.masked(self.update, adapter_only))
 
   def num_trained(self, params: PyTree) -> int:
@@ -308,21 +339,32 @@ class Trainable:
       return base
     return application.model_params(base, params["adapter"], self.adapter, self.mode)
 
-  def apply(self, params: PyTree, frozen: PyTree, inputs: list[jax.Array], *, train: bool,
-            rng: jax.Array | None = None, model_state: PyTree | None = None, mutable: Any = False) -> Any:
+  def apply(
+      self,
+      params: PyTree,
+      frozen: PyTree,
+      inputs: list[jax.Array],
+      *,
+      train: bool,
+      rng: jax.Array | None = None,
+      model_state: PyTree | None = None,
+      mutable: Any = False,
+  ) -> Any:
     """Runs the model on `inputs` with the trained and frozen parameters.
 
     `model_state` holds the model's other collections (BatchNorm's `batch_stats`); with `mutable` a list
     of collection names, returns `(logits, updated collections)` as `flax.linen.Module.apply` does.
     """
     rngs = {"dropout": rng} if rng is not None else {}
-    run = lambda model_params: self.model.apply({"params": model_params, **(model_state or {})}, *inputs,
-                                                train=train, rngs=rngs, mutable=mutable)
+    run = lambda model_params: self.model.apply(
+        {"params": model_params, **(model_state or {})}, *inputs, train=train, rngs=rngs, mutable=mutable
+    )
     base = _join(frozen, params["base"])
     if self.adapter is None:
       return run(base)
-    with application.applied(base, params["adapter"], self.adapter, mode=self.mode, rng=rng,
-                             deterministic=not train) as model_params:
+    with application.applied(
+        base, params["adapter"], self.adapter, mode=self.mode, rng=rng, deterministic=not train
+    ) as model_params:
       return run(model_params)
 
   def merged(self, params: PyTree, frozen: PyTree) -> PyTree:

@@ -27,9 +27,11 @@ def load_pretrained(workdir: str) -> tuple[ml_collections.ConfigDict, dict, dict
   """`(model config, params, model_state)` of a launch/train.py run; errors say what is missing."""
   config_file, params_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "export", "params")
   if not (os.path.isfile(config_file) and os.path.isdir(params_dir)):
-    raise ValueError(f"config.pretrained={workdir!r} is not a finished launch/train.py run (it needs config.json"
-                     " and export/params). Train one first, e.g. python -m launch.train "
-                     "--config=configs/fashion_resnet.py --workdir=DIR, and pass that DIR.")
+    raise ValueError(
+        f"config.pretrained={workdir!r} is not a finished launch/train.py run (it needs config.json"
+        " and export/params). Train one first, e.g. python -m launch.train "
+        "--config=configs/fashion_resnet.py --workdir=DIR, and pass that DIR."
+    )
   with open(config_file, encoding="utf-8") as f:
     model_config = ml_collections.ConfigDict(json.load(f)["model"])
   params = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir))
@@ -43,10 +45,12 @@ def check_model_state(model, example: np.ndarray, model_state: dict, pretrained:
   needed = set(jax.eval_shape(model.init, jax.random.key(0), example)) - {"params"}
   missing = needed - set(model_state)
   if missing:
-    raise ValueError(f"The checkpoint in {pretrained} has no batch statistics ({sorted(missing)} missing from "
-                     "export/model_state), but its model has BatchNorm layers. Re-export it with a"
-                     " launch/train.py that saves export/model_state (any run after BatchNorm support), or train"
-                     " it again.")
+    raise ValueError(
+        f"The checkpoint in {pretrained} has no batch statistics ({sorted(missing)} missing from "
+        "export/model_state), but its model has BatchNorm layers. Re-export it with a"
+        " launch/train.py that saves export/model_state (any run after BatchNorm support), or train"
+        " it again."
+    )
 
 
 def build_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation | None:
@@ -86,13 +90,14 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_model_state(model, images[:1].astype(np.float32) / 255, model_state, config.pretrained)
   for name in config.stream.corruptions:  # Fail before any work on a bad name.
     corruptions.check_corruption(name, config.stream.severity)
-  method_config = runner.make_config(config.method, model.apply, model_config.num_classes,
-                                     build_optimizer(config.optimizer), dict(config.options))
+  method_config = runner.make_config(
+      config.method, model.apply, model_config.num_classes, build_optimizer(config.optimizer), dict(config.options)
+  )
   clean = []
   if config.clean_images:
     clean_images, _ = _images(config, config.dataset.clean_split, config.clean_images)
     b = config.stream.batch_size
-    clean = [clean_images[i:i + b].astype(np.float32) / 255 for i in range(0, len(clean_images) - b + 1, b)]
+    clean = [clean_images[i : i + b].astype(np.float32) / 255 for i in range(0, len(clean_images) - b + 1, b)]
   os.makedirs(workdir, exist_ok=True)
   stream = make_stream(config, images, labels)
   per_setting = len(images) // config.stream.batch_size
@@ -100,8 +105,10 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.stream.setting == "mixed":
     total = per_setting
   wrong = seen = 0
-  with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as log, \
-       tqdm.tqdm(total=total, unit="batch", disable=not config.progress_bar, dynamic_ncols=True) as bar:
+  with (
+      open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as log,
+      tqdm.tqdm(total=total, unit="batch", disable=not config.progress_bar, dynamic_ncols=True) as bar,
+  ):
 
     def on_batch(record):
       nonlocal wrong, seen

@@ -6,5 +6,12 @@
 
 from jaxpeft.tta import bn_adapt, cotta, eata, lame, sar, source, tent
 
-METHODS = {"source": source, "bn_adapt": bn_adapt, "tent": tent, "eata": eata, "sar": sar, "lame": lame,
-           "cotta": cotta}
+METHODS = {
+    "source": source,
+    "bn_adapt": bn_adapt,
+    "tent": tent,
+    "eata": eata,
+    "sar": sar,
+    "lame": lame,
+    "cotta": cotta,
+}

@@ -48,35 +48,43 @@ def select(params: PyTree, pattern: str, method: str) -> tuple[PyTree, PyTree]:
   chosen = {k: v for k, v in flat.items() if regex.fullmatch(k)}
   if not chosen:
     paths = ", ".join(list(flat)[:16]) + (", ..." if len(flat) > 16 else "")
-    raise ValueError(f"{method}: the parameter pattern {pattern!r} matches no parameter of this model (it has: "
-                     f"{paths}). {method} adapts normalisation layers by default; use a model with norm layers "
-                     "or set `pattern` to the leaves to adapt.")
+    raise ValueError(
+        f"{method}: the parameter pattern {pattern!r} matches no parameter of this model (it has: "
+        f"{paths}). {method} adapts normalisation layers by default; use a model with norm layers "
+        "or set `pattern` to the leaves to adapt."
+    )
   rest = {k: v for k, v in flat.items() if k not in chosen}
   return traverse_util.unflatten_dict(chosen, sep="/"), traverse_util.unflatten_dict(rest, sep="/")
 
 
 def join(adapted: PyTree, fixed: PyTree) -> PyTree:
   """The full parameter tree from `select`'s two halves."""
-  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(fixed, sep="/"),
-                                       **traverse_util.flatten_dict(adapted, sep="/")}, sep="/")
+  return traverse_util.unflatten_dict(
+      {**traverse_util.flatten_dict(fixed, sep="/"), **traverse_util.flatten_dict(adapted, sep="/")}, sep="/"
+  )
 
 
 def check_batch_stats(model_state: PyTree, method: str) -> None:
   if not model_state or "batch_stats" not in model_state:
-    raise ValueError(f"{method} normalises with test-batch statistics, but the model state has no 'batch_stats' "
-                     f"(got collections {sorted(model_state or {})}). Use a model with BatchNorm and pass the "
-                     "checkpoint's batch statistics (launch/train.py exports them in export/model_state).")
+    raise ValueError(
+        f"{method} normalises with test-batch statistics, but the model state has no 'batch_stats' "
+        f"(got collections {sorted(model_state or {})}). Use a model with BatchNorm and pass the "
+        "checkpoint's batch statistics (launch/train.py exports them in export/model_state)."
+    )
 
 
 def check_batch(images: jax.Array, method: str, minimum: int = 2) -> None:
   if images.shape[0] < minimum:
-    raise ValueError(f"{method} estimates normalisation statistics from the test batch, which needs at least "
-                     f"{minimum} images; got a batch of {images.shape[0]}. Use a larger batch_size, or a method"
-                     " made for single images (e.g. source, or sar with a norm that needs no batch).")
+    raise ValueError(
+        f"{method} estimates normalisation statistics from the test batch, which needs at least "
+        f"{minimum} images; got a batch of {images.shape[0]}. Use a larger batch_size, or a method"
+        " made for single images (e.g. source, or sar with a norm that needs no batch)."
+    )
 
 
-def forward(config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *,
-            batch_stats: bool) -> jax.Array:
+def forward(
+    config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *, batch_stats: bool
+) -> jax.Array:
   """Logits of the model; with `batch_stats` BatchNorm normalises by the test batch (running stats untouched)."""
   variables = {"params": params, **(model_state or {})}
   if batch_stats and model_state and "batch_stats" in model_state:
@@ -85,17 +93,20 @@ def forward(config: Any, params: PyTree, model_state: PyTree, images: jax.Array,
   return config.apply_fn(variables, images, train=batch_stats)
 
 
-def forward_with_features(config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *,
-                          batch_stats: bool) -> tuple[jax.Array, jax.Array]:
+def forward_with_features(
+    config: Any, params: PyTree, model_state: PyTree, images: jax.Array, *, batch_stats: bool
+) -> tuple[jax.Array, jax.Array]:
   """`(logits, features)`: the model must sow its penultimate features as `intermediates/features`."""
   variables = {"params": params, **(model_state or {})}
   mutable = ["intermediates"] + (["batch_stats"] if batch_stats and "batch_stats" in (model_state or {}) else [])
   logits, collections = config.apply_fn(variables, images, train=batch_stats, mutable=mutable)
   sown = collections.get("intermediates", {}).get("features")
   if sown is None:
-    raise ValueError("This method needs the model's features: the model must call "
-                     "self.sow('intermediates', 'features', x) on its penultimate activations (as "
-                     "jaxpeft.models.resnet.ResNet does).")
+    raise ValueError(
+        "This method needs the model's features: the model must call "
+        "self.sow('intermediates', 'features', x) on its penultimate activations (as "
+        "jaxpeft.models.resnet.ResNet does)."
+    )
   return logits, sown[0]
 
 
@@ -110,10 +121,16 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def make_state(params: PyTree, model_state: PyTree, config: Any, method: str,
-               extra: dict[str, jax.Array] | None = None) -> TTAState:
+def make_state(
+    params: PyTree, model_state: PyTree, config: Any, method: str, extra: dict[str, jax.Array] | None = None
+) -> TTAState:
   """A fresh state with `config.pattern`'s leaves adapted by `config.optimizer`."""
   adapted, fixed = select(params, config.pattern, method)
-  return TTAState(params=adapted, fixed=fixed, model_state=model_state or {},
-                  opt_state=config.optimizer.init(adapted),
-                  extra=extra or {}, config=config)
+  return TTAState(
+      params=adapted,
+      fixed=fixed,
+      model_state=model_state or {},
+      opt_state=config.optimizer.init(adapted),
+      extra=extra or {},
+      config=config,
+  )

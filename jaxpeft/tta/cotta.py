@@ -75,8 +75,13 @@ def augment(key: jax.Array, images: jax.Array) -> jax.Array:
     cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
     src_r = cos * rows - sin * cols + (h - 1) / 2
     src_c = sin * rows + cos * cols + (w - 1) / 2
-    image = jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], [src_r, src_c], order=1, mode="nearest")
-                       for c in range(image.shape[-1])], -1)
+    image = jnp.stack(
+        [
+            jax.scipy.ndimage.map_coordinates(image[..., c], [src_r, src_c], order=1, mode="nearest")
+            for c in range(image.shape[-1])
+        ],
+        -1,
+    )
     image = jnp.where(jax.random.bernoulli(k[6]), image[:, ::-1], image)
     return jnp.clip(image + 0.005 * jax.random.normal(k[7], image.shape), 0, 1)
 

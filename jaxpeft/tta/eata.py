@@ -52,8 +52,9 @@ class Config:
     return 0.4 * math.log(self.num_classes) if self.e_margin is None else self.e_margin
 
 
-def fisher(params: core.PyTree, model_state: core.PyTree, config: Config,
-           batches: Iterable[jax.Array]) -> core.PyTree:
+def fisher(
+    params: core.PyTree, model_state: core.PyTree, config: Config, batches: Iterable[jax.Array]
+) -> core.PyTree:
   """Diagonal Fisher of the adapted leaves: mean over batches of (grad of CE to the argmax labels)^2.
 
   As the reference's `main.py`: batch statistics, cross-entropy against the model's own predictions,
@@ -67,6 +68,7 @@ def fisher(params: core.PyTree, model_state: core.PyTree, config: Config,
       logits = core.forward(config, core.join(p, fixed), model_state, images, batch_stats=True)
       labels = jax.lax.stop_gradient(jnp.argmax(logits, -1))
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     return jax.tree.map(jnp.square, jax.grad(loss)(p))
 
   total, count = None, 0
@@ -79,20 +81,27 @@ def fisher(params: core.PyTree, model_state: core.PyTree, config: Config,
   return jax.tree.map(lambda x: x / count, total)
 
 
-def prepare(params: core.PyTree, model_state: core.PyTree, config: Config,
-            clean_batches: Iterable[jax.Array]) -> dict[str, core.PyTree]:
+def prepare(
+    params: core.PyTree, model_state: core.PyTree, config: Config, clean_batches: Iterable[jax.Array]
+) -> dict[str, core.PyTree]:
   """`init`'s keyword arguments from clean source images: the Fisher (none when `fisher_alpha` is 0: ETA)."""
   if not config.fisher_alpha:
     return {}
   return {"fishers": fisher(params, model_state, config, clean_batches)}
 
 
-def init(params: core.PyTree, model_state: core.PyTree, config: Config,
-         fishers: core.PyTree | None = None) -> core.TTAState:
+def init(
+    params: core.PyTree, model_state: core.PyTree, config: Config, fishers: core.PyTree | None = None
+) -> core.TTAState:
   """EATA with `fishers` (from `fisher`), ETA without."""
   state = core.make_state(params, model_state, config, "eata")
-  extra = {"probs": jnp.zeros((config.num_classes,), jnp.float32), "has_probs": jnp.array(False),
-           "num_reliable": jnp.array(0), "num_backward": jnp.array(0), "num_updates": jnp.array(0)}
+  extra = {
+      "probs": jnp.zeros((config.num_classes,), jnp.float32),
+      "has_probs": jnp.array(False),
+      "num_reliable": jnp.array(0),
+      "num_backward": jnp.array(0),
+      "num_updates": jnp.array(0),
+  }
   if fishers is not None:
     extra["fisher"] = fishers
     extra["anchor"] = state.params
@@ -114,8 +123,9 @@ def _one_step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, j
     loss = core.masked_mean(weight * entropy, kept)
     if "fisher" in extra:
       loss += config.fisher_alpha * sum(
-          jnp.sum(f * (p - a) ** 2) for f, p, a in zip(*map(jax.tree.leaves, (extra["fisher"], params,
-                                                                                extra["anchor"]))))
+          jnp.sum(f * (p - a) ** 2)
+          for f, p, a in zip(*map(jax.tree.leaves, (extra["fisher"], params, extra["anchor"])))
+      )
     return loss, (logits, probs, reliable, kept)
 
   (_, (logits, probs, reliable, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -125,13 +135,22 @@ def _one_step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, j
   choose = lambda new, old: jax.tree.map(lambda a, b: jnp.where(update, a, b), new, old)
   kept_mean = jnp.sum(jnp.where(kept[:, None], probs, 0.0), 0) / jnp.maximum(count, 1)
   probs_avg = jnp.where(extra["has_probs"], 0.9 * extra["probs"] + 0.1 * kept_mean, kept_mean)
-  new_extra = dict(extra, probs=jnp.where(update, probs_avg, extra["probs"]),
-                   has_probs=extra["has_probs"] | update,
-                   num_reliable=extra["num_reliable"] + jnp.sum(reliable),
-                   num_backward=extra["num_backward"] + count,
-                   num_updates=extra["num_updates"] + update.astype(jnp.int32))
-  return state.replace(params=choose(optax.apply_updates(state.params, updates), state.params),
-                       opt_state=choose(opt_state, state.opt_state), extra=new_extra), logits
+  new_extra = dict(
+      extra,
+      probs=jnp.where(update, probs_avg, extra["probs"]),
+      has_probs=extra["has_probs"] | update,
+      num_reliable=extra["num_reliable"] + jnp.sum(reliable),
+      num_backward=extra["num_backward"] + count,
+      num_updates=extra["num_updates"] + update.astype(jnp.int32),
+  )
+  return (
+      state.replace(
+          params=choose(optax.apply_updates(state.params, updates), state.params),
+          opt_state=choose(opt_state, state.opt_state),
+          extra=new_extra,
+      ),
+      logits,
+  )
 
 
 def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Array]:

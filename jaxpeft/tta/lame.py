@@ -48,8 +48,9 @@ class Config:
 def init(params: core.PyTree, model_state: core.PyTree, config: Config) -> core.TTAState:
   if config.affinity not in ("rbf", "knn", "linear"):
     raise ValueError(f"lame: affinity={config.affinity!r}; use 'rbf', 'knn' or 'linear'.")
-  return core.TTAState(params={}, fixed=params, model_state=model_state or {}, opt_state=(), extra={},
-                       config=config)
+  return core.TTAState(
+      params={}, fixed=params, model_state=model_state or {}, opt_state=(), extra={}, config=config
+  )
 
 
 def affinity(features: jax.Array, config: Config) -> jax.Array:
@@ -61,7 +62,7 @@ def affinity(features: jax.Array, config: Config) -> jax.Array:
     dist = jnp.linalg.norm(features[None, :, :] - features[:, None, :], axis=-1)
     if config.affinity == "rbf":
       kth = -jax.lax.top_k(-dist, min(config.knn, n))[0][:, -1]
-      w = jnp.exp(-dist ** 2 / (2 * jnp.mean(kth) ** 2))
+      w = jnp.exp(-(dist**2) / (2 * jnp.mean(kth) ** 2))
     else:
       neighbours = jax.lax.top_k(-dist, min(config.knn + 1, n))[1][:, 1:]
       w = jnp.zeros((n, n)).at[jnp.arange(n)[:, None], neighbours].set(1.0)

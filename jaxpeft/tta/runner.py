@@ -26,15 +26,22 @@ def method_module(method: str) -> Any:
   return METHODS[method]
 
 
-def make_config(method: str, apply_fn: core.ApplyFn, num_classes: int,
-                optimizer: optax.GradientTransformation | None, options: dict[str, Any]) -> Any:
+def make_config(
+    method: str,
+    apply_fn: core.ApplyFn,
+    num_classes: int,
+    optimizer: optax.GradientTransformation | None,
+    options: dict[str, Any],
+) -> Any:
   """The method's `Config` with `apply_fn`, `num_classes` / `optimizer` where it takes them, and `options`."""
   module = method_module(method)
   fields = {f.name for f in dataclasses.fields(module.Config)}
   unknown = set(options) - fields
   if unknown:
-    raise ValueError(f"TTA method {method!r} has no option(s) {sorted(unknown)}; it takes "
-                     f"{sorted(fields - {'apply_fn', 'num_classes', 'optimizer'})}.")
+    raise ValueError(
+        f"TTA method {method!r} has no option(s) {sorted(unknown)}; it takes "
+        f"{sorted(fields - {'apply_fn', 'num_classes', 'optimizer'})}."
+    )
   kwargs = dict(options, apply_fn=apply_fn)
   if "num_classes" in fields:
     kwargs["num_classes"] = num_classes
@@ -43,8 +50,15 @@ def make_config(method: str, apply_fn: core.ApplyFn, num_classes: int,
   return module.Config(**kwargs)
 
 
-def run(method: str, config: Any, params: core.PyTree, model_state: core.PyTree, stream: Iterable[dict],
-        clean_batches: Iterable[jax.Array] = (), on_batch: Callable[[dict], None] | None = None) -> list[dict]:
+def run(
+    method: str,
+    config: Any,
+    params: core.PyTree,
+    model_state: core.PyTree,
+    stream: Iterable[dict],
+    clean_batches: Iterable[jax.Array] = (),
+    on_batch: Callable[[dict], None] | None = None,
+) -> list[dict]:
   """Adapts over `stream`; returns the per-batch records (see the module docstring)."""
   module = method_module(method)
   init_kwargs = module.prepare(params, model_state, config, clean_batches) if hasattr(module, "prepare") else {}
@@ -55,8 +69,13 @@ def run(method: str, config: Any, params: core.PyTree, model_state: core.PyTree,
       state, backward = module.init(params, model_state, config, **init_kwargs), 0
     state, logits = step(state, jnp.asarray(batch["image"]))
     wrong = np.asarray(jnp.argmax(logits, -1)) != batch["label"]
-    record = {"batch": i, "corruption": batch["corruption"], "severity": int(batch["severity"]),
-              "error": float(wrong.mean()), "count": int(wrong.size)}
+    record = {
+        "batch": i,
+        "corruption": batch["corruption"],
+        "severity": int(batch["severity"]),
+        "error": float(wrong.mean()),
+        "count": int(wrong.size),
+    }
     if "num_backward" in state.extra:  # images back-propagated in this batch (EATA's filters)
       record["backward"] = int(state.extra["num_backward"]) - backward
       backward += record["backward"]

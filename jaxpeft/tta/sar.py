@@ -52,8 +52,14 @@ class Config:
 
 def init(params: core.PyTree, model_state: core.PyTree, config: Config) -> core.TTAState:
   state = core.make_state(params, model_state, config, "sar")
-  return state.replace(extra={"source": state.params, "ema": jnp.array(0.0), "has_ema": jnp.array(False),
-                              "num_resets": jnp.array(0)})
+  return state.replace(
+      extra={
+          "source": state.params,
+          "ema": jnp.array(0.0),
+          "has_ema": jnp.array(False),
+          "num_resets": jnp.array(0),
+      }
+  )
 
 
 def _one_step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Array]:

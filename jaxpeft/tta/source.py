@@ -16,11 +16,10 @@ class Config:
 
 
 def init(params: core.PyTree, model_state: core.PyTree, config: Config) -> core.TTAState:
-  return core.TTAState(params={}, fixed=params, model_state=model_state or {}, opt_state=(), extra={},
-                       config=config)
+  return core.TTAState(
+      params={}, fixed=params, model_state=model_state or {}, opt_state=(), extra={}, config=config
+  )
 
 
 def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Array]:
   return state, core.forward(state.config, state.fixed, state.model_state, images, batch_stats=False)
-
-

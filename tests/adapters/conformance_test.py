@@ -29,11 +29,11 @@ CONV = {"conv/kernel": 3}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """``config`` on ``model`` ('vit', 'text' or 'conv'); ``unsupported``: targets the method must refuse."""
+  """``config`` on ``model`` ('vit', 'text' or 'conv'); ``unsupported``: targets the method must refuse."""
 
-    config: dict
-    model: str = "vit"
-    unsupported: str | None = r"block_0/q/bias"
+  config: dict
+  model: str = "vit"
+  unsupported: str | None = r"block_0/q/bias"
 
 
 CASES = {
@@ -61,118 +61,124 @@ CASES = {
     "houlsby": Case({"targets": r"block_0/out/kernel", "rank": 3}),
     "adaptformer": Case({"targets": r"block_0/mlp/fc1/kernel", "rank": 3}),
     "prompt_tuning": Case({"targets": "embed/embedding", "rank": 2}, model="text", unsupported="head/kernel"),
-    "vpt": Case({"targets": r"block_\d+/ln1/scale", "rank": 2, "options": {"patch_size": 2}},
-                unsupported=r"block_0/q/kernel"),
+    "vpt": Case(
+        {"targets": r"block_\d+/ln1/scale", "rank": 2, "options": {"patch_size": 2}},
+        unsupported=r"block_0/q/kernel",
+    ),
     "mixed_batch": Case({"targets": LINEAR, "rank": 2}),  # built from LoRA adapters: see its own check
 }
 
 
 def _builtin_methods() -> list[str]:
-    return [name for name in list_methods()
-            if type(get_method(name)).__module__.startswith("jaxpeft.adapters.methods.")]
+  return [
+      name for name in list_methods() if type(get_method(name)).__module__.startswith("jaxpeft.adapters.methods.")
+  ]
 
 
 def test_every_registered_method_has_a_conformance_case():
-    missing, stale = sorted(set(_builtin_methods()) - set(CASES)), sorted(set(CASES) - set(_builtin_methods()))
-    assert not missing and not stale, f"methods without a conformance case: {missing}; cases of no method: {stale}"
+  missing, stale = sorted(set(_builtin_methods()) - set(CASES)), sorted(set(CASES) - set(_builtin_methods()))
+  assert not missing and not stale, f"methods without a conformance case: {missing}; cases of no method: {stale}"
 
 
 def _model(kind):
-    if kind == "conv":
-        x = jax.random.normal(jax.random.key(3), (2, 5, 5, 3))
-        model = tm.TinyConv()
-        return model, x, model.init(jax.random.key(0), x)["params"]
-    return mh.model_and_input(text=kind == "text")
+  if kind == "conv":
+    x = jax.random.normal(jax.random.key(3), (2, 5, 5, 3))
+    model = tm.TinyConv()
+    return model, x, model.init(jax.random.key(0), x)["params"]
+  return mh.model_and_input(text=kind == "text")
 
 
 def _forward(model, params, adapter, config, x, mode="reparam"):
-    with application.applied(params, adapter, config, mode=mode) as model_params:
-        return model.apply({"params": model_params}, x)
+  with application.applied(params, adapter, config, mode=mode) as model_params:
+    return model.apply({"params": model_params}, x)
 
 
 def _nonzero(adapter, config):
-    """Every trained leaf moved off its init (so zero-initialised factors cannot hide a wrong merge)."""
-    frozen = get_method(config.method).frozen_leaves
-    rng = np.random.default_rng(5)
-    flat = traverse_util.flatten_dict(adapter)
-    return traverse_util.unflatten_dict({
-        k: v if k[-1] in frozen else v + jnp.asarray(0.05 * rng.normal(size=v.shape), v.dtype)
-        for k, v in flat.items()})
+  """Every trained leaf moved off its init (so zero-initialised factors cannot hide a wrong merge)."""
+  frozen = get_method(config.method).frozen_leaves
+  rng = np.random.default_rng(5)
+  flat = traverse_util.flatten_dict(adapter)
+  return traverse_util.unflatten_dict(
+      {
+          k: v if k[-1] in frozen else v + jnp.asarray(0.05 * rng.normal(size=v.shape), v.dtype)
+          for k, v in flat.items()
+      }
+  )
 
 
 def _close(a, b, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-4, atol=atol)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - {"mixed_batch"}))
 def test_method_conforms(name, tmp_path):
-    case = CASES[name]
-    method = get_method(name)
-    model, x, params = _model(case.model)
-    config = AdapterConfig(method=name, **case.config)
-    base, adapter = reparam.init_with_base(jax.random.key(1), config, params)
+  case = CASES[name]
+  method = get_method(name)
+  model, x, params = _model(case.model)
+  config = AdapterConfig(method=name, **case.config)
+  base, adapter = reparam.init_with_base(jax.random.key(1), config, params)
 
-    # init: one entry per target, float32 trained leaves of finite values.
-    flat = traverse_util.flatten_dict(adapter, sep="/")
-    targets = {k.rpartition("/")[0] for k in flat}
-    assert targets and all(jnp.isfinite(v).all() for v in flat.values()), name
-    for key, leaf in flat.items():
-        if key.rpartition("/")[2] not in method.frozen_leaves:
-            assert leaf.dtype == jnp.float32, (key, leaf.dtype)
+  # init: one entry per target, float32 trained leaves of finite values.
+  flat = traverse_util.flatten_dict(adapter, sep="/")
+  targets = {k.rpartition("/")[0] for k in flat}
+  assert targets and all(jnp.isfinite(v).all() for v in flat.values()), name
+  for key, leaf in flat.items():
+    if key.rpartition("/")[2] not in method.frozen_leaves:
+      assert leaf.dtype == jnp.float32, (key, leaf.dtype)
 
-    # jit (compiled == eager) and grad.
-    adapter = _nonzero(adapter, config)
-    out = _forward(model, base, adapter, config, x)
-    _close(jax.jit(lambda b, a, x: _forward(model, b, a, config, x))(base, adapter, x), out)
-    grads = jax.grad(lambda a: jnp.sum(_forward(model, base, a, config, x) ** 2))(adapter)
-    grads = traverse_util.flatten_dict(grads, sep="/")
-    trained = {k: g for k, g in grads.items() if k.rpartition("/")[2] not in method.frozen_leaves}
-    assert all(jnp.isfinite(g).all() for g in grads.values())
-    assert any(jnp.abs(g).max() > 0 for g in trained.values()), f"{name}: no trained leaf has a gradient"
-    for key, g in grads.items():
-        if key.rpartition("/")[2] in method.frozen_leaves:
-            assert not jnp.any(g), f"{key}: a frozen leaf got a gradient"
+  # jit (compiled == eager) and grad.
+  adapter = _nonzero(adapter, config)
+  out = _forward(model, base, adapter, config, x)
+  _close(jax.jit(lambda b, a, x: _forward(model, b, a, config, x))(base, adapter, x), out)
+  grads = jax.grad(lambda a: jnp.sum(_forward(model, base, a, config, x) ** 2))(adapter)
+  grads = traverse_util.flatten_dict(grads, sep="/")
+  trained = {k: g for k, g in grads.items() if k.rpartition("/")[2] not in method.frozen_leaves}
+  assert all(jnp.isfinite(g).all() for g in grads.values())
+  assert any(jnp.abs(g).max() > 0 for g in trained.values()), f"{name}: no trained leaf has a gradient"
+  for key, g in grads.items():
+    if key.rpartition("/")[2] in method.frozen_leaves:
+      assert not jnp.any(g), f"{key}: a frozen leaf got a gradient"
 
-    if isinstance(method, ModuleHookMethod):
-        with pytest.raises(ValueError, match="adds modules"):
-            reparam.merge(base, adapter, config)
+  if isinstance(method, ModuleHookMethod):
+    with pytest.raises(ValueError, match="adds modules"):
+      reparam.merge(base, adapter, config)
+  else:
+    merged = reparam.merge(base, adapter, config)
+    _close(model.apply({"params": merged}, x), out)
+    try:
+      restored = reparam.unmerge(merged, adapter, config)
+    except ValueError as e:
+      assert name in str(e).lower() or "cannot" in str(e) or "unmerge" in str(e), str(e)
     else:
-        merged = reparam.merge(base, adapter, config)
-        _close(model.apply({"params": merged}, x), out)
-        try:
-            restored = reparam.unmerge(merged, adapter, config)
-        except ValueError as e:
-            assert name in str(e).lower() or "cannot" in str(e) or "unmerge" in str(e), str(e)
-        else:
-            _close(restored, base, atol=1e-4)
-        if type(method).branch is not AdapterMethod.branch and case.model != "conv":
-            _close(_forward(model, base, adapter, config, x, mode="factored"), out)
+      _close(restored, base, atol=1e-4)
+    if type(method).branch is not AdapterMethod.branch and case.model != "conv":
+      _close(_forward(model, base, adapter, config, x, mode="factored"), out)
 
-    save_adapter(tmp_path / "adapter.safetensors", adapter, config)
-    loaded, loaded_config = load_adapter(tmp_path / "adapter.safetensors", base)
-    assert loaded_config == config
-    _close(loaded, adapter, atol=0)
+  save_adapter(tmp_path / "adapter.safetensors", adapter, config)
+  loaded, loaded_config = load_adapter(tmp_path / "adapter.safetensors", base)
+  assert loaded_config == config
+  _close(loaded, adapter, atol=0)
 
-    if case.unsupported is not None:
-        with pytest.raises(ValueError):
-            reparam.init(jax.random.key(1), dataclasses.replace(config, targets=case.unsupported), params)
+  if case.unsupported is not None:
+    with pytest.raises(ValueError):
+      reparam.init(jax.random.key(1), dataclasses.replace(config, targets=case.unsupported), params)
 
 
 def test_mixed_batch_conforms():
-    model, x, params = _model("vit")
-    config = AdapterConfig(targets=LINEAR, rank=2, alpha=3.0, init="random")
-    with pytest.raises(ValueError, match="mixed_batch.stack"):
-        reparam.init(jax.random.key(0), dataclasses.replace(config, method="mixed_batch"), params)
-    loras = [_nonzero(reparam.init(jax.random.key(i), config, params), config) for i in range(2)]
-    stacked, stacked_config = mixed_batch.stack(params, [(config, a) for a in loras])
-    with pytest.raises(ValueError, match="no single merged weight"):
-        reparam.merge(params, stacked, stacked_config)
-    index = jnp.array([1, -1])
-    with mixed_batch.intercept(params, stacked, stacked_config, index):
-        out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
-    _close(out[0], _forward(model, params, loras[1], config, x)[0])
-    _close(out[1], model.apply({"params": params}, x)[1])
-    reference = _forward(model, params, loras[0], config, x)
-    with factored.intercept(params, loras[0], config):
-        _close(model.apply({"params": params}, x), reference)
+  model, x, params = _model("vit")
+  config = AdapterConfig(targets=LINEAR, rank=2, alpha=3.0, init="random")
+  with pytest.raises(ValueError, match="mixed_batch.stack"):
+    reparam.init(jax.random.key(0), dataclasses.replace(config, method="mixed_batch"), params)
+  loras = [_nonzero(reparam.init(jax.random.key(i), config, params), config) for i in range(2)]
+  stacked, stacked_config = mixed_batch.stack(params, [(config, a) for a in loras])
+  with pytest.raises(ValueError, match="no single merged weight"):
+    reparam.merge(params, stacked, stacked_config)
+  index = jnp.array([1, -1])
+  with mixed_batch.intercept(params, stacked, stacked_config, index):
+    out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+  _close(out[0], _forward(model, params, loras[1], config, x)[0])
+  _close(out[1], model.apply({"params": params}, x)[1])
+  reference = _forward(model, params, loras[0], config, x)
+  with factored.intercept(params, loras[0], config):
+    _close(model.apply({"params": params}, x), reference)

@@ -31,10 +31,13 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel: faster than the suite's 8
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))  # kernel = this venv
+  monkeypatch.setenv(
+      "PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+  )  # kernel = this venv
   notebook = nbformat.read(path, as_version=4)
-  client = NotebookClient(notebook, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(tmp_path)}})
+  client = NotebookClient(
+      notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  )
   client.execute()  # raises CellExecutionError when a cell raises
 
 

@@ -20,7 +20,7 @@ def _correlate_reflect101(x, kernel):
   out = np.zeros_like(x)
   for i in range(x.shape[0]):
     for j in range(x.shape[1]):
-      out[i, j] = np.sum(padded[i:i + 2 * k + 1, j:j + 2 * k + 1] * kernel)
+      out[i, j] = np.sum(padded[i : i + 2 * k + 1, j : j + 2 * k + 1] * kernel)
   return out
 
 
@@ -29,7 +29,7 @@ def test_defocus_blur_matches_disk_formula():
   grid = np.arange(-8, 9)
   disk = np.array([[float(a * a + b * b <= radius * radius) for b in grid] for a in grid])
   disk /= disk.sum()
-  g = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * alias ** 2))
+  g = np.exp(-np.array([1.0, 0.0, 1.0]) / (2 * alias**2))
   kernel = _correlate_reflect101(disk, np.outer(g, g) / g.sum() ** 2)
   np.testing.assert_allclose(corruptions.disk_kernel(radius, alias), kernel, atol=1e-12)
   image = _image()
@@ -42,11 +42,11 @@ def test_gaussian_blur_matches_separable_kernel():
   sigma = 1.0  # severity 5; skimage: truncate 4, 'nearest' borders
   radius = int(4 * sigma + 0.5)
   t = np.arange(-radius, radius + 1)
-  g = np.exp(-t ** 2 / (2 * sigma ** 2))
+  g = np.exp(-(t**2) / (2 * sigma**2))
   g /= g.sum()
   x = np.pad(_image()[..., 0] / 255.0, radius, mode="edge")
-  rows = np.array([[np.dot(x[i, j:j + 2 * radius + 1], g) for j in range(28)] for i in range(x.shape[0])])
-  out = np.array([[np.dot(rows[i:i + 2 * radius + 1, j], g) for j in range(28)] for i in range(28)])
+  rows = np.array([[np.dot(x[i, j : j + 2 * radius + 1], g) for j in range(28)] for i in range(x.shape[0])])
+  out = np.array([[np.dot(rows[i : i + 2 * radius + 1, j], g) for j in range(28)] for i in range(28)])
   expected = np.uint8(np.clip(out, 0, 1) * 255)
   got = corruptions.corrupt(_image(), "gaussian_blur", 5)[..., 0]
   assert np.abs(got.astype(int) - expected).max() <= 1  # float rounding at the uint8 truncation
@@ -59,8 +59,9 @@ def test_contrast_and_brightness_closed_forms(severity):
   expected = np.uint8(np.clip((x - x.mean()) * c + x.mean(), 0, 1) * 255)
   np.testing.assert_array_equal(corruptions.corrupt(_image(), "contrast", severity)[..., 0], expected)
   b = (0.05, 0.1, 0.15, 0.2, 0.3)[severity - 1]
-  np.testing.assert_array_equal(corruptions.corrupt(_image(), "brightness", severity)[..., 0],
-                                np.uint8(np.clip(x + b, 0, 1) * 255))
+  np.testing.assert_array_equal(
+      corruptions.corrupt(_image(), "brightness", severity)[..., 0], np.uint8(np.clip(x + b, 0, 1) * 255)
+  )
 
 
 def test_gaussian_noise_uses_the_images_own_draws():

@@ -13,8 +13,11 @@ from jaxpeft.data.digits_segmentation import segmentation_labels
 def raw_batch():
   digits = sklearn.datasets.load_digits()
   rows = np.arange(0, 1797, 97)
-  return {"image": digits.images[rows].astype(np.uint8)[..., None], "label": digits.target[rows],
-          "index": rows.astype(np.int32)}
+  return {
+      "image": digits.images[rows].astype(np.uint8)[..., None],
+      "label": digits.target[rows],
+      "index": rows.astype(np.int32),
+  }
 
 
 def _expected(images, labels, threshold):
@@ -45,7 +48,9 @@ def test_preprocess_labels_every_pixel(raw_batch, threshold, shift):
 
 
 def test_digits_preprocess_applies_the_shift_and_bad_inputs_are_refused(raw_batch):
-  shifted = input_pipeline.get_preprocess("jaxpeft_digits", ml_collections.ConfigDict({"shift": "invert"}))(raw_batch)
+  shifted = input_pipeline.get_preprocess("jaxpeft_digits", ml_collections.ConfigDict({"shift": "invert"}))(
+      raw_batch
+  )
   np.testing.assert_allclose(shifted["image"], 1.0 - raw_batch["image"] / 16.0, atol=1e-6)
   with pytest.raises(ValueError, match="foreground_threshold"):
     segmentation_labels(raw_batch["image"] / 16.0, raw_batch["label"], threshold=0.0)

@@ -84,7 +84,10 @@ def test_catalog_dataset_without_network_says_how_to_prepare_it(tmp_path):
 def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, "-c", textwrap.dedent(code), *args],
-      capture_output=True, text=True, timeout=120, check=False,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
   )
 
 
@@ -122,7 +125,9 @@ def test_two_processes_preparing_the_same_data_dir_both_succeed(tmp_path):
   procs = [
       subprocess.Popen(
           [sys.executable, "-c", textwrap.dedent(script), str(data_dir), str(tmp_path), str(k)],
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
       )
       for k in range(2)
   ]
@@ -168,8 +173,9 @@ def test_catalog_datasets_get_the_uint8_preprocess():
 def test_fetch_uses_getitems_and_matches_item_by_item(digits_test):
   source, _ = digits_test
   indices = [5, 0, 359, 5]
-  with mock.patch.object(type(source), "__getitems__", autospec=True,
-                         side_effect=type(source).__getitems__) as getitems:
+  with mock.patch.object(
+      type(source), "__getitems__", autospec=True, side_effect=type(source).__getitems__
+  ) as getitems:
     batched = input_pipeline.fetch_batch(source, indices)
   getitems.assert_called_once()
   for row, i in enumerate(indices):
@@ -224,9 +230,7 @@ def test_every_example_once_per_epoch_and_epochs_differ():
   n, batch_size = 40, 8
   loader = BatchLoader(ListSource(n), global_batch_size=batch_size, seed=0)
   assert loader.steps_per_epoch == 5
-  epochs = [
-      np.concatenate([loader.batch(e * 5 + i)["id"] for i in range(5)]) for e in range(3)
-  ]
+  epochs = [np.concatenate([loader.batch(e * 5 + i)["id"] for i in range(5)]) for e in range(3)]
   for order in epochs:
     assert sorted(order.tolist()) == list(range(n))
   assert not np.array_equal(epochs[0], epochs[1])

@@ -55,7 +55,11 @@ def test_build_is_deterministic_across_processes_and_needs_no_tensorflow(example
   env = {**os.environ, "PYTHONHASHSEED": "12345"}
   result = subprocess.run(
       [sys.executable, "-c", _BUILD_IN_SUBPROCESS, str(tmp_path)],
-      capture_output=True, text=True, env=env, check=False, timeout=300,
+      capture_output=True,
+      text=True,
+      env=env,
+      check=False,
+      timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1]) == examples

@@ -16,9 +16,13 @@ INDEX = {
     "adv": [],
 }
 DATA = {
-    "noun": ['00000100 03 n 01 bank 0 000 | sloping land beside a body of water; "they pulled the canoe up'
-             ' on the bank"', "00000200 03 n 01 bank 1 000 | a financial institution",
-             "00000300 03 n 01 rare_word 0 000 | something rare", "00000400 03 n 01 run 0 000 | a score in baseball"],
+    "noun": [
+        '00000100 03 n 01 bank 0 000 | sloping land beside a body of water; "they pulled the canoe up'
+        ' on the bank"',
+        "00000200 03 n 01 bank 1 000 | a financial institution",
+        "00000300 03 n 01 rare_word 0 000 | something rare",
+        "00000400 03 n 01 run 0 000 | a score in baseball",
+    ],
     "verb": ["00000500 38 v 01 run 0 000 | move  fast by using one's feet;  "],
     "adj": [],
     "adv": [],
@@ -42,7 +46,7 @@ def test_examples_take_the_most_frequent_tagged_sense_and_its_definition(wordnet
       {"prompt": "Define: run\n", "response": "move fast by using one's feet", "source": "verb:00000500"},
   ]
   for example in examples:
-    lemma = example["prompt"][len("Define: "):-1]
+    lemma = example["prompt"][len("Define: ") : -1]
     digest = int(hashlib.sha256(lemma.encode()).hexdigest()[:16], 16)
     assert (example in splits["test"]) == (digest % 100 < 10)
 
@@ -52,8 +56,10 @@ def test_missing_wordnet_is_a_clear_error(tmp_path):
     wordnet_glosses.split_examples(str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(wordnet_glosses.WORDNET_DIR, "data.noun")),
-                    reason="wordnet-base is not installed (make install-test installs it)")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(wordnet_glosses.WORDNET_DIR, "data.noun")),
+    reason="wordnet-base is not installed (make install-test installs it)",
+)
 def test_installed_wordnet_gives_disjoint_splits_of_about_ten_percent():
   splits = wordnet_glosses.split_examples()
   train = {e["prompt"] for e in splits["train"]}

@@ -84,8 +84,11 @@ def test_adapters_claim_is_wired_to_the_harness_configs():
 
 
 def test_verdict_rule_and_table_has_a_row_per_claim():
-  rows = [ClaimRow("a", "p", "m", {"x": True}), ClaimRow("b", "p", "m", {"x": True, "y": False}),
-          ClaimRow("c", "p | q", "m", {"x": False})]
+  rows = [
+      ClaimRow("a", "p", "m", {"x": True}),
+      ClaimRow("b", "p", "m", {"x": True, "y": False}),
+      ClaimRow("c", "p | q", "m", {"x": False}),
+  ]
   assert [r.verdict for r in rows] == ["yes", "partly", "no"]
   table = results_markdown(rows, "python experiments/run.py --small", {"a": 1.0})
   lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| claim")]

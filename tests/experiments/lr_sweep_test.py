@@ -8,8 +8,16 @@ import pytest
 
 from configs import digits_unet, digits_vit
 from experiments.harness_runs import (
-    SWEEP_TABLE, apply_overrides, best_learning_rates, holdout_splits, metric_of, parse_grids, sweep_config_module,
-    sweep_table, use_validation_slice)
+    SWEEP_TABLE,
+    apply_overrides,
+    best_learning_rates,
+    holdout_splits,
+    metric_of,
+    parse_grids,
+    sweep_config_module,
+    sweep_table,
+    use_validation_slice,
+)
 from jaxpeft.data import input_pipeline
 
 GRID = (1e-4, 1e-1)
@@ -20,8 +28,9 @@ def sweep(tmp_path_factory):
   """A smoke sweep of the ViT recipe's linear probe (pretrain included), with its own data dir."""
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   workdir = str(tmp_path_factory.mktemp("sweep"))
-  rows = sweep_config_module("digits_vit", {"linear_probe": GRID}, workdir, data_dir=data_dir, suffix=":smoke",
-                             command="test")
+  rows = sweep_config_module(
+      "digits_vit", {"linear_probe": GRID}, workdir, data_dir=data_dir, suffix=":smoke", command="test"
+  )
   return workdir, data_dir, rows
 
 
@@ -57,7 +66,9 @@ def test_every_run_trains_on_the_train_slice_and_is_evaluated_on_the_validation_
       assert final_eval["accuracy"] == pytest.approx(row["value"])
   # Adaptation starts from the sweep's own pretrain run, not from a run that saw the validation slice.
   with open(os.path.join(rows[0]["run_dir"], "config.json"), encoding="utf-8") as f:
-    assert json.load(f)["init_from"]["params"] == os.path.abspath(os.path.join(workdir, "pretrain", "export", "params"))
+    assert json.load(f)["init_from"]["params"] == os.path.abspath(
+        os.path.join(workdir, "pretrain", "export", "params")
+    )
 
 
 def test_the_validation_slice_is_held_out_of_training_and_disjoint_from_test(sweep):
@@ -79,11 +90,13 @@ def test_the_validation_slice_is_held_out_of_training_and_disjoint_from_test(swe
 
 
 def test_best_learning_rates_skips_diverged_runs_and_breaks_ties_by_grid_order():
-  rows = [{"method": "a", "learning_rate": 1.0, "value": 0.5, "metric": "accuracy"},
-          {"method": "a", "learning_rate": 2.0, "value": 0.7, "metric": "accuracy"},
-          {"method": "a", "learning_rate": 3.0, "value": None, "metric": None},
-          {"method": "b", "learning_rate": 1.0, "value": 0.6, "metric": "accuracy"},
-          {"method": "b", "learning_rate": 2.0, "value": 0.6, "metric": "accuracy"}]
+  rows = [
+      {"method": "a", "learning_rate": 1.0, "value": 0.5, "metric": "accuracy"},
+      {"method": "a", "learning_rate": 2.0, "value": 0.7, "metric": "accuracy"},
+      {"method": "a", "learning_rate": 3.0, "value": None, "metric": None},
+      {"method": "b", "learning_rate": 1.0, "value": 0.6, "metric": "accuracy"},
+      {"method": "b", "learning_rate": 2.0, "value": 0.6, "metric": "accuracy"},
+  ]
   assert best_learning_rates(rows) == {"a": 2.0, "b": 1.0}
   assert "| a | 3 | diverged |  |" in sweep_table(rows)
   with pytest.raises(ValueError, match="one metric"):

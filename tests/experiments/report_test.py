@@ -13,9 +13,17 @@ from experiments import report
 
 def _row(method: str, trainable: int, accuracy: float, steps_per_second: float, mean_iou=None) -> report.Row:
   """A row shaped like `experiments.harness_runs.run_harness`'s."""
-  return {"method": method, "trainable_params": trainable, "total_params": 22_700_000, "adapter_bytes": None,
-          "params_bytes": None, "accuracy": accuracy, "mean_iou": mean_iou, "steps_per_second": steps_per_second,
-          "seconds": 12.4}
+  return {
+      "method": method,
+      "trainable_params": trainable,
+      "total_params": 22_700_000,
+      "adapter_bytes": None,
+      "params_bytes": None,
+      "accuracy": accuracy,
+      "mean_iou": mean_iou,
+      "steps_per_second": steps_per_second,
+      "seconds": 12.4,
+  }
 
 
 ROWS = [_row("lora", 147_456, 0.912, 3.25), _row("full", 22_700_000, 0.934, 1.5)]

@@ -14,8 +14,9 @@ def _config(*overrides):
 
 
 def test_split_argv_keeps_the_other_flags():
-  rest, overrides = split_argv(["prog", "--config=configs/quickstart.py", "--config.optimizer.kwargs.rho=0.1",
-                                "--workdir=/tmp/x"])
+  rest, overrides = split_argv(
+      ["prog", "--config=configs/quickstart.py", "--config.optimizer.kwargs.rho=0.1", "--workdir=/tmp/x"]
+  )
   assert rest == ["prog", "--config=configs/quickstart.py", "--workdir=/tmp/x"]
   assert overrides == [("optimizer.kwargs.rho", "0.1")]
 
@@ -26,14 +27,22 @@ def test_none_from_the_command_line():
 
 
 def test_any_factory_argument_goes_into_optimizer_kwargs():
-  config = _config("optimizer.name=sam", "optimizer.kwargs.rho=0.1", "optimizer.kwargs.adaptive=true",
-                   "optimizer.kwargs.base_optimizer=adamw")
+  config = _config(
+      "optimizer.name=sam",
+      "optimizer.kwargs.rho=0.1",
+      "optimizer.kwargs.adaptive=true",
+      "optimizer.kwargs.base_optimizer=adamw",
+  )
   assert config.optimizer.kwargs.to_dict() == {"rho": 0.1, "adaptive": True, "base_optimizer": "adamw"}
 
 
 def test_values_take_the_field_type():
-  config = _config("optimizer.learning_rate=1", "model.cnn.features=16,32", "dataset.name=123",
-                   "adapter.fan_in_axes=(('conv.*', 3),)")
+  config = _config(
+      "optimizer.learning_rate=1",
+      "model.cnn.features=16,32",
+      "dataset.name=123",
+      "adapter.fan_in_axes=(('conv.*', 3),)",
+  )
   assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
   assert config.model.cnn.features == (16, 32)
   assert config.dataset.name == "123"
@@ -47,16 +56,35 @@ def test_unknown_key_is_one_line_with_the_nearest_valid_keys():
     _config("optimizer.learning_rte=0.1")
   message = str(error.value)
   assert "\n" not in message
-  assert message.startswith("Unknown config key --config.optimizer.learning_rte; nearest valid keys: "
-                            "optimizer.learning_rate, ")
+  assert message.startswith(
+      "Unknown config key --config.optimizer.learning_rte; nearest valid keys: " "optimizer.learning_rate, "
+  )
   with pytest.raises(ConfigOverrideError, match="nearest valid keys: adapter.rank"):
     _config("adaptr.rank=4")
 
 
-@pytest.mark.parametrize("get_config", [quickstart.get_config, minilm_text.get_config, digits_unet.get_config],
-                         ids=["quickstart", "minilm_text", "digits_unet"])
+@pytest.mark.parametrize(
+    "get_config",
+    [quickstart.get_config, minilm_text.get_config, digits_unet.get_config],
+    ids=["quickstart", "minilm_text", "digits_unet"],
+)
 def test_every_config_has_every_adapter_knob_the_harness_reads(get_config):
   adapter = get_config().adapter
-  for knob in ("method", "targets", "rank", "alpha", "options", "update", "penalty", "fan_in_axes", "rank_pattern",
-               "alpha_pattern", "stacked_axes", "reselect_every", "calibration_batches", "mode", "init"):
+  for knob in (
+      "method",
+      "targets",
+      "rank",
+      "alpha",
+      "options",
+      "update",
+      "penalty",
+      "fan_in_axes",
+      "rank_pattern",
+      "alpha_pattern",
+      "stacked_axes",
+      "reselect_every",
+      "calibration_batches",
+      "mode",
+      "init",
+  ):
     assert knob in adapter, knob

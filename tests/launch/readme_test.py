@@ -21,8 +21,14 @@ from jaxpeft.train.loop import train_and_evaluate
 from launch.config_overrides import apply_overrides, split_argv
 
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
-SHRINK = [("num_train_steps", "4"), ("log_every", "2"), ("eval_every", "0"), ("checkpoint.every_steps", "4"),
-          ("progress_bar", "false"), ("sharding.num_devices", "1")]
+SHRINK = [
+    ("num_train_steps", "4"),
+    ("log_every", "2"),
+    ("eval_every", "0"),
+    ("checkpoint.every_steps", "4"),
+    ("progress_bar", "false"),
+    ("sharding.num_devices", "1"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,16 @@ def data_dir(tmp_path_factory):
 
 def _command(workdir, data_dir, *extra):
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  return [sys.executable, "-m", "launch.train", "--config=configs/quickstart.py:smoke",
-          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *flags, *extra]
+  return [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=configs/quickstart.py:smoke",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      *flags,
+      *extra,
+  ]
 
 
 def _start(cmd, env=None):
@@ -48,8 +56,9 @@ def _saved_params(workdir, step):
   """The params of a checkpoint as numpy arrays, whatever devices wrote it."""
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
+  as_numpy = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), checkpointer.metadata(path).item_metadata.tree
+  )
   state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
@@ -91,8 +100,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 
 
 def test_mistyped_config_key_fails_loudly(data_dir, tmp_path):
-  result = subprocess.run(_command(str(tmp_path), data_dir, "--config.optimizer.nmae=came"),
-                          cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run(
+      _command(str(tmp_path), data_dir, "--config.optimizer.nmae=came"), cwd=ROOT, capture_output=True, text=True
+  )
   assert result.returncode != 0
   assert "Unknown config key --config.optimizer.nmae; nearest valid keys: optimizer.name" in result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
@@ -105,8 +115,18 @@ def test_two_processes_train_one_sharded_model(data_dir, tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   workdir = str(tmp_path / "multi")
   procs = [
-      _start(_command(workdir, data_dir, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                      "--num_processes=2", f"--process_id={i}", "--config.sharding.fsdp=True"), env)
+      _start(
+          _command(
+              workdir,
+              data_dir,
+              "--multihost",
+              f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2",
+              f"--process_id={i}",
+              "--config.sharding.fsdp=True",
+          ),
+          env,
+      )
       for i in range(2)
   ]
   outputs = [p.communicate(timeout=400)[0] for p in procs]

@@ -30,8 +30,9 @@ def _masks(base, models, seed):
 @pytest.mark.parametrize("combination", ["linear", "ties"])
 def test_equals_peft(combination):
   base, models = ref.trees()
-  got = ref.flat(merging.dare(base, models, ref.WEIGHTS, DENSITY, masks=_masks(base, models, 10),
-                              combination=combination))
+  got = ref.flat(
+      merging.dare(base, models, ref.WEIGHTS, DENSITY, masks=_masks(base, models, 10), combination=combination)
+  )
   for k, path in enumerate(sorted(ref.SHAPES)):
     torch.manual_seed(10 + k)
     tensors, weights = ref.task_tensors(base, models, path), torch.tensor(ref.WEIGHTS)
@@ -45,13 +46,30 @@ def test_equals_peft(combination):
 @pytest.mark.parametrize("combination, name", [("linear", "dare_linear"), ("ties", "dare_ties")])
 def test_equals_mergekit(combination, name):
   base, models = ref.trees(seed=2)
-  got = ref.flat(merging.dare(base, models, ref.WEIGHTS, DENSITY, masks=_masks(base, models, 20),
-                              combination=combination, rescale="l1", convention="mergekit", normalize=False,
-                              scale=0.9))
+  got = ref.flat(
+      merging.dare(
+          base,
+          models,
+          ref.WEIGHTS,
+          DENSITY,
+          masks=_masks(base, models, 20),
+          combination=combination,
+          rescale="l1",
+          convention="mergekit",
+          normalize=False,
+          scale=0.9,
+      )
+  )
   for k, path in enumerate(sorted(ref.SHAPES)):
     torch.manual_seed(20 + k)
-    want = ref.mergekit_method(name, ref.flat(base)[path], [ref.flat(m)[path] for m in models],
-                               weight=ref.WEIGHTS, density=[DENSITY] * 3, **{"lambda": 0.9})
+    want = ref.mergekit_method(
+        name,
+        ref.flat(base)[path],
+        [ref.flat(m)[path] for m in models],
+        weight=ref.WEIGHTS,
+        density=[DENSITY] * 3,
+        **{"lambda": 0.9},
+    )
     np.testing.assert_allclose(got[path], want, atol=1e-5)
 
 

@@ -64,13 +64,17 @@ def test_merge_equals_reference_formula(favor_target_model, normalize_fishers):
     for (m, k), f in zip(PATHS, fisher):
       tree[m][k] = f.astype(np.float32)
   weights = [0.5, 0.3, 0.2]
-  got = merging.fisher_merge(models, fisher_trees, weights, favor_target_model=favor_target_model,
-                             normalize_fishers=normalize_fishers)
-  lambdas = [w / np.sqrt(sum(np.sum(f**2) for f in fisher)) if normalize_fishers else w
-             for w, fisher in zip(weights, fishers)]
+  got = merging.fisher_merge(
+      models, fisher_trees, weights, favor_target_model=favor_target_model, normalize_fishers=normalize_fishers
+  )
+  lambdas = [
+      w / np.sqrt(sum(np.sum(f**2) for f in fisher)) if normalize_fishers else w
+      for w, fisher in zip(weights, fishers)
+  ]
   for i, (m, k) in enumerate(PATHS):
-    floored = [np.maximum(f[i], 1e-6) if (j == 0 or not favor_target_model) else f[i]
-               for j, f in enumerate(fishers)]
+    floored = [
+        np.maximum(f[i], 1e-6) if (j == 0 or not favor_target_model) else f[i] for j, f in enumerate(fishers)
+    ]
     want = sum(l * f * np.asarray(p[m][k], np.float64) for l, f, p in zip(lambdas, floored, models))
     want /= sum(l * f for l, f in zip(lambdas, floored))
     np.testing.assert_allclose(got[m][k], want, rtol=1e-4, atol=1e-6)

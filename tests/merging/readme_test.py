@@ -18,7 +18,8 @@ def test_readme_example():
   base, finetuned = namespace["base"], namespace["finetuned"]
   for path in (("dense", "kernel"), ("dense", "bias")):
     leaf = lambda t: np.asarray(t[path[0]][path[1]])
-    np.testing.assert_allclose(leaf(namespace["arithmetic"]),
-                               leaf(base) + 0.4 * sum(leaf(m) - leaf(base) for m in finetuned), atol=1e-6)
+    np.testing.assert_allclose(
+        leaf(namespace["arithmetic"]), leaf(base) + 0.4 * sum(leaf(m) - leaf(base) for m in finetuned), atol=1e-6
+    )
     np.testing.assert_allclose(leaf(namespace["soup"]), np.mean([leaf(m) for m in finetuned], 0), atol=1e-6)
   assert np.count_nonzero(jax.tree_util.tree_leaves(namespace["ties"])[1]) <= 3 * int(0.2 * 12)

@@ -18,8 +18,10 @@ def trees(seed: int = 0, n: int = 3):
   """``base, [fine-tuned models]`` as nested dicts of float32 numpy arrays (task vectors of mixed sign)."""
   rng = np.random.default_rng(seed)
   flat_base = {p: rng.normal(size=s).astype(np.float32) for p, s in SHAPES.items()}
-  flat_models = [{p: (v + rng.normal(size=v.shape) * (i + 1) / 2).astype(np.float32) for p, v in flat_base.items()}
-                 for i in range(n)]
+  flat_models = [
+      {p: (v + rng.normal(size=v.shape) * (i + 1) / 2).astype(np.float32) for p, v in flat_base.items()}
+      for i in range(n)
+  ]
   unflat = lambda flat: traverse_util.unflatten_dict(flat, sep="/")
   return unflat(flat_base), [unflat(m) for m in flat_models]
 
@@ -32,8 +34,9 @@ def task_tensors(base, models, path):
   return [torch.tensor(flat(m)[path] - flat(base)[path]) for m in models]
 
 
-def mergekit_method(name: str, base: np.ndarray, tensors: list[np.ndarray], consensus: str | None = None,
-                    **parameters) -> np.ndarray:
+def mergekit_method(
+    name: str, base: np.ndarray, tensors: list[np.ndarray], consensus: str | None = None, **parameters
+) -> np.ndarray:
   """mergekit 0.1.5's generalized-task-arithmetic method ``name`` on one tensor (``base`` + fine-tuned).
 
   ``consensus`` ("sum" / "count") overrides the method's sign-consensus rule (mergekit's ``ConsensusMethod``).
@@ -43,8 +46,9 @@ def mergekit_method(name: str, base: np.ndarray, tensors: list[np.ndarray], cons
     method = dataclasses.replace(method, consensus_method=mk_gta.ConsensusMethod(consensus))
   entries = [mk_base.TensorEntry("base", torch.tensor(base), is_base=True)]
   entries += [mk_base.TensorEntry(f"m{i}", torch.tensor(t)) for i, t in enumerate(tensors)]
-  per_model = {k: {f"m{i}": v for i, v in enumerate(parameters.pop(k))} for k in ("weight", "density")
-               if k in parameters}
+  per_model = {
+      k: {f"m{i}": v for i, v in enumerate(parameters.pop(k))} for k in ("weight", "density") if k in parameters
+  }
   defaults = {p.name: p.default for p in method.spec.parameters if p.name not in per_model}
   return method.merge_group(mk_base.TensorGroup(entries), **{**defaults, **parameters, **per_model}).numpy()
 

@@ -5,7 +5,6 @@ import numpy as np
 from jaxpeft import merging
 from tests.merging import references as ref
 
-
 MODELS = ref.trees(seed=9, n=6)[1]
 TARGET = {p: np.mean([ref.flat(m)[p] for m in (MODELS[1], MODELS[3], MODELS[5])], 0) for p in ref.SHAPES}
 

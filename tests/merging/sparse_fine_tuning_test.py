@@ -19,7 +19,8 @@ def test_global_top_k_and_composition():
     assert sum(np.count_nonzero(v) for v in ref.flat(phi).values()) == k
   composed = ref.flat(merging.compose(base, [phi_language, phi_task]))
   for p in ref.SHAPES:
-    np.testing.assert_allclose(composed[p], ref.flat(base)[p] + ref.flat(phi_language)[p] + ref.flat(phi_task)[p],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        composed[p], ref.flat(base)[p] + ref.flat(phi_language)[p] + ref.flat(phi_task)[p], atol=1e-6
+    )
   with pytest.raises(ValueError, match="num_kept must be in"):
     merging.sparse_difference(task, base, num_kept=0)

@@ -27,6 +27,12 @@ def test_equals_mergekit(normalize):
   base, models = ref.trees(seed=4)
   got = ref.flat(merging.task_arithmetic(base, models, ref.WEIGHTS, scale=0.7, normalize=normalize))
   for path in ref.SHAPES:
-    want = ref.mergekit_method("task_arithmetic", ref.flat(base)[path], [ref.flat(m)[path] for m in models],
-                               weight=ref.WEIGHTS, normalize=normalize, **{"lambda": 0.7})
+    want = ref.mergekit_method(
+        "task_arithmetic",
+        ref.flat(base)[path],
+        [ref.flat(m)[path] for m in models],
+        weight=ref.WEIGHTS,
+        normalize=normalize,
+        **{"lambda": 0.7},
+    )
     np.testing.assert_allclose(got[path], want, atol=1e-5)

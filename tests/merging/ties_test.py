@@ -14,8 +14,9 @@ def test_paper_convention_equals_peft(method):
   base, models = ref.trees()
   got = ref.flat(merging.ties(base, models, ref.WEIGHTS, density=0.5, majority_sign_method=method))
   for path in ref.SHAPES:
-    want = peft_merge.ties(ref.task_tensors(base, models, path), torch.tensor(ref.WEIGHTS), density=0.5,
-                           majority_sign_method=method).numpy()
+    want = peft_merge.ties(
+        ref.task_tensors(base, models, path), torch.tensor(ref.WEIGHTS), density=0.5, majority_sign_method=method
+    ).numpy()
     np.testing.assert_allclose(got[path] - ref.flat(base)[path], want, atol=1e-6)
 
 
@@ -23,11 +24,27 @@ def test_paper_convention_equals_peft(method):
 def test_mergekit_convention_equals_mergekit(method, consensus):
   base, models = ref.trees(seed=1)
   densities = [0.1, 0.5, 0.8]  # 0.1 of the 5-entry bias keeps 0 entries in PEFT's rule, 1 in mergekit's
-  got = ref.flat(merging.ties(base, models, ref.WEIGHTS, density=densities, scale=0.8, majority_sign_method=method,
-                              convention="mergekit"))
+  got = ref.flat(
+      merging.ties(
+          base,
+          models,
+          ref.WEIGHTS,
+          density=densities,
+          scale=0.8,
+          majority_sign_method=method,
+          convention="mergekit",
+      )
+  )
   for path in ref.SHAPES:
-    want = ref.mergekit_method("ties", ref.flat(base)[path], [ref.flat(m)[path] for m in models], consensus,
-                               weight=ref.WEIGHTS, density=densities, **{"lambda": 0.8})
+    want = ref.mergekit_method(
+        "ties",
+        ref.flat(base)[path],
+        [ref.flat(m)[path] for m in models],
+        consensus,
+        weight=ref.WEIGHTS,
+        density=densities,
+        **{"lambda": 0.8},
+    )
     np.testing.assert_allclose(got[path], want, atol=1e-5)
 
 
@@ -43,13 +60,21 @@ def test_scanned_layers_rank_per_layer():
 def test_scanned_layers_in_a_tree_rank_per_layer_with_stacked_axes():
   rng = np.random.default_rng(4)
   base = {"layers": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)}, "head": rng.normal(size=(5,))}
-  models = [{"layers": {"kernel": base["layers"]["kernel"] + rng.normal(size=(3, 4, 5)).astype(np.float32)},
-             "head": base["head"] + rng.normal(size=(5,))} for _ in range(2)]
+  models = [
+      {
+          "layers": {"kernel": base["layers"]["kernel"] + rng.normal(size=(3, 4, 5)).astype(np.float32)},
+          "head": base["head"] + rng.normal(size=(5,)),
+      }
+      for _ in range(2)
+  ]
   got = merging.ties(base, models, [1.0, 0.5], 0.3, stacked_axes={"layers/.*": 1})
   for k in range(3):
     tensors = [torch.tensor(m["layers"]["kernel"][k] - base["layers"]["kernel"][k]) for m in models]
     want = peft_merge.ties(tensors, torch.tensor([1.0, 0.5]), density=0.3).numpy()
-    np.testing.assert_allclose(np.asarray(got["layers"]["kernel"][k]) - base["layers"]["kernel"][k], want, atol=1e-6)
-  head = peft_merge.ties([torch.tensor(m["head"] - base["head"]) for m in models], torch.tensor([1.0, 0.5]),
-                         density=0.3).numpy()
+    np.testing.assert_allclose(
+        np.asarray(got["layers"]["kernel"][k]) - base["layers"]["kernel"][k], want, atol=1e-6
+    )
+  head = peft_merge.ties(
+      [torch.tensor(m["head"] - base["head"]) for m in models], torch.tensor([1.0, 0.5]), density=0.3
+  ).numpy()
   np.testing.assert_allclose(np.asarray(got["head"]) - base["head"], head, atol=1e-6)

@@ -23,17 +23,20 @@ def test_structure_and_shape_mismatches_name_the_leaf():
   with pytest.raises(ValueError, match=r"Leaf 'head/kernel' is only in model 1"):
     merging.ties(base, [models[0], extra])
   reshaped = {**models[1], "out": {"kernel": np.zeros((3, 5), np.float32)}}
-  with pytest.raises(ValueError,
-                     match=r"Leaf 'out/kernel' has shape \(3, 5\) in model 1 but \(5, 3\) in the base"):
+  with pytest.raises(
+      ValueError, match=r"Leaf 'out/kernel' has shape \(3, 5\) in model 1 but \(5, 3\) in the base"
+  ):
     merging.task_arithmetic(base, [models[0], reshaped])
 
 
 @pytest.mark.parametrize("density", [-0.1, 1.5])
 def test_densities_outside_0_1_are_refused(density):
   base, models = ref.trees(n=2)
-  for merge in (lambda: merging.ties(base, models, density=density),
-                lambda: merging.dare(base, models, density=density, key=jax.random.key(0)),
-                lambda: merging.task_arithmetic(base, models, density=[0.5, density])):
+  for merge in (
+      lambda: merging.ties(base, models, density=density),
+      lambda: merging.dare(base, models, density=density, key=jax.random.key(0)),
+      lambda: merging.task_arithmetic(base, models, density=[0.5, density]),
+  ):
     with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
       merge()
 

@@ -47,6 +47,7 @@ def test_registry_builds_the_checkpoint_architecture(tiny_gemma3_hf, tmp_path):
 
   hf_model, _ = tiny_gemma3_hf
   hf_model.save_pretrained(tmp_path)
-  model = registry.build_model(ml_collections.ConfigDict(
-      {"name": "gemma3", "checkpoint": str(tmp_path), "scan_layers": True}))
+  model = registry.build_model(
+      ml_collections.ConfigDict({"name": "gemma3", "checkpoint": str(tmp_path), "scan_layers": True})
+  )
   assert model.scan_layers and model.config == gemma3.Gemma3Config.from_hf_dict(hf_model.config.to_dict())

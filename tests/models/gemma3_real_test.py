@@ -65,7 +65,8 @@ def test_readme_example_and_logits_match_transformers(gguf_path):
   ids = np.array([[2, 9259, 236764, 1902, 236888, 669, 3823, 7647]])
   logits = jax.jit(gemma3.Gemma3(config).apply)({"params": params}, jnp.asarray(ids))
   reference = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+  ).eval()
   with torch.no_grad():
     expected = reference(torch.tensor(ids)).logits.numpy()
   print(f"max |logits - transformers| = {np.abs(np.asarray(logits) - expected).max():.2e}")

@@ -7,10 +7,19 @@ import pytest
 
 from jaxpeft.models import gemma3
 
-TINY = gemma3.Gemma3Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
-                           sliding_window=3, max_position_embeddings=32,
-                           layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+TINY = gemma3.Gemma3Config(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=3,
+    max_position_embeddings=32,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+)
 
 
 def _loss(model, params, ids):

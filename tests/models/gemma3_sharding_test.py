@@ -39,8 +39,11 @@ def test_sharded_loss_equals_single_device(setup, data, model):
   adapter_shardings = gemma3_sharding.shardings(gemma3_sharding.adapter_specs(adapter, _LORA, params, mesh), mesh)
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(gemma3_sharding.DATA_AXIS))
   sharded = jax.device_put((adapter, params, ids), (adapter_shardings, param_shardings, batch))
-  loss, grad = jax.jit(value_and_grad, in_shardings=(adapter_shardings, param_shardings, batch),
-                       out_shardings=(None, adapter_shardings))(*sharded)
+  loss, grad = jax.jit(
+      value_and_grad,
+      in_shardings=(adapter_shardings, param_shardings, batch),
+      out_shardings=(None, adapter_shardings),
+  )(*sharded)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grad, expected_grad)
   q = sharded[1]["layers_0"]["self_attn"]["q_proj"]["kernel"]

@@ -52,18 +52,22 @@ def test_padding_mask_matches_transformers(tiny):
   ids[1, :4] = 0
   params = gemma3_loader.params_from_hf(tensors, config)
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  logits = gemma3.Gemma3(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                      jnp.asarray(positions))
+  logits = gemma3.Gemma3(config).apply(
+      {"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)
+  )
   with torch.no_grad():
-    expected = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(positions)).logits.numpy()
+    expected = hf_model(
+        torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+    ).logits.numpy()
   np.testing.assert_allclose(np.asarray(logits)[mask == 1], expected[mask == 1], atol=1e-4, rtol=0)
 
 
 def test_scan_and_unrolled_params_convert(tiny):
   _, tensors, config = tiny
   unrolled = gemma3_loader.params_from_hf(tensors, config)
-  restored = gemma3.unstack_layers(gemma3.stack_layers(unrolled, config.num_hidden_layers), config.num_hidden_layers)
+  restored = gemma3.unstack_layers(
+      gemma3.stack_layers(unrolled, config.num_hidden_layers), config.num_hidden_layers
+  )
   jax.tree.map(np.testing.assert_array_equal, restored, unrolled)
 
 

@@ -27,10 +27,19 @@ def test_per_pixel_logits_and_parameter_count():
   params = model.init(jax.random.key(0), _images())["params"]
   assert model.apply({"params": params}, _images()).shape == (2, 8, 8, CLASSES)
   f0, f1, f2 = FEATURES
-  expected = (_conv(1, f0) + _conv(f0, f0) + _conv(f0, f1) + _conv(f1, f1)  # down_0, down_1
-              + _conv(f1, f2) + _conv(f2, f2)  # bottleneck
-              + _conv(f2 + f1, f1) + _conv(f1, f1) + _conv(f1 + f0, f0) + _conv(f0, f0)  # up_1, up_0 (skips)
-              + _conv(f0, CLASSES, k=1))  # 1x1 head
+  expected = (
+      _conv(1, f0)
+      + _conv(f0, f0)
+      + _conv(f0, f1)
+      + _conv(f1, f1)  # down_0, down_1
+      + _conv(f1, f2)
+      + _conv(f2, f2)  # bottleneck
+      + _conv(f2 + f1, f1)
+      + _conv(f1, f1)
+      + _conv(f1 + f0, f0)
+      + _conv(f0, f0)  # up_1, up_0 (skips)
+      + _conv(f0, CLASSES, k=1)
+  )  # 1x1 head
   assert param_count(params) == expected
 
 
@@ -53,8 +62,15 @@ def test_conv_lora_on_the_unet_matches_loralib_form_and_merge_equals_apply(varia
   model = UNet(num_classes=CLASSES, features=FEATURES)
   base = model.init(jax.random.key(0), _images())["params"]
   rank, alpha = 2, 3.0
-  config = AdapterConfig(targets=CONV_3X3, method="conv_lora", rank=rank, alpha=alpha, init="random",
-                         fan_in_axes={CONV_3X3: 3}, options={"variant": variant})
+  config = AdapterConfig(
+      targets=CONV_3X3,
+      method="conv_lora",
+      rank=rank,
+      alpha=alpha,
+      init="random",
+      fan_in_axes={CONV_3X3: 3},
+      options={"variant": variant},
+  )
   adapter = reparam.init(jax.random.key(2), config, base)
   applied = traverse_util.flatten_dict(reparam.apply(base, adapter, config), sep="/")
   flat_adapter = traverse_util.flatten_dict(adapter, sep="/")
@@ -68,7 +84,9 @@ def test_conv_lora_on_the_unet_matches_loralib_form_and_merge_equals_apply(varia
     k, _, c_in, c_out = kernel.shape
     a, b = np.asarray(flat_adapter[path + "/a"]), np.asarray(flat_adapter[path + "/b"])
     delta_t = (alpha / rank) * (b.T @ a.T).reshape(c_out, c_in, k, k)
-    np.testing.assert_allclose(applied[path], np.asarray(kernel) + delta_t.transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        applied[path], np.asarray(kernel) + delta_t.transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-6
+    )
   assert adapted == 10  # every 3x3 conv, not the 1x1 head
   outputs = model.apply({"params": reparam.apply(base, adapter, config)}, _images())
   merged = model.apply({"params": reparam.merge(base, adapter, config)}, _images())

@@ -28,11 +28,15 @@ def test_logits_shape_and_parameter_count(pool):
   params = model.init(jax.random.key(0), _images())["params"]
   assert model.apply({"params": params}, _images()).shape == (3, CLASSES)
   tokens = (8 // P) ** 2 + (pool == "cls")
-  per_block = (2 * 2 * D  # two LayerNorms
-               + 4 * (D * D + D)  # q, k, v, out kernels and biases
-               + D * MLP + MLP + MLP * D + D)
-  expected = (P * P * D + D + (pool == "cls") * D + tokens * D + DEPTH * per_block + 2 * D
-              + D * CLASSES + CLASSES)
+  per_block = (
+      2 * 2 * D  # two LayerNorms
+      + 4 * (D * D + D)  # q, k, v, out kernels and biases
+      + D * MLP
+      + MLP
+      + MLP * D
+      + D
+  )
+  expected = P * P * D + D + (pool == "cls") * D + tokens * D + DEPTH * per_block + 2 * D + D * CLASSES + CLASSES
   assert param_count(params) == expected
 
 
@@ -46,8 +50,14 @@ def test_bad_shapes_are_refused():
 def test_lora_on_attention_folds_dense_general_and_merge_equals_apply():
   model = _model()
   base = model.init(jax.random.key(0), _images())["params"]
-  config = AdapterConfig(targets=r".*attention/(query|value|out)/kernel", method="lora", rank=2, alpha=4.0,
-                         init="random", fan_in_axes=FAN_IN)
+  config = AdapterConfig(
+      targets=r".*attention/(query|value|out)/kernel",
+      method="lora",
+      rank=2,
+      alpha=4.0,
+      init="random",
+      fan_in_axes=FAN_IN,
+  )
   adapter = reparam.init(jax.random.key(2), config, base)
   applied = traverse_util.flatten_dict(reparam.apply(base, adapter, config), sep="/")
   flat_base = traverse_util.flatten_dict(base, sep="/")
@@ -89,7 +99,7 @@ def test_vpt_deep_prompts_follow_the_class_token_that_cls_pooling_reads():
   z = np.concatenate([np.broadcast_to(np_base["cls_token"], (n, 1, D)), z], axis=1) + np_base["pos_embedding"]
   for i in range(DEPTH):
     prompt = np.broadcast_to(np.asarray(adapter[f"block_{i}"]["ln_attention"]["scale"]["prompt"]), (n, p, D))
-    z = np.concatenate([z[:, :1], prompt, z[:, 1 if i == 0 else 1 + p:]], axis=1)
+    z = np.concatenate([z[:, :1], prompt, z[:, 1 if i == 0 else 1 + p :]], axis=1)
     z = np.asarray(EncoderBlock(HEADS, MLP).apply({"params": base[f"block_{i}"]}, z))
   cls = z[:, 0]
   cls = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(cls.var(-1, keepdims=True) + 1e-6)

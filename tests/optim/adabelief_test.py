@@ -10,14 +10,14 @@ import torch
 
 from jaxpeft.optim.adabelief import adabelief
 from tests.optim.reference import (
-  assert_follows_torch,
-  assert_low_precision_follows_torch,
-  assert_schedule_follows_torch,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
-  run_torch,
+    assert_follows_torch,
+    assert_low_precision_follows_torch,
+    assert_schedule_follows_torch,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
+    run_torch,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -26,14 +26,14 @@ LR = 1e-2
 
 # Our keyword arguments; the authors' package takes the same names (betas as a pair).
 SETTINGS = {
-  "defaults": {},
-  "no_rectify": {"rectify": False},
-  "amsgrad": {"amsgrad": True, "rectify": False},
-  "decoupled_decay": {"weight_decay": 0.1},
-  "fixed_decay": {"weight_decay": 0.01, "fixed_decay": True},
-  "l2_decay": {"weight_decay": 0.1, "weight_decouple": False},
-  "no_sgd_warmup": {"degenerated_to_sgd": False},
-  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-8},
+    "defaults": {},
+    "no_rectify": {"rectify": False},
+    "amsgrad": {"amsgrad": True, "rectify": False},
+    "decoupled_decay": {"weight_decay": 0.1},
+    "fixed_decay": {"weight_decay": 0.01, "fixed_decay": True},
+    "l2_decay": {"weight_decay": 0.1, "weight_decouple": False},
+    "no_sgd_warmup": {"degenerated_to_sgd": False},
+    "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-8},
 }
 
 
@@ -113,14 +113,14 @@ def test_huge_gradients_float32():
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [
-    ({"b2": 1.0}, "b2 must be in"),
-    ({"eps": -1e-16}, "eps must be >= 0"),
-    ({"learning_rate": -LR}, "learning_rate must be >= 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-    ({"weight_decay": 0.1, "weight_decouple": False, "fixed_decay": True}, "weight_decouple=True"),
-  ],
+    "kw, match",
+    [
+        ({"b2": 1.0}, "b2 must be in"),
+        ({"eps": -1e-16}, "eps must be >= 0"),
+        ({"learning_rate": -LR}, "learning_rate must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"weight_decay": 0.1, "weight_decouple": False, "fixed_decay": True}, "weight_decouple=True"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -8,12 +8,12 @@ import pytorch_optimizer
 
 from jaxpeft.optim.adabound import adabound
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_follows_torch,
-  assert_low_precision_follows_torch,
-  assert_schedule_follows_torch,
-  random_problem,
-  run_optax,
+    EXACT_SCHEDULE,
+    assert_follows_torch,
+    assert_low_precision_follows_torch,
+    assert_schedule_follows_torch,
+    random_problem,
+    run_optax,
 )
 
 # The authors' package uses torch's deprecated add_(scalar, tensor) overload.
@@ -24,12 +24,12 @@ NUM_STEPS = 25
 LR = 2.0**-6  # EXACT_SCHEDULE's initial value, so that schedule(t) / LR is exact
 
 SETTINGS = {
-  "defaults": {},
-  # gamma=0.1 closes the band within the run, so the clipping is exercised from both sides.
-  "fast_bounds": {"gamma": 0.1, "final_lr": 0.05},
-  "weight_decay": {"weight_decay": 0.1, "gamma": 0.1},
-  "amsbound": {"amsbound": True, "gamma": 0.1},
-  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "gamma": 0.05},
+    "defaults": {},
+    # gamma=0.1 closes the band within the run, so the clipping is exercised from both sides.
+    "fast_bounds": {"gamma": 0.1, "final_lr": 0.05},
+    "weight_decay": {"weight_decay": 0.1, "gamma": 0.1},
+    "amsbound": {"amsbound": True, "gamma": 0.1},
+    "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "gamma": 0.05},
 }
 
 
@@ -40,7 +40,7 @@ def authors(b1=0.9, b2=0.999, **kw):
 def pytorch_opt(b1=0.9, b2=0.999, amsbound=False, **kw):
   # The authors' decay is an L2 penalty: pytorch_optimizer's weight_decouple=False.
   return lambda t: pytorch_optimizer.AdaBound(
-    t, lr=LR, betas=(b1, b2), ams_bound=amsbound, weight_decouple=False, **kw
+      t, lr=LR, betas=(b1, b2), ams_bound=amsbound, weight_decouple=False, **kw
   )
 
 
@@ -80,16 +80,16 @@ def test_zero_gradients():
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [
-    ({"b1": 1.5}, "b1 must be in"),
-    ({"gamma": 0.0}, "gamma must be > 0"),
-    ({"gamma": 1.0}, "gamma must be in"),
-    ({"final_lr": -0.1}, "final_lr must be >= 0"),
-    ({"eps": -1e-8}, "eps must be >= 0"),
-    ({"learning_rate": -LR}, "learning_rate must be >= 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-  ],
+    "kw, match",
+    [
+        ({"b1": 1.5}, "b1 must be in"),
+        ({"gamma": 0.0}, "gamma must be > 0"),
+        ({"gamma": 1.0}, "gamma must be in"),
+        ({"final_lr": -0.1}, "final_lr must be >= 0"),
+        ({"eps": -1e-8}, "eps must be >= 0"),
+        ({"learning_rate": -LR}, "learning_rate must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -32,8 +32,10 @@ def coefficients(shapes=SHAPES, seed=0):
 
 def objective(coef, scale=1.0):
   """Separable quartic plus a linear term; works for jnp and torch leaves alike."""
+
   def f(x):
     return scale * sum(((a * x[k] ** 2 / 2 + b * x[k] ** 4 / 4 + c * x[k])).sum() for k, (a, b, c) in coef.items())
+
   return f
 
 
@@ -133,8 +135,9 @@ def test_hutchinson_on_a_dense_hessian():
   candidates = patterns * (patterns @ a)  # z * (A z) for every z; A is symmetric
   for d in w_draws[:50]:
     assert np.min(np.max(np.abs(candidates - d), axis=1)) < 1e-12
-  np.testing.assert_allclose(np.asarray(draws["v"]), np.broadcast_to(-np.sin(np.asarray(x["v"])), (4000, 3)),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      np.asarray(draws["v"]), np.broadcast_to(-np.sin(np.asarray(x["v"])), (4000, 3)), rtol=1e-12
+  )
   sigma = np.sqrt((np.sum(a**2, axis=1) - np.diag(a) ** 2) / len(w_draws))
   assert np.all(np.abs(w_draws.mean(0) - np.diag(a)) < 5 * sigma)
   assert np.std(w_draws[:, 0]) > 0  # the draws do vary
@@ -144,8 +147,10 @@ def test_hutchinson_on_a_dense_hessian():
     "ours_kwargs, ref_kwargs",
     [
         ({}, {}),
-        ({"learning_rate": 0.05, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
-         {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
+        (
+            {"learning_rate": 0.05, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+        ),
         ({"hessian_power": 0.5}, {"hessian_power": 0.5}),
         ({"update_each": 3, "weight_decay": 0.01}, {"update_period": 3, "weight_decay": 0.01}),
     ],
@@ -160,10 +165,14 @@ def test_matches_pytorch_optimizer_without_spatial_averaging(ours_kwargs, ref_kw
 
 def authors_spatial_average(coef):
   """The authors' estimate for torch layout: |z * Hz| (= |diag H| here) averaged over OIHW dims [2, 3]."""
+
   def hessian_fn(x):
     diag = to_torch_layout(exact_diagonal(coef, from_torch_layout(x)))
-    return {k: np.broadcast_to(np.mean(np.abs(d), axis=(2, 3), keepdims=True), d.shape) if d.ndim == 4 else d
-            for k, d in diag.items()}
+    return {
+        k: np.broadcast_to(np.mean(np.abs(d), axis=(2, 3), keepdims=True), d.shape) if d.ndim == 4 else d
+        for k, d in diag.items()
+    }
+
   return hessian_fn
 
 
@@ -171,11 +180,18 @@ def test_spatial_averaging_matches_authors_layouts():
   """Flax HWIO with axes (0, 1) == the authors' OIHW dims [2, 3] == OIHW leaves with axes (2, 3)."""
   coef, params = coefficients(), initial_params()
   ours = run_ours(adahessian(weight_decay=0.01), params, coef)
-  ref = run_torch(lambda p: AdaHessian(p, lr=0.15, eps=1e-4, weight_decay=0.01), params, coef,
-                  hessian_fn=authors_spatial_average(coef))
+  ref = run_torch(
+      lambda p: AdaHessian(p, lr=0.15, eps=1e-4, weight_decay=0.01),
+      params,
+      coef,
+      hessian_fn=authors_spatial_average(coef),
+  )
   assert_trajectories_close(ours, ref, rtol=1e-6, atol=1e-12)
-  torch_layout = run_ours(adahessian(weight_decay=0.01, conv_spatial_axes=(2, 3)), to_torch_layout(params),
-                          {k: tuple(np.transpose(c, TO_TORCH[k]) for c in v) for k, v in coef.items()})
+  torch_layout = run_ours(
+      adahessian(weight_decay=0.01, conv_spatial_axes=(2, 3)),
+      to_torch_layout(params),
+      {k: tuple(np.transpose(c, TO_TORCH[k]) for c in v) for k, v in coef.items()},
+  )
   assert_trajectories_close([from_torch_layout(t) for t in torch_layout], ref, rtol=1e-6, atol=1e-12)
   unaveraged = run_ours(adahessian(weight_decay=0.01, conv_spatial_axes=None), params, coef)
   assert not np.allclose(unaveraged[-1]["conv"], ours[-1]["conv"], rtol=1e-4)
@@ -185,8 +201,12 @@ def test_spatial_averaging_matches_authors_layouts():
 def test_schedule_and_inject_hyperparams_match_pytorch_optimizer():
   coef, params = coefficients(), initial_params()
   schedule = lambda count: 0.15 - 0.1 * count / NUM_STEPS  # noqa: E731
-  ref = run_torch(lambda p: AdaHessian(p, lr=0.15, eps=1e-4, weight_decay=0.1, update_period=2), params, coef,
-                  schedule=schedule)
+  ref = run_torch(
+      lambda p: AdaHessian(p, lr=0.15, eps=1e-4, weight_decay=0.1, update_period=2),
+      params,
+      coef,
+      schedule=schedule,
+  )
   ours = run_ours(adahessian(schedule, weight_decay=0.1, update_each=2, conv_spatial_axes=None), params, coef)
   assert_trajectories_close(ours, ref, atol=1e-12)
   injected = optax.inject_hyperparams(adahessian)(
@@ -213,7 +233,9 @@ def test_zero_and_huge_gradients():
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
 def test_low_precision_close_to_float64(dtype, tol):
-  coef = {k: tuple(np.asarray(jnp.asarray(c, jnp.bfloat16), np.float64) for c in v) for k, v in coefficients().items()}
+  coef = {
+      k: tuple(np.asarray(jnp.asarray(c, jnp.bfloat16), np.float64) for c in v) for k, v in coefficients().items()
+  }
   params = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64) for k, v in initial_params().items()}
   exact = run_ours(adahessian(weight_decay=0.01), params, coef, num_steps=5)
   low = run_ours(adahessian(weight_decay=0.01), params, coef, num_steps=5, dtype=dtype)

@@ -8,11 +8,11 @@ import torch
 
 from jaxpeft.optim.adam_cm import adam_cm
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_low_precision_tracks_float64,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
+    EXACT_SCHEDULE,
+    assert_low_precision_tracks_float64,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -20,14 +20,15 @@ NUM_STEPS = 25
 LR = 2.0**-6
 
 SETTINGS = {
-  "defaults": {},
-  "weight_decay_small_buffer": {"weight_decay": 0.1, "topc": 2, "decay": 0.9},
-  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "topc": 3, "decay": 0.5},
+    "defaults": {},
+    "weight_decay_small_buffer": {"weight_decay": 0.1, "topc": 2, "decay": 0.9},
+    "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "topc": 3, "decay": 0.5},
 }
 
 
-def official(params, grads, learning_rates, b1=0.9, b2=0.999, eps=1e-8, decay=0.7, topc=5, weight_decay=0.0,
-             inserted=None):
+def official(
+    params, grads, learning_rates, b1=0.9, b2=0.999, eps=1e-8, decay=0.7, topc=5, weight_decay=0.0, inserted=None
+):
   """The authors' Adam_CM step (synced, critical_test=0) in torch float64; params after each step.
 
   The buffer is a list of [priority, tensors] with an incrementally maintained sum, as in their
@@ -108,8 +109,10 @@ def test_low_precision(dtype, atol):
   assert_low_precision_tracks_float64(adam_cm(LR), params, grads, dtype, atol)
 
 
-@pytest.mark.parametrize("kw, match", [({"b1": 1.0}, "b1 must be in"), ({"topc": 0}, "topc must be > 0"),
-                                       ({"decay": 1.5}, "decay must be in")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"b1": 1.0}, "b1 must be in"), ({"topc": 0}, "topc must be > 0"), ({"decay": 1.5}, "decay must be in")],
+)
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):
     adam_cm(**{"learning_rate": LR, **kw})

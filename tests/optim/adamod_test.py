@@ -10,15 +10,15 @@ import torch
 
 from jaxpeft.optim.adamod import adamod
 from tests.optim.reference import (
-  assert_follows_torch,
-  assert_low_precision_follows_torch,
-  assert_params_close,
-  assert_schedule_follows_torch,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
-  run_torch,
+    assert_follows_torch,
+    assert_low_precision_follows_torch,
+    assert_params_close,
+    assert_schedule_follows_torch,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
+    run_torch,
 )
 
 # The authors' package uses torch's deprecated add_(scalar, tensor) overload.
@@ -29,9 +29,9 @@ NUM_STEPS = 25
 LR = 1e-2
 
 SETTINGS = {
-  "defaults": {},
-  "weight_decay": {"weight_decay": 0.1},
-  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "b3": 0.9, "eps": 1e-3},
+    "defaults": {},
+    "weight_decay": {"weight_decay": 0.1},
+    "other_betas_eps": {"b1": 0.8, "b2": 0.99, "b3": 0.9, "eps": 1e-3},
 }
 
 
@@ -87,14 +87,14 @@ def test_huge_gradients_float32():
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [
-    ({"b1": 1.5}, "b1 must be in"),
-    ({"b3": -0.1}, "b3 must be in"),
-    ({"eps": -1e-8}, "eps must be >= 0"),
-    ({"learning_rate": -LR}, "learning_rate must be >= 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-  ],
+    "kw, match",
+    [
+        ({"b1": 1.5}, "b1 must be in"),
+        ({"b3": -0.1}, "b3 must be in"),
+        ({"eps": -1e-8}, "eps must be >= 0"),
+        ({"learning_rate": -LR}, "learning_rate must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

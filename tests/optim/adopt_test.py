@@ -11,19 +11,19 @@ import torch
 
 from jaxpeft.optim.adopt import adopt
 from tests.optim.reference import (
-  assert_params_close,
-  assert_schedule_and_injection_follow,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
-  run_torch,
+    assert_params_close,
+    assert_schedule_and_injection_follow,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
+    run_torch,
 )
 
 # torch-adopt 0.1.0 calls torch helpers that torch 2.13 deprecates.
 pytestmark = [
-  pytest.mark.filterwarnings("ignore:Use _accelerator_graph_capture_health_check:DeprecationWarning"),
-  pytest.mark.filterwarnings("ignore:`torch._utils.is_compiling` is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Use _accelerator_graph_capture_health_check:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch._utils.is_compiling` is deprecated:UserWarning"),
 ]
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -32,11 +32,11 @@ LR = 1e-2
 
 # Clipping is active in these runs: with b2 close to 1, |g_k| / sqrt(v_{k-1}) often exceeds k**0.25.
 SETTINGS = {
-  "defaults": {},
-  "l2_decay": {"weight_decay": 0.1},
-  "no_clipping": {"clip_lambda": None},
-  "other_clip": {"clip_lambda": lambda k: 0.5 * k**0.5},
-  "other_betas_eps": {"b1": 0.5, "b2": 0.9, "eps": 1e-2},
+    "defaults": {},
+    "l2_decay": {"weight_decay": 0.1},
+    "no_clipping": {"clip_lambda": None},
+    "other_clip": {"clip_lambda": lambda k: 0.5 * k**0.5},
+    "other_betas_eps": {"b1": 0.5, "b2": 0.9, "eps": 1e-2},
 }
 
 
@@ -48,7 +48,7 @@ def pytorch_opt(b1=0.9, b2=0.9999, clip_lambda=lambda k: k**0.25, decouple=False
   # pytorch_optimizer passes clip_lambda the 1-based step; shift it to the authors' 0-based count.
   shifted = None if clip_lambda is None else lambda step: clip_lambda(step - 1)
   return lambda t: pytorch_optimizer.ADOPT(
-    t, lr=LR, betas=(b1, b2), clip_lambda=shifted, weight_decouple=decouple, **kw
+      t, lr=LR, betas=(b1, b2), clip_lambda=shifted, weight_decouple=decouple, **kw
   )
 
 
@@ -108,8 +108,8 @@ def test_schedule_and_inject_hyperparams():
 
 # bfloat16 rounds parameters of size ~1 to 2**-8, so 10 steps of ~LR each may be off by ~1e-2.
 @pytest.mark.parametrize(
-  "dtype, mu_dtype, tol",
-  [(jnp.float32, None, 1e-5), (jnp.bfloat16, None, 3e-2), (jnp.bfloat16, jnp.float32, 3e-2)],
+    "dtype, mu_dtype, tol",
+    [(jnp.float32, None, 1e-5), (jnp.bfloat16, None, 3e-2), (jnp.bfloat16, jnp.float32, 3e-2)],
 )
 def test_low_precision_params(dtype, mu_dtype, tol):
   params, grads = random_problem(SHAPES, 10)
@@ -138,13 +138,13 @@ def test_huge_gradients_float32(clip_lambda):
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [
-    ({"b1": 1.5}, "b1 must be in"),
-    ({"eps": -1e-8}, "eps must be >= 0"),
-    ({"learning_rate": -LR}, "learning_rate must be >= 0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-  ],
+    "kw, match",
+    [
+        ({"b1": 1.5}, "b1 must be in"),
+        ({"eps": -1e-8}, "eps must be >= 0"),
+        ({"learning_rate": -LR}, "learning_rate must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -69,16 +69,27 @@ def test_coupled_weight_decay_differs_from_decoupled():
 @pytest.mark.parametrize("grad_scale", [0.0, 1e30], ids=["zero", "huge"])
 def test_extreme_gradients_match_authors(grad_scale):
   reference.assert_follows_torch(
-      came(LR, weight_decay=0.1, **RAW), authors(lr=LR, weight_decay=0.1), SHAPES, NUM_STEPS, seed=2,
-      grad_scale=grad_scale
+      came(LR, weight_decay=0.1, **RAW),
+      authors(lr=LR, weight_decay=0.1),
+      SHAPES,
+      NUM_STEPS,
+      seed=2,
+      grad_scale=grad_scale,
   )
 
 
 def test_schedule_and_inject_hyperparams_match_authors():
   # b3 (the default) passed explicitly: inject_hyperparams also injects a float hyperparameter.
   reference.assert_schedule_follows_torch(
-      came, authors(lr=1.0, weight_decay=0.1), reference.EXACT_SCHEDULE, SHAPES, NUM_STEPS, seed=3, weight_decay=0.1,
-      b3=0.9999, **RAW
+      came,
+      authors(lr=1.0, weight_decay=0.1),
+      reference.EXACT_SCHEDULE,
+      SHAPES,
+      NUM_STEPS,
+      seed=3,
+      weight_decay=0.1,
+      b3=0.9999,
+      **RAW,
   )
 
 
@@ -103,8 +114,12 @@ def test_factored_state_sizes_grow_with_rows_plus_cols():
   for k, t in tensors.items():
     torch_state = torch_opt.state[t]
     if "exp_avg_sq_row" in torch_state:
-      for ours, theirs in [("nu_row", "exp_avg_sq_row"), ("nu_col", "exp_avg_sq_col"), ("res_row", "exp_avg_res_row"),
-                           ("res_col", "exp_avg_res_col")]:
+      for ours, theirs in [
+          ("nu_row", "exp_avg_sq_row"),
+          ("nu_col", "exp_avg_sq_col"),
+          ("res_row", "exp_avg_res_row"),
+          ("res_col", "exp_avg_res_col"),
+      ]:
         assert getattr(state, ours)[k].shape == tuple(torch_state[theirs].shape), (k, ours)
     else:
       assert state.nu[k].shape == tuple(torch_state["exp_avg_sq"].shape), k
@@ -115,8 +130,12 @@ def _flax_conv_against_authors(tx, shapes, layouts, seed):
   params, grads = reference.random_problem(shapes, 8, seed=seed)
   to_torch = lambda tree: {k: v.transpose(layouts[k]) if k in layouts else v for k, v in tree.items()}
   back = lambda tree: {k: v.transpose(np.argsort(layouts[k])) if k in layouts else v for k, v in tree.items()}
-  expected = [back(p) for p in reference.run_torch(authors(lr=LR, weight_decay=0.1), to_torch(params),
-                                                   [to_torch(g) for g in grads])]
+  expected = [
+      back(p)
+      for p in reference.run_torch(
+          authors(lr=LR, weight_decay=0.1), to_torch(params), [to_torch(g) for g in grads]
+      )
+  ]
   ours = reference.run_optax(tx, params, grads)
   reference.assert_trajectories_close(ours, expected)
   return ours

@@ -122,8 +122,9 @@ REGISTRY = {
     # max_precondition_dim=7 keeps the 8-long axes unpreconditioned: with an (8, 8) basis sharded
     # over 'data', XLA's propagation (no out_shardings here) re-shards the rotated-space moments of
     # a replicated parameter (see jaxpeft/optim/soap.py); the axes of size 2 and 3 are preconditioned.
-    "soap": Entry(soap, dict(learning_rate=1e-2, weight_decay=1e-2, precondition_frequency=2,
-                             max_precondition_dim=7)),
+    "soap": Entry(
+        soap, dict(learning_rate=1e-2, weight_decay=1e-2, precondition_frequency=2, max_precondition_dim=7)
+    ),
     "swats": Entry(swats, dict(learning_rate=1e-2, weight_decay=1e-2)),
     "tram": Entry(tram, dict(learning_rate=1e-1), _grad_fn_and_trust_region),
     # The authors' lr=1e-5 is for long continual streams; 30 steps need a larger one.
@@ -152,11 +153,7 @@ def initial_params(dtype=jnp.float32) -> Params:
 def loss_fn(params: Params) -> jax.Array:
   p = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   residual = _X @ p["dense"]["kernel"] + p["dense"]["bias"] - _Y
-  return (
-      jnp.mean(residual**2)
-      + jnp.mean((p["conv"]["kernel"] - _CONV_TARGET) ** 2)
-      + (p["scale"] - 2.0) ** 2
-  )
+  return jnp.mean(residual**2) + jnp.mean((p["conv"]["kernel"] - _CONV_TARGET) ** 2) + (p["scale"] - 2.0) ** 2
 
 
 def make_step(tx: optax.GradientTransformation, entry: Entry, loss: LossFn = loss_fn) -> Callable:
@@ -257,9 +254,7 @@ def _masked_loss(frozen: Params) -> LossFn:
 
 def _subset_loss(frozen: Params) -> LossFn:
   """The loss as a function of the trainable subset alone."""
-  return lambda subset: loss_fn(
-      jax.tree_util.tree_map_with_path(lambda k, f: subset.get(_path(k), f), frozen)
-  )
+  return lambda subset: loss_fn(jax.tree_util.tree_map_with_path(lambda k, f: subset.get(_path(k), f), frozen))
 
 
 def _run_wrapped(wrapped: optax.GradientTransformation, entry: Entry, num_steps: int):
@@ -309,7 +304,10 @@ def test_masked_and_multi_transform(name, wrapper):
   reference, reference_state = _run_on_subset(entry, num_steps=3)
   for i, ((updates, grads), expected) in enumerate(zip(history, reference)):
     chex.assert_trees_all_close(
-        _trainable_subset(updates), expected, rtol=1e-5, atol=1e-7,
+        _trainable_subset(updates),
+        expected,
+        rtol=1e-5,
+        atol=1e-7,
         custom_message=f"trainable updates differ from the unwrapped optimizer at step {i + 1}",
     )
     frozen = jax.tree.map(lambda m, u, g: None if m else (u, g), MASK, updates, grads)
@@ -337,8 +335,7 @@ def test_inject_hyperparams_and_schedule(name):
   arguments = inspect.signature(entry.factory).bind(**entry.kwargs)
   arguments.apply_defaults()
   as_injected = {
-      k: v for k, v in state_b.hyperparams.items()
-      if k != "learning_rate" and not callable(arguments.arguments[k])
+      k: v for k, v in state_b.hyperparams.items() if k != "learning_rate" and not callable(arguments.arguments[k])
   }
   scheduled = entry.make(**as_injected, learning_rate=schedule)
   params_a, state_a, params_b = params, scheduled.init(params), params
@@ -346,8 +343,7 @@ def test_inject_hyperparams_and_schedule(name):
   for i in range(3):
     params_a, state_a, updates_a, _ = step_a(params_a, state_a)
     params_b, state_b, updates_b, _ = step_b(params_b, state_b)
-    chex.assert_trees_all_close(updates_a, updates_b, rtol=1e-5, atol=1e-7,
-                                custom_message=f"step {i + 1}")
+    chex.assert_trees_all_close(updates_a, updates_b, rtol=1e-5, atol=1e-7, custom_message=f"step {i + 1}")
 
 
 def _data_sharding(mesh: Mesh, x: jax.Array) -> NamedSharding:

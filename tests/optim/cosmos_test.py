@@ -8,11 +8,11 @@ import torch
 
 from jaxpeft.optim.cosmos import cosmos
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_low_precision_tracks_float64,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
+    EXACT_SCHEDULE,
+    assert_low_precision_tracks_float64,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
 )
 
 # Flax kernels (inputs, outputs): a tall and a wide one; a vector and a conv kernel take Adam.
@@ -21,8 +21,8 @@ NUM_STEPS = 12
 LR = 2.0**-6
 
 SETTINGS = {
-  "rank2": {"rank": 2},
-  "rank3_others": {"rank": 3, "b1": 0.9, "b2": 0.95, "eps": 1e-6, "lr_ratio": 0.5, "weight_decay": 0.1},
+    "rank2": {"rank": 2},
+    "rank3_others": {"rank": 3, "b1": 0.9, "b2": 0.95, "eps": 1e-6, "lr_ratio": 0.5, "weight_decay": 0.1},
 }
 
 
@@ -111,8 +111,10 @@ def test_low_precision(dtype, atol):
   assert_low_precision_tracks_float64(cosmos(LR, rank=2), params, grads, dtype, atol)
 
 
-@pytest.mark.parametrize("kw, match", [({"b2": 1.0}, "b2 must be in"), ({"rank": 0}, "rank must be > 0"),
-                                       ({"lr_ratio": -1.0}, "lr_ratio")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"b2": 1.0}, "b2 must be in"), ({"rank": 0}, "rank must be > 0"), ({"lr_ratio": -1.0}, "lr_ratio")],
+)
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):
     cosmos(**{"learning_rate": LR, **kw})

@@ -7,14 +7,14 @@ import pytorch_optimizer
 
 from jaxpeft.optim.exadam import exadam
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_follows_torch,
-  assert_low_precision_tracks_float64,
-  assert_schedule_and_injection_follow,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_torch,
+    EXACT_SCHEDULE,
+    assert_follows_torch,
+    assert_low_precision_tracks_float64,
+    assert_schedule_and_injection_follow,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_torch,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -22,9 +22,9 @@ NUM_STEPS = 25
 LR = 2.0**-6
 
 SETTINGS = {
-  "defaults": {},
-  "weight_decay": {"weight_decay": 0.1},
-  "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3},
+    "defaults": {},
+    "weight_decay": {"weight_decay": 0.1},
+    "other_betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-3},
 }
 
 
@@ -72,8 +72,9 @@ def test_schedule_and_inject_hyperparams():
   ref = official(params, grads, lrs, weight_decay=0.1)
   assert_schedule_and_injection_follow(exadam, EXACT_SCHEDULE, params, grads, ref, weight_decay=0.1)
   # and pytorch_optimizer with the same schedule
-  torch_ref = run_torch(lambda t: pytorch_optimizer.EXAdam(t, lr=LR, weight_decay=0.1), params, grads,
-                        schedule=EXACT_SCHEDULE)
+  torch_ref = run_torch(
+      lambda t: pytorch_optimizer.EXAdam(t, lr=LR, weight_decay=0.1), params, grads, schedule=EXACT_SCHEDULE
+  )
   assert_trajectories_close(torch_ref, ref)
 
 
@@ -90,8 +91,12 @@ def test_zero_gradients():
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [({"b1": 1.0}, "b1 must be in"), ({"eps": -1.0}, "eps must be >= 0"), ({"weight_decay": -0.1}, "weight_decay")],
+    "kw, match",
+    [
+        ({"b1": 1.0}, "b1 must be in"),
+        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

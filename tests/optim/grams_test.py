@@ -65,15 +65,28 @@ def test_documented_eps_offset_between_references():
 @pytest.mark.parametrize("grad_scale", [0.0, 1e30], ids=["zero", "huge"])
 def test_extreme_gradients_match_authors(grad_scale):
   reference.assert_follows_torch(
-      grams(LR, weight_decay=0.1), authors(lr=LR, weight_decay=0.1), SHAPES, NUM_STEPS, seed=3, grad_scale=grad_scale
+      grams(LR, weight_decay=0.1),
+      authors(lr=LR, weight_decay=0.1),
+      SHAPES,
+      NUM_STEPS,
+      seed=3,
+      grad_scale=grad_scale,
   )
 
 
 def test_schedule_and_inject_hyperparams_match_authors():
   # b2 and eps (the defaults) passed explicitly: inject_hyperparams also injects float hyperparameters.
   reference.assert_schedule_follows_torch(
-      grams, authors(lr=1.0, weight_decay=0.1), reference.EXACT_SCHEDULE, SHAPES, NUM_STEPS, seed=4, grad_scale=SMALL,
-      weight_decay=0.1, b2=0.999, eps=1e-6,
+      grams,
+      authors(lr=1.0, weight_decay=0.1),
+      reference.EXACT_SCHEDULE,
+      SHAPES,
+      NUM_STEPS,
+      seed=4,
+      grad_scale=SMALL,
+      weight_decay=0.1,
+      b2=0.999,
+      eps=1e-6,
   )
 
 

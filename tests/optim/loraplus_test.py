@@ -18,10 +18,10 @@ LR = 2.0**-7
 NUM_STEPS = 10
 
 BASES = {
-  # (torch class and kwargs, the same optimizer in optax)
-  "adam": ((torch.optim.Adam, {}), optax.adam),
-  "adamw": ((torch.optim.AdamW, {"weight_decay": 0.1}), functools.partial(optax.adamw, weight_decay=0.1)),
-  "sgd_momentum": ((torch.optim.SGD, {"momentum": 0.9}), functools.partial(optax.sgd, momentum=0.9)),
+    # (torch class and kwargs, the same optimizer in optax)
+    "adam": ((torch.optim.Adam, {}), optax.adam),
+    "adamw": ((torch.optim.AdamW, {"weight_decay": 0.1}), functools.partial(optax.adamw, weight_decay=0.1)),
+    "sgd_momentum": ((torch.optim.SGD, {"momentum": 0.9}), functools.partial(optax.sgd, momentum=0.9)),
 }
 
 
@@ -35,7 +35,7 @@ def test_matches_peft(base, bias):
   kw = {"loraplus_lr_ratio": 8.0, "loraplus_lr_embedding": 1e-3}
   # PEFT replaces the base optimizer's decay by loraplus_weight_decay (and 0 for 1-D parameters).
   peft_opt = create_loraplus_optimizer(
-    model, torch_cls, lr=LR, **kw, **torch_kw, **({"loraplus_weight_decay": 0.1} if base == "adamw" else {})
+      model, torch_cls, lr=LR, **kw, **torch_kw, **({"loraplus_weight_decay": 0.1} if base == "adamw" else {})
   )
   if base == "adamw" and bias == "all":
     # PEFT exempts the biases from decay; ours decays what the base optimizer decays: mask it.

@@ -7,13 +7,13 @@ import pytorch_optimizer
 
 from jaxpeft.optim.mars import mars
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_follows_torch,
-  assert_low_precision_tracks_float64,
-  assert_schedule_and_injection_follow,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
+    EXACT_SCHEDULE,
+    assert_follows_torch,
+    assert_low_precision_tracks_float64,
+    assert_schedule_and_injection_follow,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
 )
 
 # A vector, two matrices (one with a large gradient norm, so the correction is clipped) and a conv kernel.
@@ -23,17 +23,31 @@ LR = 2.0**-6
 LR_1D = 2.0**-7
 
 SETTINGS = {
-  "adamw": {},
-  "lion": {"mars_type": "lion"},
-  "weight_decay": {"weight_decay": 0.1, "weight_decay_1d": 0.05},
-  "optimize_1d": {"optimize_1d": True, "weight_decay": 0.1},
-  "lion_optimize_1d": {"mars_type": "lion", "optimize_1d": True},
-  "other_hyperparameters": {"b1": 0.9, "b2": 0.999, "gamma": 0.5, "eps": 1e-3, "b1_1d": 0.8, "b2_1d": 0.9},
+    "adamw": {},
+    "lion": {"mars_type": "lion"},
+    "weight_decay": {"weight_decay": 0.1, "weight_decay_1d": 0.05},
+    "optimize_1d": {"optimize_1d": True, "weight_decay": 0.1},
+    "lion_optimize_1d": {"mars_type": "lion", "optimize_1d": True},
+    "other_hyperparameters": {"b1": 0.9, "b2": 0.999, "gamma": 0.5, "eps": 1e-3, "b1_1d": 0.8, "b2_1d": 0.9},
 }
 
 
-def authors(params, grads, learning_rates, b1=0.95, b2=0.99, gamma=0.025, eps=1e-8, weight_decay=0.0,
-            b1_1d=0.9, b2_1d=0.95, weight_decay_1d=0.1, mars_type="adamw", optimize_1d=False, lr_1d=LR_1D):
+def authors(
+    params,
+    grads,
+    learning_rates,
+    b1=0.95,
+    b2=0.99,
+    gamma=0.025,
+    eps=1e-8,
+    weight_decay=0.0,
+    b1_1d=0.9,
+    b2_1d=0.95,
+    weight_decay_1d=0.1,
+    mars_type="adamw",
+    optimize_1d=False,
+    lr_1d=LR_1D,
+):
   """The authors' MARS step (approximate mode), transcribed in numpy (float64); params after each step.
 
   `learning_rates` is the lr at each step; the non-matrix lr is lr * lr_1d / lr_0 as in their code.
@@ -99,9 +113,7 @@ def test_matches_pytorch_optimizer(setting):
   # optimize_1d, the two coincide.
   kw = {**SETTINGS[setting], "eps": 0.0}
   shapes = {k: s for k, s in SHAPES.items() if k != "conv" or kw.get("optimize_1d")}
-  make = lambda t: pytorch_optimizer.MARS(
-    t, lr=LR, lr_1d=LR_1D, **{k: x for k, x in kw.items()}
-  )
+  make = lambda t: pytorch_optimizer.MARS(t, lr=LR, lr_1d=LR_1D, **{k: x for k, x in kw.items()})
   assert_follows_torch(mars(LR, lr_1d=LR_1D, **kw), make, shapes, NUM_STEPS)
 
 
@@ -123,14 +135,14 @@ def test_low_precision(dtype, atol):
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [
-    ({"b1": 1.0}, "b1 must be in"),
-    ({"b2_1d": -0.1}, "b2_1d must be in"),
-    ({"gamma": -1.0}, "gamma must be >= 0"),
-    ({"lr_1d": -1.0}, "lr_1d must be >= 0"),
-    ({"mars_type": "shampoo"}, "mars_type must be 'adamw' or 'lion'"),
-  ],
+    "kw, match",
+    [
+        ({"b1": 1.0}, "b1 must be in"),
+        ({"b2_1d": -0.1}, "b2_1d must be in"),
+        ({"gamma": -1.0}, "gamma must be >= 0"),
+        ({"lr_1d": -1.0}, "lr_1d must be >= 0"),
+        ({"mars_type": "shampoo"}, "mars_type must be 'adamw' or 'lion'"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -25,14 +25,12 @@ Params = dict[str, np.ndarray]
 Problem = Callable[[int, Params], tuple[float, Params]]
 
 
-def least_squares(shapes: dict[str, tuple[int, ...]], offset: float = 0.0, grad_scale: float = 1.0,
-                  seed: int = 1) -> Problem:
+def least_squares(
+    shapes: dict[str, tuple[int, ...]], offset: float = 0.0, grad_scale: float = 1.0, seed: int = 1
+) -> Problem:
   """Step-dependent loss and its exact gradient at any parameters (float64 numpy)."""
   rng = np.random.default_rng(seed)
-  data = [
-      {k: (rng.uniform(0.5, 2.0, size=s), rng.normal(size=s)) for k, s in shapes.items()}
-      for _ in range(64)
-  ]
+  data = [{k: (rng.uniform(0.5, 2.0, size=s), rng.normal(size=s)) for k, s in shapes.items()} for _ in range(64)]
   n = sum(int(np.prod(s)) for s in shapes.values())
 
   def problem(i: int, x: Params) -> tuple[float, Params]:
@@ -49,8 +47,13 @@ def initial_params(shapes: dict[str, tuple[int, ...]] = SHAPES, seed: int = 0) -
   return {k: rng.normal(size=s) for k, s in shapes.items()}
 
 
-def run_ours(tx: optax.GradientTransformationExtraArgs, params: Params, problem: Problem,
-             num_steps: int = NUM_STEPS, dtype=jnp.float64) -> list[Params]:
+def run_ours(
+    tx: optax.GradientTransformationExtraArgs,
+    params: Params,
+    problem: Problem,
+    num_steps: int = NUM_STEPS,
+    dtype=jnp.float64,
+) -> list[Params]:
   """Ours, jitted, in `dtype` (loss and gradients evaluated in float64 at the current params)."""
   trajectory = []
   with jax.enable_x64(True):
@@ -70,9 +73,13 @@ def run_ours(tx: optax.GradientTransformationExtraArgs, params: Params, problem:
   return trajectory
 
 
-def run_reference(make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], params: Params,
-                  problem: Problem, num_steps: int = NUM_STEPS,
-                  schedule: Callable[[int], float] | None = None) -> list[Params]:
+def run_reference(
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    params: Params,
+    problem: Problem,
+    num_steps: int = NUM_STEPS,
+    schedule: Callable[[int], float] | None = None,
+) -> list[Params]:
   """The authors' torch optimizer in float64, given `loss=` like ours is given `value=`.
 
   The reference allocates its <g, x> average with torch's default dtype (`torch.zeros(1)`,
@@ -112,12 +119,19 @@ ADAM_SCHEDULE = lambda count: 0.05 - 0.045 * count / NUM_STEPS  # noqa: E731
     "ours_kwargs, ref_kwargs, offset",
     [
         ({}, {}, 0.0),
-        ({"learning_rate": 0.5, "beta": 0.8, "weight_decay": 0.1}, {"lr": 0.5, "beta": 0.8, "weight_decay": 0.1}, 0.0),
+        (
+            {"learning_rate": 0.5, "beta": 0.8, "weight_decay": 0.1},
+            {"lr": 0.5, "beta": 0.8, "weight_decay": 0.1},
+            0.0,
+        ),
         ({"bias_correction": True, "weight_decay": 0.05}, {"bias_correction": True, "weight_decay": 0.05}, 0.0),
         ({"lower_bound": 0.3}, {"lb": 0.3}, 0.5),
         ({"use_fstar": True, "weight_decay": 0.1}, {"use_fstar": True, "weight_decay": 0.1}, 1.0),
-        ({"use_fstar": True, "bias_correction": True, "lower_bound": 0.2},
-         {"use_fstar": True, "bias_correction": True, "lb": 0.2}, 1.0),
+        (
+            {"use_fstar": True, "bias_correction": True, "lower_bound": 0.2},
+            {"use_fstar": True, "bias_correction": True, "lb": 0.2},
+            1.0,
+        ),
     ],
 )
 def test_momo_matches_authors(ours_kwargs, ref_kwargs, offset):
@@ -133,11 +147,17 @@ def test_momo_matches_authors(ours_kwargs, ref_kwargs, offset):
     "ours_kwargs, ref_kwargs, offset",
     [
         ({}, {}, 0.0),
-        ({"learning_rate": 0.05, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
-         {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}, 0.0),
+        (
+            {"learning_rate": 0.05, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
+            {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1},
+            0.0,
+        ),
         ({"weight_decay": 0.5, "divide": False}, {"weight_decay": 0.5, "divide": False}, 0.0),
-        ({"lower_bound": 0.3, "use_fstar": True, "weight_decay": 0.1},
-         {"lb": 0.3, "use_fstar": True, "weight_decay": 0.1}, 1.0),
+        (
+            {"lower_bound": 0.3, "use_fstar": True, "weight_decay": 0.1},
+            {"lb": 0.3, "use_fstar": True, "weight_decay": 0.1},
+            1.0,
+        ),
     ],
 )
 def test_momo_adam_matches_authors(ours_kwargs, ref_kwargs, offset):
@@ -149,10 +169,13 @@ def test_momo_adam_matches_authors(ours_kwargs, ref_kwargs, offset):
   assert not np.allclose(ours[-1]["matrix"], params["matrix"])
 
 
-@pytest.mark.parametrize("make_ours, make_ref, schedule", [
-    (momo, momo_ref.Momo, SCHEDULE),
-    (momo_adam, momo_ref.MomoAdam, ADAM_SCHEDULE),
-])
+@pytest.mark.parametrize(
+    "make_ours, make_ref, schedule",
+    [
+        (momo, momo_ref.Momo, SCHEDULE),
+        (momo_adam, momo_ref.MomoAdam, ADAM_SCHEDULE),
+    ],
+)
 def test_schedule_and_inject_hyperparams_match_authors(make_ours, make_ref, schedule):
   """A schedule is evaluated at the number of steps taken (torch: lr set before each step)."""
   problem = least_squares(SHAPES)
@@ -163,12 +186,15 @@ def test_schedule_and_inject_hyperparams_match_authors(make_ours, make_ref, sche
   assert_trajectories_close(run_ours(injected, params, problem), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("make_ours, make_optax, kwargs", [
-    (momo, optax.contrib.momo, {}),
-    (momo, optax.contrib.momo, {"adapt_lower_bound": True}),
-    (momo_adam, optax.contrib.momo_adam, {}),
-    (momo_adam, optax.contrib.momo_adam, {"adapt_lower_bound": True}),
-])
+@pytest.mark.parametrize(
+    "make_ours, make_optax, kwargs",
+    [
+        (momo, optax.contrib.momo, {}),
+        (momo, optax.contrib.momo, {"adapt_lower_bound": True}),
+        (momo_adam, optax.contrib.momo_adam, {}),
+        (momo_adam, optax.contrib.momo_adam, {"adapt_lower_bound": True}),
+    ],
+)
 def test_matches_optax_contrib_without_weight_decay(make_ours, make_optax, kwargs):
   problem = least_squares(SHAPES, offset=1.0)
   params = initial_params()
@@ -176,9 +202,9 @@ def test_matches_optax_contrib_without_weight_decay(make_ours, make_optax, kwarg
   assert_trajectories_close(ours, run_ours(make_optax(**kwargs), params, problem), atol=1e-12)
 
 
-@pytest.mark.parametrize("make_ours, make_optax", [
-    (momo, optax.contrib.momo), (momo_adam, optax.contrib.momo_adam)
-])
+@pytest.mark.parametrize(
+    "make_ours, make_optax", [(momo, optax.contrib.momo), (momo_adam, optax.contrib.momo_adam)]
+)
 def test_optax_contrib_skips_weight_decay_factor_on_the_step(make_ours, make_optax):
   """Documented offset: optax's x_1 = x_0 / c - tau u, ours (and the authors') (x_0 - tau u) / c.
 
@@ -190,8 +216,12 @@ def test_optax_contrib_skips_weight_decay_factor_on_the_step(make_ours, make_opt
   params = initial_params()
   ours = run_ours(make_ours(lr, weight_decay=wd), params, problem, num_steps=1)[0]
   theirs = run_ours(make_optax(lr, weight_decay=wd), params, problem, num_steps=1)[0]
-  ref = run_reference(lambda p: (momo_ref.Momo if make_ours is momo else momo_ref.MomoAdam)(
-      p, lr=lr, weight_decay=wd), params, problem, num_steps=1)[0]
+  ref = run_reference(
+      lambda p: (momo_ref.Momo if make_ours is momo else momo_ref.MomoAdam)(p, lr=lr, weight_decay=wd),
+      params,
+      problem,
+      num_steps=1,
+  )[0]
   assert_trajectories_close([ours], [ref], atol=1e-12)
   for k in params:
     np.testing.assert_allclose(theirs[k] - params[k] / c, c * (ours[k] - params[k] / c), rtol=1e-9, atol=1e-14)
@@ -206,8 +236,11 @@ def test_zero_and_huge_gradients_match_authors(make_ours, make_ref):
   ref = run_reference(lambda p: make_ref(p, weight_decay=0.1), params, zero, num_steps=3)
   assert_trajectories_close(ours, ref, atol=1e-12)
   huge = least_squares(SHAPES, grad_scale=1e30)
-  assert_trajectories_close(run_ours(make_ours(), params, huge, num_steps=5),
-                            run_reference(make_ref, params, huge, num_steps=5), atol=1e-12)
+  assert_trajectories_close(
+      run_ours(make_ours(), params, huge, num_steps=5),
+      run_reference(make_ref, params, huge, num_steps=5),
+      atol=1e-12,
+  )
   huge_f32 = lambda i, x: (1.0, {k: 1e30 * np.ones_like(v) for k, v in x.items()})  # noqa: E731
   out = run_ours(make_ours(), params, huge_f32, num_steps=3, dtype=jnp.float32)
   assert all(np.isfinite(v).all() for step in out for v in step.values())
@@ -224,10 +257,13 @@ def test_low_precision_close_to_float64(make_ours, dtype, rtol):
     np.testing.assert_allclose(np.asarray(low[-1][k], np.float64), exact[-1][k], rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("make_ours", [
-    lambda axis_name: momo(weight_decay=0.1, use_fstar=True, axis_name=axis_name),
-    lambda axis_name: momo_adam(weight_decay=0.1, use_fstar=True, axis_name=axis_name),
-])
+@pytest.mark.parametrize(
+    "make_ours",
+    [
+        lambda axis_name: momo(weight_decay=0.1, use_fstar=True, axis_name=axis_name),
+        lambda axis_name: momo_adam(weight_decay=0.1, use_fstar=True, axis_name=axis_name),
+    ],
+)
 def test_pmap_axis_name_equals_single_device(make_ours):
   """Parameters sharded over 8 devices; per-device losses whose mean is the global loss."""
   n = jax.device_count()
@@ -252,8 +288,9 @@ def test_pmap_axis_name_equals_single_device(make_ours):
   state = jax.pmap(tx.init)(p)
   for i in range(5):
     loss, grads = problem(i, {k: v.astype(np.float64) for k, v in unshard(p).items()})
-    p, state = step(p, state, shard({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}),
-                    jnp.float32(loss) + offsets)
+    p, state = step(
+        p, state, shard({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}), jnp.float32(loss) + offsets
+    )
     for k, v in unshard(p).items():
       np.testing.assert_allclose(v, single[i][k], rtol=1e-5, atol=1e-6, err_msg=f"step {i + 1}")
 

@@ -12,12 +12,12 @@ from pytorch_optimizer.optimizer.muon import base as muon_base
 
 from jaxpeft.optim.muon import muon
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
-  run_torch,
+    EXACT_SCHEDULE,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
+    run_torch,
 )
 
 # A wide and a tall matrix, a conv kernel (h, w, in, out) and a vector (AdamW).
@@ -26,15 +26,24 @@ NUM_STEPS = 12
 LR = 2.0**-6
 
 SETTINGS = {
-  "defaults": {},
-  "weight_decay_consistent_rms": {"weight_decay": 0.1, "adam_weight_decay": 0.2, "consistent_rms": 0.2},
-  "no_nesterov_other_adam": {
-    "nesterov": False, "beta": 0.9, "adam_learning_rate": 1e-2, "adam_b1": 0.8, "adam_b2": 0.99, "adam_eps": 1e-6,
-  },
+    "defaults": {},
+    "weight_decay_consistent_rms": {"weight_decay": 0.1, "adam_weight_decay": 0.2, "consistent_rms": 0.2},
+    "no_nesterov_other_adam": {
+        "nesterov": False,
+        "beta": 0.9,
+        "adam_learning_rate": 1e-2,
+        "adam_b1": 0.8,
+        "adam_b2": 0.99,
+        "adam_eps": 1e-6,
+    },
 }
 TORCH_NAMES = {
-  "beta": "momentum", "nesterov": "nesterov", "weight_decay": "weight_decay", "adam_learning_rate": "adamw_lr",
-  "adam_eps": "adamw_eps", "adam_weight_decay": "adamw_wd",
+    "beta": "momentum",
+    "nesterov": "nesterov",
+    "weight_decay": "weight_decay",
+    "adam_learning_rate": "adamw_lr",
+    "adam_eps": "adamw_eps",
+    "adam_weight_decay": "adamw_wd",
 }
 
 
@@ -73,8 +82,11 @@ def make_reference(kw, lr=LR):
 
 def run_reference(kw, params, grads, schedule=None, dtype=torch.float64):
   ref = run_torch(
-    make_reference(kw), {k: to_torch_layout(v) for k, v in params.items()},
-    [{k: to_torch_layout(v) for k, v in g.items()} for g in grads], dtype=dtype, schedule=schedule,
+      make_reference(kw),
+      {k: to_torch_layout(v) for k, v in params.items()},
+      [{k: to_torch_layout(v) for k, v in g.items()} for g in grads],
+      dtype=dtype,
+      schedule=schedule,
   )
   return [{k: from_torch_layout(v, params[k].shape) for k, v in step.items()} for step in ref]
 
@@ -120,13 +132,19 @@ def test_zero_gradient_gives_no_step():
 def test_orthogonalizes():
   """With beta=0 and no Nesterov, one step of a 2-D gradient is -lr * (approximately) U V^T."""
   params, grads = random_problem({"w": (8, 3)}, 1)  # fan_out < fan_in: no width scaling
-  step = (params["w"] - run_optax(muon(1.0, beta=0.0, nesterov=False), params, grads)[0]["w"])
+  step = params["w"] - run_optax(muon(1.0, beta=0.0, nesterov=False), params, grads)[0]["w"]
   singular_values = np.linalg.svd(step, compute_uv=False)
   assert np.all((singular_values > 0.6) & (singular_values < 1.25)), singular_values
 
 
-@pytest.mark.parametrize("kw, match", [({"beta": 1.0}, "beta must be in"), ({"eps": -1.0}, "eps must be >= 0"),
-                                       ({"adam_weight_decay": -0.1}, "adam_weight_decay")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"beta": 1.0}, "beta must be in"),
+        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"adam_weight_decay": -0.1}, "adam_weight_decay"),
+    ],
+)
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):
     muon(**{"learning_rate": LR, **kw})

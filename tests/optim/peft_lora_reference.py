@@ -24,6 +24,7 @@ Flat = dict[str, np.ndarray]  # "fc1/kernel/a" -> array (Flax layout)
 
 
 class TinyModel(torch.nn.Module):
+
   def __init__(self):
     super().__init__()
     self.emb = torch.nn.Embedding(7, 4)

@@ -21,7 +21,7 @@ MakeTorchOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 def random_problem(
-  shapes: dict[str, tuple[int, ...]], num_steps: int, seed: int = 0, grad_scale: float = 1.0
+    shapes: dict[str, tuple[int, ...]], num_steps: int, seed: int = 0, grad_scale: float = 1.0
 ) -> tuple[Params, list[Params]]:
   """Initial float64 parameters and a sequence of float64 gradients of the given shapes."""
   rng = np.random.default_rng(seed)
@@ -31,11 +31,11 @@ def random_problem(
 
 
 def _optax_steps(
-  tx: optax.GradientTransformation,
-  params: Params,
-  grads: Sequence[Params],
-  dtype: jnp.dtype,
-  extra_args: Callable[[int, Params], dict] | None = None,
+    tx: optax.GradientTransformation,
+    params: Params,
+    grads: Sequence[Params],
+    dtype: jnp.dtype,
+    extra_args: Callable[[int, Params], dict] | None = None,
 ) -> Iterator[tuple[dict[str, jax.Array], optax.OptState, optax.Updates]]:
   """Yields (params, state, updates) after each jitted step, everything cast to `dtype`."""
   p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
@@ -53,21 +53,21 @@ def _optax_steps(
 
 
 def run_optax(
-  tx: optax.GradientTransformation,
-  params: Params,
-  grads: Sequence[Params],
-  extra_args: Callable[[int, Params], dict] | None = None,
+    tx: optax.GradientTransformation,
+    params: Params,
+    grads: Sequence[Params],
+    extra_args: Callable[[int, Params], dict] | None = None,
 ) -> list[Params]:
   """Runs `tx` (jitted, float64) over the gradient sequence; returns params after each step."""
   with jax.enable_x64(True):
     return [
-      {k: np.asarray(v) for k, v in p.items()}
-      for p, _, _ in _optax_steps(tx, params, grads, jnp.float64, extra_args)
+        {k: np.asarray(v) for k, v in p.items()}
+        for p, _, _ in _optax_steps(tx, params, grads, jnp.float64, extra_args)
     ]
 
 
 def run_optax_in_dtype(
-  tx: optax.GradientTransformation, params: Params, grads: Sequence[Params], dtype: jnp.dtype
+    tx: optax.GradientTransformation, params: Params, grads: Sequence[Params], dtype: jnp.dtype
 ) -> tuple[dict[str, jax.Array], optax.OptState, optax.Updates]:
   """Runs `tx` (jitted, x64 not enabled) on params and gradients cast to `dtype`.
 
@@ -79,7 +79,7 @@ def run_optax_in_dtype(
 
 
 def assert_low_precision_tracks_float64(
-  tx: optax.GradientTransformation, params: Params, grads: Sequence[Params], dtype: jnp.dtype, atol: float
+    tx: optax.GradientTransformation, params: Params, grads: Sequence[Params], dtype: jnp.dtype, atol: float
 ) -> None:
   """Runs `tx` in `dtype` and checks it against its float64 run.
 
@@ -108,11 +108,11 @@ class ScheduledTorch:
 
 
 def run_torch(
-  make_optimizer: MakeTorchOptimizer,
-  params: Params,
-  grads: Sequence[Params],
-  dtype: torch.dtype = torch.float64,
-  schedule: optax.Schedule | None = None,
+    make_optimizer: MakeTorchOptimizer,
+    params: Params,
+    grads: Sequence[Params],
+    dtype: torch.dtype = torch.float64,
+    schedule: optax.Schedule | None = None,
 ) -> list[Params]:
   """Runs a torch optimizer over the gradient sequence in `dtype`; params after each step.
 
@@ -134,12 +134,12 @@ def run_torch(
 
 
 def assert_schedule_and_injection_follow(
-  factory: Callable[..., optax.GradientTransformation],
-  schedule: optax.Schedule,
-  params: Params,
-  grads: Sequence[Params],
-  ref: Sequence[Params],
-  **kwargs,
+    factory: Callable[..., optax.GradientTransformation],
+    schedule: optax.Schedule,
+    params: Params,
+    grads: Sequence[Params],
+    ref: Sequence[Params],
+    **kwargs,
 ) -> None:
   """`factory(schedule, **kwargs)` and its `optax.inject_hyperparams` version both follow `ref`."""
   for tx in _direct_and_injected(factory, schedule, **kwargs):
@@ -147,7 +147,7 @@ def assert_schedule_and_injection_follow(
 
 
 def _direct_and_injected(
-  factory: Callable[..., optax.GradientTransformation], schedule: optax.Schedule, **kwargs
+    factory: Callable[..., optax.GradientTransformation], schedule: optax.Schedule, **kwargs
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
   """`factory(schedule, **kwargs)` and the same under `optax.inject_hyperparams`."""
   return factory(schedule, **kwargs), optax.inject_hyperparams(factory)(learning_rate=schedule, **kwargs)
@@ -159,18 +159,18 @@ def floating_leaves(tree) -> list[jax.Array]:
 
 
 def assert_params_close(
-  ours: Mapping[str, jax.typing.ArrayLike], ref: Params, rtol: float = 1e-6, atol: float = 0.0, where: str = ""
+    ours: Mapping[str, jax.typing.ArrayLike], ref: Params, rtol: float = 1e-6, atol: float = 0.0, where: str = ""
 ) -> None:
   """Compares parameters leaf by leaf (ours converted to float64); `where` ends the message."""
   assert ours.keys() == ref.keys()
   for k in ours:
     np.testing.assert_allclose(
-      np.asarray(ours[k], np.float64), ref[k], rtol=rtol, atol=atol, err_msg=f"param {k!r}{where}"
+        np.asarray(ours[k], np.float64), ref[k], rtol=rtol, atol=atol, err_msg=f"param {k!r}{where}"
     )
 
 
 def assert_trajectories_close(
-  ours: Sequence[Params], ref: Sequence[Params], rtol: float = 1e-6, atol: float = 0.0
+    ours: Sequence[Params], ref: Sequence[Params], rtol: float = 1e-6, atol: float = 0.0
 ) -> None:
   """Fails at the first step whose parameters differ by more than `rtol` (relative)."""
   assert len(ours) == len(ref), f"{len(ours)} steps vs {len(ref)} reference steps"
@@ -179,13 +179,13 @@ def assert_trajectories_close(
 
 
 def assert_follows_torch(
-  tx: optax.GradientTransformation,
-  make_optimizer: MakeTorchOptimizer,
-  shapes: dict[str, tuple[int, ...]],
-  num_steps: int,
-  seed: int = 0,
-  grad_scale: float = 1.0,
-  schedule: optax.Schedule | None = None,
+    tx: optax.GradientTransformation,
+    make_optimizer: MakeTorchOptimizer,
+    shapes: dict[str, tuple[int, ...]],
+    num_steps: int,
+    seed: int = 0,
+    grad_scale: float = 1.0,
+    schedule: optax.Schedule | None = None,
 ) -> None:
   """On `random_problem(shapes, num_steps, seed, grad_scale)`, `tx` stays finite and follows the torch optimizer.
 
@@ -198,14 +198,14 @@ def assert_follows_torch(
 
 
 def assert_schedule_follows_torch(
-  factory: Callable[..., optax.GradientTransformation],
-  make_optimizer: MakeTorchOptimizer,
-  schedule: optax.Schedule,
-  shapes: dict[str, tuple[int, ...]],
-  num_steps: int,
-  seed: int = 0,
-  grad_scale: float = 1.0,
-  **kwargs,
+    factory: Callable[..., optax.GradientTransformation],
+    make_optimizer: MakeTorchOptimizer,
+    schedule: optax.Schedule,
+    shapes: dict[str, tuple[int, ...]],
+    num_steps: int,
+    seed: int = 0,
+    grad_scale: float = 1.0,
+    **kwargs,
 ) -> None:
   """`factory(schedule, **kwargs)` and its injected version follow the torch optimizer run with lr = `schedule`."""
   for tx in _direct_and_injected(factory, schedule, **kwargs):
@@ -213,13 +213,13 @@ def assert_schedule_follows_torch(
 
 
 def assert_low_precision_follows_torch(
-  tx: optax.GradientTransformation,
-  make_optimizer: MakeTorchOptimizer,
-  shapes: dict[str, tuple[int, ...]],
-  dtype: jnp.dtype,
-  tol: float,
-  state_copies: int,
-  num_steps: int = 10,
+    tx: optax.GradientTransformation,
+    make_optimizer: MakeTorchOptimizer,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: jnp.dtype,
+    tol: float,
+    state_copies: int,
+    num_steps: int = 10,
 ) -> None:
   """Runs `tx` in `dtype` against the float64 torch optimizer.
 

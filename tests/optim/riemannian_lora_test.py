@@ -17,8 +17,8 @@ LR = 2.0**-7
 NUM_STEPS = 10
 
 BASES = {
-  "scaled_gd": ((torch.optim.SGD, {}), optax.sgd),
-  "scaled_adamw": ((torch.optim.AdamW, {"weight_decay": 0.1}), functools.partial(optax.adamw, weight_decay=0.1)),
+    "scaled_gd": ((torch.optim.SGD, {}), optax.sgd),
+    "scaled_adamw": ((torch.optim.AdamW, {"weight_decay": 0.1}), functools.partial(optax.adamw, weight_decay=0.1)),
 }
 
 

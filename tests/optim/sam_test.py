@@ -33,9 +33,7 @@ def make_problem(num_steps: int = NUM_STEPS, batch: int = 6, seed: int = 0):
   """Initial params and one (images, labels) batch per step, float64 numpy."""
   rng = np.random.default_rng(seed)
   params = {k: rng.normal(size=s) for k, s in SHAPES.items()}
-  batches = [
-      (rng.normal(size=(batch, 2, 4, 4)), rng.integers(0, 3, size=batch)) for _ in range(num_steps)
-  ]
+  batches = [(rng.normal(size=(batch, 2, 4, 4)), rng.integers(0, 3, size=batch)) for _ in range(num_steps)]
   return params, batches
 
 
@@ -136,7 +134,12 @@ def test_matches_pytorch_optimizer_sam_with_sgd(adaptive, rho, momentum, weight_
   ours = run_ours(sam(rho=rho, adaptive=adaptive, base_optimizer=base), params, batches)
   ref = run_torch_sam(
       lambda ps: TorchSAM(
-          ps, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
+          ps,
+          torch.optim.SGD,
+          rho=rho,
+          adaptive=adaptive,
+          lr=lr,
+          momentum=momentum,
           weight_decay=weight_decay,
       ),
       params,
@@ -153,7 +156,13 @@ def test_matches_pytorch_optimizer_sam_with_adamw(adaptive):
   ours = run_ours(sam(rho=0.1, adaptive=adaptive, base_optimizer=base), params, batches)
   ref = run_torch_sam(
       lambda ps: TorchSAM(
-          ps, torch.optim.AdamW, rho=0.1, adaptive=adaptive, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+          ps,
+          torch.optim.AdamW,
+          rho=0.1,
+          adaptive=adaptive,
+          lr=1e-2,
+          betas=(0.9, 0.999),
+          eps=1e-8,
           weight_decay=1e-2,
       ),
       params,
@@ -173,9 +182,7 @@ def test_asam_eta_matches_paper_formula():
   assert np.max(np.abs(ref[-1]["w"] - no_eta[-1]["w"])) > 1e-4
 
 
-@pytest.mark.parametrize(
-    "learning_rate", [0.1, optax.linear_schedule(0.2, 0.01, transition_steps=NUM_STEPS)]
-)
+@pytest.mark.parametrize("learning_rate", [0.1, optax.linear_schedule(0.2, 0.01, transition_steps=NUM_STEPS)])
 def test_matches_optax_contrib_sam_opaque_mode(learning_rate):
   params, batches = make_problem()
   rho = 0.2

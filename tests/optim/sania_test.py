@@ -8,20 +8,20 @@ import torch
 
 from jaxpeft.optim.sania import sania
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
+    EXACT_SCHEDULE,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
 NUM_STEPS = 20
 
 SETTINGS = {
-  "defaults": {},
-  "sqrt_other_b2_eps": {"is_sqrt": True, "b2": 0.9, "eps": 0.5},
-  "adagrad": {"preconditioner": "adagrad"},
-  "adagrad_sqrt_lr": {"preconditioner": "adagrad", "is_sqrt": True, "learning_rate": 0.5},
+    "defaults": {},
+    "sqrt_other_b2_eps": {"is_sqrt": True, "b2": 0.9, "eps": 0.5},
+    "adagrad": {"preconditioner": "adagrad"},
+    "adagrad_sqrt_lr": {"preconditioner": "adagrad", "is_sqrt": True, "learning_rate": 0.5},
 }
 
 
@@ -30,8 +30,9 @@ def losses(num_steps: int, seed: int = 1) -> list[float]:
   return list(np.random.default_rng(seed).uniform(0.0, 200.0, size=num_steps) / np.arange(1, num_steps + 1))
 
 
-def authors_step_torch(params, grads, values, learning_rates, preconditioner="adam", b2=0.999, eps=0.1,
-                       is_sqrt=False, step_sizes=None):
+def authors_step_torch(
+    params, grads, values, learning_rates, preconditioner="adam", b2=0.999, eps=0.1, is_sqrt=False, step_sizes=None
+):
   """The authors' torch step transcribed (float64); params after each step (step sizes into `step_sizes`)."""
   p = {k: torch.tensor(v) for k, v in params.items()}
   acc = {k: torch.zeros_like(v) for k, v in p.items()}

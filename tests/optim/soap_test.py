@@ -12,12 +12,12 @@ from pytorch_optimizer.optimizer import soap as soap_module
 
 from jaxpeft.optim.soap import soap
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_low_precision_tracks_float64,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_torch,
+    EXACT_SCHEDULE,
+    assert_low_precision_tracks_float64,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_torch,
 )
 
 # Every preconditioned axis is at most the product of the others (plus one), so the step-1
@@ -27,10 +27,16 @@ NUM_STEPS = 12  # one QR refresh (s = 10) with the default frequency
 LR = 2.0**-6
 
 SETTINGS = {
-  "defaults": {},
-  "others": {"b1": 0.9, "b2": 0.99, "shampoo_beta": 0.9, "eps": 1e-6, "weight_decay": 0.1,
-             "precondition_frequency": 3},
-  "no_bias_correction_small_max_dim": {"correct_bias": False, "max_precondition_dim": 3},
+    "defaults": {},
+    "others": {
+        "b1": 0.9,
+        "b2": 0.99,
+        "shampoo_beta": 0.9,
+        "eps": 1e-6,
+        "weight_decay": 0.1,
+        "precondition_frequency": 3,
+    },
+    "no_bias_correction_small_max_dim": {"correct_bias": False, "max_precondition_dim": 3},
 }
 
 
@@ -76,8 +82,14 @@ def test_low_precision(dtype, atol):
   assert_low_precision_tracks_float64(soap(LR, precondition_frequency=3), params, grads, dtype, atol)
 
 
-@pytest.mark.parametrize("kw, match", [({"b2": 1.0}, "b2 must be in"), ({"shampoo_beta": -0.1}, "shampoo_beta"),
-                                       ({"precondition_frequency": 0}, "precondition_frequency must be > 0")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"b2": 1.0}, "b2 must be in"),
+        ({"shampoo_beta": -0.1}, "shampoo_beta"),
+        ({"precondition_frequency": 0}, "precondition_frequency must be > 0"),
+    ],
+)
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):
     soap(**{"learning_rate": LR, **kw})

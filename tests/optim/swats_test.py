@@ -8,15 +8,15 @@ import pytorch_optimizer
 
 from jaxpeft.optim.swats import swats
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  floating_leaves,
+    EXACT_SCHEDULE,
+    floating_leaves,
     assert_params_close,
-  assert_schedule_and_injection_follow,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
-  run_torch,
+    assert_schedule_and_injection_follow,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
+    run_torch,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -54,7 +54,7 @@ def algorithm_1(params, grads, learning_rates, b1=0.9, b2=0.999, eps=1e-9, weigh
     out, start = {}, 0
     for name in names:
       size = params[name].size
-      out[name] = w[start:start + size].reshape(params[name].shape)
+      out[name] = w[start : start + size].reshape(params[name].shape)
       start += size
     trajectory.append(out)
   return trajectory, switched_at
@@ -131,8 +131,12 @@ def test_low_precision(dtype, atol):
 
 
 @pytest.mark.parametrize(
-  "kw, match",
-  [({"b2": 1.0}, "b2 must be in"), ({"eps": -1.0}, "eps must be >= 0"), ({"weight_decay": -0.1}, "weight_decay")],
+    "kw, match",
+    [
+        ({"b2": 1.0}, "b2 must be in"),
+        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -299,9 +299,15 @@ def torch_official_tram(params, batches, masks, *, lr, adaptive):
     logits = train_x @ w + b  # model.train(): the loss's forward
     F.cross_entropy(logits, y).backward()
     target = x @ w0 + b0  # the eval-mode reference copy
-    divergence = F.kl_div(F.log_softmax(logits.detach(), -1, dtype=torch.float32),  # float32, as kl.py
-                          F.log_softmax(target, -1, dtype=torch.float32), log_target=True,
-                          reduction="mean").double() / x.shape[0]
+    divergence = (
+        F.kl_div(
+            F.log_softmax(logits.detach(), -1, dtype=torch.float32),  # float32, as kl.py
+            F.log_softmax(target, -1, dtype=torch.float32),
+            log_target=True,
+            reduction="mean",
+        ).double()
+        / x.shape[0]
+    )
     with torch.no_grad():  # first_step
       norm = torch.stack([((p.abs() if adaptive else 1.0) * p.grad).norm() for p in (w, b)]).norm()
       scale = divergence / (norm + 1e-12)

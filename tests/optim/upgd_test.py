@@ -7,12 +7,12 @@ import pytest
 
 from jaxpeft.optim.upgd import upgd
 from tests.optim.reference import (
-  EXACT_SCHEDULE,
-  assert_schedule_and_injection_follow,
-  assert_trajectories_close,
-  random_problem,
-  run_optax,
-  run_optax_in_dtype,
+    EXACT_SCHEDULE,
+    assert_schedule_and_injection_follow,
+    assert_trajectories_close,
+    random_problem,
+    run_optax,
+    run_optax_in_dtype,
 )
 
 SHAPES = {"bias": (5,), "kernel": (4, 3), "conv": (3, 3, 2, 4)}
@@ -20,9 +20,9 @@ NUM_STEPS = 25
 LR = 2.0**-6
 
 SETTINGS = {
-  "defaults": {},
-  "no_decay_fast_utility": {"weight_decay": 0.0, "beta_utility": 0.5},
-  "no_ema": {"beta_utility": 0.0, "weight_decay": 0.1},
+    "defaults": {},
+    "no_decay_fast_utility": {"weight_decay": 0.0, "beta_utility": 0.5},
+    "no_ema": {"beta_utility": 0.0, "weight_decay": 0.1},
 }
 
 
@@ -97,7 +97,7 @@ def test_needs_params():
 
 
 @pytest.mark.parametrize(
-  "kw, match", [({"beta_utility": 1.0}, "beta_utility must be in"), ({"sigma": -1.0}, "sigma must be >= 0")]
+    "kw, match", [({"beta_utility": 1.0}, "beta_utility must be in"), ({"sigma": -1.0}, "sigma must be >= 0")]
 )
 def test_bad_arguments(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -40,15 +40,18 @@ class _Wrap(torch.nn.Module):
 
 
 def _peft_on_linear4bit(weight, bias):
-  layer = bnb.nn.Linear4bit(D_IN, D_OUT, bias=True, compute_dtype=torch.float32, compress_statistics=True,
-                            quant_type="nf4")
-  layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
-                                   compress_statistics=True)
+  layer = bnb.nn.Linear4bit(
+      D_IN, D_OUT, bias=True, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4"
+  )
+  layer.weight = bnb.nn.Params4bit(
+      weight, requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True
+  )
   layer.bias = torch.nn.Parameter(bias)
   layer = layer.to("cpu")  # quantizes
   torch.manual_seed(0)
-  model = get_peft_model(_Wrap(layer), LoraConfig(target_modules=["layer"], r=RANK, lora_alpha=8,
-                                                  init_lora_weights=False))
+  model = get_peft_model(
+      _Wrap(layer), LoraConfig(target_modules=["layer"], r=RANK, lora_alpha=8, init_lora_weights=False)
+  )
   # train mode: in eval mode, on CPUs with AVX512-BF16, Linear4bit repacks the weight for a bfloat16 kernel
   # (a different computation); lora_dropout is 0, so train mode adds nothing random.
   return model.train(), layer.weight
@@ -66,13 +69,26 @@ def test_lora_on_nf4_base_equals_peft_bitsandbytes():
   np.testing.assert_array_equal(np.asarray(ours.scales), state.absmax.numpy())
   # ... and the model runs on bitsandbytes' own codes and statistics.
   kernel = quantize.QuantizedArray(
-      codes=jnp.asarray(params4bit.data.numpy().reshape(-1)), scales=jnp.asarray(state.absmax.numpy()),
-      scale_scales=jnp.asarray(state.state2.absmax.numpy()), scale_offset=jnp.asarray(state.offset.numpy()),
-      fmt="nf4", shape=(D_IN, D_OUT), dtype="float32", block_size=64, transposed=True)
+      codes=jnp.asarray(params4bit.data.numpy().reshape(-1)),
+      scales=jnp.asarray(state.absmax.numpy()),
+      scale_scales=jnp.asarray(state.state2.absmax.numpy()),
+      scale_offset=jnp.asarray(state.offset.numpy()),
+      fmt="nf4",
+      shape=(D_IN, D_OUT),
+      dtype="float32",
+      block_size=64,
+      transposed=True,
+  )
   qbase = {"layer": {"kernel": kernel, "bias": jnp.asarray(bias.numpy())}}
   lora = model.base_model.model.layer
-  adapter = {"layer": {"kernel": {"a": jnp.asarray(lora.lora_A["default"].weight.detach().numpy().T),
-                                  "b": jnp.asarray(lora.lora_B["default"].weight.detach().numpy().T)}}}
+  adapter = {
+      "layer": {
+          "kernel": {
+              "a": jnp.asarray(lora.lora_A["default"].weight.detach().numpy().T),
+              "b": jnp.asarray(lora.lora_B["default"].weight.detach().numpy().T),
+          }
+      }
+  }
   config = AdapterConfig(targets="layer/kernel", rank=RANK, alpha=8.0)
   x = rng.standard_normal((5, D_IN)).astype(np.float32)
   with torch.no_grad():
@@ -97,8 +113,12 @@ def _weight_space_methods() -> list[str]:
   names = set()
   for info in pkgutil.walk_packages(jaxpeft.adapters.__path__, "jaxpeft.adapters."):
     for cls in vars(importlib.import_module(info.name)).values():
-      if (inspect.isclass(cls) and issubclass(cls, AdapterMethod) and not issubclass(cls, ModuleHookMethod)
-          and vars(cls).get("name")):
+      if (
+          inspect.isclass(cls)
+          and issubclass(cls, AdapterMethod)
+          and not issubclass(cls, ModuleHookMethod)
+          and vars(cls).get("name")
+      ):
         names.add(cls.name)
   return sorted(names)
 
@@ -177,13 +197,17 @@ def test_method_trains_and_merges_on_nf4_base(name):
   assert losses[-1] < 0.98 * losses[0], losses
 
   exact = jax.jit(lambda qbase, adapter: reparam.merge(quantize.dequantize_tree(qbase), adapter, config))(
-      qbase, adapter)
-  largest = max(float(jnp.abs(leaf).max()) for path, leaf in named_leaves(exact)
-                if path in {t.path for t in select_targets(config, exact)})
+      qbase, adapter
+  )
+  largest = max(
+      float(jnp.abs(leaf).max())
+      for path, leaf in named_leaves(exact)
+      if path in {t.path for t in select_targets(config, exact)}
+  )
   errors = quantize.merge_error(qbase, adapter, config)
   # NF4 rounding of the merged weight, plus the double-quantized scale's error (<= 0.00703 * max |a - mean a|)
   assert errors["requantized"]["max_abs"] <= (half_gap(NF4) + 0.0071) * largest, errors
-  assert errors["bfloat16"]["max_abs"] <= 2.0 ** -8 * largest, errors
+  assert errors["bfloat16"]["max_abs"] <= 2.0**-8 * largest, errors
 
 
 def test_readme_example():

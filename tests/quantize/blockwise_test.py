@@ -40,8 +40,11 @@ def test_double_quantization_equals_bitsandbytes(n):
   np.testing.assert_array_equal(np.asarray(got_codes), codes.numpy())
   # the float32 means may differ in the last bit (summation order), hence rtol on the scale of scales
   np.testing.assert_allclose(np.asarray(got_absmax2), state2.absmax.numpy(), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(blockwise.dequantize_scales(got_codes, got_absmax2, got_offset)),
-                             bnbf.dequantize_blockwise(codes, state2).numpy() + offset, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(blockwise.dequantize_scales(got_codes, got_absmax2, got_offset)),
+      bnbf.dequantize_blockwise(codes, state2).numpy() + offset,
+      rtol=1e-6,
+  )
   # 8-bit dynamic map: at most half its widest gap times the group's absmax.
   bound = np.max(np.diff(DYNAMIC8)) / 2 * np.repeat(state2.absmax.numpy(), 256)[:n] * 1.0001
   err = np.abs(np.asarray(blockwise.dequantize_scales(got_codes, got_absmax2, got_offset)) - absmax)

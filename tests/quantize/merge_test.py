@@ -10,11 +10,19 @@ from jaxpeft import quantize
 from jaxpeft.adapters.config import AdapterConfig
 
 D = 64
-BASE = {"a": {"kernel": 0.02 * jax.random.normal(jax.random.key(0), (D, D))},
-        "b": {"kernel": 0.02 * jax.random.normal(jax.random.key(1), (D, D))}}
+BASE = {
+    "a": {"kernel": 0.02 * jax.random.normal(jax.random.key(0), (D, D))},
+    "b": {"kernel": 0.02 * jax.random.normal(jax.random.key(1), (D, D))},
+}
 CONFIG = AdapterConfig(targets="a/kernel", rank=4, alpha=8.0)
-ADAPTER = {"a": {"kernel": {"a": jax.random.normal(jax.random.key(2), (D, 4)) / 8,
-                            "b": 0.01 * jax.random.normal(jax.random.key(3), (4, D))}}}
+ADAPTER = {
+    "a": {
+        "kernel": {
+            "a": jax.random.normal(jax.random.key(2), (D, 4)) / 8,
+            "b": 0.01 * jax.random.normal(jax.random.key(3), (4, D)),
+        }
+    }
+}
 
 
 def _numpy_merge(qbase):
@@ -23,20 +31,30 @@ def _numpy_merge(qbase):
   return w + 2.0 * a @ b
 
 
-@pytest.mark.parametrize("fmt, double_quant, half_gap, group", [
-    ("nf4", False, (1 - 0.6961928) / 2, "block"), ("nf4", True, (1 - 0.6961928) / 2, "block"),
-    ("int4", False, 1 / 14, "block"), ("int8", False, 1 / 254, "channel")])
+@pytest.mark.parametrize(
+    "fmt, double_quant, half_gap, group",
+    [
+        ("nf4", False, (1 - 0.6961928) / 2, "block"),
+        ("nf4", True, (1 - 0.6961928) / 2, "block"),
+        ("int4", False, 1 / 14, "block"),
+        ("int8", False, 1 / 254, "channel"),
+    ],
+)
 def test_requantized_merge_within_bound(fmt, double_quant, half_gap, group):
   qbase = quantize.quantize_tree(BASE, ".*kernel", fmt, 32, double_quant)
   want = _numpy_merge(qbase)
   merged = quantize.merge(qbase, ADAPTER, CONFIG)
   assert quantize.is_quantized(merged["a"]["kernel"]) and merged["a"]["kernel"].fmt == fmt
   assert merged["b"]["kernel"] is qbase["b"]["kernel"]  # not targeted: not re-rounded
-  np.testing.assert_allclose(np.asarray(quantize.merge(qbase, ADAPTER, CONFIG, keep="float32")["a"]["kernel"]),
-                             want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(quantize.merge(qbase, ADAPTER, CONFIG, keep="float32")["a"]["kernel"]), want, rtol=1e-5, atol=1e-7
+  )
   got = np.asarray(merged["a"]["kernel"].dequantize(), np.float64)
-  absmax = (np.repeat(np.abs(want.reshape(-1, 32)).max(1), 32).reshape(want.shape) if group == "block"
-            else np.abs(want).max(0, keepdims=True))
+  absmax = (
+      np.repeat(np.abs(want.reshape(-1, 32)).max(1), 32).reshape(want.shape)
+      if group == "block"
+      else np.abs(want).max(0, keepdims=True)
+  )
   # double quantization: |a - a~| <= 0.00703 * max_b |a_b - mean a| <= 0.00703 * max_b a_b (one group of 256)
   extra = 0.00703 * absmax.max() if double_quant else 0.0
   assert np.all(np.abs(got - want) <= half_gap * absmax + extra + 1e-7)
@@ -50,7 +68,7 @@ def test_keep_bfloat16():
   merged = quantize.merge(qbase, ADAPTER, CONFIG, keep="bfloat16")
   assert merged["a"]["kernel"].dtype == jnp.bfloat16
   want = _numpy_merge(qbase)
-  assert np.all(np.abs(np.asarray(merged["a"]["kernel"], np.float64) - want) <= 2.0 ** -8 * np.abs(want) + 1e-12)
+  assert np.all(np.abs(np.asarray(merged["a"]["kernel"], np.float64) - want) <= 2.0**-8 * np.abs(want) + 1e-12)
 
 
 def test_merge_needs_a_quantized_base():

@@ -16,16 +16,21 @@ W = RNG.standard_normal((64, 128)).astype(np.float32) * 0.05
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_equals_bitsandbytes_quantize_4bit(double_quant):
-  packed, state = bnbf.quantize_4bit(torch.tensor(W), blocksize=64, quant_type="nf4",
-                                     compress_statistics=double_quant)
+  packed, state = bnbf.quantize_4bit(
+      torch.tensor(W), blocksize=64, quant_type="nf4", compress_statistics=double_quant
+  )
   q = quantize_array(jnp.asarray(W), "nf4", 64, double_quant)
   np.testing.assert_array_equal(np.asarray(q.codes), packed.numpy().reshape(-1))
   np.testing.assert_array_equal(np.asarray(q.scales), state.absmax.numpy())
   if double_quant:
     np.testing.assert_allclose(np.asarray(q.scale_scales), state.state2.absmax.numpy(), rtol=1e-6)
     np.testing.assert_allclose(float(q.scale_offset), float(state.offset), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.jit(QuantizedArray.dequantize)(q)),
-                             bnbf.dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(QuantizedArray.dequantize)(q)),
+      bnbf.dequantize_4bit(packed, state).numpy(),
+      rtol=1e-6,
+      atol=1e-7,
+  )
 
 
 def test_rows_not_a_multiple_of_the_block_decode_bitsandbytes_codes():
@@ -98,13 +103,16 @@ def test_differentiating_a_quantized_leaf_raises():
   assert g.shape == (2, 64)
 
 
-@pytest.mark.parametrize("x, kwargs, message", [
-    (jnp.ones((64,)), {}, "1-D leaves"),
-    (jnp.ones((10, 10)), {"block_size": 64}, "not a multiple of block_size=64"),
-    (jnp.ones((8, 8)), {"fmt": "fp4"}, "Unknown quantization format"),
-    (jnp.ones((8, 8)), {"fmt": "int8", "double_quant": True}, "double_quant applies"),
-    (jnp.ones((8, 8), jnp.int32), {}, "not a floating-point array"),
-])
+@pytest.mark.parametrize(
+    "x, kwargs, message",
+    [
+        (jnp.ones((64,)), {}, "1-D leaves"),
+        (jnp.ones((10, 10)), {"block_size": 64}, "not a multiple of block_size=64"),
+        (jnp.ones((8, 8)), {"fmt": "fp4"}, "Unknown quantization format"),
+        (jnp.ones((8, 8)), {"fmt": "int8", "double_quant": True}, "double_quant applies"),
+        (jnp.ones((8, 8), jnp.int32), {}, "not a floating-point array"),
+    ],
+)
 def test_bad_input(x, kwargs, message):
   with pytest.raises(ValueError, match=message):
     quantize_array(x, **{"block_size": 16, **kwargs})

@@ -8,17 +8,22 @@ import pytest
 
 from jaxpeft import quantize
 
-PARAMS = {"encoder": {"query": {"kernel": jax.random.normal(jax.random.key(0), (32, 64)),
-                                "bias": jnp.zeros(64)},
-                      "value": {"kernel": jax.random.normal(jax.random.key(1), (32, 64), jnp.bfloat16)}},
-          "head": {"kernel": jnp.ones((64, 3))}}
+PARAMS = {
+    "encoder": {
+        "query": {"kernel": jax.random.normal(jax.random.key(0), (32, 64)), "bias": jnp.zeros(64)},
+        "value": {"kernel": jax.random.normal(jax.random.key(1), (32, 64), jnp.bfloat16)},
+    },
+    "head": {"kernel": jnp.ones((64, 3))},
+}
 
 
 def test_selects_by_full_match_and_leaves_the_rest():
   q = quantize.quantize_tree(PARAMS, r"encoder/.*/kernel", "nf4", 64)
   assert quantize.quantized_paths(q) == ["encoder/query/kernel", "encoder/value/kernel"]
-  assert q["head"]["kernel"] is PARAMS["head"]["kernel"] and q["encoder"]["query"]["bias"] is PARAMS[
-      "encoder"]["query"]["bias"]
+  assert (
+      q["head"]["kernel"] is PARAMS["head"]["kernel"]
+      and q["encoder"]["query"]["bias"] is PARAMS["encoder"]["query"]["bias"]
+  )
   back = jax.jit(quantize.dequantize_tree)(q)
   assert back["encoder"]["value"]["kernel"].dtype == jnp.bfloat16
   # within NF4's bound of each block's absmax
@@ -39,10 +44,17 @@ def test_pattern_matching_nothing_lists_the_paths():
     quantize.quantize_tree(PARAMS, r".*/weight")
 
 
-@pytest.mark.parametrize("pattern, block_size, message", [
-    (r"encoder/query/.*", 64, "'encoder/query/bias' has shape \\(64,\\): 1-D leaves"),
-    (r"head/kernel", 128, "'head/kernel' of shape \\(64, 3\\) has 192 entries, not a multiple of block_size=128"),
-])
+@pytest.mark.parametrize(
+    "pattern, block_size, message",
+    [
+        (r"encoder/query/.*", 64, "'encoder/query/bias' has shape \\(64,\\): 1-D leaves"),
+        (
+            r"head/kernel",
+            128,
+            "'head/kernel' of shape \\(64, 3\\) has 192 entries, not a multiple of block_size=128",
+        ),
+    ],
+)
 def test_bad_leaves_name_the_leaf(pattern, block_size, message):
   with pytest.raises(ValueError, match=message):
     quantize.quantize_tree(PARAMS, pattern, "nf4", block_size)

@@ -17,6 +17,7 @@ from jaxpeft.train.loop import train_and_evaluate
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir):
   from configs import quickstart
+
   config = quickstart.get_config("smoke")
   config.dataset.data_dir = data_dir
   workdir = str(tmp_path_factory.mktemp("pretrain"))
@@ -25,8 +26,14 @@ def pretrained(tmp_path_factory, data_dir):
 
 
 def _lora(smoke_config, pretrained, **overrides):
-  return smoke_config(init_from__params=pretrained, trainable__base="head/.*", adapter__method="lora",
-                      adapter__targets="dense/kernel", adapter__rank=2, **overrides)
+  return smoke_config(
+      init_from__params=pretrained,
+      trainable__base="head/.*",
+      adapter__method="lora",
+      adapter__targets="dense/kernel",
+      adapter__rank=2,
+      **overrides,
+  )
 
 
 def _flat(tree):
@@ -36,7 +43,12 @@ def _flat(tree):
 def test_lora_run_trains_only_adapter_and_head(smoke_config, pretrained, tmp_path):
   result = train_and_evaluate(_lora(smoke_config, pretrained), str(tmp_path))
   state = result["state"]
-  assert sorted(_flat(state.params)) == ["adapter/dense/kernel/a", "adapter/dense/kernel/b", "base/head/bias", "base/head/kernel"]
+  assert sorted(_flat(state.params)) == [
+      "adapter/dense/kernel/a",
+      "adapter/dense/kernel/b",
+      "base/head/bias",
+      "base/head/kernel",
+  ]
   base = _flat(ocp.StandardCheckpointer().restore(pretrained))
   for path, value in _flat(state.frozen).items():  # the frozen base is the pretrained one, untouched
     np.testing.assert_array_equal(value, base[path])
@@ -68,7 +80,9 @@ def test_lora_run_resumes_bit_identically(smoke_config, pretrained, tmp_path):
 
 def test_factored_mode_matches_reparam(smoke_config, pretrained, tmp_path):
   reparam_run = train_and_evaluate(_lora(smoke_config, pretrained), str(tmp_path / "reparam"))
-  factored_run = train_and_evaluate(_lora(smoke_config, pretrained, adapter__mode="factored"), str(tmp_path / "factored"))
+  factored_run = train_and_evaluate(
+      _lora(smoke_config, pretrained, adapter__mode="factored"), str(tmp_path / "factored")
+  )
   for a, b in zip(jax.tree.leaves(reparam_run["state"].params), jax.tree.leaves(factored_run["state"].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -79,7 +93,8 @@ def test_pretrained_params_of_another_shape_are_refused(smoke_config, pretrained
   # keep_fresh re-initialises the named leaves instead.
   result = train_and_evaluate(
       smoke_config(init_from__params=pretrained, model__num_classes=12, init_from__keep_fresh="head/.*"),
-      str(tmp_path / "ok"))
+      str(tmp_path / "ok"),
+  )
   assert result["state"].params["base"]["head"]["kernel"].shape[-1] == 12
 
 

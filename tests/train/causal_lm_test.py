@@ -11,8 +11,12 @@ from jaxpeft.train.step import objective
 def _batch(rng):
   ids = rng.integers(0, 11, (3, 6)).astype(np.int32)
   loss_mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]], np.int32)
-  return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
-          "mask": np.array([True, True, False])}
+  return {
+      "input_ids": ids,
+      "attention_mask": np.ones_like(ids),
+      "loss_mask": loss_mask,
+      "mask": np.array([True, True, False]),
+  }
 
 
 def _numpy_loss_terms(logits, batch, rows):
@@ -29,19 +33,24 @@ def _numpy_loss_terms(logits, batch, rows):
 def test_loss_is_the_mean_cross_entropy_over_response_tokens():
   rng = np.random.default_rng(0)
   logits, batch = rng.normal(size=(3, 6, 11)).astype(np.float32), _batch(rng)
-  np.testing.assert_allclose(causal_lm.loss(logits, batch), np.mean(_numpy_loss_terms(logits, batch, range(3))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      causal_lm.loss(logits, batch), np.mean(_numpy_loss_terms(logits, batch, range(3))), rtol=1e-5
+  )
   assert objective("causal_lm").loss is causal_lm.loss
 
 
 def test_prompt_targets_do_not_change_the_loss_and_response_targets_do():
   rng = np.random.default_rng(1)
   logits, batch = rng.normal(size=(3, 6, 11)).astype(np.float32), _batch(rng)
-  changed_prompt = {**batch, "input_ids": np.where(batch["loss_mask"] == 0, (batch["input_ids"] + 3) % 11,
-                                                   batch["input_ids"])}
+  changed_prompt = {
+      **batch,
+      "input_ids": np.where(batch["loss_mask"] == 0, (batch["input_ids"] + 3) % 11, batch["input_ids"]),
+  }
   np.testing.assert_allclose(causal_lm.loss(logits, changed_prompt), causal_lm.loss(logits, batch), rtol=1e-6)
-  changed_response = {**batch, "input_ids": np.where(batch["loss_mask"] == 1, (batch["input_ids"] + 3) % 11,
-                                                     batch["input_ids"])}
+  changed_response = {
+      **batch,
+      "input_ids": np.where(batch["loss_mask"] == 1, (batch["input_ids"] + 3) % 11, batch["input_ids"]),
+  }
   assert abs(float(causal_lm.loss(logits, changed_response)) - float(causal_lm.loss(logits, batch))) > 1e-3
 
 

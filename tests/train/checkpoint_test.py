@@ -17,8 +17,9 @@ from jaxpeft.train.state import TrainState
 def _state(width=16, seed=0):
   params = {"dense": {"kernel": jax.random.normal(jax.random.key(seed), (8, width)), "bias": jnp.zeros(width)}}
   tx = optax.adam(1e-3)
-  return TrainState(step=jnp.array(3, jnp.int32), params=params, frozen={}, opt_state=tx.init(params),
-                    rng=jax.random.key(seed))
+  return TrainState(
+      step=jnp.array(3, jnp.int32), params=params, frozen={}, opt_state=tx.init(params), rng=jax.random.key(seed)
+  )
 
 
 def _abstract(state, mesh, fsdp):
@@ -55,7 +56,10 @@ def test_incompatible_model_lists_the_differences(tmp_path):
   ckpt = Checkpointer(str(tmp_path), max_to_keep=1)
   ckpt.save(1, _state(width=16), {"step": 1})
   ckpt.wait()
-  with pytest.raises(IncompatibleCheckpointError, match=r"shape mismatch at params/dense/kernel: checkpoint \(8, 16\) vs model \(8, 32\)"):
+  with pytest.raises(
+      IncompatibleCheckpointError,
+      match=r"shape mismatch at params/dense/kernel: checkpoint \(8, 16\) vs model \(8, 32\)",
+  ):
     ckpt.restore(1, _abstract(_state(width=32), sharding.make_mesh(), fsdp=False))
 
 
@@ -68,6 +72,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     raise OSError("disk full")
 
   import orbax.checkpoint as ocp
+
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", broken_serialize)
   with pytest.raises(OSError, match="disk full"):
     ckpt.save(2, _state(seed=2), {"step": 2})
@@ -75,7 +80,9 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   reopened = Checkpointer(str(tmp_path), max_to_keep=1)
   assert reopened.latest_step() == 1
   restored, _ = reopened.restore(1, _abstract(good, sharding.make_mesh(), fsdp=False))
-  np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"]), np.asarray(good.params["dense"]["kernel"]))
+  np.testing.assert_array_equal(
+      np.asarray(restored.params["dense"]["kernel"]), np.asarray(good.params["dense"]["kernel"])
+  )
 
 
 def _two_checkpoints(tmp_path):
@@ -103,8 +110,11 @@ def _remove_meta(step_dir):
   shutil.rmtree(step_dir / "meta")
 
 
-@pytest.mark.parametrize("damage", [_truncate_array_files, _remove_metadata, _remove_meta],
-                         ids=["truncated_array", "no_METADATA", "no_meta"])
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate_array_files, _remove_metadata, _remove_meta],
+    ids=["truncated_array", "no_METADATA", "no_meta"],
+)
 def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, damage, caplog):
   directory = _two_checkpoints(tmp_path)
   damage(directory / "2")
@@ -112,8 +122,9 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, damage, capl
   with caplog.at_level(logging.WARNING):
     restored, meta = ckpt.restore_latest(_abstract(_state(), sharding.make_mesh(), fsdp=False))
   assert meta == {"step": 1}
-  np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"]),
-                                np.asarray(_state(seed=1).params["dense"]["kernel"]))
+  np.testing.assert_array_equal(
+      np.asarray(restored.params["dense"]["kernel"]), np.asarray(_state(seed=1).params["dense"]["kernel"])
+  )
   assert "Resuming from checkpoint 1" in caplog.text and "step 2 (" in caplog.text
   assert (tmp_path / "checkpoints_damaged" / "2").is_dir()  # kept, not deleted
   assert ckpt.all_steps() == [1]

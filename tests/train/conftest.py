@@ -44,14 +44,24 @@ def smoke_config(data_dir):
 def tiny_bert_dir(tmp_path_factory):
   """A Hugging Face-format BERT folder: random weights of a 2-layer, hidden-16 BERT, the real tokenizer."""
   folder = tmp_path_factory.mktemp("tiny_bert")
-  hf_config = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-               "type_vocab_size": 2, "hidden_act": "gelu"}
+  hf_config = {
+      "model_type": "bert",
+      "vocab_size": 30522,
+      "hidden_size": 16,
+      "num_hidden_layers": 2,
+      "num_attention_heads": 2,
+      "intermediate_size": 32,
+      "max_position_embeddings": 64,
+      "type_vocab_size": 2,
+      "hidden_act": "gelu",
+  }
   (folder / "config.json").write_text(json.dumps(hf_config))
   model = BertEncoder(BertConfig.from_dict(hf_config))
   params = model.init(jax.random.key(7), jnp.zeros((1, 4), jnp.int32))["params"]
-  tensors = {hf_loader.hf_name(path): np.asarray(v.T if path.endswith("/kernel") else v)  # torch Linear: (out, in)
-             for path, v in traverse_util.flatten_dict(params, sep="/").items()}
+  tensors = {
+      hf_loader.hf_name(path): np.asarray(v.T if path.endswith("/kernel") else v)  # torch Linear: (out, in)
+      for path, v in traverse_util.flatten_dict(params, sep="/").items()
+  }
   safetensors.numpy.save_file(tensors, folder / "model.safetensors")
   shutil.copy(hf_loader.resolve_model_dir(None) / "tokenizer.json", folder / "tokenizer.json")
   return folder, tensors

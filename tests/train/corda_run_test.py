@@ -21,15 +21,22 @@ RANK, ALPHA, CALIBRATION_BATCHES = 2, 4.0, 2
 def start(tmp_path_factory, data_dir):
   """The starting weights (saved for init_from) and a config factory that trains CorDA on them."""
   from configs import quickstart
+
   config = quickstart.get_config("smoke")
   config.dataset.data_dir = data_dir
   path = str(tmp_path_factory.mktemp("start") / "params")
   original = save_initial_params(config, path)
 
   def make(smoke_config, **overrides):
-    settings = dict(init_from__params=path, trainable__base="", adapter__method="corda",
-                    adapter__targets="head/kernel", adapter__rank=RANK, adapter__alpha=ALPHA,
-                    adapter__calibration_batches=CALIBRATION_BATCHES)
+    settings = dict(
+        init_from__params=path,
+        trainable__base="",
+        adapter__method="corda",
+        adapter__targets="head/kernel",
+        adapter__rank=RANK,
+        adapter__alpha=ALPHA,
+        adapter__calibration_batches=CALIBRATION_BATCHES,
+    )
     return smoke_config(**{**settings, **overrides})
 
   return original, make
@@ -37,8 +44,9 @@ def start(tmp_path_factory, data_dir):
 
 def _head_inputs(config, params, batch):
   """The CNN head's inputs: relu of the dense layer's captured output (numpy)."""
-  _, state = build_model(config.model).apply({"params": params}, jnp.asarray(batch["image"]),
-                                             capture_intermediates=True, mutable=["intermediates"])
+  _, state = build_model(config.model).apply(
+      {"params": params}, jnp.asarray(batch["image"]), capture_intermediates=True, mutable=["intermediates"]
+  )
   return np.maximum(np.asarray(state["intermediates"]["dense"]["__call__"][0], np.float64), 0.0)
 
 
@@ -58,7 +66,8 @@ def _top_rank(matrix):
 
 
 def test_corda_run_trains_on_the_calibrated_residual_and_exports_residual_plus_delta(
-    start, smoke_config, tmp_path):
+    start, smoke_config, tmp_path
+):
   original, make = start
   config = make(smoke_config)
   result = train_and_evaluate(config, str(tmp_path))
@@ -88,9 +97,12 @@ def test_corda_run_trains_on_the_calibrated_residual_and_exports_residual_plus_d
   # The merged export is the original layout: merged - original = s (a b - a0 b0).
   exported = flat(ocp.StandardCheckpointer().restore(str(tmp_path / "export" / "params")))
   assert sorted(exported) == sorted(original)
-  np.testing.assert_allclose(damped @ (exported["head/kernel"] - kernel), trained_product - init_product,
-                             atol=tolerance)
-  np.testing.assert_allclose(exported["head/kernel"], frozen["head/kernel"] + scaling * a @ b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      damped @ (exported["head/kernel"] - kernel), trained_product - init_product, atol=tolerance
+  )
+  np.testing.assert_allclose(
+      exported["head/kernel"], frozen["head/kernel"] + scaling * a @ b, rtol=1e-5, atol=1e-6
+  )
   for path in others:
     np.testing.assert_array_equal(exported[path], original[path])
   d_in, d_out = kernel.shape

@@ -23,10 +23,15 @@ def test_smoke_run_lowers_the_response_loss_and_reports_lm_metrics(method, remat
   # Only the adapter trains: a rank-8 pair per projection (7 per layer, 2 layers); DoRA adds a magnitude.
   arch = gemma3_wordnet.TINY_ARCHITECTURE
   heads, kv, head_dim = arch["num_attention_heads"], arch["num_key_value_heads"], arch["head_dim"]
-  shapes = [(arch["hidden_size"], heads * head_dim), (arch["hidden_size"], kv * head_dim),
-            (arch["hidden_size"], kv * head_dim), (heads * head_dim, arch["hidden_size"]),
-            (arch["hidden_size"], arch["intermediate_size"]), (arch["hidden_size"], arch["intermediate_size"]),
-            (arch["intermediate_size"], arch["hidden_size"])]
+  shapes = [
+      (arch["hidden_size"], heads * head_dim),
+      (arch["hidden_size"], kv * head_dim),
+      (arch["hidden_size"], kv * head_dim),
+      (heads * head_dim, arch["hidden_size"]),
+      (arch["hidden_size"], arch["intermediate_size"]),
+      (arch["hidden_size"], arch["intermediate_size"]),
+      (arch["intermediate_size"], arch["hidden_size"]),
+  ]
   lora = sum(8 * (fan_in + fan_out) for fan_in, fan_out in shapes)
   magnitudes = sum(fan_out for _, fan_out in shapes) if method == "dora" else 0
   assert result["trainable_params"] == arch["num_hidden_layers"] * (lora + magnitudes)

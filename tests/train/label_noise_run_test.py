@@ -16,6 +16,7 @@ def test_label_noise_flips_training_labels_among_the_selected_classes(smoke_conf
   trained, evaluated = [], []
 
   class RecordingLoader(input_pipeline.BatchLoader):
+
     def __init__(self, source, **kwargs):
       trained.append(source)
       super().__init__(source, **kwargs)
@@ -28,14 +29,20 @@ def test_label_noise_flips_training_labels_among_the_selected_classes(smoke_conf
 
   monkeypatch.setattr(loop.input_pipeline, "BatchLoader", RecordingLoader)
   monkeypatch.setattr(loop.input_pipeline, "eval_batches", recording_eval_batches)
-  config = smoke_config(dataset__classes=CLASSES, dataset__label_noise=NOISE, model__num_classes=len(CLASSES),
-                        num_train_steps=2)
+  config = smoke_config(
+      dataset__classes=CLASSES, dataset__label_noise=NOISE, model__num_classes=len(CLASSES), num_train_steps=2
+  )
   loop.train_and_evaluate(config, str(tmp_path))
 
   data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
-  clean = {split: _labels(input_pipeline.select_classes(
-      input_pipeline.get_data_source(config.dataset.name, split, data_dir)[0], config.dataset))
-      for split in (config.dataset.train_split, config.dataset.eval_split)}
+  clean = {
+      split: _labels(
+          input_pipeline.select_classes(
+              input_pipeline.get_data_source(config.dataset.name, split, data_dir)[0], config.dataset
+          )
+      )
+      for split in (config.dataset.train_split, config.dataset.eval_split)
+  }
   noisy = _labels(trained[0])
   assert len(noisy) == len(clean[config.dataset.train_split]) and set(noisy) <= set(range(len(CLASSES)))
   flipped = noisy != clean[config.dataset.train_split]

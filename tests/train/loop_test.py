@@ -20,7 +20,6 @@ from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError
 from jaxpeft.train.loop import _workdir_lock, train_and_evaluate
 from jaxpeft.train.metrics import NonFiniteLossError
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -105,8 +104,14 @@ def test_metrics_jsonl_and_tensorboard_events(smoke_config, tmp_path):
 
 
 def test_quickstart_reaches_95_percent(smoke_config, tmp_path):
-  config = smoke_config(num_train_steps=300, log_every=100, checkpoint__every_steps=300,
-                        model__cnn__features=(32, 64), model__cnn__hidden=128, optimizer__warmup_steps=50)
+  config = smoke_config(
+      num_train_steps=300,
+      log_every=100,
+      checkpoint__every_steps=300,
+      model__cnn__features=(32, 64),
+      model__cnn__hidden=128,
+      optimizer__warmup_steps=50,
+  )
   result = train_and_evaluate(config, str(tmp_path))
   assert result["eval"]["accuracy"] >= 0.95, result["eval"]
 
@@ -185,19 +190,28 @@ def test_resumed_history_reads_as_one_run_and_results_are_valid_json(smoke_confi
 
 
 def test_huge_learning_rate_never_reaches_a_checkpoint(smoke_config, tmp_path):
-  config = smoke_config(optimizer__learning_rate=1e39, optimizer__schedule="constant", optimizer__warmup_steps=0,
-                        checkpoint__every_steps=1)
+  config = smoke_config(
+      optimizer__learning_rate=1e39,
+      optimizer__schedule="constant",
+      optimizer__warmup_steps=0,
+      checkpoint__every_steps=1,
+  )
   with pytest.raises(NonFiniteLossError, match="Non-finite values in the updated state .* by step 1; not saved"):
     train_and_evaluate(config, str(tmp_path))
   assert [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()] == []
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"optimizer__learning_rate": -1e-3},
-     "config.optimizer.learning_rate=-0.001: expected a positive finite number"),
-    ({"num_train_steps": -5}, "config.num_train_steps=-5: expected a positive integer"),
-    ({"checkpoint__every_steps": 0}, "config.checkpoint.every_steps=0: expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"optimizer__learning_rate": -1e-3},
+            "config.optimizer.learning_rate=-0.001: expected a positive finite number",
+        ),
+        ({"num_train_steps": -5}, "config.num_train_steps=-5: expected a positive integer"),
+        ({"checkpoint__every_steps": 0}, "config.checkpoint.every_steps=0: expected a positive integer"),
+    ],
+)
 def test_nonsense_values_are_one_line_errors(smoke_config, tmp_path, override, message):
   with pytest.raises(UserError, match=re.escape(message)):
     train_and_evaluate(smoke_config(**override), str(tmp_path))
@@ -205,10 +219,17 @@ def test_nonsense_values_are_one_line_errors(smoke_config, tmp_path, override, m
 
 def test_second_run_on_a_busy_workdir_fails_at_once_and_a_killed_run_leaves_no_lock(smoke_config, tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import fcntl, os, time\n"  # another run's lock, without its imports
-       f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-       "f.write(f'pid {os.getpid()} on here'); f.flush(); print('locked', flush=True); time.sleep(600)"],
-      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-c",
+          "import fcntl, os, time\n"  # another run's lock, without its imports
+          f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+          "f.write(f'pid {os.getpid()} on here'); f.flush(); print('locked', flush=True); time.sleep(600)",
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(WorkdirBusyError, match=f"is in use by another run \\(pid {holder.pid} "):

@@ -46,9 +46,22 @@ def _restore(path):
 def test_full_models_merge_with_ties_through_the_cli(runs, tmp_path):
   pretrained, workdirs = runs
   out = tmp_path / "merged"
-  subprocess.run([sys.executable, "-m", "launch.merge", "--config=configs/merge_models.py:ties",
-                  f"--workdir={out}", f"--config.inputs={','.join(workdirs)}", f"--config.base={pretrained}",
-                  "--config.density=0.5", "--config.weights=(0.6,0.4)"], cwd=ROOT, check=True, timeout=300)
+  subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "launch.merge",
+          "--config=configs/merge_models.py:ties",
+          f"--workdir={out}",
+          f"--config.inputs={','.join(workdirs)}",
+          f"--config.base={pretrained}",
+          "--config.density=0.5",
+          "--config.weights=(0.6,0.4)",
+      ],
+      cwd=ROOT,
+      check=True,
+      timeout=300,
+  )
   summary = json.loads((out / "merge_summary.json").read_text())
   assert summary["method"] == "ties" and summary["base_checked"] == sorted(workdirs)
   base = _restore(pretrained)
@@ -67,12 +80,17 @@ def test_adapters_merge_into_one_lora_adapter(runs, tmp_path):
   assert summary["adapter_ranks"] == {"dense/kernel": 4}  # exact concatenation: ranks add up
   base = _restore(pretrained)
   adapter, adapter_config = load_adapter(tmp_path / "export" / "adapter.safetensors", base_params=base)
-  delta = sum(0.5 * (np.asarray(_restore(os.path.join(w, "export", "params"))["dense"]["kernel"])
-                     - base["dense"]["kernel"]) for w in workdirs)
-  np.testing.assert_allclose(reparam.merge(base, adapter, adapter_config)["dense"]["kernel"],
-                             base["dense"]["kernel"] + delta, atol=1e-5)
-  np.testing.assert_allclose(_restore(str(tmp_path / "export" / "params"))["dense"]["kernel"],
-                             base["dense"]["kernel"] + delta, atol=1e-5)
+  delta = sum(
+      0.5
+      * (np.asarray(_restore(os.path.join(w, "export", "params"))["dense"]["kernel"]) - base["dense"]["kernel"])
+      for w in workdirs
+  )
+  np.testing.assert_allclose(
+      reparam.merge(base, adapter, adapter_config)["dense"]["kernel"], base["dense"]["kernel"] + delta, atol=1e-5
+  )
+  np.testing.assert_allclose(
+      _restore(str(tmp_path / "export" / "params"))["dense"]["kernel"], base["dense"]["kernel"] + delta, atol=1e-5
+  )
 
 
 def test_a_run_of_another_base_is_refused(runs, tmp_path):

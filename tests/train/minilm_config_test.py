@@ -16,8 +16,11 @@ from jaxpeft.models.registry import bert_from_checkpoint
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.trainable import Trainable
 
-SENTENCES = ["Return the lowest index in the string where substring sub is found.",
-             "Open a socket.", "Create a new thread and start it with the given arguments now."]
+SENTENCES = [
+    "Return the lowest index in the string where substring sub is found.",
+    "Open a socket.",
+    "Create a new thread and start it with the given arguments now.",
+]
 
 
 def test_every_method_config_builds_and_smoke_is_small():
@@ -32,8 +35,15 @@ def test_every_method_config_builds_and_smoke_is_small():
 
 # The tiny BERT below: hidden d = 16, 2 layers, MLP width 32, 6 classes; every method also trains the
 # head (16 x 6 + 6). Query/value targets are 4 matrices of 16 x 16; r = 8 unless the config says otherwise.
-TINY = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 32, "max_position_embeddings": 16, "type_vocab_size": 2}
+TINY = {
+    "vocab_size": 40,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+    "type_vocab_size": 2,
+}
 HEAD = 16 * 6 + 6
 LAYER_NORMS = 32 * (1 + 2 * 2)  # scale + bias of the embeddings' LayerNorm and of 2 per layer
 # method -> trainable scalars on TINY, from each method's parameter-count formula (its module docstring).
@@ -73,8 +83,11 @@ def _expected_trainable(method, params):
   if method == "full":
     return sum(int(np.size(v)) for v in flat.values())
   if method == "sara":  # the query/value entries below the threshold, + the head
-    return HEAD + sum(int(np.sum(np.abs(np.asarray(v)) < 2e-3)) for k, v in flat.items()
-                      if k.endswith(("query/kernel", "value/kernel")))
+    return HEAD + sum(
+        int(np.sum(np.abs(np.asarray(v)) < 2e-3))
+        for k, v in flat.items()
+        if k.endswith(("query/kernel", "value/kernel"))
+    )
   return EXPECTED_TRAINABLE[method]
 
 
@@ -128,8 +141,13 @@ def test_module_adding_adapters_run_through_their_hooks_in_either_mode(tiny_mode
   leaves, treedef = jax.tree.flatten(trained)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   moved = treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  assert np.abs(trainable.apply(moved, frozen, inputs, train=False) - model.apply(
-      {"params": trainable.merged(moved, frozen)}, *inputs)).max() > 1e-3  # the hook adds the bottleneck
+  assert (
+      np.abs(
+          trainable.apply(moved, frozen, inputs, train=False)
+          - model.apply({"params": trainable.merged(moved, frozen)}, *inputs)
+      ).max()
+      > 1e-3
+  )  # the hook adds the bottleneck
 
 
 def test_update_options_for_a_method_without_an_update_rule_are_an_error(tiny_model_and_params):
@@ -154,7 +172,8 @@ def test_text_preprocess_matches_the_tokenizers_package(tiny_bert_dir):
   config = minilm_text.get_config("lora:smoke").dataset
   config.tokenizer = str(folder)
   batch = input_pipeline.get_preprocess("jaxpeft_pydoc", config)(
-      {"text": np.array([s.encode() for s in SENTENCES], dtype=object), "label": np.array([0, 3, 4])})
+      {"text": np.array([s.encode() for s in SENTENCES], dtype=object), "label": np.array([0, 3, 4])}
+  )
   reference = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
   reference.no_padding()  # the file pads and truncates to 128 (sentence-transformers' setting)
   reference.no_truncation()
@@ -179,7 +198,10 @@ def test_lora_smoke_run_on_a_tiny_bert_folder(tiny_bert_dir, tiny_minilm_run):
   flat = traverse_util.flatten_dict(state.params, sep="/")
   # Rank-8 factors on 2 layers x (query, value) of 16 x 16, and the new 6-class head.
   assert result["trainable_params"] == 2 * 2 * 8 * (16 + 16) + 16 * 6 + 6
-  assert sorted(k for k in flat if k.startswith("base/")) == ["base/classifier/dense/bias", "base/classifier/dense/kernel"]
+  assert sorted(k for k in flat if k.startswith("base/")) == [
+      "base/classifier/dense/bias",
+      "base/classifier/dense/kernel",
+  ]
   assert any(np.any(v != 0) for k, v in flat.items() if k.endswith("/b"))  # LoRA's zero-initialised B moved
   # The frozen encoder is the folder's checkpoint, untouched.
   for path, value in traverse_util.flatten_dict(state.frozen, sep="/").items():
@@ -207,6 +229,7 @@ def test_init_from_minilm_gives_the_hf_loader_embeddings():
 
 def test_flagship_row_counts_only_trained_leaves_and_writes_table_and_plot(tiny_bert_dir, data_dir, tmp_path):
   from experiments import flagship
+
   row = flagship.run_method("salt", str(tmp_path), data_dir, ":smoke", str(tiny_bert_dir[0]))
   # SALT on 4 matrices of 16 x 16 (ratio 0.1 -> k = 1 top singular value, rank 8 on the other 15):
   # scale and shift (k each) and x, y (15 x 8 each); its U, s, V^T are fixed. Plus the 6-class head.

@@ -28,9 +28,14 @@ class ToyLoRA(AdapterMethod):
   """``W' = W + s a b`` with ``a`` fixed at init to ``A_INIT`` (deterministic), ``b = 0``."""
 
   needs_matrix = True
-  peft = PeftMapping("LORA", ("linear",), lambda layout, target: {"a": Rule("lora_A.weight", transpose),
-                                                                  "b": Rule("lora_B.weight", transpose)},
-                     lora_config_fields, alpha_field="lora_alpha", dropout_field="lora_dropout")
+  peft = PeftMapping(
+      "LORA",
+      ("linear",),
+      lambda layout, target: {"a": Rule("lora_A.weight", transpose), "b": Rule("lora_B.weight", transpose)},
+      lora_config_fields,
+      alpha_field="lora_alpha",
+      dropout_field="lora_dropout",
+  )
 
   def init(self, rng, kernel, target):
     return {"a": jnp.full((kernel.shape[0], target.rank), A_INIT), "b": jnp.zeros((target.rank, kernel.shape[1]))}
@@ -41,7 +46,8 @@ class ToyLoRA(AdapterMethod):
   def loss_term(self, config, *, weight):
     def term(base_params, adapter_params, rng):
       flat = traverse_util.flatten_dict(adapter_params)
-      return weight * sum(jnp.sum(v ** 2) for k, v in flat.items() if k[-1] == "b")
+      return weight * sum(jnp.sum(v**2) for k, v in flat.items() if k[-1] == "b")
+
     return term
 
   def update_rule(self, config, *, a_factor):
@@ -50,8 +56,9 @@ class ToyLoRA(AdapterMethod):
 
 
 def test_a_method_registered_outside_the_library_trains_and_exports(smoke_config, tmp_path):
-  config = smoke_config(trainable__base="head/.*", adapter__method="toy_lora", adapter__targets="dense/kernel",
-                        adapter__rank=2)
+  config = smoke_config(
+      trainable__base="head/.*", adapter__method="toy_lora", adapter__targets="dense/kernel", adapter__rank=2
+  )
   config.adapter.penalty = {"weight": 0.5}
   config.adapter.update = {"a_factor": 0.0}  # the custom rule freezes `a`: it must stay at its init
   result = train_and_evaluate(config, str(tmp_path / "run"))
@@ -63,8 +70,12 @@ def test_a_method_registered_outside_the_library_trains_and_exports(smoke_config
   assert penalties and penalties[0] == 0 and penalties[-1] > 0  # b starts at 0, then the term is in the loss
 
   state = result["state"]
-  base = traverse_util.unflatten_dict({**traverse_util.flatten_dict(jax.device_get(state.frozen)),
-                                       **traverse_util.flatten_dict(jax.device_get(state.params["base"]))})
+  base = traverse_util.unflatten_dict(
+      {
+          **traverse_util.flatten_dict(jax.device_get(state.frozen)),
+          **traverse_util.flatten_dict(jax.device_get(state.params["base"])),
+      }
+  )
   export_peft(tmp_path / "peft", adapter, adapter_config(config), base)
   tensors = safetensors.numpy.load_file(tmp_path / "peft" / "adapter_model.safetensors")
   np.testing.assert_array_equal(tensors["base_model.model.dense.lora_A.weight"], adapter["dense"]["kernel"]["a"].T)

@@ -56,8 +56,13 @@ def test_bad_schedule_is_an_error():
 
 def _factory_names():
   """Every jaxpeft.optim factory taking a learning rate, plus the optax names the README uses."""
-  ours = [n for n in jaxpeft.optim.__all__ if callable(getattr(jaxpeft.optim, n)) and not n.startswith("scale_by")
-          and "learning_rate" in inspect.signature(getattr(jaxpeft.optim, n)).parameters]
+  ours = [
+      n
+      for n in jaxpeft.optim.__all__
+      if callable(getattr(jaxpeft.optim, n))
+      and not n.startswith("scale_by")
+      and "learning_rate" in inspect.signature(getattr(jaxpeft.optim, n)).parameters
+  ]
   assert {"sam", "tram", "came", "adopt"} <= set(ours), ours
   return ours + ["adam", "adamw", "sgd", "adafactor"]
 
@@ -68,8 +73,16 @@ def _one_update(tx, params):
   loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"])
   grads = jax.grad(loss)(params)
   distance = lambda p, ref: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))
-  updates, _ = tx.update(grads, tx.init(params), params, value=loss(params), obj_fn=loss, grad_fn=jax.grad(loss),
-                         trust_region_fn=distance, key=jax.random.key(0))
+  updates, _ = tx.update(
+      grads,
+      tx.init(params),
+      params,
+      value=loss(params),
+      obj_fn=loss,
+      grad_fn=jax.grad(loss),
+      trust_region_fn=distance,
+      key=jax.random.key(0),
+  )
   return updates
 
 
@@ -84,17 +97,22 @@ def test_kwargs_and_base_optimizer_by_name_reach_sam():
   config = _opt_config(name="sam", schedule="constant", warmup_steps=0, weight_decay=0.01, b2=0.99)
   config.kwargs = {"rho": 0.3, "adaptive": True, "base_optimizer": "adamw"}
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
-  ref = jaxpeft.optim.sam(rho=0.3, adaptive=True,
-                          base_optimizer=optax.adamw(config.learning_rate, b2=0.99, weight_decay=0.01))
-  np.testing.assert_allclose(_one_update(build_optimizer(config, 10), params)["w"], _one_update(ref, params)["w"],
-                             rtol=1e-6)
+  ref = jaxpeft.optim.sam(
+      rho=0.3, adaptive=True, base_optimizer=optax.adamw(config.learning_rate, b2=0.99, weight_decay=0.01)
+  )
+  np.testing.assert_allclose(
+      _one_update(build_optimizer(config, 10), params)["w"], _one_update(ref, params)["w"], rtol=1e-6
+  )
 
 
 def test_unknown_factory_argument_lists_the_ones_it_takes():
   config = _opt_config(name="sam")
   config.kwargs = {"rhoo": 0.1}
-  with pytest.raises(ValueError, match=r"kwargs.rhoo=0.1 is set, but optimizer 'sam' has no 'rhoo' argument\. "
-                                       r"It takes: rho, adaptive, eta, eps, base_optimizer, axis_name"):
+  with pytest.raises(
+      ValueError,
+      match=r"kwargs.rhoo=0.1 is set, but optimizer 'sam' has no 'rhoo' argument\. "
+      r"It takes: rho, adaptive, eta, eps, base_optimizer, axis_name",
+  ):
     build_optimizer(config, total_steps=10)
 
 
@@ -124,5 +142,8 @@ def test_weight_decay_without_a_factory_argument_is_l2_on_the_gradient():
 def test_weight_decay_none_keeps_the_factory_default():
   config = _opt_config(name="adafactor", weight_decay=None, schedule="constant", warmup_steps=0)
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
-  np.testing.assert_allclose(_one_update(build_optimizer(config, 10), params)["w"],
-                             _one_update(optax.adafactor(config.learning_rate), params)["w"], rtol=1e-6)
+  np.testing.assert_allclose(
+      _one_update(build_optimizer(config, 10), params)["w"],
+      _one_update(optax.adafactor(config.learning_rate), params)["w"],
+      rtol=1e-6,
+  )

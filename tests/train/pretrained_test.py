@@ -23,13 +23,15 @@ def test_relative_export_path_loads(tmp_path, monkeypatch):
 
 def test_missing_export_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(UserError,
-                     match=r"init_from.params='workdir/export/params': no such directory .*export/params"):
+  with pytest.raises(
+      UserError, match=r"init_from.params='workdir/export/params': no such directory .*export/params"
+  ):
     load_params("workdir/export/params", FRESH)
 
 
 def test_directory_that_is_not_an_export_is_a_clear_error(tmp_path):
   (tmp_path / "checkpoints" / "3").mkdir(parents=True)
-  with pytest.raises(UserError,
-                     match=r"is not a params export \(no _METADATA in .*\). Point it at the export/params"):
+  with pytest.raises(
+      UserError, match=r"is not a params export \(no _METADATA in .*\). Point it at the export/params"
+  ):
     load_params(str(tmp_path / "checkpoints" / "3"), FRESH)

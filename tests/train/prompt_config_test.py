@@ -28,10 +28,22 @@ def _vocabulary_rows(prompt, table):
 def test_prompt_tuning_config_counts_p_d_plus_head_and_samples_vocabulary_rows():
   config = minilm_text.get_config("prompt_tuning:smoke")
   assert (config.adapter.method, config.adapter.init, config.trainable.base) == (
-      "prompt_tuning", "sample_vocab", "classifier/.*")
+      "prompt_tuning",
+      "sample_vocab",
+      "classifier/.*",
+  )
   vocab = 50
-  model = BertEncoder(BertConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32, max_position_embeddings=40), num_classes=CLASSES)
+  model = BertEncoder(
+      BertConfig(
+          vocab_size=vocab,
+          hidden_size=HIDDEN,
+          num_hidden_layers=1,
+          num_attention_heads=2,
+          intermediate_size=32,
+          max_position_embeddings=40,
+      ),
+      num_classes=CLASSES,
+  )
   params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
   trainable = Trainable.from_config(model, config)
   trained, _ = trainable.split(jax.random.key(1), params)
@@ -67,7 +79,8 @@ def test_vpt_configs_count_blocks_p_d_plus_head(method, prompted_blocks):
   d, p = config.model.hidden, config.adapter.rank
   assert trainable.num_trained(trained) == prompted_blocks * p * d + d * 5 + 5
   assert {k.rsplit("/", 3)[0] for k in _flat(trained) if k.startswith("adapter/")} == {
-      f"adapter/block_{i}" for i in range(prompted_blocks)}
+      f"adapter/block_{i}" for i in range(prompted_blocks)
+  }
 
 
 def test_vpt_deep_smoke_run_on_the_digits_vit(data_dir, tmp_path):
@@ -83,4 +96,5 @@ def test_vpt_deep_smoke_run_on_the_digits_vit(data_dir, tmp_path):
   trained = _flat(result["state"].params)
   assert sorted(k for k in trained if k.startswith("base/")) == ["base/head/bias", "base/head/kernel"]
   assert {k: v.shape for k, v in trained.items() if k.startswith("adapter/")} == {
-      f"adapter/block_{i}/ln_attention/scale/prompt": (p, d) for i in range(2)}
+      f"adapter/block_{i}/ln_attention/scale/prompt": (p, d) for i in range(2)
+  }

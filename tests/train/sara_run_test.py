@@ -23,6 +23,7 @@ D_IN, CLASSES, TAU, LAMBDA = 12, 5, 0.3, 0.05
 
 
 class _Linear(nn.Module):
+
   @nn.compact
   def __call__(self, x, *, train=False):
     del train
@@ -35,17 +36,22 @@ def _trainable(method="sara", options=None, **fields) -> Trainable:
   adapter.options = ml_collections.ConfigDict({"threshold": TAU} if options is None else options)
   for key, value in fields.items():
     adapter[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-  return Trainable.from_config(_Linear(), ml_collections.ConfigDict({"trainable": {"base": ""}, "adapter": adapter}))
+  return Trainable.from_config(
+      _Linear(), ml_collections.ConfigDict({"trainable": {"base": ""}, "adapter": adapter})
+  )
 
 
 def _setup(trainable, tx):
   rng = np.random.default_rng(0)
-  batch = {"x": jnp.asarray(rng.normal(size=(8, D_IN)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, CLASSES, size=8), jnp.int32)}
+  batch = {
+      "x": jnp.asarray(rng.normal(size=(8, D_IN)), jnp.float32),
+      "label": jnp.asarray(rng.integers(0, CLASSES, size=8), jnp.int32),
+  }
   base = _Linear().init(jax.random.key(1), batch["x"])["params"]
   params, frozen = trainable.split(jax.random.key(0), base)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-                     rng=jax.random.key(2))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params), rng=jax.random.key(2)
+  )
   return state, batch
 
 
@@ -59,8 +65,9 @@ def test_nuclear_norm_is_in_the_loss_and_its_gradient_in_the_update():
   tx = on.optimizer(optax.sgd(1.0))
   state, batch = _setup(on, tx)
   delta = jnp.asarray(np.random.default_rng(1).normal(size=(D_IN, CLASSES)) * 0.1, jnp.float32)
-  state = state.replace(params={**state.params, "adapter": {"layer": {"kernel": {**_sara(state.params),
-                                                                                 "delta": delta}}}})
+  state = state.replace(
+      params={**state.params, "adapter": {"layer": {"kernel": {**_sara(state.params), "delta": delta}}}}
+  )
   new_on, metrics_on = jax.jit(make_train_step(on, tx, ("x",)))(state, batch)
   new_off, metrics_off = jax.jit(make_train_step(off, tx, ("x",)))(state, batch)
 
@@ -72,8 +79,9 @@ def test_nuclear_norm_is_in_the_loss_and_its_gradient_in_the_update():
   np.testing.assert_allclose(metrics_on["loss"], metrics_off["loss"] + LAMBDA * s.sum(), rtol=1e-5)
   assert "penalty" not in metrics_off
   # SGD(1): the difference of the updates is -lambda times the subgradient M * U V^T.
-  np.testing.assert_allclose(_sara(new_on.params)["delta"] - _sara(new_off.params)["delta"],
-                             -LAMBDA * mask * (u @ vt), atol=1e-5)
+  np.testing.assert_allclose(
+      _sara(new_on.params)["delta"] - _sara(new_off.params)["delta"], -LAMBDA * mask * (u @ vt), atol=1e-5
+  )
 
 
 def test_reselect_merges_redraws_the_mask_and_restarts_the_optimizer_but_not_the_schedule():
@@ -96,8 +104,12 @@ def test_reselect_merges_redraws_the_mask_and_restarts_the_optimizer_but_not_the
   np.testing.assert_array_equal(_sara(new.params)["delta"], 0.0)
   assert trainable.num_trained(new.params) == new_mask.sum()
   x = [batch["x"]]
-  np.testing.assert_allclose(trainable.apply(new.params, new.frozen, x, train=False),
-                             trainable.apply(state.params, state.frozen, x, train=False), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      trainable.apply(new.params, new.frozen, x, train=False),
+      trainable.apply(state.params, state.frozen, x, train=False),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
   def states(opt_state, kind):
     nodes = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, kind))
@@ -125,6 +137,7 @@ def test_schedule_options_of_other_methods_are_errors():
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, data_dir):
   from configs import quickstart
+
   config = quickstart.get_config("smoke")
   config.dataset.data_dir = data_dir
   path = str(tmp_path_factory.mktemp("start") / "params")
@@ -135,9 +148,15 @@ RUN_TAU = 0.02  # about a third of the CNN's dense kernel (std 1/sqrt(512))
 
 
 def _run_config(smoke_config, path, **overrides):
-  config = smoke_config(init_from__params=path, trainable__base="head/.*", adapter__method="sara",
-                        adapter__targets="dense/kernel", adapter__reselect_every=2, optimizer__learning_rate=1e-2,
-                        **overrides)
+  config = smoke_config(
+      init_from__params=path,
+      trainable__base="head/.*",
+      adapter__method="sara",
+      adapter__targets="dense/kernel",
+      adapter__reselect_every=2,
+      optimizer__learning_rate=1e-2,
+      **overrides,
+  )
   config.adapter.options.threshold = RUN_TAU
   config.adapter.penalty.lambda_rank = 1e-3
   config.adapter.penalty.min_dim = 8

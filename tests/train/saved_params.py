@@ -15,8 +15,12 @@ def train_loader(config) -> input_pipeline.BatchLoader:
   data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
   source, _ = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)
   source = input_pipeline.select_classes(source, config.dataset)
-  return input_pipeline.BatchLoader(source, global_batch_size=config.batch_size, seed=config.seed,
-                                    preprocess=input_pipeline.get_preprocess(config.dataset.name, config.dataset))
+  return input_pipeline.BatchLoader(
+      source,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      preprocess=input_pipeline.get_preprocess(config.dataset.name, config.dataset),
+  )
 
 
 def save_initial_params(config, path: str) -> dict[str, np.ndarray]:

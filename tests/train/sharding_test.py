@@ -30,7 +30,9 @@ def test_global_batch_is_split_over_devices():
 
 
 def test_indivisible_batch_size_names_the_fix():
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\).*batch_size=8"):
+  with pytest.raises(
+      ValueError, match=r"batch_size=12 is not divisible by the number of devices \(8\).*batch_size=8"
+  ):
     sharding.check_batch_size(12, sharding.make_mesh())
 
 

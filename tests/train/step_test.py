@@ -15,6 +15,7 @@ B, H, W, C = 4, 3, 2, 3
 
 
 class PixelLinear(nn.Module):
+
   @nn.compact
   def __call__(self, x, *, train=False):
     del train
@@ -25,13 +26,18 @@ def _setup():
   config = ml_collections.ConfigDict({"trainable": {"base": ".*"}, "adapter": {"method": "", "mode": "reparam"}})
   trainable = Trainable.from_config(PixelLinear(), config)
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.normal(size=(B, H, W, 2)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, C, size=(B, H, W)), jnp.int32),
-           "mask": jnp.array([True, True, True, False])}
-  params, frozen = trainable.split(jax.random.key(0), PixelLinear().init(jax.random.key(1), batch["image"])["params"])
+  batch = {
+      "image": jnp.asarray(rng.normal(size=(B, H, W, 2)), jnp.float32),
+      "label": jnp.asarray(rng.integers(0, C, size=(B, H, W)), jnp.int32),
+      "mask": jnp.array([True, True, True, False]),
+  }
+  params, frozen = trainable.split(
+      jax.random.key(0), PixelLinear().init(jax.random.key(1), batch["image"])["params"]
+  )
   tx = optax.sgd(0.1)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-                     rng=jax.random.key(2))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params), rng=jax.random.key(2)
+  )
   logits = np.asarray(trainable.apply(params, frozen, [batch["image"]], train=False), np.float64)
   return trainable, tx, state, batch, logits
 

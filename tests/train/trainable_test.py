@@ -23,6 +23,7 @@ LR, WD, EPS = 0.1, 0.25, 1e-8
 
 
 class _TwoLayers(nn.Module):
+
   @nn.compact
   def __call__(self, x, *, train=False):
     del train
@@ -34,11 +35,23 @@ def _config(method, penalty=None, update=None, options=None, weight_decay=WD):
   adapter.penalty = ml_collections.ConfigDict(penalty or {})
   adapter.update = ml_collections.ConfigDict(update or {})
   adapter.options = ml_collections.ConfigDict(options or {})
-  optimizer = ml_collections.ConfigDict({"name": "adamw", "learning_rate": LR, "schedule": "constant",
-                                         "warmup_steps": 0, "grad_clip_norm": 0.0, "b1": None, "b2": None,
-                                         "b3": None, "eps": EPS, "weight_decay": weight_decay})
-  return ml_collections.ConfigDict({"trainable": {"base": ""}, "adapter": adapter, "optimizer": optimizer,
-                                    "num_train_steps": 10})
+  optimizer = ml_collections.ConfigDict(
+      {
+          "name": "adamw",
+          "learning_rate": LR,
+          "schedule": "constant",
+          "warmup_steps": 0,
+          "grad_clip_norm": 0.0,
+          "b1": None,
+          "b2": None,
+          "b3": None,
+          "eps": EPS,
+          "weight_decay": weight_decay,
+      }
+  )
+  return ml_collections.ConfigDict(
+      {"trainable": {"base": ""}, "adapter": adapter, "optimizer": optimizer, "num_train_steps": 10}
+  )
 
 
 def _start(config):
@@ -57,8 +70,9 @@ def _first_adamw_step(grads, params, decay):
   return params - LR * (grads / (np.abs(grads) + EPS) + (WD * params if decay else 0.0))
 
 
-@pytest.mark.parametrize("method, trained, no_decay", [("sora", {"a", "b", "gate"}, {"gate"}),
-                                                       ("svd_ft", {"s"}, {"s"})])
+@pytest.mark.parametrize(
+    "method, trained, no_decay", [("sora", {"a", "b", "gate"}, {"gate"}), ("svd_ft", {"s"}, {"s"})]
+)
 def test_the_method_s_no_decay_leaves_are_not_decayed(method, trained, no_decay):
   update = {"sparse_lambda": 0.0} if method == "sora" else None  # a zero threshold: the prox is the identity
   config = _config(method, update=update)
@@ -71,27 +85,31 @@ def test_the_method_s_no_decay_leaves_are_not_decayed(method, trained, no_decay)
   new = optax.apply_updates(params, updates)
   frozen_leaves = {"u", "vt", "s0"} if method == "svd_ft" else set()
   checked = set()
-  for (path, p), g, n in zip(_flat(params["adapter"]).items(), _flat(grads["adapter"]).values(),
-                             _flat(new["adapter"]).values()):
+  for (path, p), g, n in zip(
+      _flat(params["adapter"]).items(), _flat(grads["adapter"]).values(), _flat(new["adapter"]).values()
+  ):
     name = path.rpartition("/")[2]
     if name in frozen_leaves:
       continue
-    np.testing.assert_allclose(n, _first_adamw_step(g, p, decay=name not in no_decay), rtol=1e-5, atol=1e-6,
-                               err_msg=path)
+    np.testing.assert_allclose(
+        n, _first_adamw_step(g, p, decay=name not in no_decay), rtol=1e-5, atol=1e-6, err_msg=path
+    )
     checked.add(name)
   assert checked == trained
 
 
 def test_sora_loss_term_is_the_reference_mean_gate_l1():
   lam = 0.3
-  trainable, params, frozen, _ = _start(_config("sora", penalty={"sparse_lambda": lam},
-                                                update={"sparse_lambda": lam}))
+  trainable, params, frozen, _ = _start(
+      _config("sora", penalty={"sparse_lambda": lam}, update={"sparse_lambda": lam})
+  )
   gates = [np.asarray(params["adapter"][layer]["kernel"]["gate"]) for layer in ("hidden", "out")]
   expected = lam * sum(np.abs(g).sum() for g in gates) / sum(g.size for g in gates)
   np.testing.assert_allclose(trainable.regularizer(params, frozen, jax.random.key(0)), expected, rtol=1e-6)
   grad = jax.grad(lambda p: trainable.regularizer(p, frozen, jax.random.key(0)))(params)
-  np.testing.assert_allclose(grad["adapter"]["out"]["kernel"]["gate"],
-                             lam * np.sign(gates[1]) / sum(g.size for g in gates), rtol=1e-6)
+  np.testing.assert_allclose(
+      grad["adapter"]["out"]["kernel"]["gate"], lam * np.sign(gates[1]) / sum(g.size for g in gates), rtol=1e-6
+  )
   np.testing.assert_array_equal(grad["adapter"]["out"]["kernel"]["a"], 0.0)
 
 
@@ -104,17 +122,20 @@ def test_sora_update_rule_and_loss_term_come_from_the_config_together():
 
 def test_salt_regularizer_is_reachable_from_the_config():
   weight = 0.7
-  trainable, params, frozen, _ = _start(_config("salt", penalty={"reg_multiplier": weight},
-                                                options={"ratio": 0.5}))
+  trainable, params, frozen, _ = _start(
+      _config("salt", penalty={"reg_multiplier": weight}, options={"ratio": 0.5})
+  )
   params = jax.tree.map(lambda v: v + 0.01, params)
   expected = 0.0
   for layer in ("hidden", "out"):
     leaves = {k: np.asarray(v, np.float64) for k, v in params["adapter"][layer]["kernel"].items()}
     top = leaves["s"][: leaves["scale"].shape[-1]]
-    expected += (np.linalg.norm(leaves["scale"] * top + leaves["shift"] - top)
-                 + np.linalg.norm(leaves["x"] @ leaves["y"]))
-  np.testing.assert_allclose(trainable.regularizer(params, frozen, jax.random.key(0)), weight * expected,
-                             rtol=1e-5)
+    expected += np.linalg.norm(leaves["scale"] * top + leaves["shift"] - top) + np.linalg.norm(
+        leaves["x"] @ leaves["y"]
+    )
+  np.testing.assert_allclose(
+      trainable.regularizer(params, frozen, jax.random.key(0)), weight * expected, rtol=1e-5
+  )
 
 
 def test_pela_weight_perturbation_term_is_reachable_from_the_config():
@@ -126,8 +147,9 @@ def test_pela_weight_perturbation_term_is_reachable_from_the_config():
     leaves = params["adapter"][layer]["kernel"]
     residual = np.abs(np.asarray(leaves["a"]) @ np.asarray(leaves["b"]) - np.asarray(base[layer]["kernel"]))
     terms.append((residual.max() - eps) ** 2)
-  np.testing.assert_allclose(trainable.regularizer(params, frozen, jax.random.key(0)), weight * np.mean(terms),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      trainable.regularizer(params, frozen, jax.random.key(0)), weight * np.mean(terms), rtol=1e-5
+  )
 
 
 def test_a_loss_term_option_for_a_method_without_one_is_an_error():

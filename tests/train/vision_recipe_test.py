@@ -61,7 +61,9 @@ def test_vit_pretrains_on_some_classes_and_adapts_lora_to_others(data_dir, tmp_p
   trained = _flat(result["state"].params)
   assert sorted(p for p in trained if p.startswith("base/")) == ["base/head/bias", "base/head/kernel"]
   assert {p.rsplit("/", 2)[0] for p in trained if p.startswith("adapter/")} == {
-      "adapter/block_0/attention/query", "adapter/block_0/attention/value"}
+      "adapter/block_0/attention/query",
+      "adapter/block_0/attention/value",
+  }
   for path, value in _flat(result["state"].frozen).items():
     np.testing.assert_array_equal(value, pretrained[path])
   # The head is re-initialised (keep_fresh), not the pretrained one.

@@ -8,8 +8,15 @@ import pytest
 from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
 from jaxpeft.train import tta_loop as adapt
 
-CONFIGS = {"source": tta_source, "bn_adapt": tta_bn_adapt, "tent": tta_tent, "eata": tta_eata, "sar": tta_sar,
-           "lame": tta_lame, "cotta": tta_cotta}
+CONFIGS = {
+    "source": tta_source,
+    "bn_adapt": tta_bn_adapt,
+    "tent": tta_tent,
+    "eata": tta_eata,
+    "sar": tta_sar,
+    "lame": tta_lame,
+    "cotta": tta_cotta,
+}
 
 
 def _config(module, pretrained_run, fashion_data_dir, **stream):
@@ -22,8 +29,9 @@ def _config(module, pretrained_run, fashion_data_dir, **stream):
 
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_every_method_runs_and_logs_online_error(method, pretrained_run, fashion_data_dir, tmp_path):
-  config = _config(CONFIGS[method], pretrained_run, fashion_data_dir, corruptions=("contrast", "jpeg"),
-                   setting="one_at_a_time")
+  config = _config(
+      CONFIGS[method], pretrained_run, fashion_data_dir, corruptions=("contrast", "jpeg"), setting="one_at_a_time"
+  )
   result = adapt.adapt(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
   assert [l["corruption"] for l in lines] == ["contrast"] * 2 + ["jpeg"] * 2

@@ -12,8 +12,10 @@ from tests.tta import torch_reference as ref
 
 def _with_running_stats(model_state):
   rng = np.random.default_rng(3)
-  stats = {"mean": jnp.asarray(rng.standard_normal(ref.CHANNELS), jnp.float32),
-           "var": jnp.asarray(rng.uniform(0.5, 2, ref.CHANNELS), jnp.float32)}
+  stats = {
+      "mean": jnp.asarray(rng.standard_normal(ref.CHANNELS), jnp.float32),
+      "var": jnp.asarray(rng.uniform(0.5, 2, ref.CHANNELS), jnp.float32),
+  }
   return {"batch_stats": {"bn": stats}}
 
 

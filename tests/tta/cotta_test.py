@@ -32,8 +32,13 @@ def test_cotta_matches_reference(rst):
   source = {k: v.clone() for k, v in student.state_dict().items()}
   teacher, anchor = copy.deepcopy(student), copy.deepcopy(student)
   optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
-  names = {"conv.weight": ("conv", "kernel"), "bn.weight": ("bn", "scale"), "bn.bias": ("bn", "bias"),
-           "head.weight": ("head", "kernel"), "head.bias": ("head", "bias")}
+  names = {
+      "conv.weight": ("conv", "kernel"),
+      "bn.weight": ("bn", "scale"),
+      "bn.bias": ("bn", "bias"),
+      "head.weight": ("head", "kernel"),
+      "head.bias": ("head", "bias"),
+  }
   for images in ref.batches(3):
     # The same augmented images and restore masks as the JAX step draws (the randomness, not the arithmetic,
     # is shared).
@@ -59,10 +64,12 @@ def test_cotta_matches_reference(rst):
         p.data = source[name] * m + p * (1.0 - m)
     np.testing.assert_allclose(logits, outputs_ema.numpy(), rtol=2e-5, atol=2e-5)
     ref.assert_bn_equal(state.params, student)
-    np.testing.assert_allclose(state.params["head"]["kernel"], student.head.weight.detach().numpy().T, rtol=2e-5,
-                               atol=2e-6)
-    np.testing.assert_allclose(state.extra["teacher"]["bn"]["scale"], teacher.bn.weight.detach().numpy(),
-                               rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(
+        state.params["head"]["kernel"], student.head.weight.detach().numpy().T, rtol=2e-5, atol=2e-6
+    )
+    np.testing.assert_allclose(
+        state.extra["teacher"]["bn"]["scale"], teacher.bn.weight.detach().numpy(), rtol=2e-5, atol=2e-6
+    )
 
 
 def test_low_confidence_uses_augmentation_averaged_teacher():
@@ -72,8 +79,15 @@ def test_low_confidence_uses_augmentation_averaged_teacher():
   (images,) = ref.batches(1)
   _, logits = jax.jit(cotta.step)(state, images)
   _, aug_key, _ = jax.random.split(state.extra["key"], 3)
-  expected = np.mean([model.apply({"params": params, **model_state}, augment(k, images), train=True,
-                                  mutable=["batch_stats"])[0] for k in jax.random.split(aug_key, 4)], 0)
+  expected = np.mean(
+      [
+          model.apply({"params": params, **model_state}, augment(k, images), train=True, mutable=["batch_stats"])[
+              0
+          ]
+          for k in jax.random.split(aug_key, 4)
+      ],
+      0,
+  )
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
   augmented = augment(aug_key, images)
   assert augmented.shape == images.shape and not np.allclose(augmented, images)

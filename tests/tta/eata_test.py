@@ -45,8 +45,11 @@ def _torch_step(model, optimizer, images, fishers, e_margin, d_margin, probs, al
     probs = None if new.size(0) == 0 else new.mean(0).detach()
   loss = (entropys * (1 / torch.exp(entropys.detach() - e_margin))).mean(0)
   if fishers is not None:
-    loss = loss + sum(alpha * (fishers[n][0] * (p - fishers[n][1]) ** 2).sum()
-                      for n, p in model.named_parameters() if n in fishers)
+    loss = loss + sum(
+        alpha * (fishers[n][0] * (p - fishers[n][1]) ** 2).sum()
+        for n, p in model.named_parameters()
+        if n in fishers
+    )
   if images[ids1[0].numpy()][ids2[0].numpy()].shape[0] != 0:
     loss.backward()
     optimizer.step()
@@ -61,8 +64,14 @@ def test_eata_matches_reference(with_fisher):
   torch_model = ref.configure_like_authors(ref.TorchTinyBN(params))
   first = ref.softmax_entropy(torch_model(ref.torch_images(stream[0]))).detach().numpy()
   e_margin, d_margin, alpha = float(np.median(first)), 0.999, 50.0  # thresholds that keep some, drop some
-  config = eata.Config(model.apply, num_classes=ref.CLASSES, optimizer=optax.sgd(0.5, momentum=0.9),
-                       e_margin=e_margin, d_margin=d_margin, fisher_alpha=alpha)
+  config = eata.Config(
+      model.apply,
+      num_classes=ref.CLASSES,
+      optimizer=optax.sgd(0.5, momentum=0.9),
+      e_margin=e_margin,
+      d_margin=d_margin,
+      fisher_alpha=alpha,
+  )
   fishers = eata.fisher(params, model_state, config, clean) if with_fisher else None
   state = eata.init(params, model_state, config, fishers)
   torch_fishers = _torch_fisher(torch_model, clean) if with_fisher else None
@@ -72,8 +81,9 @@ def test_eata_matches_reference(with_fisher):
   probs, backward, step = None, 0, jax.jit(eata.step)
   for images in stream:
     state, logits = step(state, images)
-    outputs, probs, count = _torch_step(torch_model, optimizer, images, torch_fishers, e_margin, d_margin, probs,
-                                        alpha)
+    outputs, probs, count = _torch_step(
+        torch_model, optimizer, images, torch_fishers, e_margin, d_margin, probs, alpha
+    )
     backward += count
     np.testing.assert_allclose(logits, outputs.detach().numpy(), rtol=2e-5, atol=2e-5)
     ref.assert_bn_equal(state.params, torch_model)

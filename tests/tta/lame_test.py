@@ -21,11 +21,11 @@ def _np_lame(probs, feats, affinity, knn, force_symmetry, lam=1.0, max_steps=100
   dist = np.linalg.norm(feats[None] - feats[:, None], axis=-1)
   if affinity == "rbf":
     sigma = np.sort(dist, axis=-1)[:, min(knn, n) - 1].mean()
-    w = np.exp(-dist ** 2 / (2 * sigma ** 2))
+    w = np.exp(-(dist**2) / (2 * sigma**2))
   elif affinity == "knn":
     w = np.zeros((n, n))
     for i in range(n):
-      w[i, np.argsort(dist[i], kind="stable")[1:min(knn + 1, n)]] = 1.0
+      w[i, np.argsort(dist[i], kind="stable")[1 : min(knn + 1, n)]] = 1.0
   else:
     w = feats @ feats.T
   if force_symmetry:

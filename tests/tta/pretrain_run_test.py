@@ -21,12 +21,19 @@ def test_train_step_updates_running_averages_with_the_batch_statistics():
   trainable = Trainable(model, ".*")
   params, frozen = trainable.split(jax.random.key(2), variables["params"])
   tx = optax.sgd(0.0)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-                     rng=jax.random.key(3), model_state={"batch_stats": variables["batch_stats"]})
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      frozen=frozen,
+      opt_state=tx.init(params),
+      rng=jax.random.key(3),
+      model_state={"batch_stats": variables["batch_stats"]},
+  )
   new, _ = make_train_step(trainable, tx)(state, {"image": x, "label": jnp.array([0, 1, 2, 0, 1, 2])})
   # Independent: the stem conv by lax, its per-channel batch mean and (biased) variance, momentum 0.9.
-  conv = jax.lax.conv_general_dilated(x, variables["params"]["stem_conv"]["kernel"], (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = jax.lax.conv_general_dilated(
+      x, variables["params"]["stem_conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   stats = new.model_state["batch_stats"]["stem_bn"]
   np.testing.assert_allclose(stats["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)), rtol=1e-5)
@@ -48,7 +55,8 @@ def test_pretrain_checkpoints_and_exports_batch_stats(pretrained_run, fashion_da
   batch = input_pipeline.uint8_image_preprocess(input_pipeline.fetch_batch(source, range(len(source))))
   config = fashion_resnet.get_config("smoke")
   logits = ResNet(10, stage_sizes=config.model.stage_sizes, width=config.model.width).apply(
-      {"params": params, **exported}, batch["image"])
+      {"params": params, **exported}, batch["image"]
+  )
   assert np.mean(np.argmax(logits, -1) == batch["label"]) == result["eval"]["accuracy"]
   # The last numbered checkpoint holds them too (so a resumed run continues from them).
   saved = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/4/state")

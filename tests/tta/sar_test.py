@@ -20,8 +20,9 @@ class _SAM(torch.optim.Optimizer):
 
   @torch.no_grad()
   def first_step(self):
-    norm = torch.norm(torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"]
-                                   if p.grad is not None]), p=2)
+    norm = torch.norm(
+        torch.stack([p.grad.norm(p=2) for g in self.param_groups for p in g["params"] if p.grad is not None]), p=2
+    )
     for group in self.param_groups:
       scale = group["rho"] / (norm + 1e-12)
       for p in group["params"]:
@@ -65,8 +66,14 @@ def test_sar_matches_reference(reset_constant):
   stream = ref.batches(3)
   torch_model = ref.configure_like_authors(ref.TorchTinyBN(params))
   margin = float(np.median(ref.softmax_entropy(torch_model(ref.torch_images(stream[0]))).detach().numpy()))
-  config = sar.Config(model.apply, num_classes=ref.CLASSES, optimizer=optax.sgd(0.5, momentum=0.9), rho=0.05,
-                      e_margin=margin, reset_constant=reset_constant)
+  config = sar.Config(
+      model.apply,
+      num_classes=ref.CLASSES,
+      optimizer=optax.sgd(0.5, momentum=0.9),
+      rho=0.05,
+      e_margin=margin,
+      reset_constant=reset_constant,
+  )
   state, step = sar.init(params, model_state, config), jax.jit(sar.step)
   optimizer = _SAM([torch_model.bn.weight, torch_model.bn.bias], torch.optim.SGD, rho=0.05, lr=0.5, momentum=0.9)
   saved = ({k: v.clone() for k, v in torch_model.state_dict().items()}, optimizer.state_dict())

@@ -35,6 +35,7 @@ def flax_model(seed: int = 0, head_scale: float = 4.0):
 
 
 class TorchTinyBN(torch.nn.Module):
+
   def __init__(self, params):
     super().__init__()
     self.conv = torch.nn.Conv2d(1, CHANNELS, 3, padding=1, bias=False)

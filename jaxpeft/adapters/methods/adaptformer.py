@@ -50,49 +50,66 @@ from jaxpeft.adapters.module_hooks import ModuleHookMethod, bottleneck
 
 @register_method("adaptformer")
 class AdaptFormer(ModuleHookMethod):
-    """``MLP'(x) = MLP(x) + s * up(relu(down(x)))``. See the module docstring."""
+  """``MLP'(x) = MLP(x) + s * up(relu(down(x)))``. See the module docstring."""
 
-    option_defaults = {"scale": 0.1}
-    hook_levels_up = 1
+  option_defaults = {"scale": 0.1}
+  hook_levels_up = 1
 
-    def validate(self, target: Target) -> None:
-        super().validate(target)
-        if target.fan_in_axes != 1 or len(target.layer_shape) != 2:
-            raise ValueError(f"{target.path}: AdaptFormer targets the 2-D kernel of the MLP's first Dense (its "
-                             f"input width is the adapter's d), got per-layer shape {target.layer_shape}.")
+  def validate(self, target: Target) -> None:
+    super().validate(target)
+    if target.fan_in_axes != 1 or len(target.layer_shape) != 2:
+      raise ValueError(
+          f"{target.path}: AdaptFormer targets the 2-D kernel of the MLP's first Dense (its "
+          f"input width is the adapter's d), got per-layer shape {target.layer_shape}."
+      )
 
-    def check_module(self, module_params, module_path, target):
-        nested = sorted(name for name, child in module_params.items()
-                        if not isinstance(child, Mapping) or any(isinstance(v, Mapping) for v in child.values()))
-        kernels = {name: tuple(child["kernel"].shape) for name, child in module_params.items()
-                   if name not in nested and "kernel" in child}
-        d, hidden = target.layer_shape
-        if nested:
-            found = f"it has submodules {nested}"
-        elif len(kernels) != 2 or sorted(kernels.values()) != sorted([(d, hidden), (hidden, d)]):
-            found = f"its projection kernels are {kernels}; an MLP has two, ({d}, {hidden}) and ({hidden}, {d})"
-        else:
-            return
-        raise ValueError(f"{target.path}: AdaptFormer wraps the module above the targeted kernel, "
-                         f"{module_path!r}, which is not an MLP ({found}). Target the first projection kernel "
-                         "of an MLP submodule, e.g. r'.*mlp/fc1/kernel' (jaxpeft ViT) or "
-                         "r'.*mlp/intermediate/kernel' (jaxpeft BERT).")
+  def check_module(self, module_params, module_path, target):
+    nested = sorted(
+        name
+        for name, child in module_params.items()
+        if not isinstance(child, Mapping) or any(isinstance(v, Mapping) for v in child.values())
+    )
+    kernels = {
+        name: tuple(child["kernel"].shape)
+        for name, child in module_params.items()
+        if name not in nested and "kernel" in child
+    }
+    d, hidden = target.layer_shape
+    if nested:
+      found = f"it has submodules {nested}"
+    elif len(kernels) != 2 or sorted(kernels.values()) != sorted([(d, hidden), (hidden, d)]):
+      found = f"its projection kernels are {kernels}; an MLP has two, ({d}, {hidden}) and ({hidden}, {d})"
+    else:
+      return
+    raise ValueError(
+        f"{target.path}: AdaptFormer wraps the module above the targeted kernel, "
+        f"{module_path!r}, which is not an MLP ({found}). Target the first projection kernel "
+        "of an MLP submodule, e.g. r'.*mlp/fc1/kernel' (jaxpeft ViT) or "
+        "r'.*mlp/intermediate/kernel' (jaxpeft BERT)."
+    )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        d, m = target.matrix_shape[0], target.rank
-        bound = 1.0 / jnp.sqrt(d)
-        return {"down": jax.random.uniform(rng, (d, m), jnp.float32, -bound, bound),
-                "down_bias": jnp.zeros((m,), jnp.float32),
-                "up": jnp.zeros((m, d), jnp.float32), "up_bias": jnp.zeros((d,), jnp.float32)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    d, m = target.matrix_shape[0], target.rank
+    bound = 1.0 / jnp.sqrt(d)
+    return {
+        "down": jax.random.uniform(rng, (d, m), jnp.float32, -bound, bound),
+        "down_bias": jnp.zeros((m,), jnp.float32),
+        "up": jnp.zeros((m, d), jnp.float32),
+        "up_bias": jnp.zeros((d,), jnp.float32),
+    }
 
-    def hook(self, call, args, kwargs, leaves, target, call_index):
-        if not args:
-            raise ValueError(f"{target.path}: AdaptFormer needs the hooked MLP to receive its input as the first "
-                             "positional argument.")
-        x = args[0]
-        y = call(*args, **kwargs)
-        d = target.matrix_shape[0]
-        if x.shape[-1] != d or y.shape[-1] != d:
-            raise ValueError(f"{target.path}: the hooked module maps width {x.shape[-1]} to {y.shape[-1]}, but "
-                             f"AdaptFormer needs both to equal the targeted kernel's input width {d}.")
-        return (y + target.option("scale") * bottleneck(x, leaves, "relu")).astype(y.dtype)
+  def hook(self, call, args, kwargs, leaves, target, call_index):
+    if not args:
+      raise ValueError(
+          f"{target.path}: AdaptFormer needs the hooked MLP to receive its input as the first "
+          "positional argument."
+      )
+    x = args[0]
+    y = call(*args, **kwargs)
+    d = target.matrix_shape[0]
+    if x.shape[-1] != d or y.shape[-1] != d:
+      raise ValueError(
+          f"{target.path}: the hooked module maps width {x.shape[-1]} to {y.shape[-1]}, but "
+          f"AdaptFormer needs both to equal the targeted kernel's input width {d}."
+      )
+    return (y + target.option("scale") * bottleneck(x, leaves, "relu")).astype(y.dtype)

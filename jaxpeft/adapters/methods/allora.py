@@ -46,25 +46,25 @@ _INITS = ("default", "gaussian", "random")
 
 
 def output_scale(a: jax.Array, b: jax.Array, eta: float) -> jax.Array:
-    """``c_j = 1 / sqrt(||(a b)_{:,j}||_2 + 1/eta^2)`` for every output unit ``j``, shape ``(d_out,)``."""
-    col_norm_sq = jnp.sum(b * ((a.T @ a) @ b), axis=0)
-    return jax.lax.rsqrt(jnp.sqrt(jnp.maximum(col_norm_sq, 0.0)) + 1.0 / eta**2)
+  """``c_j = 1 / sqrt(||(a b)_{:,j}||_2 + 1/eta^2)`` for every output unit ``j``, shape ``(d_out,)``."""
+  col_norm_sq = jnp.sum(b * ((a.T @ a) @ b), axis=0)
+  return jax.lax.rsqrt(jnp.sqrt(jnp.maximum(col_norm_sq, 0.0)) + 1.0 / eta**2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def allora_product(a: jax.Array, b: jax.Array, eta: float) -> jax.Array:
-    """``a @ b`` whose gradient is rescaled per output column by ``output_scale`` (see the module docstring)."""
-    return a @ b
+  """``a @ b`` whose gradient is rescaled per output column by ``output_scale`` (see the module docstring)."""
+  return a @ b
 
 
 def _product_fwd(a, b, eta):
-    return a @ b, (a, b)
+  return a @ b, (a, b)
 
 
 def _product_bwd(eta, residuals, grad):
-    a, b = residuals
-    grad = grad * output_scale(a, b, eta)
-    return grad @ b.T, a.T @ grad
+  a, b = residuals
+  grad = grad * output_scale(a, b, eta)
+  return grad @ b.T, a.T @ grad
 
 
 allora_product.defvjp(_product_fwd, _product_bwd)
@@ -72,27 +72,30 @@ allora_product.defvjp(_product_fwd, _product_bwd)
 
 @register_method("allora")
 class ALLoRA(AdapterMethod):
-    """``W' = W + a b`` (no scale, no dropout) with ALLoRA's gradient rescaling. See the module docstring."""
+  """``W' = W + a b`` (no scale, no dropout) with ALLoRA's gradient rescaling. See the module docstring."""
 
-    inits = _INITS
-    needs_matrix = True
+  inits = _INITS
+  needs_matrix = True
 
-    option_defaults = {"eta": None}
+  option_defaults = {"eta": None}
 
-    def validate(self, target: Target) -> None:
-        if target.dropout:
-            raise ValueError(f"{target.path}: ALLoRA removes LoRA's dropout; set AdapterConfig.dropout=0 "
-                             f"(got {target.dropout}).")
-        eta = target.option("eta")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
-            raise ValueError(f"{target.path}: ALLoRA needs its gradient-scale constant eta > 0 (the factor at zero "
-                             f"update), got eta={eta!r}; set AdapterConfig.options={{'eta': 4.0}} (for example).")
+  def validate(self, target: Target) -> None:
+    if target.dropout:
+      raise ValueError(
+          f"{target.path}: ALLoRA removes LoRA's dropout; set AdapterConfig.dropout=0 " f"(got {target.dropout})."
+      )
+    eta = target.option("eta")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
+      raise ValueError(
+          f"{target.path}: ALLoRA needs its gradient-scale constant eta > 0 (the factor at zero "
+          f"update), got eta={eta!r}; set AdapterConfig.options={{'eta': 4.0}} (for example)."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        return lora_factors_init(rng, kernel, target)
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    return lora_factors_init(rng, kernel, target)
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return allora_product(leaves["a"], leaves["b"], float(target.option("eta")))
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return allora_product(leaves["a"], leaves["b"], float(target.option("eta")))
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return x @ self.delta(leaves, target)
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return x @ self.delta(leaves, target)

@@ -42,30 +42,31 @@ _UPDATES: dict[str, AdapterMethod] = {"loralib": ConvLoRA(), "layer_rank": ConvL
 
 
 def _update(target: Target) -> AdapterMethod:
-    check_variant(target, tuple(_UPDATES))
-    return _UPDATES[target.option("variant")]
+  check_variant(target, tuple(_UPDATES))
+  return _UPDATES[target.option("variant")]
 
 
 @register_method("conv_dora")
 class ConvDoRA(AdapterMethod):
-    """``W' = m * (W + Delta W) / ||W + Delta W||_col`` with a conv/CP update. See the module docstring."""
+  """``W' = m * (W + Delta W) / ||W + Delta W||_col`` with a conv/CP update. See the module docstring."""
 
-    option_defaults = {"variant": "loralib"}
+  option_defaults = {"variant": "loralib"}
 
-    def validate(self, target: Target) -> None:
-        _update(target).validate(target)
+  def validate(self, target: Target) -> None:
+    _update(target).validate(target)
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        update = _update(target)
-        leaves = update.init(rng, kernel, target)
-        leaves["m"] = column_norm(kernel + update.delta(leaves, target))
-        return leaves
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    update = _update(target)
+    leaves = update.init(rng, kernel, target)
+    leaves["m"] = column_norm(kernel + update.delta(leaves, target))
+    return leaves
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        v = kernel + _update(target).delta(leaves, target)
-        return v * magnitude_scale(v, leaves)
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    v = kernel + _update(target).delta(leaves, target)
+    return v * magnitude_scale(v, leaves)
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        raise ValueError(
-            f"{target.path}: DoRA-C / convDoRA / CP-DoRA cannot be unmerged from merged weights (the norm "
-            "||W + Delta W|| is lost in the merge). Keep the base params: reparam.apply/merge never modify them.")
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    raise ValueError(
+        f"{target.path}: DoRA-C / convDoRA / CP-DoRA cannot be unmerged from merged weights (the norm "
+        "||W + Delta W|| is lost in the merge). Keep the base params: reparam.apply/merge never modify them."
+    )

@@ -62,74 +62,81 @@ _INITS = ("default", "random")
 
 
 def conv_shape(target: Target) -> tuple[int, int, int]:
-    """``(k, I, O)`` of a square 2-D Flax conv kernel ``(k, k, I, O)``; raises a clear error otherwise."""
-    shape = target.layer_shape
-    if len(shape) != 4 or shape[0] != shape[1] or target.fan_in_axes != 3:
-        raise ValueError(
-            f"{target.path}: LoRA-C / convLoRA adapt square 2-D conv kernels (kh, kw, in, out) with kh == kw and "
-            f"fan_in_axes=3, got per-layer shape {shape} with fan_in_axes={target.fan_in_axes}. Set "
-            "AdapterConfig.fan_in_axes={pattern: 3} for conv kernels; use cp_lora for 1-D/3-D or non-square kernels.")
-    return shape[0], shape[2], shape[3]
+  """``(k, I, O)`` of a square 2-D Flax conv kernel ``(k, k, I, O)``; raises a clear error otherwise."""
+  shape = target.layer_shape
+  if len(shape) != 4 or shape[0] != shape[1] or target.fan_in_axes != 3:
+    raise ValueError(
+        f"{target.path}: LoRA-C / convLoRA adapt square 2-D conv kernels (kh, kw, in, out) with kh == kw and "
+        f"fan_in_axes=3, got per-layer shape {shape} with fan_in_axes={target.fan_in_axes}. Set "
+        "AdapterConfig.fan_in_axes={pattern: 3} for conv kernels; use cp_lora for 1-D/3-D or non-square kernels."
+    )
+  return shape[0], shape[2], shape[3]
 
 
 def inner_width(target: Target) -> int:
-    """``q``: ``r k`` for the released code ("loralib"), ``r`` for "layer_rank"."""
-    k, _, _ = conv_shape(target)
-    return target.rank * (k if target.option("variant") == "loralib" else 1)
+  """``q``: ``r k`` for the released code ("loralib"), ``r`` for "layer_rank"."""
+  k, _, _ = conv_shape(target)
+  return target.rank * (k if target.option("variant") == "loralib" else 1)
 
 
 def check_variant(target: Target, variants: tuple[str, ...]) -> None:
-    """Refuses an unknown ``variant`` option, naming the new name of a pre-2026-12 one."""
-    variant = target.option("variant")
-    if variant in variants:
-        return
-    renamed = (f" Variant {variant!r} was renamed {RENAMED_VARIANTS[variant]!r} (same update)."
-               if variant in RENAMED_VARIANTS else "")
-    raise ValueError(f"{target.path}: unknown conv LoRA variant {variant!r}; expected one of {variants} "
-                     f"(options={{'variant': ...}}).{renamed}")
+  """Refuses an unknown ``variant`` option, naming the new name of a pre-2026-12 one."""
+  variant = target.option("variant")
+  if variant in variants:
+    return
+  renamed = (
+      f" Variant {variant!r} was renamed {RENAMED_VARIANTS[variant]!r} (same update)."
+      if variant in RENAMED_VARIANTS
+      else ""
+  )
+  raise ValueError(
+      f"{target.path}: unknown conv LoRA variant {variant!r}; expected one of {variants} "
+      f"(options={{'variant': ...}}).{renamed}"
+  )
 
 
 def validate_conv_lora(target: Target) -> None:
-    conv_shape(target)
-    check_variant(target, VARIANTS)
-    if target.init not in _INITS:
-        raise ValueError(f"{target.path}: unknown init {target.init!r} for LoRA-C / convLoRA; expected one of "
-                         f"{_INITS}.")
+  conv_shape(target)
+  check_variant(target, VARIANTS)
+  if target.init not in _INITS:
+    raise ValueError(
+        f"{target.path}: unknown init {target.init!r} for LoRA-C / convLoRA; expected one of " f"{_INITS}."
+    )
 
 
 def conv_lora_init(rng: jax.Array, target: Target) -> Leaves:
-    """``{"a": (I k, q), "b": (q, O k)}`` as loralib initialises ``lora_A.T`` and ``lora_B.T``."""
-    k, c_in, c_out = conv_shape(target)
-    q = inner_width(target)
-    key_a, key_b = jax.random.split(rng)
-    bound_a = 1.0 / jnp.sqrt(c_in * k)
-    a = jax.random.uniform(key_a, (c_in * k, q), jnp.float32, -bound_a, bound_a)
-    if target.init == "random":
-        bound_b = 1.0 / jnp.sqrt(q)
-        b = jax.random.uniform(key_b, (q, c_out * k), jnp.float32, -bound_b, bound_b)
-    else:
-        b = jnp.zeros((q, c_out * k), jnp.float32)
-    return {"a": a, "b": b}
+  """``{"a": (I k, q), "b": (q, O k)}`` as loralib initialises ``lora_A.T`` and ``lora_B.T``."""
+  k, c_in, c_out = conv_shape(target)
+  q = inner_width(target)
+  key_a, key_b = jax.random.split(rng)
+  bound_a = 1.0 / jnp.sqrt(c_in * k)
+  a = jax.random.uniform(key_a, (c_in * k, q), jnp.float32, -bound_a, bound_a)
+  if target.init == "random":
+    bound_b = 1.0 / jnp.sqrt(q)
+    b = jax.random.uniform(key_b, (q, c_out * k), jnp.float32, -bound_b, bound_b)
+  else:
+    b = jnp.zeros((q, c_out * k), jnp.float32)
+  return {"a": a, "b": b}
 
 
 def conv_lora_delta(leaves: Leaves, target: Target) -> jax.Array:
-    """``Delta K`` folded to ``(k*k*I, O)`` (see the module docstring)."""
-    k, c_in, c_out = conv_shape(target)
-    delta_t = (leaves["a"] @ leaves["b"]).T.reshape(c_out, c_in, k, k)  # loralib: (B @ A).view(W_t.shape)
-    return target.scaling * delta_t.transpose(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+  """``Delta K`` folded to ``(k*k*I, O)`` (see the module docstring)."""
+  k, c_in, c_out = conv_shape(target)
+  delta_t = (leaves["a"] @ leaves["b"]).T.reshape(c_out, c_in, k, k)  # loralib: (B @ A).view(W_t.shape)
+  return target.scaling * delta_t.transpose(2, 3, 1, 0).reshape(k * k * c_in, c_out)
 
 
 @register_method("conv_lora")
 class ConvLoRA(AdapterMethod):
-    """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "loralib" | "layer_rank"}``."""
+  """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "loralib" | "layer_rank"}``."""
 
-    option_defaults = {"variant": "loralib"}
+  option_defaults = {"variant": "loralib"}
 
-    def validate(self, target: Target) -> None:
-        validate_conv_lora(target)
+  def validate(self, target: Target) -> None:
+    validate_conv_lora(target)
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        return conv_lora_init(rng, target)
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    return conv_lora_init(rng, target)
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return conv_lora_delta(leaves, target)
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return conv_lora_delta(leaves, target)

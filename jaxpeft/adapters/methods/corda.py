@@ -64,159 +64,174 @@ from jaxpeft.adapters.selection import select_targets
 
 _MODES = ("ipm", "kpm")
 _COVARIANCES: contextvars.ContextVar[Mapping[str, jax.Array] | None] = contextvars.ContextVar(
-    "jaxpeft_corda_covariances", default=None)
+    "jaxpeft_corda_covariances", default=None
+)
 
 
 def damped_inverse(covariance: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(C_λ, C_λ⁻¹)`` with PEFT's damping schedule (``λ = 0.01, 0.02, 0.04, ...`` until the inverse is good)."""
-    eye = jnp.eye(covariance.shape[0], dtype=jnp.float32)
-    unit = jnp.mean(jnp.diag(covariance)) * eye
+  """``(C_λ, C_λ⁻¹)`` with PEFT's damping schedule (``λ = 0.01, 0.02, 0.04, ...`` until the inverse is good)."""
+  eye = jnp.eye(covariance.shape[0], dtype=jnp.float32)
+  unit = jnp.mean(jnp.diag(covariance)) * eye
 
-    def attempt(damp):
-        damped = covariance + damp * unit
-        inverse = jnp.linalg.inv(damped)
-        return damped, inverse, jnp.linalg.norm(damped @ inverse - eye)
+  def attempt(damp):
+    damped = covariance + damp * unit
+    inverse = jnp.linalg.inv(damped)
+    return damped, inverse, jnp.linalg.norm(damped @ inverse - eye)
 
-    damp = jax.lax.while_loop(lambda d: attempt(d)[2] >= 0.05, lambda d: 2.0 * d, jnp.float32(0.01))
-    damped, inverse, _ = attempt(damp)
-    return damped, inverse
+  damp = jax.lax.while_loop(lambda d: attempt(d)[2] >= 0.05, lambda d: 2.0 * d, jnp.float32(0.01))
+  damped, inverse, _ = attempt(damp)
+  return damped, inverse
 
 
 def corda_factors(kernel: jax.Array, covariance: jax.Array, target: Target) -> Leaves:
-    """``{"a": (d_in, r), "b": (r, d_out)}`` from the SVD of ``C_λ K`` (see the module docstring)."""
-    damped, inverse = damped_inverse(covariance)
-    # C K = (W C)ᵀ = V Σ Uᵀ: its left singular vectors are PEFT's V, its right ones PEFT's U.
-    left, sigma, right_t = jnp.linalg.svd(damped @ kernel, full_matrices=False)
-    r = target.rank
-    keep = slice(None, r) if target.option("mode") == "ipm" else slice(-r, None)
-    root = jnp.sqrt(sigma[keep] / target.scaling)
-    return {"a": (inverse @ left[:, keep]) * root, "b": root[:, None] * right_t[keep]}
+  """``{"a": (d_in, r), "b": (r, d_out)}`` from the SVD of ``C_λ K`` (see the module docstring)."""
+  damped, inverse = damped_inverse(covariance)
+  # C K = (W C)ᵀ = V Σ Uᵀ: its left singular vectors are PEFT's V, its right ones PEFT's U.
+  left, sigma, right_t = jnp.linalg.svd(damped @ kernel, full_matrices=False)
+  r = target.rank
+  keep = slice(None, r) if target.option("mode") == "ipm" else slice(-r, None)
+  root = jnp.sqrt(sigma[keep] / target.scaling)
+  return {"a": (inverse @ left[:, keep]) * root, "b": root[:, None] * right_t[keep]}
 
 
 @register_method("corda")
 class CorDA(LoRA):
-    """LoRA whose init is the CorDA decomposition; the base becomes the residual. See the module docstring."""
+  """LoRA whose init is the CorDA decomposition; the base becomes the residual. See the module docstring."""
 
-    peft = None  # PEFT stores CorDA adapters as LoRA on a residual base; not exported as such here
+  peft = None  # PEFT stores CorDA adapters as LoRA on a residual base; not exported as such here
 
-    inits = ("default",)
-    needs_matrix = True
+  inits = ("default",)
+  needs_matrix = True
 
-    option_defaults = {"mode": "ipm"}
+  option_defaults = {"mode": "ipm"}
 
-    def validate(self, target: Target) -> None:
-        if target.option("mode") not in _MODES:
-            raise ValueError(f"{target.path}: CorDA option mode must be one of {_MODES}, "
-                             f"got {target.option('mode')!r}.")
-        if target.rank > min(target.matrix_shape):
-            raise ValueError(f"{target.path}: CorDA needs rank <= min(d_in, d_out) = {min(target.matrix_shape)} "
-                             f"(folded shape {target.matrix_shape}), got rank {target.rank}.")
+  def validate(self, target: Target) -> None:
+    if target.option("mode") not in _MODES:
+      raise ValueError(
+          f"{target.path}: CorDA option mode must be one of {_MODES}, " f"got {target.option('mode')!r}."
+      )
+    if target.rank > min(target.matrix_shape):
+      raise ValueError(
+          f"{target.path}: CorDA needs rank <= min(d_in, d_out) = {min(target.matrix_shape)} "
+          f"(folded shape {target.matrix_shape}), got rank {target.rank}."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        covariances = _COVARIANCES.get()
-        if covariances is None:
-            covariance = jnp.eye(kernel.shape[0], dtype=jnp.float32)
-        else:
-            covariance = jnp.asarray(covariances[target.path], jnp.float32)
-        return corda_factors(kernel, covariance, target)
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    covariances = _COVARIANCES.get()
+    if covariances is None:
+      covariance = jnp.eye(kernel.shape[0], dtype=jnp.float32)
+    else:
+      covariance = jnp.asarray(covariances[target.path], jnp.float32)
+    return corda_factors(kernel, covariance, target)
 
-    def modifies_base(self, target: Target) -> bool:
-        return True
+  def modifies_base(self, target: Target) -> bool:
+    return True
 
-    def calibrate(self, apply_fn: Callable[[Any, Any], Any], base_params: Any, batches: Iterable[Any],
-                  config: AdapterConfig) -> dict[str, jax.Array]:
-        return collect_covariances(apply_fn, base_params, batches, config)
+  def calibrate(
+      self, apply_fn: Callable[[Any, Any], Any], base_params: Any, batches: Iterable[Any], config: AdapterConfig
+  ) -> dict[str, jax.Array]:
+    return collect_covariances(apply_fn, base_params, batches, config)
 
-    def calibrated_init(self, config: AdapterConfig, base_params: Any,
-                        calibration: Mapping[str, jax.Array]) -> tuple[Any, reparam.AdapterParams]:
-        return init_with_base(config, base_params, calibration)
+  def calibrated_init(
+      self, config: AdapterConfig, base_params: Any, calibration: Mapping[str, jax.Array]
+  ) -> tuple[Any, reparam.AdapterParams]:
+    return init_with_base(config, base_params, calibration)
 
 
 def _check_covariances(config: AdapterConfig, base_params: Any, covariances: Mapping[str, jax.Array]) -> None:
-    targets = select_targets(config, base_params)
-    expected = {t.path for t in targets}
-    missing, unexpected = sorted(expected - set(covariances)), sorted(set(covariances) - expected)
-    if missing or unexpected:
-        raise ValueError(f"covariances must have one entry per CorDA target.\n  missing: {missing}\n"
-                         f"  unexpected: {unexpected}\nBuild them with corda.collect_covariances(..., config).")
-    for t in targets:
-        if t.stacked_axes:
-            raise ValueError(f"{t.path}: CorDA does not support stacked (scanned) targets.")
-        d_in = t.matrix_shape[0]
-        if tuple(jnp.shape(covariances[t.path])) != (d_in, d_in):
-            raise ValueError(f"{t.path}: covariance must have shape ({d_in}, {d_in}) (folded d_in), got "
-                             f"{tuple(jnp.shape(covariances[t.path]))}.")
+  targets = select_targets(config, base_params)
+  expected = {t.path for t in targets}
+  missing, unexpected = sorted(expected - set(covariances)), sorted(set(covariances) - expected)
+  if missing or unexpected:
+    raise ValueError(
+        f"covariances must have one entry per CorDA target.\n  missing: {missing}\n"
+        f"  unexpected: {unexpected}\nBuild them with corda.collect_covariances(..., config)."
+    )
+  for t in targets:
+    if t.stacked_axes:
+      raise ValueError(f"{t.path}: CorDA does not support stacked (scanned) targets.")
+    d_in = t.matrix_shape[0]
+    if tuple(jnp.shape(covariances[t.path])) != (d_in, d_in):
+      raise ValueError(
+          f"{t.path}: covariance must have shape ({d_in}, {d_in}) (folded d_in), got "
+          f"{tuple(jnp.shape(covariances[t.path]))}."
+      )
 
 
 @contextlib.contextmanager
 def _using(covariances: Mapping[str, jax.Array]) -> Iterator[None]:
-    token = _COVARIANCES.set(covariances)
-    try:
-        yield
-    finally:
-        _COVARIANCES.reset(token)
+  token = _COVARIANCES.set(covariances)
+  try:
+    yield
+  finally:
+    _COVARIANCES.reset(token)
 
 
-def init_with_base(config: AdapterConfig, base_params: Any,
-                   covariances: Mapping[str, jax.Array]) -> tuple[Any, reparam.AdapterParams]:
-    """``(residual_base, adapter_params)`` of CorDA for ``config`` (``method="corda"``).
+def init_with_base(
+    config: AdapterConfig, base_params: Any, covariances: Mapping[str, jax.Array]
+) -> tuple[Any, reparam.AdapterParams]:
+  """``(residual_base, adapter_params)`` of CorDA for ``config`` (``method="corda"``).
 
-    Args:
-      config: an ``AdapterConfig`` with ``method="corda"`` and ``options={"mode": "ipm" | "kpm"}``.
-      base_params: the pretrained parameters.
-      covariances: ``{target path: (d_in, d_in) input covariance}``, e.g. from ``collect_covariances``.
-    """
-    if config.method != "corda":
-        raise ValueError(f"corda.init_with_base needs AdapterConfig(method='corda'), got {config.method!r}.")
-    _check_covariances(config, base_params, covariances)
-    with _using(covariances):
-        # The CorDA init is deterministic: the key is unused.
-        return reparam.init_with_base(jax.random.key(0), config, base_params)
+  Args:
+    config: an ``AdapterConfig`` with ``method="corda"`` and ``options={"mode": "ipm" | "kpm"}``.
+    base_params: the pretrained parameters.
+    covariances: ``{target path: (d_in, d_in) input covariance}``, e.g. from ``collect_covariances``.
+  """
+  if config.method != "corda":
+    raise ValueError(f"corda.init_with_base needs AdapterConfig(method='corda'), got {config.method!r}.")
+  _check_covariances(config, base_params, covariances)
+  with _using(covariances):
+    # The CorDA init is deterministic: the key is unused.
+    return reparam.init_with_base(jax.random.key(0), config, base_params)
 
 
-def collect_covariances(apply_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any],
-                        config: AdapterConfig) -> dict[str, jax.Array]:
-    """PEFT's calibration covariances of the inputs of every target of ``config``.
+def collect_covariances(
+    apply_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any], config: AdapterConfig
+) -> dict[str, jax.Array]:
+  """PEFT's calibration covariances of the inputs of every target of ``config``.
 
-    Args:
-      apply_fn: ``apply_fn(params, batch)`` runs the linen model, e.g.
-        ``lambda p, x: model.apply({"params": p}, x)``. Targets must be called through ``nn.Dense`` /
-        ``nn.DenseGeneral`` (contracting the trailing input axes) inside it.
-      params: the linen ``variables['params']`` tree.
-      batches: calibration batches; each call of a target counts as one sample (as PEFT's hook).
-      config: the adapter config whose targets need covariances.
+  Args:
+    apply_fn: ``apply_fn(params, batch)`` runs the linen model, e.g.
+      ``lambda p, x: model.apply({"params": p}, x)``. Targets must be called through ``nn.Dense`` /
+      ``nn.DenseGeneral`` (contracting the trailing input axes) inside it.
+    params: the linen ``variables['params']`` tree.
+    batches: calibration batches; each call of a target counts as one sample (as PEFT's hook).
+    config: the adapter config whose targets need covariances.
 
-    Returns:
-      ``{target path: C}`` with ``C = mean over calls of X̂ᵀ X̂``, ``X̂ = X / |max(X)|``, ``X`` the call's input
-      folded to ``(tokens, d_in)``.
-    """
-    targets = select_targets(config, params)
+  Returns:
+    ``{target path: C}`` with ``C = mean over calls of X̂ᵀ X̂``, ``X̂ = X / |max(X)|``, ``X`` the call's input
+    folded to ``(tokens, d_in)``.
+  """
+  targets = select_targets(config, params)
 
-    def batch_moments(params, batch):
-        moments: dict[str, list[jax.Array]] = {}
+  def batch_moments(params, batch):
+    moments: dict[str, list[jax.Array]] = {}
 
-        def handler(next_fun, args, kwargs, module, target):
-            if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-                raise ValueError(f"{target.path}: collect_covariances needs Dense / DenseGeneral targets, got "
-                                 f"{type(module).__name__}.")
-            x = args[0] if args else kwargs["inputs"]
-            x = x.reshape(-1, target.matrix_shape[0]).astype(jnp.float32)
-            x = x / jnp.abs(jnp.max(x))
-            moments.setdefault(target.path, []).append(x.T @ x)
-            return next_fun(*args, **kwargs)
+    def handler(next_fun, args, kwargs, module, target):
+      if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        raise ValueError(
+            f"{target.path}: collect_covariances needs Dense / DenseGeneral targets, got "
+            f"{type(module).__name__}."
+        )
+      x = args[0] if args else kwargs["inputs"]
+      x = x.reshape(-1, target.matrix_shape[0]).astype(jnp.float32)
+      x = x / jnp.abs(jnp.max(x))
+      moments.setdefault(target.path, []).append(x.T @ x)
+      return next_fun(*args, **kwargs)
 
-        with interception.intercept({interception.module_path(t): t for t in targets}, handler,
-                                    "calibration capture (collect_covariances)"):
-            apply_fn(params, batch)
-        return {p: jnp.stack(m) for p, m in moments.items()}
+    with interception.intercept(
+        {interception.module_path(t): t for t in targets}, handler, "calibration capture (collect_covariances)"
+    ):
+      apply_fn(params, batch)
+    return {p: jnp.stack(m) for p, m in moments.items()}
 
-    step = jax.jit(batch_moments)
-    sums: dict[str, jax.Array] = {}
-    counts: dict[str, int] = {}
-    for batch in batches:
-        for path, stacked_moments in step(params, batch).items():
-            sums[path] = sums.get(path, 0.0) + jnp.sum(stacked_moments, axis=0)
-            counts[path] = counts.get(path, 0) + stacked_moments.shape[0]
-    if not counts:
-        raise ValueError("collect_covariances got no calibration batches; pass at least one.")
-    return {t.path: sums[t.path] / counts[t.path] for t in targets}
+  step = jax.jit(batch_moments)
+  sums: dict[str, jax.Array] = {}
+  counts: dict[str, int] = {}
+  for batch in batches:
+    for path, stacked_moments in step(params, batch).items():
+      sums[path] = sums.get(path, 0.0) + jnp.sum(stacked_moments, axis=0)
+      counts[path] = counts.get(path, 0) + stacked_moments.shape[0]
+  if not counts:
+    raise ValueError("collect_covariances got no calibration batches; pass at least one.")
+  return {t.path: sums[t.path] / counts[t.path] for t in targets}

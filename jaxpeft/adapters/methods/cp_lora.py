@@ -52,55 +52,56 @@ _INITS = ("default", "random")
 
 
 def spatial_names(target: Target) -> list[str]:
-    """Leaf names of the spatial factors, one per kernel axis before ``(I, O)``."""
-    return [f"spatial_{t}" for t in range(len(target.layer_shape) - 2)]
+  """Leaf names of the spatial factors, one per kernel axis before ``(I, O)``."""
+  return [f"spatial_{t}" for t in range(len(target.layer_shape) - 2)]
 
 
 def validate_cp(target: Target) -> None:
-    n = len(target.layer_shape)
-    if n < 2 or target.fan_in_axes != n - 1:
-        raise ValueError(
-            f"{target.path}: CP-LoRA adapts kernels laid out as (spatial..., in, out) with fan_in_axes = ndim - 1 "
-            f"(Flax Conv/Dense), got per-layer shape {target.layer_shape} with fan_in_axes={target.fan_in_axes}. "
-            "Set AdapterConfig.fan_in_axes={pattern: ndim - 1} for conv kernels.")
-    if target.init not in _INITS:
-        raise ValueError(f"{target.path}: unknown init {target.init!r} for CP-LoRA; expected one of {_INITS}.")
+  n = len(target.layer_shape)
+  if n < 2 or target.fan_in_axes != n - 1:
+    raise ValueError(
+        f"{target.path}: CP-LoRA adapts kernels laid out as (spatial..., in, out) with fan_in_axes = ndim - 1 "
+        f"(Flax Conv/Dense), got per-layer shape {target.layer_shape} with fan_in_axes={target.fan_in_axes}. "
+        "Set AdapterConfig.fan_in_axes={pattern: ndim - 1} for conv kernels."
+    )
+  if target.init not in _INITS:
+    raise ValueError(f"{target.path}: unknown init {target.init!r} for CP-LoRA; expected one of {_INITS}.")
 
 
 def cp_init(rng: jax.Array, target: Target) -> Leaves:
-    """CP factors and weights (see the module docstring)."""
-    *spatial, c_in, c_out = target.layer_shape
-    r = target.rank
-    names = spatial_names(target) + ["in", "out"]
-    keys = jax.random.split(rng, len(names))
-    leaves = {}
-    for key, name, size in zip(keys, names, spatial + [c_in, c_out]):
-        bound = 1.0 / jnp.sqrt(size)
-        if name == "out" and target.init != "random":
-            leaves[name] = jnp.zeros((size, r), jnp.float32)
-        else:
-            leaves[name] = jax.random.uniform(key, (size, r), jnp.float32, -bound, bound)
-    leaves["lam"] = jnp.ones((r,), jnp.float32)
-    return leaves
+  """CP factors and weights (see the module docstring)."""
+  *spatial, c_in, c_out = target.layer_shape
+  r = target.rank
+  names = spatial_names(target) + ["in", "out"]
+  keys = jax.random.split(rng, len(names))
+  leaves = {}
+  for key, name, size in zip(keys, names, spatial + [c_in, c_out]):
+    bound = 1.0 / jnp.sqrt(size)
+    if name == "out" and target.init != "random":
+      leaves[name] = jnp.zeros((size, r), jnp.float32)
+    else:
+      leaves[name] = jax.random.uniform(key, (size, r), jnp.float32, -bound, bound)
+  leaves["lam"] = jnp.ones((r,), jnp.float32)
+  return leaves
 
 
 def cp_kernel(leaves: Leaves, target: Target) -> jax.Array:
-    """``Delta K`` in the per-layer kernel shape ``(k_1, ..., k_n, I, O)``."""
-    factors = [leaves[name] for name in spatial_names(target)] + [leaves["in"], leaves["out"]]
-    axes = string.ascii_lowercase[: len(factors)]
-    spec = ",".join(f"{a}z" for a in axes) + ",z->" + axes
-    return target.scaling * jnp.einsum(spec, *factors, leaves["lam"])
+  """``Delta K`` in the per-layer kernel shape ``(k_1, ..., k_n, I, O)``."""
+  factors = [leaves[name] for name in spatial_names(target)] + [leaves["in"], leaves["out"]]
+  axes = string.ascii_lowercase[: len(factors)]
+  spec = ",".join(f"{a}z" for a in axes) + ",z->" + axes
+  return target.scaling * jnp.einsum(spec, *factors, leaves["lam"])
 
 
 @register_method("cp_lora")
 class CPLoRA(AdapterMethod):
-    """``K' = K + s * [[lam; U^(1), ..., U^(n), C, D]]``. See the module docstring."""
+  """``K' = K + s * [[lam; U^(1), ..., U^(n), C, D]]``. See the module docstring."""
 
-    def validate(self, target: Target) -> None:
-        validate_cp(target)
+  def validate(self, target: Target) -> None:
+    validate_cp(target)
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        return cp_init(rng, target)
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    return cp_init(rng, target)
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return cp_kernel(leaves, target).reshape(target.matrix_shape)
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return cp_kernel(leaves, target).reshape(target.matrix_shape)

@@ -42,18 +42,18 @@ from jaxpeft.adapters.methods.lora import LORA_PEFT, lora_factors_init, validate
 
 
 def column_norm(w: jax.Array) -> jax.Array:
-    """Per-output-column L2 norm ``||W||_col`` of a folded ``(d_in, d_out)`` kernel."""
-    return jnp.linalg.norm(w, axis=0)
+  """Per-output-column L2 norm ``||W||_col`` of a folded ``(d_in, d_out)`` kernel."""
+  return jnp.linalg.norm(w, axis=0)
 
 
 def _updated(kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    """``V = W + s a b``."""
-    return kernel + target.scaling * (leaves["a"] @ leaves["b"])
+  """``V = W + s a b``."""
+  return kernel + target.scaling * (leaves["a"] @ leaves["b"])
 
 
 def magnitude_scale(v: jax.Array, leaves: Leaves) -> jax.Array:
-    """``g = m / ||V||_col`` with the norm detached."""
-    return leaves["m"] / jax.lax.stop_gradient(column_norm(v))
+  """``g = m / ||V||_col`` with the norm detached."""
+  return leaves["m"] / jax.lax.stop_gradient(column_norm(v))
 
 
 _DORA_PEFT = dataclasses.replace(LORA_PEFT, claims=lambda peft_config: bool(peft_config.get("use_dora")))
@@ -61,30 +61,33 @@ _DORA_PEFT = dataclasses.replace(LORA_PEFT, claims=lambda peft_config: bool(peft
 
 @register_method("dora")
 class DoRA(AdapterMethod):
-    """``W' = m * (W + s a b) / ||W + s a b||_col``. See the module docstring."""
+  """``W' = m * (W + s a b) / ||W + s a b||_col``. See the module docstring."""
 
-    peft = _DORA_PEFT
+  peft = _DORA_PEFT
 
-    def validate(self, target: Target) -> None:
-        if target.init.startswith("pissa"):
-            raise ValueError(f"{target.path}: DoRA cannot use a PiSSA init (it needs an unmergeable "
-                             "residual base); use init='default', 'gaussian' or 'random'.")
-        validate_lora_target(target)
+  def validate(self, target: Target) -> None:
+    if target.init.startswith("pissa"):
+      raise ValueError(
+          f"{target.path}: DoRA cannot use a PiSSA init (it needs an unmergeable "
+          "residual base); use init='default', 'gaussian' or 'random'."
+      )
+    validate_lora_target(target)
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        leaves = lora_factors_init(rng, kernel, target)
-        leaves["m"] = column_norm(_updated(kernel, leaves, target))
-        return leaves
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    leaves = lora_factors_init(rng, kernel, target)
+    leaves["m"] = column_norm(_updated(kernel, leaves, target))
+    return leaves
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        v = _updated(kernel, leaves, target)
-        return v * magnitude_scale(v, leaves)
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    v = _updated(kernel, leaves, target)
+    return v * magnitude_scale(v, leaves)
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        raise ValueError(
-            f"{target.path}: DoRA cannot be unmerged from merged weights (the norm ||W + s a b|| is lost in "
-            "the merge). Keep the base params: reparam.apply/merge return new trees and never modify them.")
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    raise ValueError(
+        f"{target.path}: DoRA cannot be unmerged from merged weights (the norm ||W + s a b|| is lost in "
+        "the merge). Keep the base params: reparam.apply/merge return new trees and never modify them."
+    )
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        g = magnitude_scale(_updated(kernel, leaves, target), leaves)
-        return (g - 1.0) * (x @ kernel) + g * target.scaling * ((x @ leaves["a"]) @ leaves["b"])
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    g = magnitude_scale(_updated(kernel, leaves, target), leaves)
+    return (g - 1.0) * (x @ kernel) + g * target.scaling * ((x @ leaves["a"]) @ leaves["b"])

@@ -35,33 +35,39 @@ from jaxpeft.adapters.module_hooks import ModuleHookMethod, bottleneck, check_ac
 
 
 def _features_last(y: jax.Array, target: Target) -> tuple[jax.Array, tuple[int, ...]]:
-    """``y`` with the target's output axes folded to one trailing axis of width ``d_out``."""
-    n_out = len(target.layer_shape) - target.fan_in_axes
-    return y.reshape(y.shape[: y.ndim - n_out] + (target.matrix_shape[1],)), y.shape
+  """``y`` with the target's output axes folded to one trailing axis of width ``d_out``."""
+  n_out = len(target.layer_shape) - target.fan_in_axes
+  return y.reshape(y.shape[: y.ndim - n_out] + (target.matrix_shape[1],)), y.shape
 
 
 @register_method("houlsby")
 class Houlsby(ModuleHookMethod):
-    """``h' = h + up(act(down(h)))`` on a targeted Dense's output. See the module docstring."""
+  """``h' = h + up(act(down(h)))`` on a targeted Dense's output. See the module docstring."""
 
-    option_defaults = {"activation": "gelu"}
+  option_defaults = {"activation": "gelu"}
 
-    def validate(self, target: Target) -> None:
-        super().validate(target)
-        check_activation(target)
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: Houlsby adapters target a projection kernel (whose output they "
-                             f"adapt), got a leaf of per-layer shape {target.layer_shape}.")
+  def validate(self, target: Target) -> None:
+    super().validate(target)
+    check_activation(target)
+    if target.fan_in_axes == 0:
+      raise ValueError(
+          f"{target.path}: Houlsby adapters target a projection kernel (whose output they "
+          f"adapt), got a leaf of per-layer shape {target.layer_shape}."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        d, m = target.matrix_shape[1], target.rank
-        key_down, key_up = jax.random.split(rng)
-        init = jax.nn.initializers.truncated_normal(stddev=1e-3)
-        return {"down": init(key_down, (d, m), jnp.float32), "down_bias": jnp.zeros((m,), jnp.float32),
-                "up": init(key_up, (m, d), jnp.float32), "up_bias": jnp.zeros((d,), jnp.float32)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    d, m = target.matrix_shape[1], target.rank
+    key_down, key_up = jax.random.split(rng)
+    init = jax.nn.initializers.truncated_normal(stddev=1e-3)
+    return {
+        "down": init(key_down, (d, m), jnp.float32),
+        "down_bias": jnp.zeros((m,), jnp.float32),
+        "up": init(key_up, (m, d), jnp.float32),
+        "up_bias": jnp.zeros((d,), jnp.float32),
+    }
 
-    def hook(self, call, args, kwargs, leaves, target, call_index):
-        y = call(*args, **kwargs)
-        h, shape = _features_last(y, target)
-        out = h.astype(jnp.float32) + bottleneck(h, leaves, target.option("activation"))
-        return out.reshape(shape).astype(y.dtype)
+  def hook(self, call, args, kwargs, leaves, target, call_index):
+    y = call(*args, **kwargs)
+    h, shape = _features_last(y, target)
+    out = h.astype(jnp.float32) + bottleneck(h, leaves, target.option("activation"))
+    return out.reshape(shape).astype(y.dtype)

@@ -56,57 +56,65 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 
 
 def _xavier_uniform(rng: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
-    """PyTorch ``xavier_uniform_`` for a ``(fan_out, fan_in)`` weight, returned transposed ``(fan_in, fan_out)``."""
-    bound = (6.0 / (fan_in + fan_out)) ** 0.5
-    return jax.random.uniform(rng, (fan_in, fan_out), jnp.float32, -bound, bound)
+  """PyTorch ``xavier_uniform_`` for a ``(fan_out, fan_in)`` weight, returned transposed ``(fan_in, fan_out)``."""
+  bound = (6.0 / (fan_in + fan_out)) ** 0.5
+  return jax.random.uniform(rng, (fan_in, fan_out), jnp.float32, -bound, bound)
 
 
 def _undo_sequential(m: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    """``m (I + s a_s b_s)^{-1}`` for rows ``m`` of length ``d_out`` (Woodbury, an ``r x r`` solve)."""
-    s, a_s, b_s = target.scaling, leaves["a_s"], leaves["b_s"]
-    small = jnp.eye(target.rank, dtype=jnp.float32) + s * (b_s @ a_s)
-    return m - s * ((m @ a_s) @ jnp.linalg.solve(small, b_s))
+  """``m (I + s a_s b_s)^{-1}`` for rows ``m`` of length ``d_out`` (Woodbury, an ``r x r`` solve)."""
+  s, a_s, b_s = target.scaling, leaves["a_s"], leaves["b_s"]
+  small = jnp.eye(target.rank, dtype=jnp.float32) + s * (b_s @ a_s)
+  return m - s * ((m @ a_s) @ jnp.linalg.solve(small, b_s))
 
 
 def _branch_bias(leaves: Leaves) -> jax.Array:
-    """The constant the branch biases add (before scaling): ``c_p b_p + d_p + c_s b_s + d_s``."""
-    return leaves["c_p"] @ leaves["b_p"] + leaves["d_p"] + leaves["c_s"] @ leaves["b_s"] + leaves["d_s"]
+  """The constant the branch biases add (before scaling): ``c_p b_p + d_p + c_s b_s + d_s``."""
+  return leaves["c_p"] @ leaves["b_p"] + leaves["d_p"] + leaves["c_s"] @ leaves["b_s"] + leaves["d_s"]
 
 
 @register_method("hydra")
 class Hydra(AdapterMethod):
-    """``W' = W + s (a_p b_p + W a_s b_s)``, ``b' = b + s (b a_s b_s + branch biases)``. See the module docstring."""
+  """``W' = W + s (a_p b_p + W a_s b_s)``, ``b' = b + s (b a_s b_s + branch biases)``. See the module docstring."""
 
-    inits = ("default",)
-    needs_matrix = True
+  inits = ("default",)
+  needs_matrix = True
 
-    adapts_bias = True
+  adapts_bias = True
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        d_in, d_out = target.matrix_shape
-        r = target.rank
-        key_p, key_s = jax.random.split(rng)
-        leaves = {"a_p": _xavier_uniform(key_p, d_in, r), "b_p": jnp.zeros((r, d_out), jnp.float32),
-                  "a_s": _xavier_uniform(key_s, d_out, r), "b_s": jnp.zeros((r, d_out), jnp.float32)}
-        if target.bias_path is not None:
-            leaves |= {"c_p": jnp.zeros((r,), jnp.float32), "d_p": jnp.zeros((d_out,), jnp.float32),
-                       "c_s": jnp.zeros((r,), jnp.float32), "d_s": jnp.zeros((d_out,), jnp.float32)}
-        return leaves
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    d_in, d_out = target.matrix_shape
+    r = target.rank
+    key_p, key_s = jax.random.split(rng)
+    leaves = {
+        "a_p": _xavier_uniform(key_p, d_in, r),
+        "b_p": jnp.zeros((r, d_out), jnp.float32),
+        "a_s": _xavier_uniform(key_s, d_out, r),
+        "b_s": jnp.zeros((r, d_out), jnp.float32),
+    }
+    if target.bias_path is not None:
+      leaves |= {
+          "c_p": jnp.zeros((r,), jnp.float32),
+          "d_p": jnp.zeros((d_out,), jnp.float32),
+          "c_s": jnp.zeros((r,), jnp.float32),
+          "d_s": jnp.zeros((d_out,), jnp.float32),
+      }
+    return leaves
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        s = target.scaling
-        return kernel + s * (leaves["a_p"] @ leaves["b_p"]) + s * ((kernel @ leaves["a_s"]) @ leaves["b_s"])
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    s = target.scaling
+    return kernel + s * (leaves["a_p"] @ leaves["b_p"]) + s * ((kernel @ leaves["a_s"]) @ leaves["b_s"])
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return _undo_sequential(merged - target.scaling * (leaves["a_p"] @ leaves["b_p"]), leaves, target)
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return _undo_sequential(merged - target.scaling * (leaves["a_p"] @ leaves["b_p"]), leaves, target)
 
-    def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        s = target.scaling
-        return bias + s * ((bias @ leaves["a_s"]) @ leaves["b_s"]) + s * _branch_bias(leaves)
+  def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    s = target.scaling
+    return bias + s * ((bias @ leaves["a_s"]) @ leaves["b_s"]) + s * _branch_bias(leaves)
 
-    def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return _undo_sequential(merged_bias - target.scaling * _branch_bias(leaves), leaves, target)
+  def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return _undo_sequential(merged_bias - target.scaling * _branch_bias(leaves), leaves, target)
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        s = target.scaling
-        return s * ((x @ leaves["a_p"]) @ leaves["b_p"]) + s * (((x @ kernel) @ leaves["a_s"]) @ leaves["b_s"])
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    s = target.scaling
+    return s * ((x @ leaves["a_p"]) @ leaves["b_p"]) + s * (((x @ kernel) @ leaves["a_s"]) @ leaves["b_s"])

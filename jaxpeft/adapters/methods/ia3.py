@@ -47,55 +47,57 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, spatial_axes_option
 
-
 _INITS = ("default", "random")
 
 
 def is_feedforward(target: Target) -> bool:
-    """Whether ``target`` rescales its input (``feedforward`` option matches its path) or its output."""
-    pattern = target.option("feedforward")
-    return pattern is not None and re.fullmatch(pattern, target.path) is not None
+  """Whether ``target`` rescales its input (``feedforward`` option matches its path) or its output."""
+  pattern = target.option("feedforward")
+  return pattern is not None and re.fullmatch(pattern, target.path) is not None
 
 
 def _windowed(kernel: jax.Array, target: Target) -> jax.Array:
-    """The folded kernel as ``(window, c_in, d_out)``."""
-    spatial = target.option("spatial_axes")
-    window = math.prod(target.layer_shape[:spatial])
-    return kernel.reshape(window, -1, kernel.shape[-1])
+  """The folded kernel as ``(window, c_in, d_out)``."""
+  spatial = target.option("spatial_axes")
+  window = math.prod(target.layer_shape[:spatial])
+  return kernel.reshape(window, -1, kernel.shape[-1])
 
 
 def _scale(kernel: jax.Array, scale: jax.Array, target: Target) -> jax.Array:
-    if not is_feedforward(target):
-        return kernel * scale
-    return (_windowed(kernel, target) * scale[None, :, None]).reshape(kernel.shape)
+  if not is_feedforward(target):
+    return kernel * scale
+  return (_windowed(kernel, target) * scale[None, :, None]).reshape(kernel.shape)
 
 
 # PEFT IA3Config: l -> ia3_l, output mode (out, 1), feedforward mode (1, in), conv (1, c, 1, 1).
 def _ia3_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
-    feedforward = target is not None and is_feedforward(target)
-    shape = (1, -1, *layout.ones) if layout.kind == "conv" else ((1, -1) if feedforward else (-1, 1))
-    return {"l": Rule("ia3_l", lambda x: x.reshape(shape))}
+  feedforward = target is not None and is_feedforward(target)
+  shape = (1, -1, *layout.ones) if layout.kind == "conv" else ((1, -1) if feedforward else (-1, 1))
+  return {"l": Rule("ia3_l", lambda x: x.reshape(shape))}
 
 
 def _ia3_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
-    feedforward = [modules[t.path] for t in targets if is_feedforward(t)]
-    return {"feedforward_modules": "|".join(re.escape(n) for n in feedforward), "init_ia3_weights": True}
+  feedforward = [modules[t.path] for t in targets if is_feedforward(t)]
+  return {"feedforward_modules": "|".join(re.escape(n) for n in feedforward), "init_ia3_weights": True}
 
 
 def _is_peft_feedforward(spec: Any, module: str) -> bool:
-    """PEFT's ``feedforward_modules``: a string is ``re.fullmatch``ed, a list entry is a suffix of the name."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    return any(module.endswith(key) for key in spec)
+  """PEFT's ``feedforward_modules``: a string is ``re.fullmatch``ed, a list entry is a suffix of the name."""
+  if spec is None:
+    return False
+  if isinstance(spec, str):
+    return re.fullmatch(spec, module) is not None
+  return any(module.endswith(key) for key in spec)
 
 
-def _ia3_options(peft_config: Mapping[str, Any], paths: Mapping[str, str], leaves: Mapping[str, Any],
-                 conv_paths: Sequence[str]) -> dict[str, Any]:
-    feedforward = [p for p, m in paths.items() if _is_peft_feedforward(peft_config.get("feedforward_modules"), m)]
-    return {**spatial_axes_option(leaves, conv_paths),
-            "feedforward": "|".join(re.escape(p) for p in feedforward) or None}
+def _ia3_options(
+    peft_config: Mapping[str, Any], paths: Mapping[str, str], leaves: Mapping[str, Any], conv_paths: Sequence[str]
+) -> dict[str, Any]:
+  feedforward = [p for p, m in paths.items() if _is_peft_feedforward(peft_config.get("feedforward_modules"), m)]
+  return {
+      **spatial_axes_option(leaves, conv_paths),
+      "feedforward": "|".join(re.escape(p) for p in feedforward) or None,
+  }
 
 
 _PEFT = PeftMapping("IA3", ("linear", "conv"), _ia3_rules, _ia3_config_fields, _ia3_options)
@@ -103,41 +105,43 @@ _PEFT = PeftMapping("IA3", ("linear", "conv"), _ia3_rules, _ia3_config_fields, _
 
 @register_method("ia3")
 class IA3(AdapterMethod):
-    """``W' = W * l`` on the output (columns) or, for feedforward targets, the input (rows) of the kernel."""
+  """``W' = W * l`` on the output (columns) or, for feedforward targets, the input (rows) of the kernel."""
 
-    peft = _PEFT
+  peft = _PEFT
 
-    inits = _INITS
-    needs_matrix = True
+  inits = _INITS
+  needs_matrix = True
 
-    option_defaults = {"feedforward": None, "spatial_axes": 0}
-    adapts_bias = True
+  option_defaults = {"feedforward": None, "spatial_axes": 0}
+  adapts_bias = True
 
-    def validate(self, target: Target) -> None:
-        spatial = target.option("spatial_axes")
-        if spatial and target.fan_in_axes != spatial + 1:
-            raise ValueError(f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
-                             f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes}.")
+  def validate(self, target: Target) -> None:
+    spatial = target.option("spatial_axes")
+    if spatial and target.fan_in_axes != spatial + 1:
+      raise ValueError(
+          f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
+          f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes}."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        size = _windowed(kernel, target).shape[1] if is_feedforward(target) else kernel.shape[1]
-        if target.init == "random":
-            return {"l": jax.random.normal(rng, (size,), jnp.float32)}
-        return {"l": jnp.ones((size,), jnp.float32)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    size = _windowed(kernel, target).shape[1] if is_feedforward(target) else kernel.shape[1]
+    if target.init == "random":
+      return {"l": jax.random.normal(rng, (size,), jnp.float32)}
+    return {"l": jnp.ones((size,), jnp.float32)}
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return _scale(kernel, leaves["l"], target)
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return _scale(kernel, leaves["l"], target)
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return _scale(merged, 1.0 / leaves["l"], target)
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return _scale(merged, 1.0 / leaves["l"], target)
 
-    def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return bias if is_feedforward(target) else leaves["l"] * bias
+  def apply_bias(self, bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return bias if is_feedforward(target) else leaves["l"] * bias
 
-    def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return merged_bias if is_feedforward(target) else merged_bias / leaves["l"]
+  def unmerge_bias(self, merged_bias: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return merged_bias if is_feedforward(target) else merged_bias / leaves["l"]
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        if is_feedforward(target):
-            return (x * (leaves["l"] - 1.0)) @ kernel
-        return (x @ kernel) * (leaves["l"] - 1.0)
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    if is_feedforward(target):
+      return (x * (leaves["l"] - 1.0)) @ kernel
+    return (x @ kernel) * (leaves["l"] - 1.0)

@@ -45,32 +45,40 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, flat, input_side, rank_fields, transpose
 
-
 _INITS = ("default", "random")
 
 
 def _uniform(key: jax.Array, shape: tuple[int, int], fan_in: int) -> jax.Array:
-    """PyTorch ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
-    bound = 1.0 / fan_in ** 0.5
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+  """PyTorch ``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+  bound = 1.0 / fan_in**0.5
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 @jax.checkpoint
 def _hadamard_delta(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array, scale: float) -> jax.Array:
-    return scale * (a1 @ b1) * (a2 @ b2)
+  return scale * (a1 @ b1) * (a2 @ b2)
 
 
 def lycoris_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
-    """PEFT's LyCORIS config fields (LoHa, LoKr): ranks, alphas (rsLoRA folded into alpha), no dropouts."""
-    return {**rank_fields(config, targets, modules, rslora_native=False), "init_weights": True,
-            "use_effective_conv2d": False, "rank_dropout": 0.0, "module_dropout": 0.0}
+  """PEFT's LyCORIS config fields (LoHa, LoKr): ranks, alphas (rsLoRA folded into alpha), no dropouts."""
+  return {
+      **rank_fields(config, targets, modules, rslora_native=False),
+      "init_weights": True,
+      "use_effective_conv2d": False,
+      "rank_dropout": 0.0,
+      "module_dropout": 0.0,
+  }
 
 
 # PEFT LoHaConfig: a1, a2 -> hada_w1_b, hada_w2_b = in(a).reshape(r, -1); b1, b2 -> hada_w1_a, hada_w2_a = b.T.
 def _loha_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
-    a_side = lambda x: flat(input_side(x, layout.window, layout.c_in))
-    return {"a1": Rule("hada_w1_b", a_side), "b1": Rule("hada_w1_a", transpose),
-            "a2": Rule("hada_w2_b", a_side), "b2": Rule("hada_w2_a", transpose)}
+  a_side = lambda x: flat(input_side(x, layout.window, layout.c_in))
+  return {
+      "a1": Rule("hada_w1_b", a_side),
+      "b1": Rule("hada_w1_a", transpose),
+      "a2": Rule("hada_w2_b", a_side),
+      "b2": Rule("hada_w2_a", transpose),
+  }
 
 
 _PEFT = PeftMapping("LOHA", ("linear", "conv"), _loha_rules, lycoris_config_fields)
@@ -78,21 +86,24 @@ _PEFT = PeftMapping("LOHA", ("linear", "conv"), _loha_rules, lycoris_config_fiel
 
 @register_method("loha")
 class LoHa(AdapterMethod):
-    """``W' = W + s (a1 b1) * (a2 b2)``. See the module docstring."""
+  """``W' = W + s (a1 b1) * (a2 b2)``. See the module docstring."""
 
-    peft = _PEFT
+  peft = _PEFT
 
-    inits = _INITS
-    needs_matrix = True
+  inits = _INITS
+  needs_matrix = True
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        d_in, d_out = target.matrix_shape
-        r = target.rank
-        k = jax.random.split(rng, 4)
-        a2 = (_uniform(k[3], (d_in, r), d_in) if target.init == "random"
-              else jnp.zeros((d_in, r), jnp.float32))
-        return {"a1": _uniform(k[0], (d_in, r), d_in), "b1": _uniform(k[1], (r, d_out), r),
-                "a2": a2, "b2": _uniform(k[2], (r, d_out), r)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    d_in, d_out = target.matrix_shape
+    r = target.rank
+    k = jax.random.split(rng, 4)
+    a2 = _uniform(k[3], (d_in, r), d_in) if target.init == "random" else jnp.zeros((d_in, r), jnp.float32)
+    return {
+        "a1": _uniform(k[0], (d_in, r), d_in),
+        "b1": _uniform(k[1], (r, d_out), r),
+        "a2": a2,
+        "b2": _uniform(k[2], (r, d_out), r),
+    }
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return _hadamard_delta(leaves["a1"], leaves["b1"], leaves["a2"], leaves["b2"], target.scaling)
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return _hadamard_delta(leaves["a1"], leaves["b1"], leaves["a2"], leaves["b2"], target.scaling)

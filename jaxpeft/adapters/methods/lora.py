@@ -58,69 +58,76 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, input_side, rank_fields, transpose
 
-
 _INITS = ("default", "gaussian", "random")
 
 
 def _is_pissa(init: str) -> bool:
-    return init == "pissa" or init.startswith("pissa_niter_")
+  return init == "pissa" or init.startswith("pissa_niter_")
 
 
 def _randomized_svd(rng: jax.Array, w: jax.Array, rank: int, niter: int):
-    """Top-``rank`` SVD of ``w`` by randomized subspace iteration (Halko, Martinsson, Tropp 2011, alg. 4.4)."""
-    q, _ = jnp.linalg.qr(w @ jax.random.normal(rng, (w.shape[1], rank), jnp.float32))
-    for _ in range(niter):
-        q, _ = jnp.linalg.qr(w.T @ q)
-        q, _ = jnp.linalg.qr(w @ q)
-    u_small, s, vt = jnp.linalg.svd(q.T @ w, full_matrices=False)
-    return q @ u_small, s, vt
+  """Top-``rank`` SVD of ``w`` by randomized subspace iteration (Halko, Martinsson, Tropp 2011, alg. 4.4)."""
+  q, _ = jnp.linalg.qr(w @ jax.random.normal(rng, (w.shape[1], rank), jnp.float32))
+  for _ in range(niter):
+    q, _ = jnp.linalg.qr(w.T @ q)
+    q, _ = jnp.linalg.qr(w @ q)
+  u_small, s, vt = jnp.linalg.svd(q.T @ w, full_matrices=False)
+  return q @ u_small, s, vt
 
 
 def lora_factors_init(rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-    """The LoRA factors ``{"a": (d_in, r), "b": (r, d_out)}`` for ``target.init`` (see the module docstring)."""
-    d_in, d_out = target.matrix_shape
-    r = target.rank
-    key_a, key_b = jax.random.split(rng)
-    if _is_pissa(target.init):
-        if target.init == "pissa":
-            u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
-        else:
-            u, s, vt = _randomized_svd(rng, kernel, r, int(target.init.removeprefix("pissa_niter_")))
-        root = jnp.sqrt(s[:r] / target.scaling)
-        return {"a": u[:, :r] * root, "b": root[:, None] * vt[:r]}
-    if target.kind == "embedding":
-        b = jax.random.normal(key_b, (r, d_out), jnp.float32)
-        a = (jax.random.normal(key_a, (d_in, r), jnp.float32) if target.init == "random"
-             else jnp.zeros((d_in, r), jnp.float32))
-        return {"a": a, "b": b}
-    if target.init == "gaussian":
-        a = jax.random.normal(key_a, (d_in, r), jnp.float32) / r
+  """The LoRA factors ``{"a": (d_in, r), "b": (r, d_out)}`` for ``target.init`` (see the module docstring)."""
+  d_in, d_out = target.matrix_shape
+  r = target.rank
+  key_a, key_b = jax.random.split(rng)
+  if _is_pissa(target.init):
+    if target.init == "pissa":
+      u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
     else:
-        bound = 1.0 / jnp.sqrt(d_in)
-        a = jax.random.uniform(key_a, (d_in, r), jnp.float32, -bound, bound)
-    if target.init == "random":
-        bound = 1.0 / jnp.sqrt(r)
-        b = jax.random.uniform(key_b, (r, d_out), jnp.float32, -bound, bound)
-    else:
-        b = jnp.zeros((r, d_out), jnp.float32)
+      u, s, vt = _randomized_svd(rng, kernel, r, int(target.init.removeprefix("pissa_niter_")))
+    root = jnp.sqrt(s[:r] / target.scaling)
+    return {"a": u[:, :r] * root, "b": root[:, None] * vt[:r]}
+  if target.kind == "embedding":
+    b = jax.random.normal(key_b, (r, d_out), jnp.float32)
+    a = (
+        jax.random.normal(key_a, (d_in, r), jnp.float32)
+        if target.init == "random"
+        else jnp.zeros((d_in, r), jnp.float32)
+    )
     return {"a": a, "b": b}
+  if target.init == "gaussian":
+    a = jax.random.normal(key_a, (d_in, r), jnp.float32) / r
+  else:
+    bound = 1.0 / jnp.sqrt(d_in)
+    a = jax.random.uniform(key_a, (d_in, r), jnp.float32, -bound, bound)
+  if target.init == "random":
+    bound = 1.0 / jnp.sqrt(r)
+    b = jax.random.uniform(key_b, (r, d_out), jnp.float32, -bound, bound)
+  else:
+    b = jnp.zeros((r, d_out), jnp.float32)
+  return {"a": a, "b": b}
 
 
 def validate_lora_target(target: Target) -> None:
-    """Shape and init checks shared by LoRA and DoRA."""
-    if target.fan_in_axes == 0:
-        raise ValueError(f"{target.path}: low-rank adapters need a kernel with input and output axes, but this "
-                         f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
-                         "from AdapterConfig.targets (biases: use BitFit).")
-    if not (target.init in _INITS or _is_pissa(target.init)):
-        raise ValueError(f"{target.path}: unknown init {target.init!r}; expected one of {_INITS}, 'pissa' or "
-                         "'pissa_niter_<k>'.")
-    if target.init.startswith("pissa_niter_") and not target.init.removeprefix("pissa_niter_").isdigit():
-        raise ValueError(f"{target.path}: init {target.init!r} must look like 'pissa_niter_4'.")
-    if target.rank > min(target.matrix_shape):  # a wider a/b adds parameters, not expressiveness
-        raise ValueError(f"{target.path}: rank {target.rank} exceeds the layer's smaller dimension "
-                         f"min(d_in, d_out) = {min(target.matrix_shape)} (folded shape {target.matrix_shape}); "
-                         "use a smaller AdapterConfig.rank or a rank_pattern entry for this layer.")
+  """Shape and init checks shared by LoRA and DoRA."""
+  if target.fan_in_axes == 0:
+    raise ValueError(
+        f"{target.path}: low-rank adapters need a kernel with input and output axes, but this "
+        f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
+        "from AdapterConfig.targets (biases: use BitFit)."
+    )
+  if not (target.init in _INITS or _is_pissa(target.init)):
+    raise ValueError(
+        f"{target.path}: unknown init {target.init!r}; expected one of {_INITS}, 'pissa' or " "'pissa_niter_<k>'."
+    )
+  if target.init.startswith("pissa_niter_") and not target.init.removeprefix("pissa_niter_").isdigit():
+    raise ValueError(f"{target.path}: init {target.init!r} must look like 'pissa_niter_4'.")
+  if target.rank > min(target.matrix_shape):  # a wider a/b adds parameters, not expressiveness
+    raise ValueError(
+        f"{target.path}: rank {target.rank} exceeds the layer's smaller dimension "
+        f"min(d_in, d_out) = {min(target.matrix_shape)} (folded shape {target.matrix_shape}); "
+        "use a smaller AdapterConfig.rank or a rank_pattern entry for this layer."
+    )
 
 
 # PEFT LoraConfig (``peft_type`` LORA; rsLoRA and every LoRA init are plain LoRA weights), ``in(x)`` =
@@ -128,47 +135,62 @@ def validate_lora_target(target: Target) -> None:
 # b -> lora_B.weight = b.T (out, r[, 1, 1]); Embed: a -> lora_embedding_A = a.T (r, vocab), b -> lora_embedding_B =
 # b.T (features, r); DoRA's m -> lora_magnitude_vector (out,) (conv: (1, out, 1, 1)).
 def _lora_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
-    if layout.kind == "embedding":
-        rules = {"a": Rule("lora_embedding_A", transpose), "b": Rule("lora_embedding_B", transpose)}
-    else:
-        rules = {"a": Rule("lora_A.weight", lambda x: input_side(x, layout.window, layout.c_in)),
-                 "b": Rule("lora_B.weight", lambda x: x.T.reshape(layout.d_out, -1, *layout.ones))}
-    conv = layout.kind == "conv"
-    rules["m"] = Rule("lora_magnitude_vector", lambda x: x.reshape((1, -1, *layout.ones) if conv else (-1,)))
-    return rules
+  if layout.kind == "embedding":
+    rules = {"a": Rule("lora_embedding_A", transpose), "b": Rule("lora_embedding_B", transpose)}
+  else:
+    rules = {
+        "a": Rule("lora_A.weight", lambda x: input_side(x, layout.window, layout.c_in)),
+        "b": Rule("lora_B.weight", lambda x: x.T.reshape(layout.d_out, -1, *layout.ones)),
+    }
+  conv = layout.kind == "conv"
+  rules["m"] = Rule("lora_magnitude_vector", lambda x: x.reshape((1, -1, *layout.ones) if conv else (-1,)))
+  return rules
 
 
 def lora_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
-    """PEFT ``LoraConfig`` fields (shared with DoRA, which sets ``use_dora``)."""
-    fields = rank_fields(config, targets, modules, rslora_native=True)
-    return {**fields, "lora_alpha": fields.pop("alpha"), "use_rslora": config.use_rslora,
-            "use_dora": config.method == "dora", "lora_dropout": config.dropout, "init_lora_weights": True,
-            "bias": "none", "fan_in_fan_out": False}
+  """PEFT ``LoraConfig`` fields (shared with DoRA, which sets ``use_dora``)."""
+  fields = rank_fields(config, targets, modules, rslora_native=True)
+  return {
+      **fields,
+      "lora_alpha": fields.pop("alpha"),
+      "use_rslora": config.use_rslora,
+      "use_dora": config.method == "dora",
+      "lora_dropout": config.dropout,
+      "init_lora_weights": True,
+      "bias": "none",
+      "fan_in_fan_out": False,
+  }
 
 
 # PEFT's LoraConfig without use_dora (DoRA's mapping is this one with use_dora).
-LORA_PEFT = PeftMapping("LORA", ("linear", "conv", "embedding"), _lora_rules, lora_config_fields,
-                        claims=lambda peft_config: not peft_config.get("use_dora"), alpha_field="lora_alpha",
-                        dropout_field="lora_dropout")
+LORA_PEFT = PeftMapping(
+    "LORA",
+    ("linear", "conv", "embedding"),
+    _lora_rules,
+    lora_config_fields,
+    claims=lambda peft_config: not peft_config.get("use_dora"),
+    alpha_field="lora_alpha",
+    dropout_field="lora_dropout",
+)
 
 
 @register_method("lora")
 class LoRA(AdapterMethod):
-    """``W' = W + s a b`` (LoRA; rsLoRA scaling with ``use_rslora``). See the module docstring."""
+  """``W' = W + s a b`` (LoRA; rsLoRA scaling with ``use_rslora``). See the module docstring."""
 
-    peft = LORA_PEFT
+  peft = LORA_PEFT
 
-    def validate(self, target: Target) -> None:
-        validate_lora_target(target)
+  def validate(self, target: Target) -> None:
+    validate_lora_target(target)
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        return lora_factors_init(rng, kernel, target)
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    return lora_factors_init(rng, kernel, target)
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return target.scaling * (leaves["a"] @ leaves["b"])
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return target.scaling * (leaves["a"] @ leaves["b"])
 
-    def modifies_base(self, target: Target) -> bool:
-        return _is_pissa(target.init)
+  def modifies_base(self, target: Target) -> bool:
+    return _is_pissa(target.init)
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return target.scaling * ((x @ leaves["a"]) @ leaves["b"])
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return target.scaling * ((x @ leaves["a"]) @ leaves["b"])

@@ -42,60 +42,60 @@ import jax.numpy as jnp
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 
 _INITS = ("default", "random")
-_SEED_RANGE = 2 ** 24  # integers exactly representable in float32
+_SEED_RANGE = 2**24  # integers exactly representable in float32
 
 
 def nola_bases(seed: jax.Array, target: Target) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(A0 (d_in, r), A_i (k_a, d_in, r), B_j (k_b, r, d_out))`` regenerated from a ``seed`` leaf."""
-    d_in, d_out = target.matrix_shape
-    r, k_a, k_b = target.rank, target.option("num_basis_a"), target.option("num_basis_b")
-    key_0, key_a, key_b = jax.random.split(jax.random.key(seed.astype(jnp.uint32)), 3)
-    bound = 1.0 / d_in ** 0.5
-    a0 = jax.random.uniform(key_0, (d_in, r), jnp.float32, -bound, bound)
-    basis_a = jax.random.uniform(key_a, (k_a, d_in, r), jnp.float32, -1.0, 1.0) / k_a ** 0.5
-    basis_b = jax.random.uniform(key_b, (k_b, r, d_out), jnp.float32, -1.0, 1.0) / k_b ** 0.5
-    return a0, basis_a, basis_b
+  """``(A0 (d_in, r), A_i (k_a, d_in, r), B_j (k_b, r, d_out))`` regenerated from a ``seed`` leaf."""
+  d_in, d_out = target.matrix_shape
+  r, k_a, k_b = target.rank, target.option("num_basis_a"), target.option("num_basis_b")
+  key_0, key_a, key_b = jax.random.split(jax.random.key(seed.astype(jnp.uint32)), 3)
+  bound = 1.0 / d_in**0.5
+  a0 = jax.random.uniform(key_0, (d_in, r), jnp.float32, -bound, bound)
+  basis_a = jax.random.uniform(key_a, (k_a, d_in, r), jnp.float32, -1.0, 1.0) / k_a**0.5
+  basis_b = jax.random.uniform(key_b, (k_b, r, d_out), jnp.float32, -1.0, 1.0) / k_b**0.5
+  return a0, basis_a, basis_b
 
 
 def _factors(leaves: Leaves, target: Target) -> tuple[jax.Array, jax.Array]:
-    @jax.checkpoint
-    def build(seed, alpha, beta):
-        a0, basis_a, basis_b = nola_bases(seed, target)
-        return a0 + jnp.tensordot(alpha, basis_a, 1), jnp.tensordot(beta, basis_b, 1)
+  @jax.checkpoint
+  def build(seed, alpha, beta):
+    a0, basis_a, basis_b = nola_bases(seed, target)
+    return a0 + jnp.tensordot(alpha, basis_a, 1), jnp.tensordot(beta, basis_b, 1)
 
-    return build(leaves["seed"], leaves["alpha"], leaves["beta"])
+  return build(leaves["seed"], leaves["alpha"], leaves["beta"])
 
 
 @register_method("nola")
 class NOLA(AdapterMethod):
-    """``W' = W + s (A0 + sum alpha_i A_i)(sum beta_j B_j)`` with seeded random bases. See the module docstring."""
+  """``W' = W + s (A0 + sum alpha_i A_i)(sum beta_j B_j)`` with seeded random bases. See the module docstring."""
 
-    inits = _INITS
-    needs_matrix = True
+  inits = _INITS
+  needs_matrix = True
 
-    option_defaults = {"num_basis_a": 128, "num_basis_b": 128}
-    frozen_leaves = frozenset({"seed"})
+  option_defaults = {"num_basis_a": 128, "num_basis_b": 128}
+  frozen_leaves = frozenset({"seed"})
 
-    def validate(self, target: Target) -> None:
-        for name in ("num_basis_a", "num_basis_b"):
-            if not isinstance(target.option(name), int) or target.option(name) < 1:
-                raise ValueError(f"{target.path}: options {name} must be a positive int, got {target.option(name)!r}.")
+  def validate(self, target: Target) -> None:
+    for name in ("num_basis_a", "num_basis_b"):
+      if not isinstance(target.option(name), int) or target.option(name) < 1:
+        raise ValueError(f"{target.path}: options {name} must be a positive int, got {target.option(name)!r}.")
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        key_seed, key_a, key_b = jax.random.split(rng, 3)
-        k_a, k_b = target.option("num_basis_a"), target.option("num_basis_b")
-        seed = jax.random.randint(key_seed, (), 0, _SEED_RANGE).astype(jnp.float32)
-        if target.init == "random":
-            alpha = jax.random.normal(key_a, (k_a,), jnp.float32)
-            beta = jax.random.normal(key_b, (k_b,), jnp.float32)
-        else:
-            alpha, beta = jnp.zeros((k_a,), jnp.float32), jnp.zeros((k_b,), jnp.float32)
-        return {"seed": seed, "alpha": alpha, "beta": beta}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    key_seed, key_a, key_b = jax.random.split(rng, 3)
+    k_a, k_b = target.option("num_basis_a"), target.option("num_basis_b")
+    seed = jax.random.randint(key_seed, (), 0, _SEED_RANGE).astype(jnp.float32)
+    if target.init == "random":
+      alpha = jax.random.normal(key_a, (k_a,), jnp.float32)
+      beta = jax.random.normal(key_b, (k_b,), jnp.float32)
+    else:
+      alpha, beta = jnp.zeros((k_a,), jnp.float32), jnp.zeros((k_b,), jnp.float32)
+    return {"seed": seed, "alpha": alpha, "beta": beta}
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        a, b = _factors(leaves, target)
-        return target.scaling * (a @ b)
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    a, b = _factors(leaves, target)
+    return target.scaling * (a @ b)
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        a, b = _factors(leaves, target)
-        return target.scaling * ((x @ a) @ b)
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    a, b = _factors(leaves, target)
+    return target.scaling * ((x @ a) @ b)

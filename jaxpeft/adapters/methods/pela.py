@@ -46,65 +46,71 @@ from jaxpeft.adapters.selection import named_leaves, select_targets
 
 
 def pela_rank(target: Target) -> int:
-    """``config.rank`` or, with option ``compress_ratio = c``, ``floor(d_in d_out / (c (d_in + d_out)))``."""
-    ratio = target.option("compress_ratio")
-    if ratio is None:
-        return target.rank
-    d_in, d_out = target.matrix_shape
-    return int((d_in * d_out) // (ratio * (d_in + d_out)))
+  """``config.rank`` or, with option ``compress_ratio = c``, ``floor(d_in d_out / (c (d_in + d_out)))``."""
+  ratio = target.option("compress_ratio")
+  if ratio is None:
+    return target.rank
+  d_in, d_out = target.matrix_shape
+  return int((d_in * d_out) // (ratio * (d_in + d_out)))
 
 
 @register_method("pela")
 class PELA(AdapterMethod):
-    """``W' = a b``, initialised to the rank-``r`` truncated SVD of ``W``. See the module docstring."""
+  """``W' = a b``, initialised to the rank-``r`` truncated SVD of ``W``. See the module docstring."""
 
-    inits = ("default",)
-    needs_matrix = True
+  inits = ("default",)
+  needs_matrix = True
 
-    option_defaults = {"compress_ratio": None}
+  option_defaults = {"compress_ratio": None}
 
-    def validate(self, target: Target) -> None:
-        ratio = target.option("compress_ratio")
-        if ratio is not None and not ratio > 0:
-            raise ValueError(f"{target.path}: PELA option compress_ratio must be positive, got {ratio!r}.")
-        r, n = pela_rank(target), min(target.matrix_shape)
-        if not 1 <= r <= n:
-            raise ValueError(f"{target.path}: PELA rank must be in [1, min(d_in, d_out) = {n}] for the folded "
-                             f"shape {target.matrix_shape}, got {r} (rank / rank_pattern / compress_ratio).")
+  def validate(self, target: Target) -> None:
+    ratio = target.option("compress_ratio")
+    if ratio is not None and not ratio > 0:
+      raise ValueError(f"{target.path}: PELA option compress_ratio must be positive, got {ratio!r}.")
+    r, n = pela_rank(target), min(target.matrix_shape)
+    if not 1 <= r <= n:
+      raise ValueError(
+          f"{target.path}: PELA rank must be in [1, min(d_in, d_out) = {n}] for the folded "
+          f"shape {target.matrix_shape}, got {r} (rank / rank_pattern / compress_ratio)."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
-        r = pela_rank(target)
-        root = jnp.sqrt(s[:r])
-        return {"a": u[:, :r] * root, "b": root[:, None] * vt[:r]}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
+    r = pela_rank(target)
+    root = jnp.sqrt(s[:r])
+    return {"a": u[:, :r] * root, "b": root[:, None] * vt[:r]}
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return leaves["a"] @ leaves["b"]
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return leaves["a"] @ leaves["b"]
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        raise ValueError(f"{target.path}: PELA replaces the kernel by a b, so the base kernel cannot be recovered "
-                         "from merged weights. Keep the base params (reparam.apply never modifies them).")
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    raise ValueError(
+        f"{target.path}: PELA replaces the kernel by a b, so the base kernel cannot be recovered "
+        "from merged weights. Keep the base params (reparam.apply never modifies them)."
+    )
 
-    def loss_term(self, config: AdapterConfig, *, weight: float, eps: float = 1e-3):
-        """``weight * weight_perturbation_penalty(..., eps)`` (``penalty.weight``, optional ``penalty.eps``)."""
-        if not weight >= 0:
-            raise ValueError(f"PELA's penalty weight={weight} must be >= 0.")
-        return lambda base_params, adapter_params, rng: weight * weight_perturbation_penalty(
-            base_params, adapter_params, config, eps)
+  def loss_term(self, config: AdapterConfig, *, weight: float, eps: float = 1e-3):
+    """``weight * weight_perturbation_penalty(..., eps)`` (``penalty.weight``, optional ``penalty.eps``)."""
+    if not weight >= 0:
+      raise ValueError(f"PELA's penalty weight={weight} must be >= 0.")
+    return lambda base_params, adapter_params, rng: weight * weight_perturbation_penalty(
+        base_params, adapter_params, config, eps
+    )
 
 
-def weight_perturbation_penalty(base_params: Any, adapter_params: AdapterParams, config: AdapterConfig,
-                                eps: float = 1e-3) -> jax.Array:
-    """``mean over adapted matrices of (max|a b - W| - eps)²`` (reference ``inf_norm``; stacked layers count singly)."""
-    if config.method != "pela":
-        raise ValueError(f"weight_perturbation_penalty needs a PELA config, got method {config.method!r}.")
-    targets = select_targets(config, base_params)
-    by_path = adapter_leaves(adapter_params, targets)
-    leaves = dict(named_leaves(base_params))
-    terms = []
-    for target in targets:
-        kernel = leaves[target.path].reshape(target.stack_shape + target.matrix_shape).astype(jnp.float32)
-        rebuilt = by_path[target.path]["a"] @ by_path[target.path]["b"]
-        residual = jnp.max(jnp.abs(rebuilt - kernel), axis=(-2, -1))
-        terms.append(((residual - eps) ** 2).reshape(-1))
-    return jnp.mean(jnp.concatenate(terms))
+def weight_perturbation_penalty(
+    base_params: Any, adapter_params: AdapterParams, config: AdapterConfig, eps: float = 1e-3
+) -> jax.Array:
+  """``mean over adapted matrices of (max|a b - W| - eps)²`` (reference ``inf_norm``; stacked layers count singly)."""
+  if config.method != "pela":
+    raise ValueError(f"weight_perturbation_penalty needs a PELA config, got method {config.method!r}.")
+  targets = select_targets(config, base_params)
+  by_path = adapter_leaves(adapter_params, targets)
+  leaves = dict(named_leaves(base_params))
+  terms = []
+  for target in targets:
+    kernel = leaves[target.path].reshape(target.stack_shape + target.matrix_shape).astype(jnp.float32)
+    rebuilt = by_path[target.path]["a"] @ by_path[target.path]["b"]
+    residual = jnp.max(jnp.abs(rebuilt - kernel), axis=(-2, -1))
+    terms.append(((residual - eps) ** 2).reshape(-1))
+  return jnp.mean(jnp.concatenate(terms))

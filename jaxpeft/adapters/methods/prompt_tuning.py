@@ -19,7 +19,6 @@ Usage: ``with module_hooks.intercept(params, adapter_params, config): model.appl
 mechanism, see ``jaxpeft.adapters.module_hooks``).
 """
 
-
 from __future__ import annotations
 
 import jax
@@ -32,29 +31,29 @@ PROMPT = "prompt"
 
 
 def insert_tokens(prompt: jax.Array, x: jax.Array, start: int, drop: int) -> jax.Array:
-    """``[x[..., :start, :], prompt, x[..., start + drop:, :]]`` along the token axis (-2)."""
-    p = jnp.broadcast_to(prompt.astype(x.dtype), x.shape[:-2] + prompt.shape)
-    return jnp.concatenate([x[..., :start, :], p, x[..., start + drop:, :]], axis=-2)
+  """``[x[..., :start, :], prompt, x[..., start + drop:, :]]`` along the token axis (-2)."""
+  p = jnp.broadcast_to(prompt.astype(x.dtype), x.shape[:-2] + prompt.shape)
+  return jnp.concatenate([x[..., :start, :], p, x[..., start + drop :, :]], axis=-2)
 
 
 @register_method("prompt_tuning")
 class PromptTuning(ModuleHookMethod):
-    """``[P; Embed(x)]``. See the module docstring."""
+  """``[P; Embed(x)]``. See the module docstring."""
 
-    _inits = ("default", "sample_vocab")
+  _inits = ("default", "sample_vocab")
 
-    def validate(self, target: Target) -> None:
-        super().validate(target)
-        if target.kind != "embedding":
-            raise ValueError(f"{target.path}: prompt tuning targets the 'embedding' table of a linen Embed.")
-        if target.init not in self._inits:
-            raise ValueError(f"{target.path}: unknown init {target.init!r}; expected one of {self._inits}.")
+  def validate(self, target: Target) -> None:
+    super().validate(target)
+    if target.kind != "embedding":
+      raise ValueError(f"{target.path}: prompt tuning targets the 'embedding' table of a linen Embed.")
+    if target.init not in self._inits:
+      raise ValueError(f"{target.path}: unknown init {target.init!r}; expected one of {self._inits}.")
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        if target.init == "sample_vocab":
-            rows = jax.random.randint(rng, (target.rank,), 0, kernel.shape[0])
-            return {PROMPT: kernel[rows]}
-        return {PROMPT: jax.random.normal(rng, (target.rank, kernel.shape[1]), jnp.float32)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    if target.init == "sample_vocab":
+      rows = jax.random.randint(rng, (target.rank,), 0, kernel.shape[0])
+      return {PROMPT: kernel[rows]}
+    return {PROMPT: jax.random.normal(rng, (target.rank, kernel.shape[1]), jnp.float32)}
 
-    def hook(self, call, args, kwargs, leaves, target, call_index):
-        return insert_tokens(leaves[PROMPT], call(*args, **kwargs), 0, 0)
+  def hook(self, call, args, kwargs, leaves, target, call_index):
+    return insert_tokens(leaves[PROMPT], call(*args, **kwargs), 0, 0)

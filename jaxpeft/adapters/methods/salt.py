@@ -55,78 +55,84 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 
 
 def _top_count(target: Target) -> int:
-    """``k = max(1, floor(ratio * n))``."""
-    return max(1, int(min(target.matrix_shape) * target.option("ratio")))
+  """``k = max(1, floor(ratio * n))``."""
+  return max(1, int(min(target.matrix_shape) * target.option("ratio")))
 
 
 def _core_change(leaves: Leaves) -> jax.Array:
-    """``ReLU(Σ')ᵀ - diag(σ)`` in the Flax (kernel) orientation, ``(n, n)``."""
-    s = leaves["s"]
-    k = leaves["scale"].shape[-1]
-    core = jnp.diag(s).at[:k, :k].set(jnp.diag(leaves["scale"] * s[:k] + leaves["shift"]))
-    core = core.at[k:, k:].add(leaves["x"] @ leaves["y"])
-    return jax.nn.relu(core).T - jnp.diag(s)
+  """``ReLU(Σ')ᵀ - diag(σ)`` in the Flax (kernel) orientation, ``(n, n)``."""
+  s = leaves["s"]
+  k = leaves["scale"].shape[-1]
+  core = jnp.diag(s).at[:k, :k].set(jnp.diag(leaves["scale"] * s[:k] + leaves["shift"]))
+  core = core.at[k:, k:].add(leaves["x"] @ leaves["y"])
+  return jax.nn.relu(core).T - jnp.diag(s)
 
 
 @register_method("salt")
 class SALT(AdapterMethod):
-    """``K' = K + U_K (ReLU(Σ')ᵀ - diag σ) V_Kᵀ``. See the module docstring."""
+  """``K' = K + U_K (ReLU(Σ')ᵀ - diag σ) V_Kᵀ``. See the module docstring."""
 
-    inits = ("default",)
-    needs_matrix = True
+  inits = ("default",)
+  needs_matrix = True
 
-    option_defaults = {"ratio": 0.1}
-    frozen_leaves = frozenset({"u", "s", "vt"})
+  option_defaults = {"ratio": 0.1}
+  frozen_leaves = frozenset({"u", "s", "vt"})
 
-    def validate(self, target: Target) -> None:
-        ratio = target.option("ratio")
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"{target.path}: SALT option ratio must be in (0, 1], got {ratio!r}.")
+  def validate(self, target: Target) -> None:
+    ratio = target.option("ratio")
+    if not 0.0 < ratio <= 1.0:
+      raise ValueError(f"{target.path}: SALT option ratio must be in (0, 1], got {ratio!r}.")
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
-        n, k, r = s.shape[0], _top_count(target), target.rank
-        bound = math.sqrt(6.0 / r)
-        return {"u": u, "s": s, "vt": vt,
-                "scale": jnp.ones((k,), jnp.float32), "shift": jnp.zeros((k,), jnp.float32),
-                "x": jax.random.uniform(rng, (n - k, r), jnp.float32, -bound, bound),
-                "y": jnp.zeros((r, n - k), jnp.float32)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
+    n, k, r = s.shape[0], _top_count(target), target.rank
+    bound = math.sqrt(6.0 / r)
+    return {
+        "u": u,
+        "s": s,
+        "vt": vt,
+        "scale": jnp.ones((k,), jnp.float32),
+        "shift": jnp.zeros((k,), jnp.float32),
+        "x": jax.random.uniform(rng, (n - k, r), jnp.float32, -bound, bound),
+        "y": jnp.zeros((r, n - k), jnp.float32),
+    }
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return (leaves["u"] @ _core_change(leaves)) @ leaves["vt"]
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return (leaves["u"] @ _core_change(leaves)) @ leaves["vt"]
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return ((x @ leaves["u"]) @ _core_change(leaves)) @ leaves["vt"]
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return ((x @ leaves["u"]) @ _core_change(leaves)) @ leaves["vt"]
 
-    def loss_term(self, config: Any, *, reg_multiplier: float):
-        """``reg_multiplier * regularizer(adapter_params)`` (``penalty.reg_multiplier``; reference default 0)."""
-        if not reg_multiplier >= 0:
-            raise ValueError(f"SALT's penalty reg_multiplier={reg_multiplier} must be >= 0.")
-        return lambda base_params, adapter_params, rng: reg_multiplier * regularizer(adapter_params)
+  def loss_term(self, config: Any, *, reg_multiplier: float):
+    """``reg_multiplier * regularizer(adapter_params)`` (``penalty.reg_multiplier``; reference default 0)."""
+    if not reg_multiplier >= 0:
+      raise ValueError(f"SALT's penalty reg_multiplier={reg_multiplier} must be >= 0.")
+    return lambda base_params, adapter_params, rng: reg_multiplier * regularizer(adapter_params)
 
 
 def _layer_regularizer(leaves: Leaves) -> jax.Array:
-    k = leaves["scale"].shape[-1]
-    top = leaves["s"][:k]
-    return (jnp.linalg.norm(leaves["scale"] * top + leaves["shift"] - top)
-            + jnp.linalg.norm(leaves["x"] @ leaves["y"]))
+  k = leaves["scale"].shape[-1]
+  top = leaves["s"][:k]
+  return jnp.linalg.norm(leaves["scale"] * top + leaves["shift"] - top) + jnp.linalg.norm(
+      leaves["x"] @ leaves["y"]
+  )
 
 
 def regularizer(adapter_params: Any) -> jax.Array:
-    """The reference's SALT regulariser summed over all adapted layers (stacked layers included).
+  """The reference's SALT regulariser summed over all adapted layers (stacked layers included).
 
-    Add ``reg_multiplier * regularizer(adapter_params)`` to the training loss (reference default weight 0).
-    """
-    by_path: dict[str, Leaves] = {}
-    for key, value in traverse_util.flatten_dict(adapter_params, sep="/").items():
-        path, _, name = key.rpartition("/")
-        by_path.setdefault(path, {})[name] = value
-    total = jnp.zeros((), jnp.float32)
-    for path, leaves in by_path.items():
-        if set(leaves) != {"u", "s", "vt", "scale", "shift", "x", "y"}:
-            raise ValueError(f"regularizer expects SALT adapter params; {path!r} has leaves {sorted(leaves)}.")
-        per_layer = _layer_regularizer
-        for _ in range(leaves["scale"].ndim - 1):  # stacked (scanned) layers
-            per_layer = jax.vmap(per_layer)
-        total = total + jnp.sum(per_layer(leaves))
-    return total
+  Add ``reg_multiplier * regularizer(adapter_params)`` to the training loss (reference default weight 0).
+  """
+  by_path: dict[str, Leaves] = {}
+  for key, value in traverse_util.flatten_dict(adapter_params, sep="/").items():
+    path, _, name = key.rpartition("/")
+    by_path.setdefault(path, {})[name] = value
+  total = jnp.zeros((), jnp.float32)
+  for path, leaves in by_path.items():
+    if set(leaves) != {"u", "s", "vt", "scale", "shift", "x", "y"}:
+      raise ValueError(f"regularizer expects SALT adapter params; {path!r} has leaves {sorted(leaves)}.")
+    per_layer = _layer_regularizer
+    for _ in range(leaves["scale"].ndim - 1):  # stacked (scanned) layers
+      per_layer = jax.vmap(per_layer)
+    total = total + jnp.sum(per_layer(leaves))
+  return total

@@ -78,79 +78,90 @@ MASK = "mask"
 
 @register_method("sara")
 class SaRA(AdapterMethod):
-    """``W' = W_0 + 1[|W_0| < tau] * delta``. See the module docstring."""
+  """``W' = W_0 + 1[|W_0| < tau] * delta``. See the module docstring."""
 
-    option_defaults = {"threshold": 2e-3}
-    frozen_leaves = frozenset({MASK})
+  option_defaults = {"threshold": 2e-3}
+  frozen_leaves = frozenset({MASK})
 
-    def validate(self, target: Target) -> None:
-        if not target.option("threshold") > 0:
-            raise ValueError(f"{target.path}: SaRA's option 'threshold' must be > 0, got "
-                             f"{target.option('threshold')}.")
+  def validate(self, target: Target) -> None:
+    if not target.option("threshold") > 0:
+      raise ValueError(
+          f"{target.path}: SaRA's option 'threshold' must be > 0, got " f"{target.option('threshold')}."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        del rng
-        mask = (jnp.abs(kernel) < target.option("threshold")).astype(jnp.float32)
-        return {"delta": jnp.zeros_like(kernel), MASK: mask}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    del rng
+    mask = (jnp.abs(kernel) < target.option("threshold")).astype(jnp.float32)
+    return {"delta": jnp.zeros_like(kernel), MASK: mask}
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return leaves[MASK] * leaves["delta"]
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return leaves[MASK] * leaves["delta"]
 
-    def trained_count(self, leaves: Leaves) -> int:
-        return int((leaves[MASK] != 0).sum())  # only the masked entries of the delta are trained
+  def trained_count(self, leaves: Leaves) -> int:
+    return int((leaves[MASK] != 0).sum())  # only the masked entries of the delta are trained
 
-    def loss_term(self, config: AdapterConfig, *, lambda_rank: float, min_dim: int = 64, sample: bool = True):
-        """The nuclear norm (``penalty.lambda_rank``, optional ``penalty.min_dim``, ``penalty.sample``)."""
-        if not lambda_rank > 0:
-            raise ValueError(f"SaRA's penalty lambda_rank={lambda_rank} must be > 0 (the reference uses 5e-4).")
-        return lambda base_params, adapter_params, rng: nuclear_norm_penalty(
-            base_params, adapter_params, config, lambda_rank, min_dim=min_dim, rng=rng if sample else None)
+  def loss_term(self, config: AdapterConfig, *, lambda_rank: float, min_dim: int = 64, sample: bool = True):
+    """The nuclear norm (``penalty.lambda_rank``, optional ``penalty.min_dim``, ``penalty.sample``)."""
+    if not lambda_rank > 0:
+      raise ValueError(f"SaRA's penalty lambda_rank={lambda_rank} must be > 0 (the reference uses 5e-4).")
+    return lambda base_params, adapter_params, rng: nuclear_norm_penalty(
+        base_params, adapter_params, config, lambda_rank, min_dim=min_dim, rng=rng if sample else None
+    )
 
-    def reselect(self, base_params: Any, adapter_params: Any, config: AdapterConfig) -> tuple[Any, Any]:
-        return reselect(base_params, adapter_params, config)
+  def reselect(self, base_params: Any, adapter_params: Any, config: AdapterConfig) -> tuple[Any, Any]:
+    return reselect(base_params, adapter_params, config)
 
 
 def reselect(base_params: Any, adapter_params: Any, config: AdapterConfig) -> tuple[Any, Any]:
-    """The progressive step: ``(merged_base, fresh_adapter)`` with the mask redrawn on the merged weights."""
-    merged = reparam.merge(base_params, adapter_params, config)
-    return merged, reparam.init(jax.random.key(0), config, merged)
+  """The progressive step: ``(merged_base, fresh_adapter)`` with the mask redrawn on the merged weights."""
+  merged = reparam.merge(base_params, adapter_params, config)
+  return merged, reparam.init(jax.random.key(0), config, merged)
 
 
 def _is_conv_kernel(target: Target) -> bool:
-    """A Flax conv kernel ``(*window, c_in, c_out)`` of 2+ window axes (the reference skips conv weights)."""
-    ndim = len(target.layer_shape)
-    return ndim >= 4 and target.fan_in_axes == ndim - 1
+  """A Flax conv kernel ``(*window, c_in, c_out)`` of 2+ window axes (the reference skips conv weights)."""
+  ndim = len(target.layer_shape)
+  return ndim >= 4 and target.fan_in_axes == ndim - 1
 
 
 def _nuclear_norm(x: jax.Array) -> jax.Array:
-    """``||x||_*`` with the minimum-norm subgradient ``U_+ V_+^T`` (see the module docstring)."""
-    u, s, vt = jnp.linalg.svd(jax.lax.stop_gradient(x), full_matrices=False)
-    nonzero = s > s[0] * max(x.shape) * jnp.finfo(x.dtype).eps
-    return jnp.sum(jax.lax.stop_gradient((u * nonzero) @ vt) * x)
+  """``||x||_*`` with the minimum-norm subgradient ``U_+ V_+^T`` (see the module docstring)."""
+  u, s, vt = jnp.linalg.svd(jax.lax.stop_gradient(x), full_matrices=False)
+  nonzero = s > s[0] * max(x.shape) * jnp.finfo(x.dtype).eps
+  return jnp.sum(jax.lax.stop_gradient((u * nonzero) @ vt) * x)
 
 
-def nuclear_norm_penalty(base_params: Any, adapter_params: Any, config: AdapterConfig, lambda_rank: float, *,
-                         min_dim: int = 64, rng: jax.Array | None = None) -> jax.Array:
-    """``lambda_rank * ||M * W'||_*`` over the eligible targets, or one drawn with ``rng`` (module docstring).
+def nuclear_norm_penalty(
+    base_params: Any,
+    adapter_params: Any,
+    config: AdapterConfig,
+    lambda_rank: float,
+    *,
+    min_dim: int = 64,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+  """``lambda_rank * ||M * W'||_*`` over the eligible targets, or one drawn with ``rng`` (module docstring).
 
-    Differentiable in ``adapter_params`` (add it to the training loss). Stacked targets count each layer
-    as one matrix. Raises if no target's folded matrix has both dimensions > ``min_dim``.
-    """
-    all_targets = select_targets(config, base_params)
-    targets = [t for t in all_targets if min(t.matrix_shape) > min_dim and not _is_conv_kernel(t)]
-    if not targets:
-        raise ValueError(f"nuclear_norm_penalty: no SaRA target is a linear-layer kernel whose folded matrix has "
-                         f"both dimensions > min_dim={min_dim}; lower min_dim or drop the penalty.")
-    leaves = dict(named_leaves(base_params))
-    by_path = reparam.adapter_leaves(adapter_params, all_targets)
+  Differentiable in ``adapter_params`` (add it to the training loss). Stacked targets count each layer
+  as one matrix. Raises if no target's folded matrix has both dimensions > ``min_dim``.
+  """
+  all_targets = select_targets(config, base_params)
+  targets = [t for t in all_targets if min(t.matrix_shape) > min_dim and not _is_conv_kernel(t)]
+  if not targets:
+    raise ValueError(
+        f"nuclear_norm_penalty: no SaRA target is a linear-layer kernel whose folded matrix has "
+        f"both dimensions > min_dim={min_dim}; lower min_dim or drop the penalty."
+    )
+  leaves = dict(named_leaves(base_params))
+  by_path = reparam.adapter_leaves(adapter_params, all_targets)
 
-    def one(target: Target, layer: int) -> jax.Array:
-        kernel = fold(leaves[target.path].reshape((-1,) + target.layer_shape)[layer], target)
-        mask, delta = (by_path[target.path][k].reshape((-1,) + target.matrix_shape)[layer] for k in (MASK, "delta"))
-        mask = jax.lax.stop_gradient(mask)
-        return _nuclear_norm(mask * (kernel + mask * delta))
+  def one(target: Target, layer: int) -> jax.Array:
+    kernel = fold(leaves[target.path].reshape((-1,) + target.layer_shape)[layer], target)
+    mask, delta = (by_path[target.path][k].reshape((-1,) + target.matrix_shape)[layer] for k in (MASK, "delta"))
+    mask = jax.lax.stop_gradient(mask)
+    return _nuclear_norm(mask * (kernel + mask * delta))
 
-    terms = [functools.partial(one, t, i) for t in targets for i in range(math.prod(t.stack_shape))]
-    if rng is None:
-        return lambda_rank * sum(term() for term in terms)
-    return lambda_rank * jax.lax.switch(jax.random.randint(rng, (), 0, len(terms)), terms)
+  terms = [functools.partial(one, t, i) for t in targets for i in range(math.prod(t.stack_shape))]
+  if rng is None:
+    return lambda_rank * sum(term() for term in terms)
+  return lambda_rank * jax.lax.switch(jax.random.randint(rng, (), 0, len(terms)), terms)

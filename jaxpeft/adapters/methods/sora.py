@@ -63,136 +63,155 @@ GATE = "gate"
 
 @register_method("sora")
 class SoRA(AdapterMethod):
-    """``W' = W + s (a * g) b`` with an L1-proximal gate ``g``. See the module docstring."""
+  """``W' = W + s (a * g) b`` with an L1-proximal gate ``g``. See the module docstring."""
 
-    inits = _INITS
-    needs_matrix = True
-    no_decay_leaves = frozenset({GATE})
+  inits = _INITS
+  needs_matrix = True
+  no_decay_leaves = frozenset({GATE})
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        key_factors, key_gate = jax.random.split(rng)
-        leaves = lora_factors_init(key_factors, kernel, target)
-        leaves[GATE] = jax.random.normal(key_gate, (target.rank,), jnp.float32)
-        return leaves
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    key_factors, key_gate = jax.random.split(rng)
+    leaves = lora_factors_init(key_factors, kernel, target)
+    leaves[GATE] = jax.random.normal(key_gate, (target.rank,), jnp.float32)
+    return leaves
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return target.scaling * ((leaves["a"] * leaves[GATE]) @ leaves["b"])
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return target.scaling * ((leaves["a"] * leaves[GATE]) @ leaves["b"])
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return target.scaling * (((x @ leaves["a"]) * leaves[GATE]) @ leaves["b"])
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return target.scaling * (((x @ leaves["a"]) * leaves[GATE]) @ leaves["b"])
 
-    def loss_term(self, config: AdapterConfig, *, sparse_lambda: float):
-        """``sparse_lambda * sum |g| / n_gates`` over all gates (``penalty.sparse_lambda``; reference trainer)."""
-        if isinstance(sparse_lambda, bool) or not isinstance(sparse_lambda, (int, float)) or sparse_lambda < 0:
-            raise ValueError(f"SoRA's penalty sparse_lambda={sparse_lambda!r} must be a number >= 0 (the "
-                             "reference uses the proximal step's sparse_lambda).")
-        return lambda base_params, adapter_params, rng: sparse_lambda * gate_l1(adapter_params)
+  def loss_term(self, config: AdapterConfig, *, sparse_lambda: float):
+    """``sparse_lambda * sum |g| / n_gates`` over all gates (``penalty.sparse_lambda``; reference trainer)."""
+    if isinstance(sparse_lambda, bool) or not isinstance(sparse_lambda, (int, float)) or sparse_lambda < 0:
+      raise ValueError(
+          f"SoRA's penalty sparse_lambda={sparse_lambda!r} must be a number >= 0 (the "
+          "reference uses the proximal step's sparse_lambda)."
+      )
+    return lambda base_params, adapter_params, rng: sparse_lambda * gate_l1(adapter_params)
 
-    def update_rule(self, config: AdapterConfig, *, sparse_lambda: optax.ScalarOrSchedule,
-                    learning_rate: optax.ScalarOrSchedule | None = None,
-                    reference_zeroing: bool = False) -> optax.GradientTransformation:
-        """``proximal_l1`` on the gates only, from ``config.adapter.update`` (e.g. ``update.sparse_lambda``)."""
-        return optax.masked(proximal_l1(sparse_lambda, learning_rate, reference_zeroing=reference_zeroing),
-                            gate_mask)
+  def update_rule(
+      self,
+      config: AdapterConfig,
+      *,
+      sparse_lambda: optax.ScalarOrSchedule,
+      learning_rate: optax.ScalarOrSchedule | None = None,
+      reference_zeroing: bool = False,
+  ) -> optax.GradientTransformation:
+    """``proximal_l1`` on the gates only, from ``config.adapter.update`` (e.g. ``update.sparse_lambda``)."""
+    return optax.masked(proximal_l1(sparse_lambda, learning_rate, reference_zeroing=reference_zeroing), gate_mask)
 
 
 def soft_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:
-    """``sign(x) * max(|x| - threshold, 0)``: the proximal operator of ``threshold * ||x||_1``."""
-    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0.0)
+  """``sign(x) * max(|x| - threshold, 0)``: the proximal operator of ``threshold * ||x||_1``."""
+  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0.0)
 
 
 class ProximalL1State(NamedTuple):
-    count: jax.Array
+  count: jax.Array
 
 
 def reference_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:
-    """The reference's sequential masked edits: 0 where ``|x| < 2 threshold``, else ``x - sign(x) threshold``."""
-    return jnp.where(jnp.abs(x) < 2 * threshold, 0.0, x - jnp.sign(x) * threshold)
+  """The reference's sequential masked edits: 0 where ``|x| < 2 threshold``, else ``x - sign(x) threshold``."""
+  return jnp.where(jnp.abs(x) < 2 * threshold, 0.0, x - jnp.sign(x) * threshold)
 
 
-def proximal_l1(sparse_lambda: optax.ScalarOrSchedule,
-                learning_rate: optax.ScalarOrSchedule | None = None, *,
-                reference_zeroing: bool = False) -> optax.GradientTransformation:
-    """Turns the incoming update ``u`` into ``prox(params + u) - params`` (soft-threshold, see module docstring).
+def proximal_l1(
+    sparse_lambda: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    reference_zeroing: bool = False,
+) -> optax.GradientTransformation:
+  """Turns the incoming update ``u`` into ``prox(params + u) - params`` (soft-threshold, see module docstring).
 
-    Args:
-      sparse_lambda: the threshold ``xi`` (reference ``sparse_lambda_2``), a float or a schedule of the step.
-      learning_rate: if given (float or schedule), the threshold is ``sparse_lambda * learning_rate``.
-      reference_zeroing: use TsinghuaC3I/SoRA's thresholding (``reference_threshold``) instead of the
-        soft-threshold (see the module docstring).
+  Args:
+    sparse_lambda: the threshold ``xi`` (reference ``sparse_lambda_2``), a float or a schedule of the step.
+    learning_rate: if given (float or schedule), the threshold is ``sparse_lambda * learning_rate``.
+    reference_zeroing: use TsinghuaC3I/SoRA's thresholding (``reference_threshold``) instead of the
+      soft-threshold (see the module docstring).
 
-    Must come last in the chain (after the learning rate is applied). Acts on every leaf it receives: use
-    ``optax.masked(proximal_l1(...), gate_mask)`` or ``sora_labels`` to limit it to the gates.
-    """
+  Must come last in the chain (after the learning rate is applied). Acts on every leaf it receives: use
+  ``optax.masked(proximal_l1(...), gate_mask)`` or ``sora_labels`` to limit it to the gates.
+  """
 
-    def init_fn(params):
-        del params
-        return ProximalL1State(count=jnp.zeros([], jnp.int32))
+  def init_fn(params):
+    del params
+    return ProximalL1State(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("proximal_l1 needs the current params: call tx.update(grads, state, params).")
-        threshold = sparse_lambda(state.count) if callable(sparse_lambda) else sparse_lambda
-        if learning_rate is not None:
-            threshold = threshold * (learning_rate(state.count) if callable(learning_rate) else learning_rate)
-        prox = reference_threshold if reference_zeroing else soft_threshold
-        new_updates = jax.tree.map(lambda u, p: (prox(p + u, threshold) - p).astype(u.dtype), updates, params)
-        return new_updates, ProximalL1State(count=optax.safe_increment(state.count))
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("proximal_l1 needs the current params: call tx.update(grads, state, params).")
+    threshold = sparse_lambda(state.count) if callable(sparse_lambda) else sparse_lambda
+    if learning_rate is not None:
+      threshold = threshold * (learning_rate(state.count) if callable(learning_rate) else learning_rate)
+    prox = reference_threshold if reference_zeroing else soft_threshold
+    new_updates = jax.tree.map(lambda u, p: (prox(p + u, threshold) - p).astype(u.dtype), updates, params)
+    return new_updates, ProximalL1State(count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def gate_l1(adapter_params: Any) -> jax.Array:
-    """``sum |g| / n_gates`` over every gate of the adapter (stacked layers included)."""
-    gates = [g for path, g in traverse_util.flatten_dict(adapter_params).items() if path[-1] == GATE]
-    if not gates:
-        raise ValueError("gate_l1 expects SoRA adapter params (leaves named 'gate'); found none.")
-    return sum(jnp.sum(jnp.abs(g)) for g in gates) / sum(g.size for g in gates)
+  """``sum |g| / n_gates`` over every gate of the adapter (stacked layers included)."""
+  gates = [g for path, g in traverse_util.flatten_dict(adapter_params).items() if path[-1] == GATE]
+  if not gates:
+    raise ValueError("gate_l1 expects SoRA adapter params (leaves named 'gate'); found none.")
+  return sum(jnp.sum(jnp.abs(g)) for g in gates) / sum(g.size for g in gates)
 
 
 def gate_mask(adapter_params: Any) -> Any:
-    """A bool tree like ``adapter_params``: True at SoRA gate leaves (for ``optax.masked``)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == GATE, adapter_params)
+  """A bool tree like ``adapter_params``: True at SoRA gate leaves (for ``optax.masked``)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == GATE, adapter_params)
 
 
 def sora_labels(adapter_params: Any) -> Any:
-    """``"gate"`` at gate leaves, ``"factor"`` elsewhere (for ``optax.multi_transform``)."""
-    return jax.tree.map(lambda is_gate: "gate" if is_gate else "factor", gate_mask(adapter_params))
+  """``"gate"`` at gate leaves, ``"factor"`` elsewhere (for ``optax.multi_transform``)."""
+  return jax.tree.map(lambda is_gate: "gate" if is_gate else "factor", gate_mask(adapter_params))
 
 
 def prune_to_lora(adapter_params: Any, config: AdapterConfig) -> tuple[Any, AdapterConfig]:
-    """``(lora_adapter, lora_config)``: keep the ranks with a non-zero gate, folding the gate into ``b``.
+  """``(lora_adapter, lora_config)``: keep the ranks with a non-zero gate, folding the gate into ``b``.
 
-    ``a' = a[:, S]``, ``b' = g[S, None] * b[S]`` with ``S = {i : g_i != 0}``, rank ``|S|`` per target (via
-    ``rank_pattern``) and the same ``alpha / r`` scale (``alpha`` is rescaled per target so that
-    ``alpha' / |S| = alpha / r``). The result is a ``"lora"`` adapter with identical ``apply`` / ``merge``.
-    Runs eagerly (the ranks are data-dependent). Targets whose gates are all zero must be dropped from
-    ``config.targets`` first (LoRA needs rank >= 1); this raises naming them. Stacked targets keep the
-    union of their layers' non-zero ranks.
-    """
-    if config.method != "sora":
-        raise ValueError(f"prune_to_lora expects a 'sora' adapter, got method {config.method!r}.")
-    if config.use_rslora:
-        raise ValueError("prune_to_lora does not support use_rslora=True (the scale would change with the rank).")
-    flat = traverse_util.flatten_dict(adapter_params, sep="/")
-    paths = sorted({k.rpartition("/")[0] for k in flat})
-    pruned, ranks, alphas, empty = {}, {}, {}, []
-    for path in paths:
-        a, b, g = (np.asarray(flat[f"{path}/{name}"]) for name in ("a", "b", GATE))
-        keep = np.flatnonzero(np.any(g.reshape(-1, g.shape[-1]) != 0, axis=0))
-        if keep.size == 0:
-            empty.append(path)
-            continue
-        pruned[f"{path}/a"] = jnp.asarray(a[..., keep])
-        pruned[f"{path}/b"] = jnp.asarray(g[..., keep, None] * b[..., keep, :])
-        rank = config.pattern_value("rank_pattern", path, config.rank)
-        ranks[re.escape(path)] = int(keep.size)
-        alphas[re.escape(path)] = config.pattern_value("alpha_pattern", path, config.alpha) * keep.size / rank
-    if empty:
-        raise ValueError(f"All gates are zero for {empty}: these targets no longer adapt anything; exclude them "
-                         "from AdapterConfig.targets (and their leaves from the adapter) before pruning.")
-    lora_config = AdapterConfig(
-        targets=config.targets, method="lora", rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-        init="default", rank_pattern=ranks, alpha_pattern=alphas, fan_in_axes=config.fan_in_axes,
-        stacked_axes=config.stacked_axes)
-    return traverse_util.unflatten_dict(pruned, sep="/"), lora_config
+  ``a' = a[:, S]``, ``b' = g[S, None] * b[S]`` with ``S = {i : g_i != 0}``, rank ``|S|`` per target (via
+  ``rank_pattern``) and the same ``alpha / r`` scale (``alpha`` is rescaled per target so that
+  ``alpha' / |S| = alpha / r``). The result is a ``"lora"`` adapter with identical ``apply`` / ``merge``.
+  Runs eagerly (the ranks are data-dependent). Targets whose gates are all zero must be dropped from
+  ``config.targets`` first (LoRA needs rank >= 1); this raises naming them. Stacked targets keep the
+  union of their layers' non-zero ranks.
+  """
+  if config.method != "sora":
+    raise ValueError(f"prune_to_lora expects a 'sora' adapter, got method {config.method!r}.")
+  if config.use_rslora:
+    raise ValueError("prune_to_lora does not support use_rslora=True (the scale would change with the rank).")
+  flat = traverse_util.flatten_dict(adapter_params, sep="/")
+  paths = sorted({k.rpartition("/")[0] for k in flat})
+  pruned, ranks, alphas, empty = {}, {}, {}, []
+  for path in paths:
+    a, b, g = (np.asarray(flat[f"{path}/{name}"]) for name in ("a", "b", GATE))
+    keep = np.flatnonzero(np.any(g.reshape(-1, g.shape[-1]) != 0, axis=0))
+    if keep.size == 0:
+      empty.append(path)
+      continue
+    pruned[f"{path}/a"] = jnp.asarray(a[..., keep])
+    pruned[f"{path}/b"] = jnp.asarray(g[..., keep, None] * b[..., keep, :])
+    rank = config.pattern_value("rank_pattern", path, config.rank)
+    ranks[re.escape(path)] = int(keep.size)
+    alphas[re.escape(path)] = config.pattern_value("alpha_pattern", path, config.alpha) * keep.size / rank
+  if empty:
+    raise ValueError(
+        f"All gates are zero for {empty}: these targets no longer adapt anything; exclude them "
+        "from AdapterConfig.targets (and their leaves from the adapter) before pruning."
+    )
+  lora_config = AdapterConfig(
+      targets=config.targets,
+      method="lora",
+      rank=config.rank,
+      alpha=config.alpha,
+      dropout=config.dropout,
+      init="default",
+      rank_pattern=ranks,
+      alpha_pattern=alphas,
+      fan_in_axes=config.fan_in_axes,
+      stacked_axes=config.stacked_axes,
+  )
+  return traverse_util.unflatten_dict(pruned, sep="/"), lora_config

@@ -33,20 +33,20 @@ from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 
 @register_method("svd_ft")
 class SingularValueFineTuning(AdapterMethod):
-    """``W' = W + U diag(σ - σ₀) Vᵀ`` with only ``σ`` trained. See the module docstring."""
+  """``W' = W + U diag(σ - σ₀) Vᵀ`` with only ``σ`` trained. See the module docstring."""
 
-    inits = ("default",)
-    needs_matrix = True
+  inits = ("default",)
+  needs_matrix = True
 
-    frozen_leaves = frozenset({"u", "vt", "s0"})
-    no_decay_leaves = frozenset({"s"})  # the reference trains vector_S without weight decay
+  frozen_leaves = frozenset({"u", "vt", "s0"})
+  no_decay_leaves = frozenset({"s"})  # the reference trains vector_S without weight decay
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
-        return {"u": u, "vt": vt, "s0": s, "s": s}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    u, s, vt = jnp.linalg.svd(kernel, full_matrices=False)
+    return {"u": u, "vt": vt, "s0": s, "s": s}
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return (leaves["u"] * (leaves["s"] - leaves["s0"])) @ leaves["vt"]
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return (leaves["u"] * (leaves["s"] - leaves["s0"])) @ leaves["vt"]
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return ((x @ leaves["u"]) * (leaves["s"] - leaves["s0"])) @ leaves["vt"]
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return ((x @ leaves["u"]) * (leaves["s"] - leaves["s0"])) @ leaves["vt"]

@@ -62,125 +62,132 @@ RESIDUALS = ("tr", "trm", "lora")
 
 
 def balanced_modes(n: int, order: int) -> tuple[int, ...]:
-    """``n`` split into ``order`` factors (prime factors, largest first, each to the smallest bucket), descending."""
-    primes, rest, p = [], n, 2
-    while p * p <= rest:
-        while rest % p == 0:
-            primes.append(p)
-            rest //= p
-        p += 1
-    if rest > 1:
-        primes.append(rest)
-    buckets = [1] * order
-    for prime in sorted(primes, reverse=True):
-        buckets[buckets.index(min(buckets))] *= prime
-    return tuple(sorted(buckets, reverse=True))
+  """``n`` split into ``order`` factors (prime factors, largest first, each to the smallest bucket), descending."""
+  primes, rest, p = [], n, 2
+  while p * p <= rest:
+    while rest % p == 0:
+      primes.append(p)
+      rest //= p
+    p += 1
+  if rest > 1:
+    primes.append(rest)
+  buckets = [1] * order
+  for prime in sorted(primes, reverse=True):
+    buckets[buckets.index(min(buckets))] *= prime
+  return tuple(sorted(buckets, reverse=True))
 
 
 def modes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(in_modes, out_modes)`` of the folded ``(d_in, d_out)`` kernel."""
-    d_in, d_out = target.matrix_shape
-    order = target.option("order")
-    in_modes = tuple(target.option("in_modes") or balanced_modes(d_in, order))
-    out_modes = tuple(target.option("out_modes") or balanced_modes(d_out, order))
-    return in_modes, out_modes
+  """``(in_modes, out_modes)`` of the folded ``(d_in, d_out)`` kernel."""
+  d_in, d_out = target.matrix_shape
+  order = target.option("order")
+  in_modes = tuple(target.option("in_modes") or balanced_modes(d_in, order))
+  out_modes = tuple(target.option("out_modes") or balanced_modes(d_out, order))
+  return in_modes, out_modes
 
 
 def core_shapes(target: Target) -> dict[str, tuple[int, ...]]:
-    """Leaf name -> shape of every core (see the module docstring)."""
-    (in_modes, out_modes), t, r = modes(target), target.option("transform_rank"), target.rank
-    shapes = {f"transform_{d}": (n, n, t, t) for d, n in enumerate(in_modes)}
-    if target.option("residual") == "tr":
-        shapes.update({f"residual_out_{e}": (q, r, r) for e, q in enumerate(out_modes)})
-        shapes.update({f"residual_in_{d}": (n, r, r) for d, n in enumerate(in_modes)})
-    elif target.option("residual") == "lora":
-        d_in, d_out = target.matrix_shape
-        shapes.update({"lora_a": (r, d_in), "lora_b": (d_out, r)})
-    else:
-        shapes.update({f"residual_{d}": (q, n, r, r) for d, (n, q) in enumerate(zip(in_modes, out_modes))})
-    return shapes
+  """Leaf name -> shape of every core (see the module docstring)."""
+  (in_modes, out_modes), t, r = modes(target), target.option("transform_rank"), target.rank
+  shapes = {f"transform_{d}": (n, n, t, t) for d, n in enumerate(in_modes)}
+  if target.option("residual") == "tr":
+    shapes.update({f"residual_out_{e}": (q, r, r) for e, q in enumerate(out_modes)})
+    shapes.update({f"residual_in_{d}": (n, r, r) for d, n in enumerate(in_modes)})
+  elif target.option("residual") == "lora":
+    d_in, d_out = target.matrix_shape
+    shapes.update({"lora_a": (r, d_in), "lora_b": (d_out, r)})
+  else:
+    shapes.update({f"residual_{d}": (q, n, r, r) for d, (n, q) in enumerate(zip(in_modes, out_modes))})
+  return shapes
 
 
 def ring_matrix(cores: list[jax.Array]) -> jax.Array:
-    """``M[(i_1..i_D), (j_1..j_D)] = tr(X_1[i_1, j_1] ... X_D[i_D, j_D])`` for cores ``X_d: (p_d, q_d, a, a)``."""
-    out = cores[0]
-    for core in cores[1:]:
-        rows, cols, a, _ = out.shape
-        p, q, _, b = core.shape
-        out = jnp.einsum("ijab,klbc->ikjlac", out, core).reshape(rows * p, cols * q, a, b)
-    return jnp.einsum("ijaa->ij", out)
+  """``M[(i_1..i_D), (j_1..j_D)] = tr(X_1[i_1, j_1] ... X_D[i_D, j_D])`` for cores ``X_d: (p_d, q_d, a, a)``."""
+  out = cores[0]
+  for core in cores[1:]:
+    rows, cols, a, _ = out.shape
+    p, q, _, b = core.shape
+    out = jnp.einsum("ijab,klbc->ikjlac", out, core).reshape(rows * p, cols * q, a, b)
+  return jnp.einsum("ijaa->ij", out)
 
 
 def transform(leaves: Leaves, target: Target) -> jax.Array:
-    """``T``, shape ``(d_in, d_in)``."""
-    return ring_matrix([leaves[f"transform_{d}"] for d in range(len(modes(target)[0]))])
+  """``T``, shape ``(d_in, d_in)``."""
+  return ring_matrix([leaves[f"transform_{d}"] for d in range(len(modes(target)[0]))])
 
 
 def residual(leaves: Leaves, target: Target) -> jax.Array:
-    """``s Delta``, shape ``(d_out, d_in)`` (PyTorch layout)."""
-    (in_modes, out_modes), (d_in, d_out) = modes(target), target.matrix_shape
-    if target.option("residual") == "tr":  # a TR vector over (o_1..o_E, i_1..i_D): a ring matrix with one column
-        vector_cores = ([leaves[f"residual_out_{e}"] for e in range(len(out_modes))]
-                        + [leaves[f"residual_in_{d}"] for d in range(len(in_modes))])
-        delta = ring_matrix([c[:, None] for c in vector_cores]).reshape(d_out, d_in)
-    elif target.option("residual") == "lora":
-        delta = leaves["lora_b"] @ leaves["lora_a"]
-    else:
-        delta = ring_matrix([leaves[f"residual_{d}"] for d in range(len(in_modes))])
-    return target.scaling * delta
+  """``s Delta``, shape ``(d_out, d_in)`` (PyTorch layout)."""
+  (in_modes, out_modes), (d_in, d_out) = modes(target), target.matrix_shape
+  if target.option("residual") == "tr":  # a TR vector over (o_1..o_E, i_1..i_D): a ring matrix with one column
+    vector_cores = [leaves[f"residual_out_{e}"] for e in range(len(out_modes))] + [
+        leaves[f"residual_in_{d}"] for d in range(len(in_modes))
+    ]
+    delta = ring_matrix([c[:, None] for c in vector_cores]).reshape(d_out, d_in)
+  elif target.option("residual") == "lora":
+    delta = leaves["lora_b"] @ leaves["lora_a"]
+  else:
+    delta = ring_matrix([leaves[f"residual_{d}"] for d in range(len(in_modes))])
+  return target.scaling * delta
 
 
 def _init_core(key: jax.Array, name: str, shape: tuple[int, ...], target: Target) -> jax.Array:
-    random = target.init == "random"
-    if name.startswith("transform_"):
-        n, _, t, _ = shape
-        identity = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32)[:, :, None, None] / t, shape)
-        return identity + (0.1 / t) * jax.random.normal(key, shape) if random else identity
-    if name in ("residual_out_0", "residual_0", "lora_b") and not random:
-        return jnp.zeros(shape, jnp.float32)
-    r = target.rank
-    if name.startswith("residual_out_"):
-        std = math.sqrt(shape[0]) / r**2
-    elif name.startswith("residual_in_"):
-        std = 1.0 / math.sqrt(shape[0])
-    elif name in ("lora_a", "lora_b"):
-        std = 1.0 / math.sqrt(3 * shape[1])
-    else:
-        std = 1.0 / math.sqrt(3 * shape[1] * r * r)
-    return std * jax.random.normal(key, shape, jnp.float32)
+  random = target.init == "random"
+  if name.startswith("transform_"):
+    n, _, t, _ = shape
+    identity = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32)[:, :, None, None] / t, shape)
+    return identity + (0.1 / t) * jax.random.normal(key, shape) if random else identity
+  if name in ("residual_out_0", "residual_0", "lora_b") and not random:
+    return jnp.zeros(shape, jnp.float32)
+  r = target.rank
+  if name.startswith("residual_out_"):
+    std = math.sqrt(shape[0]) / r**2
+  elif name.startswith("residual_in_"):
+    std = 1.0 / math.sqrt(shape[0])
+  elif name in ("lora_a", "lora_b"):
+    std = 1.0 / math.sqrt(3 * shape[1])
+  else:
+    std = 1.0 / math.sqrt(3 * shape[1] * r * r)
+  return std * jax.random.normal(key, shape, jnp.float32)
 
 
 @register_method("tlora")
 class TLoRA(AdapterMethod):
-    """``W' = W_0 T + s Delta`` (``K' = Tᵀ K + s Deltaᵀ`` in Flax layout). See the module docstring."""
+  """``W' = W_0 T + s Delta`` (``K' = Tᵀ K + s Deltaᵀ`` in Flax layout). See the module docstring."""
 
-    inits = _INITS
-    needs_matrix = True
+  inits = _INITS
+  needs_matrix = True
 
-    option_defaults = {"order": 3, "transform_rank": 1, "residual": "tr", "in_modes": None, "out_modes": None}
+  option_defaults = {"order": 3, "transform_rank": 1, "residual": "tr", "in_modes": None, "out_modes": None}
 
-    def validate(self, target: Target) -> None:
-        if target.option("residual") not in RESIDUALS:
-            raise ValueError(f"{target.path}: unknown TLoRA residual {target.option('residual')!r}; expected one of "
-                             f"{RESIDUALS} (options={{'residual': ...}}).")
-        order, t = target.option("order"), target.option("transform_rank")
-        if not (isinstance(order, int) and order >= 1 and isinstance(t, int) and t >= 1):
-            raise ValueError(f"{target.path}: TLoRA options order and transform_rank must be positive ints, got "
-                             f"order={order!r}, transform_rank={t!r}.")
-        (d_in, d_out), (in_modes, out_modes) = target.matrix_shape, modes(target)
-        same_length = len(in_modes) == len(out_modes) or target.option("residual") == "tr"
-        if math.prod(in_modes) != d_in or math.prod(out_modes) != d_out or not same_length:
-            raise ValueError(f"{target.path}: TLoRA modes must multiply to the folded kernel shape ({d_in}, {d_out}) "
-                             f"(and have equal lengths for residual 'trm'), got in_modes={in_modes}, "
-                             f"out_modes={out_modes}; set options in_modes / out_modes.")
+  def validate(self, target: Target) -> None:
+    if target.option("residual") not in RESIDUALS:
+      raise ValueError(
+          f"{target.path}: unknown TLoRA residual {target.option('residual')!r}; expected one of "
+          f"{RESIDUALS} (options={{'residual': ...}})."
+      )
+    order, t = target.option("order"), target.option("transform_rank")
+    if not (isinstance(order, int) and order >= 1 and isinstance(t, int) and t >= 1):
+      raise ValueError(
+          f"{target.path}: TLoRA options order and transform_rank must be positive ints, got "
+          f"order={order!r}, transform_rank={t!r}."
+      )
+    (d_in, d_out), (in_modes, out_modes) = target.matrix_shape, modes(target)
+    same_length = len(in_modes) == len(out_modes) or target.option("residual") == "tr"
+    if math.prod(in_modes) != d_in or math.prod(out_modes) != d_out or not same_length:
+      raise ValueError(
+          f"{target.path}: TLoRA modes must multiply to the folded kernel shape ({d_in}, {d_out}) "
+          f"(and have equal lengths for residual 'trm'), got in_modes={in_modes}, "
+          f"out_modes={out_modes}; set options in_modes / out_modes."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        shapes = core_shapes(target)
-        keys = jax.random.split(rng, len(shapes))
-        return {name: _init_core(key, name, shape, target) for key, (name, shape) in zip(keys, shapes.items())}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    shapes = core_shapes(target)
+    keys = jax.random.split(rng, len(shapes))
+    return {name: _init_core(key, name, shape, target) for key, (name, shape) in zip(keys, shapes.items())}
 
-    def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return transform(leaves, target).T @ kernel + residual(leaves, target).T
+  def apply(self, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return transform(leaves, target).T @ kernel + residual(leaves, target).T
 
-    def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return jnp.linalg.solve(transform(leaves, target).T, merged - residual(leaves, target).T)
+  def unmerge(self, merged: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return jnp.linalg.solve(transform(leaves, target).T, merged - residual(leaves, target).T)

@@ -53,99 +53,120 @@ from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, same, transpose
 
-
 _INITS = ("default", "random")
 
 
 def _projection_shape(target: Target) -> tuple[int, int]:
-    shape = target.option("projection_shape")
-    return target.matrix_shape if shape is None else (int(shape[0]), int(shape[1]))
+  shape = target.option("projection_shape")
+  return target.matrix_shape if shape is None else (int(shape[0]), int(shape[1]))
 
 
 def shared_projections(target: Target) -> tuple[jax.Array, jax.Array]:
-    """The target's slices ``(proj_a (d_in, r), proj_b (r, d_out))`` of the shared projections."""
-    d_in, d_out = target.matrix_shape
-    max_in, max_out = _projection_shape(target)
-    r = target.rank
-    key_a, key_b = jax.random.split(jax.random.key(target.option("projection_seed")))
-    bound_a, bound_b = (6.0 / max_in) ** 0.5, (6.0 / r) ** 0.5
-    proj_a = jax.random.uniform(key_a, (max_in, r), jnp.float32, -bound_a, bound_a)
-    proj_b = jax.random.uniform(key_b, (r, max_out), jnp.float32, -bound_b, bound_b)
-    return proj_a[:d_in], proj_b[:, :d_out]
+  """The target's slices ``(proj_a (d_in, r), proj_b (r, d_out))`` of the shared projections."""
+  d_in, d_out = target.matrix_shape
+  max_in, max_out = _projection_shape(target)
+  r = target.rank
+  key_a, key_b = jax.random.split(jax.random.key(target.option("projection_seed")))
+  bound_a, bound_b = (6.0 / max_in) ** 0.5, (6.0 / r) ** 0.5
+  proj_a = jax.random.uniform(key_a, (max_in, r), jnp.float32, -bound_a, bound_a)
+  proj_b = jax.random.uniform(key_b, (r, max_out), jnp.float32, -bound_b, bound_b)
+  return proj_a[:d_in], proj_b[:, :d_out]
 
 
 def single_rank(method: str, targets: Sequence[Target], alphas: set[float]) -> None:
-    """PEFT's VeRA / RandLoRA have one rank (and alpha) for all layers."""
-    if len({t.rank for t in targets}) > 1 or len(alphas) > 1:
-        raise ValueError(f"PEFT's {method!r} has one rank (and alpha) for all layers; this adapter uses "
-                         "per-target ranks or alphas (rank_pattern / alpha_pattern). Use a single rank.")
+  """PEFT's VeRA / RandLoRA have one rank (and alpha) for all layers."""
+  if len({t.rank for t in targets}) > 1 or len(alphas) > 1:
+    raise ValueError(
+        f"PEFT's {method!r} has one rank (and alpha) for all layers; this adapter uses "
+        "per-target ranks or alphas (rank_pattern / alpha_pattern). Use a single rank."
+    )
 
 
 def with_projection_shape(options: dict[str, Any], targets: Sequence[Target]) -> dict[str, Any]:
-    """The shared projections' shape on import: the largest folded in/out dimensions of the targets."""
-    shape = (max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets))
-    return {**options, "projection_shape": shape}
+  """The shared projections' shape on import: the largest folded in/out dimensions of the targets."""
+  shape = (max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets))
+  return {**options, "projection_shape": shape}
 
 
 # PEFT VeraConfig: d -> vera_lambda_d, b -> vera_lambda_b; shared: proj_a.T, proj_b.T are the top-left slices
 # of base_model.vera_A (r, max in) and base_model.vera_B (max out, r).
 def _vera_rules(layout: Layout, target: Target | None) -> dict[str, Rule]:
-    return {"proj_a": Rule("vera_A", transpose, shared=True), "proj_b": Rule("vera_B", transpose, shared=True),
-            "d": Rule("vera_lambda_d", same), "b": Rule("vera_lambda_b", same)}
+  return {
+      "proj_a": Rule("vera_A", transpose, shared=True),
+      "proj_b": Rule("vera_B", transpose, shared=True),
+      "d": Rule("vera_lambda_d", same),
+      "b": Rule("vera_lambda_b", same),
+  }
 
 
 def _vera_config_fields(config: AdapterConfig, targets: Sequence[Target], modules: Mapping[str, str]) -> dict:
-    single_rank("vera", targets, set())
-    return {"r": targets[0].rank, "save_projection": True, "init_weights": True, "projection_prng_key": 0,
-            "d_initial": dict(targets[0].options)["d_initial"], "vera_dropout": config.dropout}
+  single_rank("vera", targets, set())
+  return {
+      "r": targets[0].rank,
+      "save_projection": True,
+      "init_weights": True,
+      "projection_prng_key": 0,
+      "d_initial": dict(targets[0].options)["d_initial"],
+      "vera_dropout": config.dropout,
+  }
 
 
 def _vera_shared_shapes(targets: Sequence[Target]) -> dict[str, tuple[int, ...]]:
-    r = targets[0].rank
-    max_in, max_out = max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets)
-    return {"vera_A": (r, max_in), "vera_B": (max_out, r)}
+  r = targets[0].rank
+  max_in, max_out = max(t.matrix_shape[0] for t in targets), max(t.matrix_shape[1] for t in targets)
+  return {"vera_A": (r, max_in), "vera_B": (max_out, r)}
 
 
-_PEFT = PeftMapping("VERA", ("linear",), _vera_rules, _vera_config_fields,
-                    lambda peft_config, *_: {"d_initial": peft_config.get("d_initial", 0.1)},
-                    dropout_field="vera_dropout", shared_shapes=_vera_shared_shapes,
-                    complete_options=with_projection_shape)
+_PEFT = PeftMapping(
+    "VERA",
+    ("linear",),
+    _vera_rules,
+    _vera_config_fields,
+    lambda peft_config, *_: {"d_initial": peft_config.get("d_initial", 0.1)},
+    dropout_field="vera_dropout",
+    shared_shapes=_vera_shared_shapes,
+    complete_options=with_projection_shape,
+)
 
 
 @register_method("vera")
 class VeRA(AdapterMethod):
-    """``W' = W + (proj_a * d) @ (proj_b * b)`` with frozen shared projections. See the module docstring."""
+  """``W' = W + (proj_a * d) @ (proj_b * b)`` with frozen shared projections. See the module docstring."""
 
-    peft = _PEFT
+  peft = _PEFT
 
-    option_defaults = {"d_initial": 0.1, "projection_seed": 0, "projection_shape": None}
-    frozen_leaves = frozenset({"proj_a", "proj_b"})
+  option_defaults = {"d_initial": 0.1, "projection_seed": 0, "projection_shape": None}
+  frozen_leaves = frozenset({"proj_a", "proj_b"})
 
-    def validate(self, target: Target) -> None:
-        if target.fan_in_axes == 0:
-            raise ValueError(f"{target.path}: VeRA needs a kernel with input and output axes; this leaf of "
-                             f"per-layer shape {target.layer_shape} has none. Exclude it from the targets.")
-        if target.init not in _INITS:
-            raise ValueError(f"{target.path}: unknown VeRA init {target.init!r}; expected one of {_INITS}.")
-        max_in, max_out = _projection_shape(target)
-        d_in, d_out = target.matrix_shape
-        if max_in < d_in or max_out < d_out:
-            raise ValueError(f"{target.path}: options projection_shape={(max_in, max_out)} is smaller than this "
-                             f"target's folded shape {(d_in, d_out)}; use the elementwise maximum over all targets.")
+  def validate(self, target: Target) -> None:
+    if target.fan_in_axes == 0:
+      raise ValueError(
+          f"{target.path}: VeRA needs a kernel with input and output axes; this leaf of "
+          f"per-layer shape {target.layer_shape} has none. Exclude it from the targets."
+      )
+    if target.init not in _INITS:
+      raise ValueError(f"{target.path}: unknown VeRA init {target.init!r}; expected one of {_INITS}.")
+    max_in, max_out = _projection_shape(target)
+    d_in, d_out = target.matrix_shape
+    if max_in < d_in or max_out < d_out:
+      raise ValueError(
+          f"{target.path}: options projection_shape={(max_in, max_out)} is smaller than this "
+          f"target's folded shape {(d_in, d_out)}; use the elementwise maximum over all targets."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        proj_a, proj_b = shared_projections(target)
-        d_out, r = target.matrix_shape[1], target.rank
-        if target.init == "random":
-            d = jax.random.normal(rng, (r,), jnp.float32)
-            b = jnp.ones((d_out,), jnp.float32)
-        else:
-            d = jnp.full((r,), target.option("d_initial"), jnp.float32)
-            b = jnp.zeros((d_out,), jnp.float32)
-        return {"proj_a": proj_a, "proj_b": proj_b, "d": d, "b": b}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    proj_a, proj_b = shared_projections(target)
+    d_out, r = target.matrix_shape[1], target.rank
+    if target.init == "random":
+      d = jax.random.normal(rng, (r,), jnp.float32)
+      b = jnp.ones((d_out,), jnp.float32)
+    else:
+      d = jnp.full((r,), target.option("d_initial"), jnp.float32)
+      b = jnp.zeros((d_out,), jnp.float32)
+    return {"proj_a": proj_a, "proj_b": proj_b, "d": d, "b": b}
 
-    def delta(self, leaves: Leaves, target: Target) -> jax.Array:
-        return (leaves["proj_a"] * leaves["d"]) @ (leaves["proj_b"] * leaves["b"])
+  def delta(self, leaves: Leaves, target: Target) -> jax.Array:
+    return (leaves["proj_a"] * leaves["d"]) @ (leaves["proj_b"] * leaves["b"])
 
-    def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-        return (((x @ leaves["proj_a"]) * leaves["d"]) @ leaves["proj_b"]) * leaves["b"]
+  def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
+    return (((x @ leaves["proj_a"]) * leaves["d"]) @ leaves["proj_b"]) * leaves["b"]

@@ -37,26 +37,29 @@ from jaxpeft.adapters.methods.prompt_tuning import PROMPT, insert_tokens
 
 @register_method("vpt")
 class VisualPromptTuning(ModuleHookMethod):
-    """Insert (first block) or replace (later blocks) ``p`` prompt tokens after the prefix tokens."""
+  """Insert (first block) or replace (later blocks) ``p`` prompt tokens after the prefix tokens."""
 
-    option_defaults = {"num_prefix_tokens": 1, "patch_size": 16}
-    hook_levels_up = 1
+  option_defaults = {"num_prefix_tokens": 1, "patch_size": 16}
+  hook_levels_up = 1
 
-    def validate(self, target: Target) -> None:
-        super().validate(target)
-        if target.fan_in_axes != 0 or len(target.layer_shape) != 1:
-            raise ValueError(f"{target.path}: VPT targets a 1-D leaf of width d inside each prompted block (e.g. "
-                             f"its first LayerNorm's scale), got per-layer shape {target.layer_shape}.")
+  def validate(self, target: Target) -> None:
+    super().validate(target)
+    if target.fan_in_axes != 0 or len(target.layer_shape) != 1:
+      raise ValueError(
+          f"{target.path}: VPT targets a 1-D leaf of width d inside each prompted block (e.g. "
+          f"its first LayerNorm's scale), got per-layer shape {target.layer_shape}."
+      )
 
-    def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
-        d = target.matrix_shape[1]
-        bound = math.sqrt(6.0 / (3 * target.option("patch_size") ** 2 + d))
-        return {PROMPT: jax.random.uniform(rng, (target.rank, d), jnp.float32, -bound, bound)}
+  def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
+    d = target.matrix_shape[1]
+    bound = math.sqrt(6.0 / (3 * target.option("patch_size") ** 2 + d))
+    return {PROMPT: jax.random.uniform(rng, (target.rank, d), jnp.float32, -bound, bound)}
 
-    def hook(self, call, args, kwargs, leaves, target, call_index):
-        if not args:
-            raise ValueError(f"{target.path}: VPT needs the prompted block to receive its tokens as the first "
-                             "positional argument.")
-        x, rest = args[0], args[1:]
-        k, p = target.option("num_prefix_tokens"), target.rank
-        return call(insert_tokens(leaves[PROMPT], x, k, 0 if call_index == 0 else p), *rest, **kwargs)
+  def hook(self, call, args, kwargs, leaves, target, call_index):
+    if not args:
+      raise ValueError(
+          f"{target.path}: VPT needs the prompted block to receive its tokens as the first " "positional argument."
+      )
+    x, rest = args[0], args[1:]
+    k, p = target.option("num_prefix_tokens"), target.rank
+    return call(insert_tokens(leaves[PROMPT], x, k, 0 if call_index == 0 else p), *rest, **kwargs)
