@@ -21,19 +21,17 @@ missing, unexpected and misshaped tensor at once.
 import json
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxpeft.models import gemma3, gguf_file
+from jaxpeft.models import gemma3, gguf_file, named_tensors
 
 _SKIPPED = re.compile(r"lm_head\.weight|vision_tower\..*|multi_modal_projector\..*")
-_MAX_LISTED = 20
 _GGUF_ARCHITECTURE = "gemma3"
 # GGUF tensor name -> transformers name ({i}: the layer).
 _GGUF_NAMES = (
@@ -48,11 +46,6 @@ _GGUF_NAMES = (
     (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
 )
-
-
-def _listed(names: Sequence[str]) -> str:
-  shown = ", ".join(names[:_MAX_LISTED])
-  return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
 def expected_params(config: gemma3.Gemma3Config) -> dict[str, Any]:
@@ -79,35 +72,15 @@ def params_from_hf(
     ValueError: listing every missing tensor, unknown tensor and tensor of the wrong shape.
   """
   tensors = {re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", k): v for k, v in tensors.items()}
-  flat = flax.traverse_util.flatten_dict(expected_params(config), sep="/")
-  names = {path: gemma3.hf_name(path) for path in flat}
-  known = set(names.values())
-  missing = sorted(n for n in known if n not in tensors)
-  unexpected = sorted(k for k in tensors if k not in known and not _SKIPPED.fullmatch(k))
-  params, wrong_shape = {}, []
-  for path, name in names.items():
-    if name not in tensors:
-      continue
-    value = np.asarray(tensors[name])
-    value = value.T if path.endswith("/kernel") else value
-    if value.shape != tuple(flat[path].shape):
-      wrong_shape.append(
-          f"{name}: {np.shape(tensors[name])} in the checkpoint, {path} needs"
-          f" {tuple(flat[path].shape)}" + (" (transposed)" if path.endswith("/kernel") else "")
-      )
-    params[path] = jnp.asarray(value, dtype=param_dtype)
-  if missing or unexpected or wrong_shape:
-    problems = [
-        f"missing tensors: {_listed(missing)}" if missing else "",
-        f"unexpected tensors: {_listed(unexpected)}" if unexpected else "",
-        f"wrong shapes: {_listed(sorted(wrong_shape))}" if wrong_shape else "",
-    ]
-    raise ValueError(
-        "The checkpoint does not fit the Gemma 3 architecture its config describes; "
-        + "; ".join(p for p in problems if p)
-        + ". Check that the config belongs to these weights and that they are Gemma 3 text weights."
-    )
-  params = flax.traverse_util.unflatten_dict(params, sep="/")
+  params = named_tensors.params_from_named_tensors(
+      tensors,
+      expected_params(config),
+      gemma3.hf_name,
+      skipped=_SKIPPED,
+      owner="the Gemma 3 architecture its config describes",
+      advice="Check that the config belongs to these weights and that they are Gemma 3 text weights.",
+      param_dtype=param_dtype,
+  )
   return gemma3.stack_layers(params, config.num_hidden_layers) if scan_layers else params
 
 

@@ -27,13 +27,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 import tokenizers
 
+from jaxpeft.models import named_tensors
 from jaxpeft.models.bert import BertConfig, BertEncoder
 
 EMBEDDED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -54,7 +54,6 @@ _HF_MODULE = (
 _HF_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 _SKIPPED = re.compile(r"embeddings\.position_ids|pooler\..*|cls\..*")
 _SUPPORTED_ST_MODULES = ("Transformer", "Pooling", "Normalize")
-_MAX_LISTED = 20
 
 
 def hf_name(path: str) -> str:
@@ -181,11 +180,6 @@ def _normalizes(folder: pathlib.Path) -> bool:
   return "Normalize" in kinds
 
 
-def _listed(names: Sequence[str]) -> str:
-  shown = ", ".join(names[:_MAX_LISTED])
-  return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
-
-
 def params_from_hf(
     tensors: Mapping[str, np.ndarray], expected: Mapping[str, Any], param_dtype: Any = jnp.float32
 ) -> dict[str, Any]:
@@ -201,34 +195,15 @@ def params_from_hf(
     ValueError: listing every missing tensor, unknown tensor and tensor of the wrong shape.
   """
   tensors = {k.removeprefix("bert."): v for k, v in tensors.items()}
-  flat = flax.traverse_util.flatten_dict(dict(expected), sep="/")
-  names = {path: hf_name(path) for path in flat}
-  known = set(names.values())
-  missing = sorted(n for n in known if n not in tensors)
-  unexpected = sorted(k for k in tensors if k not in known and not _SKIPPED.fullmatch(k))
-  params, wrong_shape = {}, []
-  for path, name in names.items():
-    if name not in tensors:
-      continue
-    value = tensors[name].T if path.endswith("/kernel") else tensors[name]
-    if value.shape != tuple(flat[path].shape):
-      wrong_shape.append(
-          f"{name}: {tensors[name].shape} in the checkpoint, BertEncoder's {path} needs"
-          f" {tuple(flat[path].shape)}" + (" (transposed)" if path.endswith("/kernel") else "")
-      )
-    params[path] = jnp.asarray(value, dtype=param_dtype)
-  if missing or unexpected or wrong_shape:
-    problems = [
-        f"missing tensors: {_listed(missing)}" if missing else "",
-        f"unexpected tensors: {_listed(unexpected)}" if unexpected else "",
-        f"wrong shapes: {_listed(sorted(wrong_shape))}" if wrong_shape else "",
-    ]
-    raise ValueError(
-        "The checkpoint does not fit the BERT encoder its config.json describes; "
-        + "; ".join(p for p in problems if p)
-        + ". Check that config.json belongs to model.safetensors and that it is a BERT model."
-    )
-  return flax.traverse_util.unflatten_dict(params, sep="/")
+  return named_tensors.params_from_named_tensors(
+      tensors,
+      expected,
+      hf_name,
+      skipped=_SKIPPED,
+      owner="the BERT encoder its config.json describes",
+      advice="Check that config.json belongs to model.safetensors and that it is a BERT model.",
+      param_dtype=param_dtype,
+  )
 
 
 def load_bert(
