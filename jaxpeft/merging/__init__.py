@@ -15,6 +15,7 @@ from jaxpeft.merging.dare import dare
 from jaxpeft.merging.fisher import empirical_fisher, expected_fisher, fisher_merge
 from jaxpeft.merging.linear import linear
 from jaxpeft.merging.lora_updates import combine, combined_deltas, deltas
+from jaxpeft.merging import scalearn
 from jaxpeft.merging.regmean import gram_matrices, regmean
 from jaxpeft.merging.soups import greedy_soup, uniform_soup
 from jaxpeft.merging.sparse_fine_tuning import compose, sparse_difference
@@ -40,6 +41,7 @@ __all__ = [
     "greedy_soup",
     "linear",
     "regmean",
+    "scalearn",
     "sparse_difference",
     "task_arithmetic",
     "task_vector",

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxpeft.merging.coefficients import fit_coefficients
 from jaxpeft.merging.trees import PyTree, leaf_path, map_leaves
 
 
@@ -54,14 +55,5 @@ def fit_atlas(
   """The learned ``(num_tasks, num_blocks)`` coefficients after one optimizer step per batch."""
   coefficients = jnp.full((len(task_vectors), num_blocks(base)), init, jnp.float32)
   atlas_merge(base, task_vectors, coefficients)  # checks structure and shapes before compiling
-  opt_state = optimizer.init(coefficients)
-
-  @jax.jit
-  def step(coefficients, opt_state, base, task_vectors, batch):
-    grad = jax.grad(lambda c: loss_fn(atlas_merge(base, task_vectors, c), batch))(coefficients)
-    updates, opt_state = optimizer.update(grad, opt_state, coefficients)
-    return optax.apply_updates(coefficients, updates), opt_state
-
-  for batch in batches:
-    coefficients, opt_state = step(coefficients, opt_state, base, list(task_vectors), batch)
-  return coefficients
+  loss = lambda c, frozen, batch: loss_fn(atlas_merge(*frozen, c), batch)
+  return fit_coefficients(coefficients, loss, batches, optimizer, frozen=(base, list(task_vectors)))
