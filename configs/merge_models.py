@@ -23,6 +23,7 @@ def get_config(arg: str = "ties") -> ml_collections.ConfigDict:
   config.dare_combination = "ties"
   config.seed = 0  # DARE's masks
   config.adapter_rank = ""  # adapters: '' exact, 'max', or an int (truncated SVD)
+  config.export_peft = True  # adapters: also write export/peft/ (PEFT's folder layout)
   if arg.startswith("adapter_"):
     config.kind, config.method = "adapter", arg[len("adapter_") :]
   if config.method not in ("task_arithmetic", "ties", "dare", "linear"):

@@ -3,8 +3,9 @@ r"""Merges the exports of several launch.train runs into one model (or one adapt
   python -m launch.merge --config=configs/merge_models.py:ties --workdir=workdir/merged \
       --config.inputs=workdir/task_a,workdir/task_b --config.base=workdir/pretrain/export/params
 
-Writes `<workdir>/export/params` (Orbax), `<workdir>/export/adapter.safetensors` when the inputs were
-adapters (`:adapter_linear`, `:adapter_ties`), and `<workdir>/merge_summary.json`.
+Writes `<workdir>/export/params` (Orbax), `<workdir>/export/adapter.safetensors` and `<workdir>/export/peft/`
+(PEFT's adapter_config.json + adapter_model.safetensors) when the inputs were adapters (`:adapter_linear`,
+`:adapter_ties`), and `<workdir>/merge_summary.json`.
 """
 
 from absl import app, flags

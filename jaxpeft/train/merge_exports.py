@@ -5,7 +5,10 @@ Inputs are workdirs of ``launch.train`` runs. ``config.kind="params"`` merges th
 started from); ``config.kind="adapter"`` merges their ``export/adapter.safetensors`` on the weight-space
 updates (``jaxpeft.merging.lora_updates.combine``: linear or TIES) into one LoRA adapter. Each input's
 ``export/base_checksum.txt`` must match the base. Writes ``<workdir>/export/params`` (Orbax, the merged
-model), ``<workdir>/export/adapter.safetensors`` for adapters, and ``<workdir>/merge_summary.json``.
+model), for adapters ``<workdir>/export/adapter.safetensors`` and ``<workdir>/export/peft/`` (PEFT's
+``adapter_config.json`` + ``adapter_model.safetensors``, for ``PeftModel.from_pretrained``; module names
+from ``jaxpeft.adapters.default_module_name``; ``config.export_peft=False`` skips it), and
+``<workdir>/merge_summary.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from absl import logging
 from jaxpeft import merging
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.checkpoint import load_adapter, save_adapter
+from jaxpeft.adapters.peft_format import export_peft
 
 PARAMS_METHODS = ("task_arithmetic", "ties", "dare", "linear")
 ADAPTER_METHODS = ("linear", "ties")
@@ -156,6 +160,9 @@ def merge_workdirs(config: ml_collections.ConfigDict, workdir: str, show_progres
         density=config.density if config.method == "ties" else None,
     )
     save_adapter(os.path.join(workdir, "export", "adapter.safetensors"), adapter, adapter_config)
+    if config.export_peft:
+      summary["peft_dir"] = os.path.join(os.path.abspath(workdir), "export", "peft")
+      export_peft(summary["peft_dir"], adapter, adapter_config, base)
     merged = reparam.merge(base, adapter, adapter_config)
     summary["adapter_ranks"] = dict(adapter_config.rank_pattern)
   summary["params_dir"] = _save_params(workdir, merged)

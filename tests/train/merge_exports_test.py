@@ -8,7 +8,9 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import peft
 import pytest
+import torch
 
 from configs import merge_models, quickstart
 from jaxpeft import merging
@@ -91,6 +93,21 @@ def test_adapters_merge_into_one_lora_adapter(runs, tmp_path):
   np.testing.assert_allclose(
       _restore(str(tmp_path / "export" / "params"))["dense"]["kernel"], base["dense"]["kernel"] + delta, atol=1e-5
   )
+  # export/peft is PEFT's layout: PeftModel loads it onto a torch Linear holding the base weights, and the
+  # adapted layer computes x @ (W_0 + Σ_i w_i ΔW_i) + b, the merged model's dense layer
+  assert summary["peft_dir"] == str(tmp_path / "export" / "peft")
+  assert sorted(os.listdir(summary["peft_dir"])) == ["adapter_config.json", "adapter_model.safetensors"]
+  kernel, bias = np.asarray(base["dense"]["kernel"]), np.asarray(base["dense"]["bias"])
+  torch_model = torch.nn.Sequential()
+  torch_model.add_module("dense", torch.nn.Linear(*kernel.shape))
+  with torch.no_grad():
+    torch_model.dense.weight.copy_(torch.tensor(kernel.T))
+    torch_model.dense.bias.copy_(torch.tensor(bias))
+  peft_model = peft.PeftModel.from_pretrained(torch_model, summary["peft_dir"])
+  x = np.random.default_rng(0).normal(size=(4, kernel.shape[0])).astype(np.float32)
+  with torch.no_grad():
+    got = peft_model(torch.tensor(x)).numpy()
+  np.testing.assert_allclose(got, x @ (kernel + delta) + bias, atol=1e-4)
 
 
 def test_a_run_of_another_base_is_refused(runs, tmp_path):
