@@ -15,7 +15,7 @@ reference's draw or to keep the same drop pattern across merges.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -23,7 +23,7 @@ import jax
 from jaxpeft.merging.sparsify import Rescale, bernoulli_mask, random_drop
 from jaxpeft.merging.task_arithmetic import weighted_sum
 from jaxpeft.merging.ties import Convention, SignMethod, sign_consensus
-from jaxpeft.merging.trees import PyTree, after, check_densities, leaf_path, map_leaves, per_task
+from jaxpeft.merging.trees import PyTree, after, check_densities, leaf_path, map_leaves, per_task, stacked_dims
 
 
 def dare(
@@ -40,10 +40,13 @@ def dare(
     majority_sign_method: SignMethod = "total",
     convention: Convention = "paper",
     normalize: bool | None = None,
+    stacked_axes: Mapping[str, int] | None = None,
 ) -> PyTree:
   """DARE-merged parameters; exactly one of ``key`` / ``masks`` (see the module docstring).
 
   ``normalize`` defaults to True for ``ties`` (the disjoint mean) and False for ``linear`` (a plain sum).
+  ``stacked_axes`` (``{path regex: leading layer axes}``, scanned layers) makes the ``"l1"`` rescale use each
+  layer's own norms, as for unstacked layers (the drop itself is entrywise).
   """
   n = len(models)
   w = per_task(weights, n, "weights")
@@ -65,7 +68,8 @@ def dare(
       keep = [bernoulli_mask(jax.random.fold_in(leaf_key, t), d, b.shape) for t, d in enumerate(densities)]
     else:
       keep = mask
-    dropped = [random_drop(m - b, k, d, rescale) for m, k, d in zip(ms, keep, densities)]
+    dims = stacked_dims(path, stacked_axes)
+    dropped = [random_drop(m - b, k, d, rescale, batch_dims=dims) for m, k, d in zip(ms, keep, densities)]
     if combination == "linear":
       merged = weighted_sum(dropped, w, normalize)
     else:

@@ -16,7 +16,7 @@ scattering k sorted indices, so entries tied in magnitude with the k-th are all 
 such ties by sort order); with real-valued task vectors ties only occur at zero, where keeping or dropping
 changes nothing. The bisection needs no sort and no materialised ``|τ|``: merging stays within a leaf's
 memory and runs on sharded leaves without gathering them.
-``batch_dims`` leading axes are ranked separately (scanned layers, one ranking per layer).
+``batch_dims`` leading axes are ranked (trim) or L1-rescaled (drop) separately (scanned layers: per layer).
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def bernoulli_mask(key: jax.Array, density: float, shape: tuple[int, ...]) -> ja
   return jax.random.bernoulli(key, density, shape)
 
 
-def random_drop(x: jax.Array, mask: jax.Array, density: float, rescale: Rescale = "density") -> jax.Array:
-  """``x`` masked by ``mask`` (1 = keep) and rescaled; see the module docstring."""
+def random_drop(
+    x: jax.Array, mask: jax.Array, density: float, rescale: Rescale = "density", *, batch_dims: int = 0
+) -> jax.Array:
+  """``x`` masked by ``mask`` (1 = keep) and rescaled; see the module docstring (L1 norms per ``batch_dims``)."""
   if density >= 1.0:
     return x
   masked = jnp.where(mask.astype(bool), x, jnp.zeros_like(x))
@@ -89,7 +91,8 @@ def random_drop(x: jax.Array, mask: jax.Array, density: float, rescale: Rescale 
   if rescale == "density":
     return masked / density if density > 0 else masked
   if rescale == "l1":
-    before, after = jnp.abs(x).sum(), jnp.abs(masked).sum()
+    axes = tuple(range(batch_dims, x.ndim))
+    before, after = jnp.abs(x).sum(axes, keepdims=True), jnp.abs(masked).sum(axes, keepdims=True)
     ok = (before >= 1e-7) & (after >= 1e-7)
     return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
   raise ValueError(f"rescale must be 'density', 'l1' or None, got {rescale!r}.")

@@ -41,6 +41,25 @@ def check_compatible(reference: PyTree, trees: Sequence[PyTree], what: str = "mo
             f"Leaf {path!r} has shape {tuple(got[path].shape)} in {what} {i} but "
             f"{tuple(leaf.shape)} in the base: trees to merge must have the same shapes."
         )
+      check_same_devices(path, leaf, got[path], f"{what} {i}")
+
+
+def _devices(x: Any) -> frozenset | None:
+  """The devices a concrete ``jax.Array`` lives on; None for numpy arrays and tracers (placed by jit)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    return frozenset(x.sharding.device_set)
+  return None
+
+
+def check_same_devices(path: str, reference: Any, leaf: Any, where: str) -> None:
+  """Raises naming ``path`` when ``leaf`` is placed on other devices than the base's leaf (another mesh)."""
+  want, got = _devices(reference), _devices(leaf)
+  if want is not None and got is not None and want != got:
+    raise ValueError(
+        f"Leaf {path!r} is on {len(got)} device(s) {sorted(d.id for d in got)} in {where} but on {len(want)} "
+        f"device(s) {sorted(d.id for d in want)} in the base: put all trees on the same mesh (jax.device_put "
+        "with one NamedSharding per leaf) before merging."
+    )
 
 
 def per_task(value: float | Sequence[float], n: int, name: str) -> list[float]:

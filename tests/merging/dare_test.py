@@ -83,3 +83,38 @@ def test_random_masks_keep_the_density_and_rescale_by_it():
   np.testing.assert_array_equal(got, again)
   with pytest.raises(ValueError, match="exactly one of key= .* or masks="):
     merging.dare(base, [model], 1.0, 0.3)
+
+
+def test_scanned_layers_rescale_per_layer_with_stacked_axes():
+  """mergekit's dare_linear (L1 rescale) on each layer of a stacked leaf, with the same masks."""
+  rng = np.random.default_rng(3)
+  base = {"layers": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)}}
+  models = [{"layers": {"kernel": base["layers"]["kernel"] + rng.normal(size=(3, 4, 5)).astype(np.float32)}}] * 2
+  models = [models[0], {"layers": {"kernel": models[1]["layers"]["kernel"] * 1.5}}]
+  masks, want = [np.zeros((3, 4, 5), np.float32) for _ in models], []
+  for k in range(3):
+    torch.manual_seed(30 + k)
+    for i in range(2):
+      masks[i][k] = torch.bernoulli(torch.full((4, 5), DENSITY)).numpy()
+    torch.manual_seed(30 + k)
+    want.append(
+        ref.mergekit_method(
+            "dare_linear",
+            base["layers"]["kernel"][k],
+            [m["layers"]["kernel"][k] for m in models],
+            weight=[1.0, 0.5],
+            density=[DENSITY] * 2,
+        )
+    )
+  got = merging.dare(
+      base,
+      models,
+      [1.0, 0.5],
+      DENSITY,
+      masks=[{"layers": {"kernel": m}} for m in masks],
+      rescale="l1",
+      convention="mergekit",
+      normalize=False,
+      stacked_axes={"layers/.*": 1},
+  )
+  np.testing.assert_allclose(got["layers"]["kernel"], np.stack(want), atol=1e-5)

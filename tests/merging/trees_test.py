@@ -82,3 +82,14 @@ def test_merging_holds_at_most_two_trees_beyond_the_inputs(name):
   beyond_inputs = memory.output_size_in_bytes + memory.temp_size_in_bytes
   assert beyond_inputs <= 2 * tree_bytes, (name, beyond_inputs / tree_bytes)
   assert memory.argument_size_in_bytes >= 4 * tree_bytes  # the inputs are counted apart (4 models + a base)
+
+
+def test_a_tree_on_an_incompatible_mesh_names_the_leaf():
+  devices = jax.devices()[:8]
+  base, models = ref.trees(n=2)
+  on = lambda t, mesh: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), t)
+  mesh_a, mesh_b = Mesh(np.array(devices[:4]), ("data",)), Mesh(np.array(devices[4:]), ("data",))
+  base, first = on(base, mesh_a), on(models[0], mesh_a)
+  second = {**on(models[1], mesh_a), "out": on(models[1]["out"], mesh_b)}
+  with pytest.raises(ValueError, match=r"Leaf 'out/kernel' is on 4 device\(s\) \[4, 5, 6, 7\] in model 1"):
+    merging.ties(base, [first, second])
