@@ -10,10 +10,13 @@
   run trained on a rewritten base (residual-base inits, re-selections that merge into the base): those leaves
   applied to the original weights would not give the trained model, so only the merged export is;
 * `<workdir>/export/base_checksum.txt` — `jaxpeft.merging.base_checksum` of the base the run started
-  from, so `launch/merge.py` can refuse to merge runs of different bases.
+  from, so `launch/merge.py` can refuse to merge runs of different bases. A fresh run computes it once from
+  the base it builds (`record_base_checksum`, `<workdir>/base_checksum.txt`), so a resumed run exports it
+  without rebuilding or reloading the base.
 """
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -34,26 +37,37 @@ def _bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+CHECKSUM_FILE = "base_checksum.txt"
+
+
+def record_base_checksum(workdir: str, base_params: PyTree) -> None:
+  """Writes `<workdir>/base_checksum.txt` for the base a fresh run starts from (export copies it)."""
+  checksum = base_checksum(base_params)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CHECKSUM_FILE), "w", encoding="utf-8") as f:
+      f.write(checksum + "\n")
+
+
 def export(
     workdir: str,
     trainable: Trainable,
     params: PyTree,
     frozen: PyTree,
     model_state: PyTree | None = None,
-    base_params: PyTree | None = None,
 ) -> dict[str, int]:
   """Writes the exports; returns their sizes in bytes (`params_bytes`, `adapter_bytes`, `model_state_bytes`).
 
-  `base_params`, the model's parameters before training, gives `export/base_checksum.txt`.
+  `<workdir>/base_checksum.txt` (`record_base_checksum`) becomes `export/base_checksum.txt`.
   """
   out = os.path.join(os.path.abspath(workdir), "export")
   params_dir = os.path.join(out, "params")
-  if base_params is not None:
-    checksum = base_checksum(base_params)
-    if jax.process_index() == 0:
-      os.makedirs(out, exist_ok=True)
-      with open(os.path.join(out, "base_checksum.txt"), "w", encoding="utf-8") as f:
-        f.write(checksum + "\n")
+  recorded = os.path.join(workdir, CHECKSUM_FILE)
+  if not os.path.exists(recorded):
+    logging.warning("No %s (a run started before it was recorded): no export/%s.", recorded, CHECKSUM_FILE)
+  elif jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(recorded, os.path.join(out, CHECKSUM_FILE))
   merged = jax.jit(trainable.merged)(params, frozen)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, merged, force=True)

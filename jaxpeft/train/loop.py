@@ -52,7 +52,7 @@ from jaxpeft.train import causal_lm, sharding
 from jaxpeft.adapters.partition import param_count
 from jaxpeft.train.checkpoint import Checkpointer
 from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError, is_disk_full
-from jaxpeft.train.export import export
+from jaxpeft.train.export import export, record_base_checksum
 from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
@@ -444,6 +444,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   if restored is None:
     base, calibration = base_params(), None
+    if config.export:
+      record_base_checksum(workdir, base)
     if trainable.needs_calibration:
       calibration = trainable.calibrate(
           base, _calibration_inputs(config, train_source, preprocess, config.dataset.input_keys)
@@ -542,9 +544,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       result["eval"].update(generation)
     writer.write(step, "eval", result["eval"])
     if config.export:
-      result.update(
-          export(workdir, trainable, final.params, final.frozen, final.model_state, base_params=base_params())
-      )
+      result.update(export(workdir, trainable, final.params, final.frozen, final.model_state))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(_json_safe(result), f, indent=2, allow_nan=False)

@@ -11,6 +11,8 @@ from flax import traverse_util
 
 from jaxpeft.adapters.checkpoint import load_adapter
 from jaxpeft.adapters import reparam
+from jaxpeft import merging
+from jaxpeft.train import loop
 from jaxpeft.train.loop import train_and_evaluate
 
 
@@ -69,13 +71,20 @@ def test_lora_run_trains_only_adapter_and_head(smoke_config, pretrained, tmp_pat
   assert result["adapter_bytes"] < 0.2 * result["params_bytes"]
 
 
-def test_lora_run_resumes_bit_identically(smoke_config, pretrained, tmp_path):
+def test_lora_run_resumes_bit_identically(smoke_config, pretrained, tmp_path, monkeypatch):
   full = train_and_evaluate(_lora(smoke_config, pretrained), str(tmp_path / "full"))
   for item in ("3", "frozen"):
     shutil.copytree(tmp_path / "full" / "checkpoints" / item, tmp_path / "resumed" / "checkpoints" / item)
+  shutil.copy(tmp_path / "full" / "base_checksum.txt", tmp_path / "resumed")  # recorded by the fresh start
+  loads = []
+  monkeypatch.setattr(loop, "load_params", lambda *args: loads.append(args))  # the base is not reloaded
   resumed = train_and_evaluate(_lora(smoke_config, pretrained), str(tmp_path / "resumed"))
+  assert not loads
   for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(resumed["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  want = merging.base_checksum(ocp.StandardCheckpointer().restore(pretrained))
+  for run in ("full", "resumed"):
+    assert (tmp_path / run / "export" / "base_checksum.txt").read_text().strip() == want
 
 
 def test_factored_mode_matches_reparam(smoke_config, pretrained, tmp_path):
