@@ -48,7 +48,9 @@ class TorchBasicBlock(torch.nn.Module):
     self.bn2 = torch.nn.BatchNorm2d(cout)
     self.shortcut = None
     if cin != cout or stride != 1:
-      self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+      self.shortcut = torch.nn.Sequential(
+          torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
@@ -57,7 +59,11 @@ class TorchBasicBlock(torch.nn.Module):
 
 def torch_resnet(stage_sizes: tuple[int, ...], width: int) -> torch.nn.Module:
   """jaxpeft.models.resnet.ResNet in PyTorch (NCHW)."""
-  layers, cin = [torch.nn.Conv2d(1, width, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(width), torch.nn.ReLU()], width
+  layers, cin = [
+      torch.nn.Conv2d(1, width, 3, 1, 1, bias=False),
+      torch.nn.BatchNorm2d(width),
+      torch.nn.ReLU(),
+  ], width
   for i, blocks in enumerate(stage_sizes):
     for j in range(blocks):
       layers.append(TorchBasicBlock(cin, width * 2**i, 2 if i > 0 and j == 0 else 1))
@@ -172,18 +178,27 @@ def _uptime() -> str:
 
 
 def benchmark(
-    methods: list[str], batch_size: int, rounds: int, stage_sizes=(1, 1, 1), width: int = 16, torch_threads: int = 2
+    methods: list[str],
+    batch_size: int,
+    rounds: int,
+    stage_sizes=(1, 1, 1),
+    width: int = 16,
+    torch_threads: int = 2,
 ) -> str:
   """The markdown report: images/s per variant (median, quartiles), jaxpeft/PyTorch ratios, uptime."""
   torch.set_num_threads(torch_threads)
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(batch_size, 28, 28, 1)).astype(np.float32)
-  clean = [(rng.uniform(size=images.shape).astype(np.float32), np.arange(batch_size) % NUM_CLASSES) for _ in range(2)]
+  clean = [
+      (rng.uniform(size=images.shape).astype(np.float32), np.arange(batch_size) % NUM_CLASSES) for _ in range(2)
+  ]
   model = ResNet(NUM_CLASSES, stage_sizes=stage_sizes, width=width)
   variables = model.init(jax.random.key(0), jnp.asarray(images))
   x = torch.tensor(images).permute(0, 3, 1, 2).contiguous()
   torch.manual_seed(0)
-  runners = {f"jaxpeft {m}": lambda s=jax_step(m, model, variables, clean), i=jnp.asarray(images): s(i) for m in methods}
+  runners = {
+      f"jaxpeft {m}": lambda s=jax_step(m, model, variables, clean), i=jnp.asarray(images): s(i) for m in methods
+  }
   torch_clean = [torch.tensor(c).permute(0, 3, 1, 2).contiguous() for c, _ in clean]
   runners["PyTorch tent"] = lambda s=torch_tent(torch_resnet(stage_sizes, width)): s(x)
   runners["PyTorch eata"] = lambda s=torch_eata(torch_resnet(stage_sizes, width), torch_clean): s(x)
@@ -194,8 +209,8 @@ def benchmark(
   median = {name: statistics.median(r) for name, r in rate.items()}
   lines = [
       f"ResNet {stage_sizes} width {width}, batch {batch_size} x 28x28x1, {rounds} interleaved rounds, "
-      f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-      f"({torch_threads} threads)",
+      f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.devices()[0].platform}), "
+      f"torch {torch.__version__} ({torch_threads} threads)",
       f"uptime before: {before}",
       f"uptime after:  {after}",
       "",

@@ -36,7 +36,9 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/tta", "Where the pretrained model and the results go.")
 _PRETRAINED = flags.DEFINE_string("pretrained", "", "A finished launch/train.py run to adapt ('' pretrains one).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Test images per corruption.")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 500, "Pretraining steps of the ResNet.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Test batch size (except the batch-size-1 setting).")
@@ -73,7 +75,9 @@ def _stream(setting, images, labels, batch_size, seed=0):
   order = tta_streams.dirichlet_order(labels, dirichlet, seed) if dirichlet else None
   if builder == "mixed":  # one pass over the pool; batch size 1 over a slice of it
     n = len(images) if setting_batch is None else len(images) // 8
-    return tta_streams.mixed(images[:n], labels[:n], corruptions.CORRUPTIONS, SEVERITY, batch_size=setting_batch or batch_size)
+    return tta_streams.mixed(
+        images[:n], labels[:n], corruptions.CORRUPTIONS, SEVERITY, batch_size=setting_batch or batch_size
+    )
   return tta_streams.SETTINGS[builder](
       images, labels, corruptions.CORRUPTIONS, SEVERITY, batch_size=batch_size, seed=seed, order=order
   )
@@ -115,7 +119,10 @@ def run_experiment(
   images, labels = pool_images[:num_images], pool_labels[:num_images]
   clean_images, clean_labels = split("train", CLEAN_IMAGES)
   clean = [
-      (clean_images[i : i + batch_size].astype(np.float32) / 255, clean_labels[i : i + batch_size].astype(np.int32))
+      (
+          clean_images[i : i + batch_size].astype(np.float32) / 255,
+          clean_labels[i : i + batch_size].astype(np.int32),
+      )
       for i in range(0, len(clean_images) - batch_size + 1, batch_size)
   ]
 
@@ -124,7 +131,11 @@ def run_experiment(
     optimizer, options = method_setup(method)
     # One config per method: its jitted step compiles once and is reused across settings.
     config = runner.make_config(
-        method, model.apply, model_config.num_classes, tta_loop.build_optimizer(optimizer) if optimizer else None, options
+        method,
+        model.apply,
+        model_config.num_classes,
+        tta_loop.build_optimizer(optimizer) if optimizer else None,
+        options,
     )
     for setting in SETTINGS:
       mixed = SETTINGS[setting][0] == "mixed"
@@ -164,12 +175,16 @@ def report(result: dict, methods: list[str]) -> str:
   errors, names = result["errors"], list(corruptions.CORRUPTIONS) + ["mean"]
   reset = errors.get("one_at_a_time", {})
   lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-  lines += [f"| {m} | " + " | ".join(f"{100 * reset[m][c]:.1f}" for c in names) + " |" for m in methods if m in reset]
-  lines += ["", "| method | " + " | ".join(SETTINGS) + " | images back-propagated |", "|---|" + "---:|" * (len(SETTINGS) + 1)]
+  lines += [
+      f"| {m} | " + " | ".join(f"{100 * reset[m][c]:.1f}" for c in names) + " |" for m in methods if m in reset
+  ]
+  lines += [
+      "",
+      "| method | " + " | ".join(SETTINGS) + " | images back-propagated |",
+      "|---|" + "---:|" * (len(SETTINGS) + 1),
+  ]
   for m in methods:
-    cells = [
-        f"{100 * errors[s][m]['mean']:.1f}" if m in errors.get(s, {}) else "refused" for s in SETTINGS
-    ]
+    cells = [f"{100 * errors[s][m]['mean']:.1f}" if m in errors.get(s, {}) else "refused" for s in SETTINGS]
     lines.append(f"| {m} | " + " | ".join(cells) + f" | {result['backward'].get(m, '')} |")
   for setting, by_method in result["refused"].items():
     lines += ["", *[f"- {m} refused {setting}: {msg}." for m, msg in by_method.items()]]

@@ -53,7 +53,9 @@ def check_claims(means: dict[str, dict[str, float]], backward: dict[str, int]) -
       claim(
           "SAR is stable at batch size 1 and on mixed shifts where Tent collapses",
           [get(s, m) for s in ("mixed", "mixed_bs1") for m in ("sar", "tent", "source")],
-          lambda: all(get(s, "sar") < get(s, "tent") and get(s, "sar") <= get(s, "source") for s in ("mixed", "mixed_bs1")),
+          lambda: all(
+              get(s, "sar") < get(s, "tent") and get(s, "sar") <= get(s, "source") for s in ("mixed", "mixed_bs1")
+          ),
           f"mixed: source {_pct(get('mixed', 'source'))}, Tent {_pct(get('mixed', 'tent'))}, SAR "
           f"{_pct(get('mixed', 'sar'))}; batch size 1: source {_pct(get('mixed_bs1', 'source'))}, Tent "
           f"{_pct(get('mixed_bs1', 'tent'))}, SAR {_pct(get('mixed_bs1', 'sar'))}",
@@ -61,7 +63,8 @@ def check_claims(means: dict[str, dict[str, float]], backward: dict[str, int]) -
       claim(
           "Under non-i.i.d. labels BN-adapt hurts and LAME helps (vs source)",
           [get("non_iid", m) for m in ("source", "bn_adapt", "lame")],
-          lambda: get("non_iid", "bn_adapt") > get("non_iid", "source") and get("non_iid", "lame") < get("non_iid", "source"),
+          lambda: get("non_iid", "bn_adapt") > get("non_iid", "source")
+          and get("non_iid", "lame") < get("non_iid", "source"),
           f"source {_pct(get('non_iid', 'source'))}, BN-adapt {_pct(get('non_iid', 'bn_adapt'))}, LAME "
           f"{_pct(get('non_iid', 'lame'))}",
       ),

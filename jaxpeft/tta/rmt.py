@@ -238,14 +238,19 @@ def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Ar
     nearest = jnp.argmax(jax.lax.stop_gradient(unit(z) @ unit(prototypes).T), -1)
     views = jnp.stack([prototypes[nearest], z, z_aug], 1)
     self_training = (
-        0.5 * symmetric_cross_entropy(logits, teacher_logits) + 0.5 * symmetric_cross_entropy(aug_logits, teacher_logits)
+        0.5 * symmetric_cross_entropy(logits, teacher_logits)
+        + 0.5 * symmetric_cross_entropy(aug_logits, teacher_logits)
     ).mean()
     loss = config.lambda_ce_trg * self_training + config.lambda_cont * contrastive_loss(
         projector, views, config.temperature
     )
     if config.lambda_ce_src > 0:
-      source_logits = core.forward(config, core.join(params, state.fixed), state.model_state, source_x, batch_stats=True)
-      loss += config.lambda_ce_src * optax.softmax_cross_entropy_with_integer_labels(source_logits, source_y).mean()
+      source_logits = core.forward(
+          config, core.join(params, state.fixed), state.model_state, source_x, batch_stats=True
+      )
+      loss += (
+          config.lambda_ce_src * optax.softmax_cross_entropy_with_integer_labels(source_logits, source_y).mean()
+      )
     return loss, logits
 
   (_, logits), (grads, projector_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -253,7 +258,9 @@ def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Ar
   )
   updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  projector_updates, projector_opt = config.optimizer.update(projector_grads, extra["projector_opt"], extra["projector"])
+  projector_updates, projector_opt = config.optimizer.update(
+      projector_grads, extra["projector_opt"], extra["projector"]
+  )
   new_extra = dict(
       extra,
       teacher=_teacher_update(config.mt, extra["teacher"], params),

@@ -1,4 +1,4 @@
-"""experiments/tta.py: the claim checks on hand-written numbers (each can hold, fail, or not run) and a smoke run."""
+"""experiments/tta.py: the claims on hand-written numbers (each can hold, fail, or not run), and a smoke run."""
 
 import json
 import os
@@ -7,11 +7,12 @@ from experiments import tta
 from experiments.claims.tta import check_claims
 from tests.tta.conftest import fashion_data_dir, pretrained_run  # pylint: disable=unused-import
 
-SETTINGS = ("one_at_a_time", "continual", "mixed", "mixed_bs1", "non_iid")
-
 
 def _means(**by_setting):
-  return {s: dict(zip(("source", "bn_adapt", "tent", "eata", "sar", "lame", "cotta", "rmt"), v)) for s, v in by_setting.items()}
+  return {
+      s: dict(zip(("source", "bn_adapt", "tent", "eata", "sar", "lame", "cotta", "rmt"), v))
+      for s, v in by_setting.items()
+  }
 
 
 def test_claims_hold_fail_and_need_their_methods():
@@ -44,7 +45,11 @@ def test_claims_hold_fail_and_need_their_methods():
 
 def test_smoke_run_writes_tables_plot_and_refusals(pretrained_run, fashion_data_dir, tmp_path):
   result = tta.run_experiment(
-      str(tmp_path), pretrained=pretrained_run[0], data_dir=fashion_data_dir, num_images=8, batch_size=4,
+      str(tmp_path),
+      pretrained=pretrained_run[0],
+      data_dir=fashion_data_dir,
+      num_images=8,
+      batch_size=4,
       methods=["source", "bn_adapt"],
   )
   assert set(result["errors"]["one_at_a_time"]) == {"source", "bn_adapt"}

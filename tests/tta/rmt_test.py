@@ -1,4 +1,4 @@
-"""RMT vs a PyTorch transcription of mariodoebler/test-time-adaptation (prototypes, warm-up, SCE, contrast, replay)."""
+"""RMT vs a PyTorch transcription of mariodoebler/test-time-adaptation (prototypes, warm-up, loss, replay)."""
 
 import jax
 import numpy as np
@@ -63,7 +63,10 @@ def test_rmt_matches_reference(warmup_samples=32, lambda_ce_src=1.0):
     _assert_model_equal(state.params, torch_rmt.model)
     _assert_model_equal(state.extra["teacher"], torch_rmt.model_ema)
     np.testing.assert_allclose(
-        state.extra["projector"]["dense1"]["kernel"], torch_rmt.projector[0].weight.detach().numpy().T, rtol=1e-4, atol=1e-5
+        state.extra["projector"]["dense1"]["kernel"],
+        torch_rmt.projector[0].weight.detach().numpy().T,
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 

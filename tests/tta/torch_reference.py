@@ -139,9 +139,9 @@ class TorchRMT:
 
   @staticmethod
   def symmetric_cross_entropy(x, x_ema, alpha=0.5):
-    return -(1 - alpha) * (x_ema.softmax(1) * x.log_softmax(1)).sum(1) - alpha * (x.softmax(1) * x_ema.log_softmax(1)).sum(
-        1
-    )
+    return -(1 - alpha) * (x_ema.softmax(1) * x.log_softmax(1)).sum(1) - alpha * (
+        x.softmax(1) * x_ema.log_softmax(1)
+    ).sum(1)
 
   def ema_update(self):
     for t, s in zip(self.model_ema.parameters(), self.model.parameters()):
@@ -150,13 +150,13 @@ class TorchRMT:
   def contrastive_loss(self, features):
     batch_size, contrast_count = features.shape[0], features.shape[1]
     mask = torch.eye(batch_size, dtype=torch.float32)
-    contrast_feature = torch.nn.functional.normalize(self.projector(torch.cat(torch.unbind(features, 1), 0)), p=2, dim=1)
+    contrast_feature = torch.nn.functional.normalize(
+        self.projector(torch.cat(torch.unbind(features, 1), 0)), p=2, dim=1
+    )
     anchor_dot_contrast = torch.matmul(contrast_feature, contrast_feature.T) / self.temperature
     logits = anchor_dot_contrast - anchor_dot_contrast.max(1, keepdim=True)[0].detach()
     mask = mask.repeat(contrast_count, contrast_count)
-    logits_mask = torch.scatter(
-        torch.ones_like(mask), 1, torch.arange(batch_size * contrast_count).view(-1, 1), 0
-    )
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * contrast_count).view(-1, 1), 0)
     mask = mask * logits_mask
     log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
     mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
@@ -172,7 +172,9 @@ class TorchRMT:
     with torch.no_grad():
       n = features_test.shape[0]
       dist = torch.nn.functional.cosine_similarity(
-          self.prototypes.repeat(1, n, 1), features_test.view(1, n, -1).repeat(self.prototypes.shape[0], 1, 1), dim=-1
+          self.prototypes.repeat(1, n, 1),
+          features_test.view(1, n, -1).repeat(self.prototypes.shape[0], 1, 1),
+          dim=-1,
       )
       indices = dist.topk(1, largest=True, dim=0)[1].squeeze(0)
     features = torch.cat([self.prototypes[indices], features_test.view(n, 1, -1), features_aug.view(n, 1, -1)], 1)
