@@ -26,7 +26,7 @@ def base(
   config.dataset = ml_collections.ConfigDict(
       {"name": "jaxpeft_fashion_mnist", "data_dir": "", "split": "test", "num_images": 0, "clean_split": "train"}
   )
-  config.clean_images = clean_images  # clean source images for a method's preparation (EATA's Fisher)
+  config.clean_images = clean_images  # clean labelled source images for a method's preparation (EATA, RMT)
   config.stream = ml_collections.ConfigDict(
       {
           "setting": "one_at_a_time",  # one_at_a_time | continual | gradual | mixed

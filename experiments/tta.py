@@ -1,132 +1,227 @@
-r"""Test-time adaptation results on corrupted Fashion-MNIST: error per corruption and method, claims.
+r"""Test-time adaptation results on corrupted Fashion-MNIST: error per corruption, method and setting; claims.
 
-  python -m experiments.tta --workdir=workdir/tta [--num_images=1000] [--pretrain_steps=2000]
+  nice -n 5 python -m experiments.tta --workdir=workdir/tta [--num_images=128] [--pretrain_steps=500]
 
-1. Pretrains `configs/fashion_resnet.py` (the BatchNorm ResNet) on clean Fashion-MNIST train.
-2. On the first `--num_images` test images, every corruption at severity 5, batches of 64, runs each
-   method one corruption at a time (reset before each); Tent and CoTTA also in the continual setting;
-   source, BN-adapt and LAME also with Dirichlet(0.1)-ordered labels (non-i.i.d.).
-3. Writes `<workdir>/tta.md` (the tables and the claims) and `<workdir>/tta_continual.png` (online
-   error along the continual stream), and checks the papers' claims in code (`check_claims`).
+1. Pretrains `configs/fashion_resnet.py` (the BatchNorm ResNet) on clean Fashion-MNIST train, unless
+   `--pretrained` names a finished launch/train.py run.
+2. Runs every method registered in `jaxpeft.tta.METHODS` (or `--methods`) with its launch config
+   (`configs/tta_<method>.py`: optimizer and options; the method's defaults where there is no such file)
+   plus the cost cuts of `EXPERIMENT_OPTIONS`, in each setting of `SETTINGS`, on the first `--num_images`
+   test images corrupted at severity 5. Clean labelled training images go to methods with a `prepare`.
+3. Writes `<workdir>/tta.md` (tables and the claims of experiments/claims/tta.py), `<workdir>/tta.json`
+   and `<workdir>/tta_continual.png` (running online error along the continual stream).
+
+A method that refuses a setting (BN-adapt with one image per batch) is reported with its error message.
 """
 
+import importlib
 import json
 import os
+import time
 
 import matplotlib
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from configs import fashion_resnet, tta_sar
+from configs import fashion_resnet
+from experiments.claims.tta import check_claims
 from jaxpeft.data import corruptions, input_pipeline, tta_streams
 from jaxpeft.models.registry import build_model
-from jaxpeft.train.loop import train_and_evaluate
-from jaxpeft.tta import runner
-from experiments.claims.tta import check_claims
 from jaxpeft.train import tta_loop
+from jaxpeft.train.loop import train_and_evaluate
+from jaxpeft.tta import METHODS, runner
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/tta", "Where the pretrained model and the results go.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 1000, "Test images per corruption.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 2000, "Pretraining steps of the ResNet.")
-_BATCH = 64
+_PRETRAINED = flags.DEFINE_string("pretrained", "", "A finished launch/train.py run to adapt ('' pretrains one).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+)
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Test images per corruption.")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 500, "Pretraining steps of the ResNet.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Test batch size (except the batch-size-1 setting).")
+_METHODS = flags.DEFINE_list("methods", [], "Methods of jaxpeft.tta.METHODS to run (default: all).")
 
-METHOD_OPTIONS = {  # (optimizer, options): the configs/tta_*.py defaults
-    "source": (None, {}),
-    "bn_adapt": (None, {}),
-    "tent": ({"name": "adam", "learning_rate": 1e-3}, {}),
-    "eata": ({"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9}, {}),
-    "sar": ({"name": "sgd", "learning_rate": 0.00025, "momentum": 0.9}, {"pattern": tta_sar.PATTERN}),
-    "lame": (None, {}),
-    "cotta": ({"name": "adam", "learning_rate": 1e-3}, {}),
+SEVERITY = 5
+CLEAN_IMAGES = 512  # labelled clean training images for methods with a `prepare` (EATA, RMT)
+# Settings: (stream builder, Dirichlet concentration or 0, batch size or None for --batch_size). 'mixed'
+# streams give every image its own corruption, drawn from a pool of num_images x 12 test images (an eighth
+# of it at batch size 1).
+SETTINGS = {
+    "one_at_a_time": ("one_at_a_time", 0.0, None),
+    "continual": ("continual", 0.0, None),
+    "non_iid": ("one_at_a_time", 0.1, None),
+    "mixed": ("mixed", 0.0, None),
+    "mixed_bs1": ("mixed", 0.0, 1),
 }
+# Cost cuts for a 2-core CPU (stated in the results): fewer CoTTA augmentations, a shorter RMT warm-up.
+EXPERIMENT_OPTIONS = {"cotta": {"num_augmentations": 4}, "rmt": {"warmup_samples": 1024}}
 
 
-def _run(method, setting, params, model_state, model, images, labels, clean, dirichlet=0.0):
-  optimizer, options = METHOD_OPTIONS[method]
-  opt_config = ml_collections.ConfigDict(optimizer or {"name": ""})
-  config = runner.make_config(method, model.apply, 10, tta_loop.build_optimizer(opt_config), options)
-  order = tta_streams.dirichlet_order(labels, dirichlet, 0) if dirichlet else None
-  stream = tta_streams.SETTINGS[setting](
-      images, labels, corruptions.CORRUPTIONS, 5, batch_size=_BATCH, order=order
+def method_setup(method: str) -> tuple[dict, dict]:
+  """`(optimizer config, options)` of `configs/tta_<method>.py` (if any) with `EXPERIMENT_OPTIONS`."""
+  try:
+    config = importlib.import_module(f"configs.tta_{method}").get_config()
+    optimizer, options = config.optimizer, dict(config.options)
+  except ModuleNotFoundError:
+    optimizer, options = None, {}
+  return optimizer, {**options, **EXPERIMENT_OPTIONS.get(method, {})}
+
+
+def _stream(setting, images, labels, batch_size, seed=0):
+  builder, dirichlet, setting_batch = SETTINGS[setting]
+  order = tta_streams.dirichlet_order(labels, dirichlet, seed) if dirichlet else None
+  if builder == "mixed":  # one pass over the pool; batch size 1 over a slice of it
+    n = len(images) if setting_batch is None else len(images) // 8
+    return tta_streams.mixed(
+        images[:n], labels[:n], corruptions.CORRUPTIONS, SEVERITY, batch_size=setting_batch or batch_size
+    )
+  return tta_streams.SETTINGS[builder](
+      images, labels, corruptions.CORRUPTIONS, SEVERITY, batch_size=batch_size, seed=seed, order=order
   )
-  return runner.run(method, config, params, model_state, stream, clean if method == "eata" else ())
+
+
+def run_experiment(
+    workdir: str,
+    *,
+    pretrained: str = "",
+    data_dir: str = "",
+    num_images: int = 128,
+    pretrain_steps: int = 500,
+    batch_size: int = 64,
+    methods: list[str] | tuple[str, ...] = (),
+) -> dict:
+  """Runs the experiment (module docstring); returns what it writes to tta.json."""
+  methods = list(methods) or list(METHODS)
+  for method in methods:
+    runner.method_module(method)  # unknown names fail before any work
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  if not pretrained:
+    pretrained = os.path.join(workdir, "fashion_resnet")
+    if not os.path.exists(os.path.join(pretrained, "export", "model_state")):
+      config = fashion_resnet.get_config()
+      config.num_train_steps, config.progress_bar, config.dataset.data_dir = pretrain_steps, False, data_dir
+      train_and_evaluate(config, pretrained)
+  model_config, params, model_state = tta_loop.load_pretrained(pretrained)
+  model = build_model(model_config)
+  data_dir = input_pipeline.resolve_data_dir(data_dir)
+
+  def split(name, count):
+    source, _ = input_pipeline.get_data_source("jaxpeft_fashion_mnist", name, data_dir)
+    batch = input_pipeline.fetch_batch(source, range(min(count, len(source))))
+    return np.asarray(batch["image"], np.uint8), np.asarray(batch["label"])
+
+  # The mixed settings draw from a pool as large as the other streams (num_images per corruption).
+  pool_images, pool_labels = split("test", num_images * len(corruptions.CORRUPTIONS))
+  images, labels = pool_images[:num_images], pool_labels[:num_images]
+  clean_images, clean_labels = split("train", CLEAN_IMAGES)
+  clean = [
+      (
+          clean_images[i : i + batch_size].astype(np.float32) / 255,
+          clean_labels[i : i + batch_size].astype(np.int32),
+      )
+      for i in range(0, len(clean_images) - batch_size + 1, batch_size)
+  ]
+
+  errors, backward, refused, continual_records = {}, {}, {}, {}
+  for method in methods:
+    optimizer, options = method_setup(method)
+    # One config per method: its jitted step compiles once and is reused across settings.
+    config = runner.make_config(
+        method,
+        model.apply,
+        model_config.num_classes,
+        tta_loop.build_optimizer(optimizer) if optimizer else None,
+        options,
+    )
+    for setting in SETTINGS:
+      mixed = SETTINGS[setting][0] == "mixed"
+      stream = _stream(setting, pool_images if mixed else images, pool_labels if mixed else labels, batch_size)
+      try:
+        records = runner.run(method, config, params, model_state, stream, clean)
+      except ValueError as e:
+        refused.setdefault(setting, {})[method] = str(e).split(";")[0]
+        continue
+      errors.setdefault(setting, {})[method] = runner.error_by_corruption(records)
+      if setting == "one_at_a_time":
+        backward[method] = sum(r.get("backward", r["count"]) for r in records)
+      if setting == "continual":
+        continual_records[method] = [r["error"] for r in records]
+      print(f"{method:>10} {setting:>14}: {100 * errors[setting][method]['mean']:.1f}%", flush=True)
+  means = {s: {m: e["mean"] for m, e in by_method.items()} for s, by_method in errors.items()}
+  claims = check_claims(means, backward)
+  result = {
+      "errors": errors,
+      "backward": backward,
+      "refused": refused,
+      "claims": claims,
+      "continual_online_error": continual_records,
+      "num_images": num_images,
+      "wall_s": round(time.time() - start, 1),
+  }
+  with open(os.path.join(workdir, "tta.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(workdir, "tta.md"), "w", encoding="utf-8") as f:
+    f.write(report(result, methods))
+  _plot(continual_records, os.path.join(workdir, "tta_continual.png"), len(images) // batch_size)
+  return result
+
+
+def report(result: dict, methods: list[str]) -> str:
+  """The markdown tables: per corruption (reset per corruption), per setting, the claims."""
+  errors, names = result["errors"], list(corruptions.CORRUPTIONS) + ["mean"]
+  reset = errors.get("one_at_a_time", {})
+  lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+  lines += [
+      f"| {m} | " + " | ".join(f"{100 * reset[m][c]:.1f}" for c in names) + " |" for m in methods if m in reset
+  ]
+  lines += [
+      "",
+      "| method | " + " | ".join(SETTINGS) + " | images back-propagated |",
+      "|---|" + "---:|" * (len(SETTINGS) + 1),
+  ]
+  for m in methods:
+    cells = [f"{100 * errors[s][m]['mean']:.1f}" if m in errors.get(s, {}) else "refused" for s in SETTINGS]
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {result['backward'].get(m, '')} |")
+  for setting, by_method in result["refused"].items():
+    lines += ["", *[f"- {m} refused {setting}: {msg}." for m, msg in by_method.items()]]
+  lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
+  verdict = {True: "yes", False: "**no**", None: "not run"}
+  lines += [f"| {c} | {verdict[ok]} | {n} |" for c, ok, n in result["claims"]]
+  return "\n".join(lines) + "\n"
+
+
+def _plot(records: dict[str, list[float]], path: str, batches_per_corruption: int) -> None:
+  plt.figure(figsize=(9, 3.5))
+  for method, errors in records.items():
+    plt.plot(100 * np.cumsum(errors) / np.arange(1, len(errors) + 1), label=method)
+  for k in range(1, len(corruptions.CORRUPTIONS)):
+    plt.axvline(k * batches_per_corruption - 0.5, color="0.85", lw=0.5)
+  plt.xlabel(f"batch ({len(corruptions.CORRUPTIONS)} corruptions in sequence, severity {SEVERITY}, no reset)")
+  plt.ylabel("running online error (%)")
+  plt.legend(fontsize=7, ncol=2)
+  plt.tight_layout()
+  plt.savefig(path, dpi=100)
+  plt.close()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  workdir = _WORKDIR.value
-  pretrain_dir = os.path.join(workdir, "fashion_resnet")
-  config = fashion_resnet.get_config()
-  config.num_train_steps = _PRETRAIN_STEPS.value
-  config.progress_bar = False
-  if not os.path.exists(os.path.join(pretrain_dir, "export", "model_state")):
-    train_and_evaluate(config, pretrain_dir)
-  model_config, params, model_state = tta_loop.load_pretrained(pretrain_dir)
-  model = build_model(model_config)
-  data_dir = input_pipeline.resolve_data_dir("")
-  test, _ = input_pipeline.get_data_source("jaxpeft_fashion_mnist", "test", data_dir)
-  batch = input_pipeline.fetch_batch(test, range(_NUM_IMAGES.value))
-  images, labels = np.asarray(batch["image"], np.uint8), np.asarray(batch["label"])
-  train, _ = input_pipeline.get_data_source("jaxpeft_fashion_mnist", "train", data_dir)
-  clean_uint8 = input_pipeline.fetch_batch(train, range(512))["image"]
-  clean = [np.asarray(clean_uint8[i : i + _BATCH], np.float32) / 255 for i in range(0, 512, _BATCH)]
-
-  table, backward, records = {}, {}, {}
-  for method in METHOD_OPTIONS:
-    recs = _run(method, "one_at_a_time", params, model_state, model, images, labels, clean)
-    table[method] = runner.error_by_corruption(recs)
-    backward[method] = sum(r.get("backward", r["count"]) for r in recs)
-    print(method, f"{100 * table[method]['mean']:.1f}%", flush=True)
-  continual = {}
-  for method in ("tent", "cotta"):
-    records[method] = _run(method, "continual", params, model_state, model, images, labels, clean)
-    continual[method] = runner.error_by_corruption(records[method])["mean"]
-  non_iid = {}
-  for method in ("source", "bn_adapt", "lame"):
-    recs = _run(method, "one_at_a_time", params, model_state, model, images, labels, clean, dirichlet=0.1)
-    non_iid[method] = runner.error_by_corruption(recs)["mean"]
-  claims = check_claims(table, backward, continual, non_iid)
-
-  names = list(corruptions.CORRUPTIONS) + ["mean"]
-  lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-  lines += [f"| {m} | " + " | ".join(f"{100 * table[m][c]:.1f}" for c in names) + " |" for m in table]
-  lines += [
-      "",
-      "| setting | " + " | ".join(continual) + " |",
-      "|---|" + "---:|" * len(continual),
-      "| continual (mean error %) | " + " | ".join(f"{100 * v:.1f}" for v in continual.values()) + " |",
-      "",
-      "| Dirichlet(0.1) labels | " + " | ".join(non_iid) + " |",
-      "|---|" + "---:|" * len(non_iid),
-      "| mean error % | " + " | ".join(f"{100 * v:.1f}" for v in non_iid.values()) + " |",
-      "",
-      "| claim | holds | numbers |",
-      "|---|---|---|",
-  ]
-  lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} |" for c, ok, n in claims]
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "tta.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "tta.json"), "w", encoding="utf-8") as f:
-    json.dump(
-        {"table": table, "backward": backward, "continual": continual, "non_iid": non_iid, "claims": claims},
-        f,
-        indent=2,
-    )
-  plt.figure(figsize=(8, 3))
-  for method, recs in records.items():
-    plt.plot(np.cumsum([r["error"] for r in recs]) / np.arange(1, len(recs) + 1), label=method)
-  plt.xlabel("batch (12 corruptions in sequence, severity 5)")
-  plt.ylabel("running online error")
-  plt.legend()
-  plt.tight_layout()
-  plt.savefig(os.path.join(workdir, "tta_continual.png"), dpi=100)
-  print("\n".join(lines))
+  result = run_experiment(
+      _WORKDIR.value,
+      pretrained=_PRETRAINED.value,
+      data_dir=_DATA_DIR.value,
+      num_images=_NUM_IMAGES.value,
+      pretrain_steps=_PRETRAIN_STEPS.value,
+      batch_size=_BATCH.value,
+      methods=_METHODS.value,
+  )
+  print(report(result, _METHODS.value or list(METHODS)))
+  print(f"wall time {result['wall_s']} s")
 
 
 if __name__ == "__main__":

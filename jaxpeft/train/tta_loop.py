@@ -95,9 +95,12 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   clean = []
   if config.clean_images:
-    clean_images, _ = _images(config, config.dataset.clean_split, config.clean_images)
+    clean_images, clean_labels = _images(config, config.dataset.clean_split, config.clean_images)
     b = config.stream.batch_size
-    clean = [clean_images[i : i + b].astype(np.float32) / 255 for i in range(0, len(clean_images) - b + 1, b)]
+    clean = [
+        (clean_images[i : i + b].astype(np.float32) / 255, clean_labels[i : i + b].astype(np.int32))
+        for i in range(0, len(clean_images) - b + 1, b)
+    ]
   os.makedirs(workdir, exist_ok=True)
   stream = make_stream(config, images, labels)
   per_setting = len(images) // config.stream.batch_size

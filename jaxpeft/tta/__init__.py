@@ -4,7 +4,7 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import bn_adapt, cotta, eata, lame, sar, source, tent
+from jaxpeft.tta import bn_adapt, cotta, eata, lame, rmt, sar, source, tent
 
 METHODS = {
     "source": source,
@@ -14,4 +14,5 @@ METHODS = {
     "sar": sar,
     "lame": lame,
     "cotta": cotta,
+    "rmt": rmt,
 }

@@ -82,12 +82,18 @@ def fisher(
 
 
 def prepare(
-    params: core.PyTree, model_state: core.PyTree, config: Config, clean_batches: Iterable[jax.Array]
+    params: core.PyTree,
+    model_state: core.PyTree,
+    config: Config,
+    clean_batches: Iterable[tuple[jax.Array, jax.Array]],
 ) -> dict[str, core.PyTree]:
-  """`init`'s keyword arguments from clean source images: the Fisher (none when `fisher_alpha` is 0: ETA)."""
+  """`init`'s keyword arguments from clean source batches `(images, labels)`: the Fisher of the images.
+
+  None when `fisher_alpha` is 0 (ETA); the labels are not used.
+  """
   if not config.fisher_alpha:
     return {}
-  return {"fishers": fisher(params, model_state, config, clean_batches)}
+  return {"fishers": fisher(params, model_state, config, [images for images, _ in clean_batches])}
 
 
 def init(

@@ -9,7 +9,7 @@ back-propagated) for methods that count them.
 """
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -56,10 +56,14 @@ def run(
     params: core.PyTree,
     model_state: core.PyTree,
     stream: Iterable[dict],
-    clean_batches: Iterable[jax.Array] = (),
+    clean_batches: Sequence[tuple[jax.Array, jax.Array]] = (),
     on_batch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-  """Adapts over `stream`; returns the per-batch records (see the module docstring)."""
+  """Adapts over `stream`; returns the per-batch records (see the module docstring).
+
+  `clean_batches`: labelled clean source batches `(images, labels)` for methods with a `prepare` (EATA's
+  Fisher, RMT's prototypes, warm-up and replay).
+  """
   module = method_module(method)
   init_kwargs = module.prepare(params, model_state, config, clean_batches) if hasattr(module, "prepare") else {}
   step = jax.jit(module.step)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
+from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_rmt, tta_sar, tta_source, tta_tent
 from jaxpeft.train import tta_loop as adapt
 
 CONFIGS = {
@@ -16,6 +16,7 @@ CONFIGS = {
     "sar": tta_sar,
     "lame": tta_lame,
     "cotta": tta_cotta,
+    "rmt": tta_rmt,
 }
 
 
