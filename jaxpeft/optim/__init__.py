@@ -20,6 +20,7 @@ from jaxpeft.optim.loraplus import loraplus, scale_by_loraplus
 from jaxpeft.optim.mars import MarsState, mars, scale_by_mars
 from jaxpeft.optim.momo import MomoAdamState, MomoState, momo, momo_adam, scale_by_momo, scale_by_momo_adam
 from jaxpeft.optim.muon import MuonState, muon, scale_by_muon
+from jaxpeft.optim.optimistic_amsgrad import OptimisticAMSGradState, optimistic_amsgrad, scale_by_optimistic_amsgrad
 from jaxpeft.optim.riemannian_lora import precondition_lora_gradients, riemannian_lora
 from jaxpeft.optim.sam import sam, scale_by_sam
 from jaxpeft.optim.sania import SaniaState, sania, scale_by_sania
@@ -42,6 +43,7 @@ __all__ = [
     "MomoAdamState",
     "MomoState",
     "MuonState",
+    "OptimisticAMSGradState",
     "SaniaState",
     "ScaleByAdaHessianState",
     "SoapState",
@@ -62,6 +64,7 @@ __all__ = [
     "momo",
     "momo_adam",
     "muon",
+    "optimistic_amsgrad",
     "sam",
     "sania",
     "soap",
@@ -83,6 +86,7 @@ __all__ = [
     "scale_by_momo",
     "scale_by_momo_adam",
     "scale_by_muon",
+    "scale_by_optimistic_amsgrad",
     "scale_by_sam",
     "scale_by_sania",
     "scale_by_soap",

@@ -87,9 +87,12 @@ def scale_by_adamod(
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     step_size = lr * jnp.sqrt(1.0 - b2**count) / (1.0 - b1**count)
-    eta_t = jax.tree.map(lambda v: step_size / (jnp.sqrt(v) + eps), nu)
-    eta = optax.tree.update_moment(eta_t, state.eta, b3, 1)
-    new_updates = jax.tree.map(lambda e, s, m: jnp.minimum(e, s) * m, eta_t, eta, mu)
+    step_sizes = lambda v: step_size / (jnp.sqrt(v) + eps)  # eta_t
+    eta = optax.tree.update_moment(jax.tree.map(step_sizes, nu), state.eta, b3, 1)
+    # eta_t is recomputed from v_t (read anyway) rather than shared: shared, XLA writes it to memory
+    # as its own full-size array and reads it back twice. The barrier keeps CSE from re-sharing it.
+    nu_again = jax.lax.optimization_barrier(nu)
+    new_updates = jax.tree.map(lambda v, s, m: jnp.minimum(step_sizes(v), s) * m, nu_again, eta, mu)
     new_state = AdaModState(
         count=count,
         mu=optax.tree.cast_like(mu, state.mu),

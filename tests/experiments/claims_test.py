@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from experiments.claims.all_claims import CLAIMS
-from experiments.claims import adabelief, adabound, adapters, adopt, came, sharpness
+from experiments.claims import adabelief, adabound, adapters, adopt, came, mars, sharpness, swats, upgd
 from experiments.claims.results import ClaimRow, markdown_table, results_markdown
 from jaxpeft.optim.came import came as came_optimizer
 
@@ -96,5 +96,41 @@ def test_verdict_rule_and_table_has_a_row_per_claim():
   assert "partly (fails: y)" in table and "p \\| q" in table
   with pytest.raises(ValueError, match="no checks"):
     ClaimRow("d", "p", "m", {})
-  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters", "adabound"}
+  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters", "adabound", "upgd", "swats", "mars"}
   assert markdown_table([]).count("\n") == 1
+
+
+def test_upgd_claim_on_a_short_stream(tmp_path, monkeypatch):
+  small = upgd.get_config(True)
+  small.update(num_tasks=4, steps_per_task=150)
+  sgd = upgd.task_accuracies(small, upgd.optimizers(small)["SGD"])
+  assert sgd.shape == (4,) and np.all((sgd >= 0) & (sgd <= 1))
+  # A new permutation every task: the first steps of each task are near chance, so a task's online
+  # accuracy stays well below what 600 steps on one fixed labelling reach.
+  one_task = small.copy_and_resolve_references()
+  one_task.update(num_tasks=1, steps_per_task=600)
+  assert sgd.mean() < upgd.task_accuracies(one_task, upgd.optimizers(one_task)["SGD"])[0]
+  monkeypatch.setattr(upgd, "get_config", lambda _: small)
+  (row,) = upgd.run(True, str(tmp_path))
+  assert len(row.checks) == 2 and (tmp_path / "upgd.png").stat().st_size > 0
+
+
+def test_swats_records_a_switch_that_stays(tmp_path, monkeypatch):
+  small = swats.get_config(True)
+  small.update(num_steps=300, window=50)
+  results = swats.train_both(small)
+  lr = results["SWATS"]["record"]
+  switched = np.flatnonzero(lr > 0)
+  if switched.size:  # once switched, SGD's learning rate is fixed: nonzero and constant to the end
+    assert np.all(lr[switched[0] :] == lr[-1])
+  monkeypatch.setattr(swats, "get_config", lambda _: small)
+  (row,) = swats.run(True, str(tmp_path))
+  assert len(row.checks) == 3 and (tmp_path / "swats.png").stat().st_size > 0
+
+
+def test_mars_claim_row_and_plot(tmp_path, monkeypatch):
+  small = mars.get_config(True)
+  small.update(num_steps=100, window=20)
+  monkeypatch.setattr(mars, "get_config", lambda _: small)
+  (row,) = mars.run(True, str(tmp_path))
+  assert "MARS" in row.measurement and (tmp_path / "mars.png").stat().st_size > 0

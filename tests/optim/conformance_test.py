@@ -41,6 +41,7 @@ from jaxpeft.optim.grams import grams
 from jaxpeft.optim.mars import mars
 from jaxpeft.optim.momo import momo, momo_adam
 from jaxpeft.optim.muon import muon
+from jaxpeft.optim.optimistic_amsgrad import optimistic_amsgrad
 from jaxpeft.optim.sam import sam
 from jaxpeft.optim.sania import sania
 from jaxpeft.optim.soap import soap
@@ -116,6 +117,8 @@ REGISTRY = {
     "momo_adam": Entry(momo_adam, dict(learning_rate=1e-1, weight_decay=1e-2), _value),
     # The matrices (dense and conv kernels) take Muon's steps, the vector and scalar AdamW's.
     "muon": Entry(muon, dict(learning_rate=2e-2, weight_decay=1e-2, adam_learning_rate=1e-2)),
+    # span=2: the gradient extrapolation starts within the short runs.
+    "optimistic_amsgrad": Entry(optimistic_amsgrad, dict(learning_rate=1e-2, weight_decay=1e-2, span=2)),
     "sam": Entry(sam, dict(learning_rate=1e-1, rho=0.05), _grad_fn),
     "sania": Entry(sania, dict(learning_rate=1.0), _value),
     # precondition_frequency=2: the QR refresh of the bases runs within the short runs.

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxpeft.optim
 from jaxpeft.optim.tram import TramState, scale_by_tram, tram
 from tests.optim.reference import assert_trajectories_close
 
@@ -375,3 +376,54 @@ def test_kl_divergence_normalisations_against_torch():
     tx = tram(0.1, distance="official_kl")
     params = {"w": jnp.zeros(2)}
     tx.update(params, tx.init(params), params, grad_fn=lambda p: p, trust_region_fn=lambda a, b: 0.1)
+
+
+def _lora_problem():
+  """An adapter tree with one LoRA pair (a: d_in x r, b: r x d_out) and a bias, and a smooth loss."""
+  rng = np.random.default_rng(7)
+  params = {
+      "dense": {"kernel": {"a": rng.normal(size=(5, 2)), "b": rng.normal(size=(2, 3))}},
+      "bias": rng.normal(size=(3,)),
+  }
+  x = rng.normal(size=(4, 5))
+
+  def loss(p):
+    out = jnp.asarray(x) @ p["dense"]["kernel"]["a"] @ p["dense"]["kernel"]["b"] + p["bias"]
+    return jnp.sum(jnp.sin(out))
+
+  return params, loss
+
+
+def _lora_rule_closed_form(rule, g_a, g_b, g_bias, a, b, lr):
+  """SGD's step under each LoRA rule, from the rules' papers (numpy, float64)."""
+  if rule == "loraplus":  # B (and 1-D leaves) at 16x the learning rate
+    return -lr * g_a, -16 * lr * g_b, -16 * lr * g_bias
+  if rule == "lora_fa":  # A frozen; B's gradient projected by (A^T A + delta)^-1 (scaling 1)
+    return 0 * g_a, -lr * np.linalg.solve(a.T @ a + 1e-8 * np.eye(2), g_b), -lr * g_bias
+  # Riemannian preconditioning: g_a (b b^T + reg)^-1, (a^T a + reg)^-1 g_b
+  reg = 1e-2 * np.eye(2)
+  return -lr * g_a @ np.linalg.inv(b @ b.T + reg), -lr * np.linalg.solve(a.T @ a + reg, g_b), -lr * g_bias
+
+
+@pytest.mark.parametrize("rule", ["loraplus", "lora_fa", "riemannian_lora"])
+def test_composes_with_lora_rules(rule):
+  """TRAM with a LoRA rule as its base: one step is the rule's step on the gradient at the TRAM point."""
+  lr, rho = 0.1, 0.3
+  params, loss = _lora_problem()
+  base = getattr(jaxpeft.optim, rule)(lr, base_optimizer=optax.sgd)
+  tx = tram(base_optimizer=base)
+  with jax.enable_x64(True):
+    p = jax.tree.map(jnp.asarray, params)
+    g = jax.grad(loss)(p)
+    updates, _ = tx.update(g, tx.init(p), p, grad_fn=jax.grad(loss), trust_region_fn=lambda q, ref: rho)
+    # Closed form: e = rho g / ||g||, then the rule's SGD step on grad L(theta + e).
+    g_np = jax.tree.map(np.asarray, g)
+    norm = np.sqrt(sum(np.sum(v**2) for v in jax.tree.leaves(g_np)))
+    perturbed = jax.tree.map(lambda w, v: w + rho * v / (norm + 1e-12), params, g_np)
+    g_adv = jax.tree.map(np.asarray, jax.grad(loss)(jax.tree.map(jnp.asarray, perturbed)))
+  pair, pair_grad = params["dense"]["kernel"], g_adv["dense"]["kernel"]
+  expected = _lora_rule_closed_form(rule, pair_grad["a"], pair_grad["b"], g_adv["bias"], pair["a"], pair["b"], lr)
+  ours = (updates["dense"]["kernel"]["a"], updates["dense"]["kernel"]["b"], updates["bias"])
+  for got, want in zip(ours, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+  assert np.abs(expected[1]).max() > 0
