@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.eval_split = "test[:64]"
   config.dataset.tokenizer = CHECKPOINT
   config.dataset.max_len = 32  # tokens: '<bos>Define: word\n' is ~5, the median gloss ~12
-  config.dataset.input_keys = ("input_ids", "attention_mask")
+  config.dataset.packing = 0  # examples per packed training row (jaxpeft.data.causal_lm); 0: one per row
+  config.dataset.input_keys = ("input_ids", "attention_mask", "positions", "segment_ids")
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "gemma3"

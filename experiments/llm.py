@@ -1,18 +1,25 @@
-r"""A short adapter run on the real Gemma 3 270M (GGUF Q4_K_M, dequantised) on WordNet definitions, on CPU.
+r"""Adapter methods on the real Gemma 3 270M (GGUF Q4_K_M, dequantised) on WordNet definitions, on CPU.
 
-  python -m experiments.llm --workdir=workdir/llm --steps=20
+  python -m experiments.llm --workdir=workdir/llm --methods=lora,dora,sora --steps=16
 
-Trains `configs/gemma3_wordnet.py:<method>` with the harness (`jaxpeft.train.loop.train_and_evaluate`) for
-`--steps` steps on very short sequences, and prints the held-out response loss, perplexity and next-token
-accuracy on the first `--eval_examples` test examples, and greedy answers to `--samples` held-out prompts
-(ROUGE-L and exact match against WordNet's gloss), before training (the base model: the adapter starts at
-zero) and after. Writes `<workdir>/llm_results.json`. A small demonstration, not the full comparison of
-issue 15's point 7.
+Computes the base model's held-out metrics once (every method's adapter starts at zero, so this is where
+each run starts), then trains `configs/gemma3_wordnet.py:<method>` with the harness
+(`jaxpeft.train.loop.train_and_evaluate`) for `--steps` steps on very short sequences, each method in its
+own process (`--child`, so its peak resident memory is its own). Reported per method: trainable
+parameters, the held-out response loss, perplexity and next-token accuracy on the first `--eval_examples`
+test examples, ROUGE-L and exact match of greedy answers to `--samples` held-out prompts (against WordNet's
+gloss; generation runs on the merged weights), training tokens/s (padded `batch x max_len` tokens per
+step, after compilation) and peak resident memory of the process. Writes `<workdir>/<method>/` (the run and
+its `llm_results.json`) and, in `--results_dir`, `llm.md` (table and sample answers before/after) and
+`llm_loss.png` (training loss per step).
 """
 
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -20,14 +27,17 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from configs import gemma3_wordnet
+from experiments import report
 from jaxpeft.data import input_pipeline
 from jaxpeft.models.registry import build_model
 from jaxpeft.train import causal_lm
 from jaxpeft.train.loop import train_and_evaluate
 from jaxpeft.train.pretrained import load_params
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (deleted first).")
-_METHOD = flags.DEFINE_string("method", "lora", "A method of configs/gemma3_wordnet.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs (each method's deleted first).")
+_METHODS = flags.DEFINE_list("methods", ["lora", "dora", "sora"], "Methods of configs/gemma3_wordnet.py.")
+_RESULTS = flags.DEFINE_string("results_dir", "experiments/results", "Where llm.md and llm_loss.png go.")
+_CHILD = flags.DEFINE_bool("child", False, "Internal: train the one method of --methods in this process.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Training batch size.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 24, "Tokens per example (prompt + response + eos, truncated).")
@@ -41,8 +51,20 @@ _DATA_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["workdir"])
 
 
-def _config():
-  config = gemma3_wordnet.get_config(_METHOD.value)
+_PASSED = (
+    "steps",
+    "batch_size",
+    "max_len",
+    "learning_rate",
+    "eval_examples",
+    "samples",
+    "max_new_tokens",
+    "data_dir",
+)
+
+
+def _config(method: str):
+  config = gemma3_wordnet.get_config(method)
   config.dataset.data_dir = _DATA_DIR.value
   config.dataset.max_len = _MAX_LEN.value
   config.dataset.eval_split = f"test[:{_EVAL.value}]"
@@ -85,42 +107,126 @@ def _base_metrics(config) -> tuple[dict[str, float], list[dict[str, str]]]:
   return {**metrics, **generation}, samples
 
 
-def main(argv):
-  del argv
-  config = _config()
+def _peak_memory_mb() -> float:
+  """Peak resident memory of this process in MB (Linux reports ru_maxrss in kB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _train_one(method: str, workdir: str) -> None:
+  """Trains `method` (in this process) and writes `<workdir>/llm_results.json`."""
+  config = _config(method)
+  shutil.rmtree(workdir, ignore_errors=True)
   start = time.perf_counter()
-  before, before_samples = _base_metrics(config)
-  shutil.rmtree(_WORKDIR.value, ignore_errors=True)
-  result = train_and_evaluate(config, _WORKDIR.value)
-  elapsed = time.perf_counter() - start
-  tokens_per_sec = (result["steps_per_sec"] or float("nan")) * config.batch_size * config.dataset.max_len
+  result = train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    losses = [(r["step"], r["loss"]) for r in map(json.loads, f) if r["split"] == "train"]
   summary = {
-      "method": _METHOD.value,
-      "steps": _STEPS.value,
-      "batch_size": config.batch_size,
-      "max_len": config.dataset.max_len,
+      "method": method,
       "trainable_params": result["trainable_params"],
       "total_params": result["total_params"],
-      "before": before,
       "after": result["eval"],
-      "train_tokens_per_sec": tokens_per_sec,
-      "wall_seconds": elapsed,
-      "samples": [{**b, "response_after": a["response"]} for b, a in zip(before_samples, result["samples"])],
+      "train_tokens_per_sec": (result["steps_per_sec"] or float("nan"))
+      * config.batch_size
+      * config.dataset.max_len,
+      "peak_memory_mb": _peak_memory_mb(),
+      "train_seconds": time.perf_counter() - start,
+      "train_losses": losses,
+      "responses_after": [s["response"] for s in result["samples"]],
   }
-  with open(os.path.join(_WORKDIR.value, "llm_results.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(workdir, "llm_results.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  print(
-      f"{_METHOD.value}: {result['trainable_params']:,} trainable of {result['total_params']:,} params,"
-      f" {_STEPS.value} steps of {config.batch_size} x {config.dataset.max_len} tokens"
-      f" ({tokens_per_sec:.0f} train tokens/s), {elapsed:.0f} s in all"
+
+
+def _loss_figure(rows):
+  fig, ax = report.plt.subplots(figsize=(6, 4))
+  for row in rows:
+    steps, losses = zip(*row["train_losses"])
+    ax.plot(steps, losses, marker="o", markersize=3, label=row["method"])
+  ax.set_xlabel("step")
+  ax.set_ylabel("training response loss (batch)")
+  ax.set_title("Gemma 3 270M on WordNet definitions", fontsize=10)
+  ax.legend()
+  ax.grid(True, alpha=0.3)
+  return fig
+
+
+_COLUMNS = {
+    "method": lambda r: r["method"],
+    "trainable params": lambda r: f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.2f}%)",
+    "held-out loss": lambda r: f"{r['after']['loss']:.3f}",
+    "perplexity": lambda r: f"{r['after']['perplexity']:.1f}",
+    "next-token acc.": lambda r: f"{r['after']['accuracy']:.3f}",
+    "ROUGE-L": lambda r: f"{r['after']['generation_rouge_l']:.3f}",
+    "exact match": lambda r: f"{r['after']['generation_exact_match']:.2f}",
+    "train tokens/s": lambda r: f"{r['train_tokens_per_sec']:.0f}",
+    "peak memory": lambda r: f"{r['peak_memory_mb'] / 1024:.1f} GB",
+    "train wall time": lambda r: f"{r['train_seconds']:.0f} s",
+}
+
+
+def _report(before, samples, rows, seconds: float) -> str:
+  base = {
+      "method": "base (before)",
+      "trainable_params": 0,
+      "total_params": rows[0]["total_params"],
+      "after": before,
+      "train_tokens_per_sec": float("nan"),
+      "peak_memory_mb": _peak_memory_mb(),
+      "train_seconds": 0.0,
+  }
+  cells = {**_COLUMNS, "train tokens/s": lambda r: "—" if r is base else _COLUMNS["train tokens/s"](r)}
+  cells["train wall time"] = lambda r: "—" if r is base else _COLUMNS["train wall time"](r)
+  lines = [
+      "# Gemma 3 270M (GGUF Q4_K_M, dequantised to float32) on WordNet definitions",
+      "",
+      f"`python -m experiments.llm {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
+      f" {os.cpu_count()} CPU cores, load average at the end {os.getloadavg()[0]:.1f} (shared machine),"
+      f" {seconds:.0f} s in all. {_STEPS.value} steps of {_BATCH.value} examples x {_MAX_LEN.value} tokens, learning"
+      f" rate {_LR.value}; held-out: the first {_EVAL.value} test words (loss on response tokens), greedy answers to"
+      f" the first {_SAMPLES.value} ({_NEW_TOKENS.value} new tokens at most). Every adapter targets q/k/v/o and"
+      " gate/up/down of all 18 layers, rank 8. Peak memory: the process's peak resident set (the base row: the"
+      " process that evaluated the base model).",
+      "",
+      report.markdown_table([base, *rows], list(cells), cells),
+      "",
+      "![training loss](llm_loss.png)",
+      "",
+      "## Sample answers (greedy)",
+      "",
+  ]
+  for i, sample in enumerate(samples):
+    lines += [f"`{sample['prompt'].strip()}` (WordNet: \"{sample['reference']}\")", ""]
+    lines += [f"* base: \"{sample['response']}\""]
+    lines += [f"* {r['method']}: \"{r['responses_after'][i]}\"" for r in rows]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv):
+  report.check_command_line(argv, "methods", _METHODS.value, gemma3_wordnet.METHODS)
+  if _CHILD.value:
+    _train_one(_METHODS.value[0], _WORKDIR.value)
+    return
+  start = time.perf_counter()
+  before, samples = _base_metrics(_config(_METHODS.value[0]))
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  with open(os.path.join(_WORKDIR.value, "base.json"), "w", encoding="utf-8") as f:
+    json.dump({"before": before, "samples": samples}, f, indent=2)
+  passed = [f"--{name}={getattr(flags.FLAGS, name)}" for name in _PASSED]
+
+  def job(method):
+    workdir = os.path.join(_WORKDIR.value, method)
+    command = [sys.executable, "-m", "experiments.llm", "--child", f"--methods={method}", f"--workdir={workdir}"]
+    subprocess.run(command + passed, check=True)
+    with open(os.path.join(workdir, "llm_results.json"), encoding="utf-8") as f:
+      return json.load(f)
+
+  describe = lambda r: f"held-out loss {before['loss']:.3f} -> {r['after']['loss']:.3f}"
+  rows, _ = report.run_each({m: lambda m=m: job(m) for m in _METHODS.value}, describe)
+  report.save_figure(_loss_figure(rows), os.path.join(_RESULTS.value, "llm_loss.png"), dpi=100)
+  report.write_report(
+      os.path.join(_RESULTS.value, "llm.md"), _report(before, samples, rows, time.perf_counter() - start)
   )
-  for name in ("loss", "perplexity", "accuracy", "generation_rouge_l", "generation_exact_match"):
-    print(f"  held-out {name:24s} before {before[name]:8.4f}   after {result['eval'][name]:8.4f}")
-  for sample in summary["samples"]:
-    print(
-        f"  {sample['prompt'].strip()!r}\n    reference: {sample['reference']!r}\n"
-        f"    before:    {sample['response']!r}\n    after:     {sample['response_after']!r}"
-    )
 
 
 if __name__ == "__main__":

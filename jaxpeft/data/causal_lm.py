@@ -9,7 +9,19 @@ and right-padded with the pad id. The batch holds, each (batch, max_len) int32:
 * `attention_mask`: 1 on real tokens, 0 on padding;
 * `loss_mask`: 1 on the response tokens (and the end token), 0 on the prompt and padding. Position t
   marks the token predicted from positions < t, so the objective (`jaxpeft.train.causal_lm`) weighs the
-  prediction of `input_ids[:, t]` by `loss_mask[:, t]`.
+  prediction of `input_ids[:, t]` by `loss_mask[:, t]`;
+* `segment_ids`: which example of the row a token belongs to (1, 2, ...; 0 on padding);
+* `positions`: each token's position within its example (RoPE positions, from 0 at the example's start).
+
+Packing (`config.dataset.packing` = p > 0, training only): the n examples of a batch go into ceil(n / p)
+rows of `max_len` tokens, at most p per row, first fit in order (each example in the first row with room for
+it whole). The model attends only within a segment (`Gemma3(..., segment_ids=)`) and restarts positions per
+segment, so a packed example computes exactly what it computes alone in a padded row; the loss
+(`jaxpeft.train.causal_lm.loss`) is the same mean over the batch's response tokens. An example that fits no
+row whole is cut to the room left in the emptiest row that still takes examples (its response end first, as
+`max_len` cuts), and left out when that room does not exceed its prompt. Choose `max_len` about p times the
+typical example length, and a batch size whose rows (batch_size / p) divide over the devices. Without packing (p = 0, the default) each example has its own row (p = 1 computes the
+same).
 
 Tokenizers (`config.dataset.tokenizer`, see `load_tokenizer`): a Gemma 3 GGUF file or Hugging Face folder
 (`jaxpeft.models.gemma3_tokenizer`), any `tokenizer.json`, the name of the installed checkpoint package
@@ -78,23 +90,40 @@ def pad_and_eos_ids(tokenizer: tokenizers.Tokenizer) -> tuple[int, int]:
   return (0 if pad is None else pad), eos
 
 
-def encode_pairs(tokenizer: tokenizers.Tokenizer, prompts: list[str], responses: list[str], max_len: int) -> Batch:
-  """`{input_ids, attention_mask, loss_mask}` (batch, max_len) int32, as the module docstring says."""
+def encode_pairs(
+    tokenizer: tokenizers.Tokenizer, prompts: list[str], responses: list[str], max_len: int, per_row: int = 1
+) -> Batch:
+  """`{input_ids, attention_mask, loss_mask, segment_ids, positions}` (rows, max_len) int32, as the module
+  docstring says: one example per row (`per_row=1`), or packed at most `per_row` to a row."""
   pad, eos = pad_and_eos_ids(tokenizer)
   prompt_ids = [e.ids for e in tokenizer.encode_batch(prompts)]
   response_ids = [e.ids for e in tokenizer.encode_batch(responses, add_special_tokens=False)]
-  batch = {k: np.zeros((len(prompts), max_len), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+  rows = -(-len(prompts) // per_row)
+  keys = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")
+  batch = {k: np.zeros((rows, max_len), np.int32) for k in keys}
   batch["input_ids"][:] = pad
-  for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+  used, count = [0] * rows, [0] * rows  # tokens and examples in each row
+  for p, r in zip(prompt_ids, response_ids):
     if len(p) >= max_len:
       raise ValueError(
           f"A prompt of {len(p)} tokens does not leave room for a response in max_len={max_len}:"
           " raise config.dataset.max_len."
       )
-    tokens = (p + r + [eos])[:max_len]
-    batch["input_ids"][row, : len(tokens)] = tokens
-    batch["attention_mask"][row, : len(tokens)] = 1
-    batch["loss_mask"][row, len(p) : len(tokens)] = 1
+    tokens = p + r + [eos]
+    open_rows = [i for i in range(rows) if count[i] < per_row]
+    fits = [i for i in open_rows if max_len - used[i] >= len(tokens)]
+    row = fits[0] if fits else max(open_rows, key=lambda i: max_len - used[i])
+    tokens = tokens[: max_len - used[row]]
+    if len(tokens) <= len(p):
+      continue  # no room for any of its response
+    span = slice(used[row], used[row] + len(tokens))
+    count[row] += 1
+    batch["input_ids"][row, span] = tokens
+    batch["attention_mask"][row, span] = 1
+    batch["loss_mask"][row, used[row] + len(p) : span.stop] = 1
+    batch["segment_ids"][row, span] = count[row]
+    batch["positions"][row, span] = np.arange(len(tokens))
+    used[row] = span.stop
   return batch
 
 
@@ -103,7 +132,8 @@ def _texts(values: np.ndarray) -> list[str]:
 
 
 def causal_lm_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Preprocess:
-  """A preprocess of `{prompt, response}` batches with `dataset_config.tokenizer` and `.max_len`."""
+  """A preprocess of `{prompt, response}` batches with `dataset_config.tokenizer`, `.max_len` and, optionally,
+  `.packing` (examples per row; 0 or absent: one example per row)."""
   name = getattr(dataset_config, "tokenizer", None) if dataset_config else None
   max_len = getattr(dataset_config, "max_len", None) if dataset_config else None
   if not name or not max_len:
@@ -112,6 +142,9 @@ def causal_lm_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Pr
         " and config.dataset.max_len (tokens per example); got"
         f" tokenizer={name!r}, max_len={max_len!r}."
     )
+  packing = int(getattr(dataset_config, "packing", 0) or 0)
+  if packing < 0:
+    raise ValueError(f"config.dataset.packing={packing}; use 0 (no packing) or the examples per packed row.")
   tokenizer = load_tokenizer(name)
 
   def preprocess(batch: Batch) -> Batch:
@@ -119,6 +152,12 @@ def causal_lm_preprocess(dataset_config: ml_collections.ConfigDict | None) -> Pr
       raise ValueError(
           "The causal-LM preprocess needs features 'prompt' and 'response'; this batch has" f" {sorted(batch)}."
       )
-    return encode_pairs(tokenizer, _texts(batch["prompt"]), _texts(batch["response"]), int(max_len))
+    prompts, responses = _texts(batch["prompt"]), _texts(batch["response"])
+    if packing and len(prompts) % packing:
+      raise ValueError(
+          f"config.dataset.packing={packing} must divide the batch of {len(prompts)} examples (per process)"
+          " so every batch packs into the same number of rows."
+      )
+    return encode_pairs(tokenizer, prompts, responses, int(max_len), max(packing, 1))
 
   return preprocess

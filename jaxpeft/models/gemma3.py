@@ -12,7 +12,8 @@ d_h and positions p_t:
     x   = RMSNorm(h)
     q   = RoPE(RMSNorm_q(x W_q)),  k = RoPE(RMSNorm_k(x W_k)),  v = x W_v   (QK-norm per head)
     s   = q k^T / sqrt(query_pre_attn_scalar)
-    mask: key slot j <= query slot i, and i - j < sliding_window on local layers
+    mask: key slot j <= query slot i, and i - j < sliding_window on local layers (and, for packed
+          rows, j in the same segment as i: `segment_ids`)
     a   = softmax(s + mask) v W_o
     h   = h + RMSNorm(a)
     h   = h + RMSNorm(W_down(gelu_tanh(RMSNorm(h) W_gate) * (RMSNorm(h) W_up)))
@@ -338,6 +339,7 @@ class Gemma3(nn.Module):
       input_ids: jax.Array,
       attention_mask: jax.Array | None = None,
       positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
       cache: dict[str, jax.Array] | None = None,
       train: bool = False,
   ):
@@ -348,6 +350,8 @@ class Gemma3(nn.Module):
       attention_mask: (batch, T), 1 for real tokens, 0 for padding (default: all real).
       positions: (batch, T) RoPE positions (default: the slot numbers, i.e. 0..T-1 plus the
         cache's `index`).
+      segment_ids: (batch, T) ints: which packed example each token belongs to; a token attends only to
+        tokens of its own segment (default: one segment per row). Pass per-segment `positions` with them.
       cache: a KV cache from `init_cache` (or a previous call); the new one is returned too.
       train: the harness's training flag; Gemma 3 has no dropout, so training and evaluation compute the same.
     """
@@ -373,6 +377,12 @@ class Gemma3(nn.Module):
       key_slots = jnp.arange(cache["mask"].shape[1])
     causal = key_slots[None, :] <= query_slots[:, None]
     mask_global = causal[None] & key_valid[:, None, :]
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError(
+            "segment_ids (packed sequences) are for training; decode one sequence per row with a cache."
+        )
+      mask_global &= segment_ids[:, :, None] == segment_ids[:, None, :]
     mask_local = mask_global & (query_slots[:, None] - key_slots[None, :] < c.sliding_window)[None]
     shared = {
         "rope_local": _rope_tables(positions, c.head_dim, c.rope_local_base_freq, 1.0, self.dtype),

@@ -6,7 +6,9 @@ With logits z (batch, T, vocab) of the model on `input_ids` x (batch, T) and the
   loss = sum_{b, t < T-1} m_{b, t+1} * CE(z_{b, t}, x_{b, t+1}) / sum_{b, t < T-1} m_{b, t+1}
 
 (the mean over response tokens of the whole batch, not a mean of per-example means). The prompt and the
-padding never enter the loss. Evaluation sums the masked cross-entropy, the number of response tokens and
+padding never enter the loss. In packed rows (`segment_ids`, see `jaxpeft.data.causal_lm`) a target that starts
+a new segment is never predicted from the previous segment: m_{b, t+1} counts only where segment_{b, t+1}
+= segment_{b, t} (the prompt's first token is never a target anyway; this keeps it so for any mask). Evaluation sums the masked cross-entropy, the number of response tokens and
 the correctly predicted (argmax) ones over the split; `finalize_eval` turns them into the held-out response
 `loss`, `perplexity` = exp(loss) and next-token `accuracy`.
 
@@ -36,6 +38,8 @@ def _shifted(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax
   """(logits at t, target x_{t+1}, weight m_{t+1}) for t < T-1."""
   targets = batch["input_ids"][:, 1:]
   weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  if "segment_ids" in batch:
+    weights = weights * (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])
   return logits[:, :-1].astype(jnp.float32), targets, weights
 
 

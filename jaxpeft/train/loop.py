@@ -394,6 +394,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   eval_source = input_pipeline.select_classes(eval_source, config.dataset)
   preprocess = input_pipeline.get_preprocess(config.dataset.name, config.dataset)
+  # Packed rows (causal LM, config.dataset.packing) are for training; evaluation scores one example per row.
+  unpacked = config.dataset.copy_and_resolve_references()
+  if "packing" in unpacked:
+    unpacked.packing = 0
+  eval_preprocess = input_pipeline.get_preprocess(config.dataset.name, unpacked)
   loader = input_pipeline.BatchLoader(
       train_source,
       global_batch_size=config.batch_size,
@@ -504,7 +509,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if saving:
           save(step)
         if config.eval_every and step % config.eval_every == 0 and step < config.num_train_steps:
-          writer.write(step, "eval", evaluate(runner, state, config, eval_source, preprocess))
+          writer.write(step, "eval", evaluate(runner, state, config, eval_source, eval_preprocess))
         if stopping:
           preempted = True
           break
@@ -531,7 +536,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "steps_per_sec": steps_per_sec,
   }
   if not preempted:
-    result["eval"] = evaluate(runner, state, config, eval_source, preprocess)
+    result["eval"] = evaluate(runner, state, config, eval_source, eval_preprocess)
     if runner.task == "causal_lm" and config.get("generation_examples", 0):
       generation, result["samples"] = causal_lm.held_out_generation(
           model,

@@ -48,3 +48,43 @@ def test_bad_inputs_are_clear_errors():
     causal_lm.load_tokenizer("/no/such/tokenizer")
   with pytest.raises(ValueError, match="max_len"):
     causal_lm.causal_lm_preprocess(None)
+
+
+def test_packed_batch_has_the_loss_of_the_examples_padded_separately():
+  import jax
+  import jax.numpy as jnp
+
+  from configs import gemma3_wordnet
+  from jaxpeft.models import gemma3
+  from jaxpeft.train import causal_lm as objective
+
+  tokenizer = causal_lm.byte_tokenizer()
+  prompts = ["Define: a\n", "Q\n", "Define: cat\n", "x\n", "Define: run\n", "y\n"]
+  responses = ["first", "a longer answer", "feline", "z", "to move fast", "ok"]
+  padded = causal_lm.encode_pairs(tokenizer, prompts, responses, max_len=32)
+  packed = causal_lm.encode_pairs(tokenizer, prompts, responses, max_len=64, per_row=3)
+  assert packed["input_ids"].shape == (2, 64) and packed["segment_ids"].max() == 3
+  assert packed["loss_mask"].sum() == padded["loss_mask"].sum()  # every response token is there once
+  np.testing.assert_array_equal(padded["positions"][0, :5], range(5))
+
+  model = gemma3.Gemma3(gemma3.Gemma3Config(**gemma3_wordnet.TINY_ARCHITECTURE))  # sliding window 8
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  loss = lambda b, *extra: float(
+      objective.loss(model.apply(params, b["input_ids"], b["attention_mask"], *extra), b)
+  )
+  separate = loss(padded)  # one example per row, the model's default positions and mask
+  np.testing.assert_allclose(loss(packed, packed["positions"], packed["segment_ids"]), separate, rtol=1e-5)
+  # Without the segment mask the packed examples see each other, and the loss changes.
+  assert abs(loss(packed, packed["positions"]) - separate) > 1e-3
+
+
+def test_packing_cuts_an_example_that_fits_no_row_and_checks_the_batch_size():
+  tokenizer = causal_lm.byte_tokenizer()
+  batch = causal_lm.encode_pairs(tokenizer, ["Q\n", "R\n"], ["a" * 10, "b" * 10], max_len=20, per_row=2)
+  # The first example takes 14 tokens; the second (14) is cut to the 6 left: its prompt (3) and 3 response tokens.
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 14 + [2] * 6)
+  np.testing.assert_array_equal(batch["positions"][0, 14:], range(6))
+  assert batch["loss_mask"][0, 14:].tolist() == [0, 0, 0, 1, 1, 1]
+  config = causal_lm.ml_collections.ConfigDict({"tokenizer": "bytes", "max_len": 20, "packing": 2})
+  with pytest.raises(ValueError, match="must divide the batch of 3"):
+    causal_lm.causal_lm_preprocess(config)({"prompt": np.array(["a", "b", "c"]), "response": np.array(["x"] * 3)})

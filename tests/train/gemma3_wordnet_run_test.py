@@ -10,11 +10,14 @@ from configs import gemma3_wordnet
 from jaxpeft.train.loop import train_and_evaluate
 
 
-@pytest.mark.parametrize("method,remat", [("lora", False), ("dora", True)])
-def test_smoke_run_lowers_the_response_loss_and_reports_lm_metrics(method, remat, data_dir, tmp_path):
+@pytest.mark.parametrize("method,remat,packing", [("lora", False, 2), ("dora", True, 0)])
+def test_smoke_run_lowers_the_response_loss_and_reports_lm_metrics(method, remat, packing, data_dir, tmp_path):
   config = gemma3_wordnet.get_config(f"{method}:smoke")
   config.dataset.data_dir = data_dir
   config.model.remat = remat
+  config.dataset.packing = packing  # 2 examples per training row; evaluation stays one per row
+  config.dataset.max_len *= max(packing, 1)
+  config.batch_size *= max(packing, 1)  # the packed rows (batch_size / packing) must divide over the 8 devices
   result = train_and_evaluate(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
     train = [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
