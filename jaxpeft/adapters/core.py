@@ -83,6 +83,10 @@ Class attributes:
 
 * ``inits``: the ``config.init`` values the method accepts (checked before ``validate``; None: no check);
 * ``needs_matrix``: refuse leaves without input axes (biases, scales) with one clear error;
+* ``layout``: the one per-layer leaf layout the method adapts, a key of ``LAYOUTS`` (``"bias"``, ``"vector"``,
+  ``"dense"``, ``"conv"``, ``"square_conv2d"``, ``"windowed"``); other leaves are refused with one error that
+  names the layout, the leaf's shape and ``fan_in_axes``, followed by the method's ``layout_hint``;
+* ``bounded_rank``: refuse ``rank > min(d_in, d_out)`` (a wider factor adds parameters, not expressiveness);
 * ``frozen_leaves``: stored, never trained (no gradient, no optimizer state);
 * ``no_decay_leaves``: trained without weight decay (the harness gives them its optimizer built with
   ``weight_decay=0``);
@@ -198,17 +202,27 @@ class AdapterMethod:
   no_decay_leaves: ClassVar[frozenset[str]] = frozenset()
   inits: ClassVar[tuple[str, ...] | None] = None
   needs_matrix: ClassVar[bool] = False
+  layout: ClassVar[str | None] = None
+  layout_hint: ClassVar[str] = ""
+  bounded_rank: ClassVar[bool] = False
   adapts_bias: ClassVar[bool] = False
   peft: ClassVar[Any] = None  # a jaxpeft.adapters.peft_mapping.PeftMapping: the method's PEFT counterpart
 
   def check_target(self, target: Target) -> None:
-    """The declarative checks (``needs_matrix``, ``inits``), then the method's own ``validate``."""
+    """The declarative checks (``needs_matrix``, ``layout``, ``inits``), ``validate``, then ``bounded_rank``."""
     if self.needs_matrix and target.fan_in_axes == 0:
       raise ValueError(
           f"{target.path}: {self.name} needs a kernel with input and output axes, but this "
           f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
-          "from AdapterConfig.targets."
+          "from AdapterConfig.targets (biases: use BitFit)."
       )
+    if self.layout is not None:
+      fits, description = LAYOUTS[self.layout]
+      if not fits(target):
+        raise ValueError(
+            f"{target.path}: {self.name} adapts {description}, got per-layer shape {target.layer_shape} with "
+            f"fan_in_axes={target.fan_in_axes}.{' ' + self.layout_hint if self.layout_hint else ''}"
+        )
     if self.inits is not None and target.init not in self.inits:
       if self.inits == ("default",):
         raise ValueError(f"{target.path}: {self.name} has only init='default', got {target.init!r}.")
@@ -216,6 +230,12 @@ class AdapterMethod:
           f"{target.path}: unknown init {target.init!r} for {self.name}; expected one of " f"{self.inits}."
       )
     self.validate(target)
+    if self.bounded_rank and target.rank > min(target.matrix_shape):
+      raise ValueError(
+          f"{target.path}: rank {target.rank} exceeds the layer's smaller dimension "
+          f"min(d_in, d_out) = {min(target.matrix_shape)} (folded shape {target.matrix_shape}); "
+          "use a smaller AdapterConfig.rank or a rank_pattern entry for this layer."
+      )
 
   def validate(self, target: Target) -> None:
     """Raises ``ValueError`` naming ``target.path`` if the method cannot adapt this leaf."""
@@ -309,6 +329,40 @@ class AdapterMethod:
     return sum(int(v.size) for k, v in leaves.items() if k not in self.frozen_leaves)
 
 
+def _windowed(target: Target) -> bool:
+  spatial = target.option("spatial_axes")
+  return target.fan_in_axes > 0 and (not spatial or target.fan_in_axes == spatial + 1)
+
+
+# The per-layer leaf layouts a method can require (``AdapterMethod.layout``): name -> (test, what it is).
+LAYOUTS: dict[str, tuple[Callable[[Target], bool], str]] = {
+    "bias": (lambda t: t.fan_in_axes == 0, "a leaf without input axes (a bias or a scale; fan_in_axes=0)"),
+    "vector": (
+        lambda t: t.fan_in_axes == 0 and len(t.layer_shape) == 1,
+        "a 1-D leaf (a bias or a scale; fan_in_axes=0)",
+    ),
+    "dense": (
+        lambda t: t.fan_in_axes == 1 and len(t.layer_shape) == 2,
+        "a 2-D Dense kernel (in, out) with fan_in_axes=1",
+    ),
+    "conv": (
+        lambda t: len(t.layer_shape) >= 2 and t.fan_in_axes == len(t.layer_shape) - 1,
+        "a kernel laid out as (spatial..., in, out) with fan_in_axes = ndim - 1 (Flax Conv/Dense); set "
+        "AdapterConfig.fan_in_axes={pattern: ndim - 1} for conv kernels",
+    ),
+    "square_conv2d": (
+        lambda t: len(t.layer_shape) == 4 and t.layer_shape[0] == t.layer_shape[1] and t.fan_in_axes == 3,
+        "square 2-D conv kernels (kh, kw, in, out) with kh == kw and fan_in_axes=3; set "
+        "AdapterConfig.fan_in_axes={pattern: 3} for conv kernels",
+    ),
+    "windowed": (
+        _windowed,
+        "a kernel with input axes (Dense), or with options spatial_axes > 0 a conv kernel (window axes, c_in, "
+        "c_out) with fan_in_axes = spatial_axes + 1",
+    ),
+}
+
+
 def register_method(name: str):
   """Class decorator registering an ``AdapterMethod`` subclass under ``name`` (``config.method``)."""
 
@@ -317,6 +371,8 @@ def register_method(name: str):
       raise TypeError(f"register_method({name!r}) expects an AdapterMethod subclass, got {cls!r}.")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
       raise ValueError(f"Adapter method {name!r} is already registered by {_REGISTRY[name]!r}.")
+    if cls.layout is not None and cls.layout not in LAYOUTS:
+      raise ValueError(f"{cls.__name__}.layout = {cls.layout!r} is not one of the layouts {sorted(LAYOUTS)}.")
     cls.name = name
     _REGISTRY[name] = cls
     return cls

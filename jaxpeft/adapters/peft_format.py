@@ -89,6 +89,7 @@ import safetensors.flax
 import safetensors.numpy
 from flax import traverse_util
 
+from jaxpeft._messages import listed
 from jaxpeft.adapters.checkpoint import check_adapter
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import Target, get_method, list_methods
@@ -118,7 +119,6 @@ _UNSUPPORTED_FIELDS = {
     "bias": "none",
 }
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-_MAX_LISTED = 20
 
 
 def default_module_name(path: str) -> str:
@@ -271,11 +271,6 @@ def _peft_pattern(patterns: Mapping[str, Any] | None, module: str, default: Any)
   return default
 
 
-def _listed(names: Sequence[str]) -> str:
-  shown = ", ".join(names[:_MAX_LISTED])
-  return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
-
-
 def _read_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   folder = pathlib.Path(directory)
   for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -365,8 +360,8 @@ def import_peft(
     raise ValueError(
         "The PEFT adapter does not fit these base params: "
         + (
-            f"modules not in the Flax model: {_listed(unknown)} (its modules, by module_name: "
-            f"{_listed(sorted(candidates))}); "
+            f"modules not in the Flax model: {listed(unknown)} (its modules, by module_name: "
+            f"{listed(sorted(candidates))}); "
             if unknown
             else ""
         )
@@ -465,8 +460,8 @@ def _import_leaves(
   if missing or unexpected or wrong:
     raise ValueError(
         f"The PEFT {method!r} adapter does not fit these base params and options: "
-        f"missing tensors: [{_listed(sorted(missing))}]; unexpected tensors: [{_listed(unexpected)}]; "
-        f"wrong shapes: [{_listed(wrong)}]. Check module_name, conv and the PEFT config (r, rank_pattern, "
+        f"missing tensors: [{listed(sorted(missing))}]; unexpected tensors: [{listed(unexpected)}]; "
+        f"wrong shapes: [{listed(wrong)}]. Check module_name, conv and the PEFT config (r, rank_pattern, "
         "decompose_both, ...)."
     )
   return traverse_util.unflatten_dict(

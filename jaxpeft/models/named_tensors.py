@@ -6,21 +6,14 @@ reports every missing, unexpected and misshaped tensor in one error.
 """
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-_MAX_LISTED = 20
-
-
-def listed(names: Sequence[str]) -> str:
-  """The first names, comma-separated, and how many more there are."""
-  shown = ", ".join(names[:_MAX_LISTED])
-  return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
-
+from jaxpeft._messages import listed
 
 def params_from_named_tensors(
     tensors: Mapping[str, np.ndarray],

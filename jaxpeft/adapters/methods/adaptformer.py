@@ -54,14 +54,8 @@ class AdaptFormer(ModuleHookMethod):
 
   option_defaults = {"scale": 0.1}
   hook_levels_up = 1
-
-  def validate(self, target: Target) -> None:
-    super().validate(target)
-    if target.fan_in_axes != 1 or len(target.layer_shape) != 2:
-      raise ValueError(
-          f"{target.path}: AdaptFormer targets the 2-D kernel of the MLP's first Dense (its "
-          f"input width is the adapter's d), got per-layer shape {target.layer_shape}."
-      )
+  layout = "dense"
+  layout_hint = "AdaptFormer targets the 2-D kernel of the MLP's first Dense (its input width is the adapter's d)."
 
   def check_module(self, module_params, module_path, target):
     nested = sorted(

@@ -32,14 +32,8 @@ class BitFit(AdapterMethod):
   """``bias' = bias + delta`` with ``delta = 0`` at init. See the module docstring."""
 
   inits = ("default",)
-
-  def validate(self, target: Target) -> None:
-    if target.fan_in_axes != 0:
-      raise ValueError(
-          f"{target.path}: BitFit trains bias vectors, but this leaf has per-layer shape "
-          f"{target.layer_shape} (fan_in_axes={target.fan_in_axes}). Narrow "
-          "AdapterConfig.targets to 1-D bias leaves, e.g. targets=r'.*/bias'."
-      )
+  layout = "bias"
+  layout_hint = "BitFit trains bias vectors: narrow AdapterConfig.targets to them, e.g. targets=r'.*/bias'."
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     return {"delta": jnp.zeros((kernel.shape[1],), jnp.float32)}

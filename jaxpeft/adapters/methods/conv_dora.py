@@ -53,7 +53,7 @@ class ConvDoRA(AdapterMethod):
   option_defaults = {"variant": "loralib"}
 
   def validate(self, target: Target) -> None:
-    _update(target).validate(target)
+    _update(target).check_target(target)
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     update = _update(target)

@@ -62,14 +62,8 @@ _INITS = ("default", "random")
 
 
 def conv_shape(target: Target) -> tuple[int, int, int]:
-  """``(k, I, O)`` of a square 2-D Flax conv kernel ``(k, k, I, O)``; raises a clear error otherwise."""
+  """``(k, I, O)`` of a square 2-D Flax conv kernel ``(k, k, I, O)`` (the ``"square_conv2d"`` layout)."""
   shape = target.layer_shape
-  if len(shape) != 4 or shape[0] != shape[1] or target.fan_in_axes != 3:
-    raise ValueError(
-        f"{target.path}: LoRA-C / convLoRA adapt square 2-D conv kernels (kh, kw, in, out) with kh == kw and "
-        f"fan_in_axes=3, got per-layer shape {shape} with fan_in_axes={target.fan_in_axes}. Set "
-        "AdapterConfig.fan_in_axes={pattern: 3} for conv kernels; use cp_lora for 1-D/3-D or non-square kernels."
-    )
   return shape[0], shape[2], shape[3]
 
 
@@ -93,15 +87,6 @@ def check_variant(target: Target, variants: tuple[str, ...]) -> None:
       f"{target.path}: unknown conv LoRA variant {variant!r}; expected one of {variants} "
       f"(options={{'variant': ...}}).{renamed}"
   )
-
-
-def validate_conv_lora(target: Target) -> None:
-  conv_shape(target)
-  check_variant(target, VARIANTS)
-  if target.init not in _INITS:
-    raise ValueError(
-        f"{target.path}: unknown init {target.init!r} for LoRA-C / convLoRA; expected one of " f"{_INITS}."
-    )
 
 
 def conv_lora_init(rng: jax.Array, target: Target) -> Leaves:
@@ -131,9 +116,12 @@ class ConvLoRA(AdapterMethod):
   """``W' = W + s * view(B A)`` on a conv kernel; ``options={"variant": "loralib" | "layer_rank"}``."""
 
   option_defaults = {"variant": "loralib"}
+  inits = _INITS
+  layout = "square_conv2d"
+  layout_hint = "Use cp_lora for 1-D/3-D or non-square kernels."
 
   def validate(self, target: Target) -> None:
-    validate_conv_lora(target)
+    check_variant(target, VARIANTS)
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     return conv_lora_init(rng, target)

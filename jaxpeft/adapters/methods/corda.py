@@ -102,6 +102,7 @@ class CorDA(LoRA):
 
   inits = ("default",)
   needs_matrix = True
+  bounded_rank = True
 
   option_defaults = {"mode": "ipm"}
 
@@ -109,11 +110,6 @@ class CorDA(LoRA):
     if target.option("mode") not in _MODES:
       raise ValueError(
           f"{target.path}: CorDA option mode must be one of {_MODES}, " f"got {target.option('mode')!r}."
-      )
-    if target.rank > min(target.matrix_shape):
-      raise ValueError(
-          f"{target.path}: CorDA needs rank <= min(d_in, d_out) = {min(target.matrix_shape)} "
-          f"(folded shape {target.matrix_shape}), got rank {target.rank}."
       )
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:

@@ -56,18 +56,6 @@ def spatial_names(target: Target) -> list[str]:
   return [f"spatial_{t}" for t in range(len(target.layer_shape) - 2)]
 
 
-def validate_cp(target: Target) -> None:
-  n = len(target.layer_shape)
-  if n < 2 or target.fan_in_axes != n - 1:
-    raise ValueError(
-        f"{target.path}: CP-LoRA adapts kernels laid out as (spatial..., in, out) with fan_in_axes = ndim - 1 "
-        f"(Flax Conv/Dense), got per-layer shape {target.layer_shape} with fan_in_axes={target.fan_in_axes}. "
-        "Set AdapterConfig.fan_in_axes={pattern: ndim - 1} for conv kernels."
-    )
-  if target.init not in _INITS:
-    raise ValueError(f"{target.path}: unknown init {target.init!r} for CP-LoRA; expected one of {_INITS}.")
-
-
 def cp_init(rng: jax.Array, target: Target) -> Leaves:
   """CP factors and weights (see the module docstring)."""
   *spatial, c_in, c_out = target.layer_shape
@@ -97,8 +85,8 @@ def cp_kernel(leaves: Leaves, target: Target) -> jax.Array:
 class CPLoRA(AdapterMethod):
   """``K' = K + s * [[lam; U^(1), ..., U^(n), C, D]]``. See the module docstring."""
 
-  def validate(self, target: Target) -> None:
-    validate_cp(target)
+  inits = _INITS
+  layout = "conv"
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     return cp_init(rng, target)

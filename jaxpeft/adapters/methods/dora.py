@@ -37,8 +37,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.methods.lora import LORA_PEFT, lora_factors_init, validate_lora_target
+from jaxpeft.adapters.core import Leaves, Target, register_method
+from jaxpeft.adapters.methods.lora import LORA_PEFT, LoRAFactors, lora_factors_init
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -60,7 +60,7 @@ _DORA_PEFT = dataclasses.replace(LORA_PEFT, claims=lambda peft_config: bool(peft
 
 
 @register_method("dora")
-class DoRA(AdapterMethod):
+class DoRA(LoRAFactors):
   """``W' = m * (W + s a b) / ||W + s a b||_col``. See the module docstring."""
 
   peft = _DORA_PEFT
@@ -71,7 +71,7 @@ class DoRA(AdapterMethod):
           f"{target.path}: DoRA cannot use a PiSSA init (it needs an unmergeable "
           "residual base); use init='default', 'gaussian' or 'random'."
       )
-    validate_lora_target(target)
+    super().validate(target)
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     leaves = lora_factors_init(rng, kernel, target)

@@ -45,15 +45,11 @@ class Houlsby(ModuleHookMethod):
   """``h' = h + up(act(down(h)))`` on a targeted Dense's output. See the module docstring."""
 
   option_defaults = {"activation": "gelu"}
+  needs_matrix = True
 
   def validate(self, target: Target) -> None:
     super().validate(target)
     check_activation(target)
-    if target.fan_in_axes == 0:
-      raise ValueError(
-          f"{target.path}: Houlsby adapters target a projection kernel (whose output they "
-          f"adapt), got a leaf of per-layer shape {target.layer_shape}."
-      )
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     d, m = target.matrix_shape[1], target.rank

@@ -110,18 +110,10 @@ class IA3(AdapterMethod):
   peft = _PEFT
 
   inits = _INITS
-  needs_matrix = True
+  layout = "windowed"
 
   option_defaults = {"feedforward": None, "spatial_axes": 0}
   adapts_bias = True
-
-  def validate(self, target: Target) -> None:
-    spatial = target.option("spatial_axes")
-    if spatial and target.fan_in_axes != spatial + 1:
-      raise ValueError(
-          f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
-          f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes}."
-      )
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     size = _windowed(kernel, target).shape[1] if is_feedforward(target) else kernel.shape[1]

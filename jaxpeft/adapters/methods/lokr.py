@@ -158,18 +158,9 @@ class LoKr(AdapterMethod):
   peft = _PEFT
 
   inits = _INITS
-  needs_matrix = True
+  layout = "windowed"
 
   option_defaults = {"decompose_both": False, "decompose_factor": -1, "spatial_axes": 0}
-
-  def validate(self, target: Target) -> None:
-    spatial = target.option("spatial_axes")
-    if spatial and target.fan_in_axes != spatial + 1:
-      raise ValueError(
-          f"{target.path}: options spatial_axes={spatial} needs a conv kernel (window axes, "
-          f"c_in, c_out) with fan_in_axes={spatial + 1}, got fan_in_axes={target.fan_in_axes} "
-          f"for per-layer shape {target.layer_shape}. Use separate adapters for Dense and Conv."
-      )
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     s, r = kron_shapes(target), target.rank

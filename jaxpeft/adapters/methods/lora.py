@@ -108,26 +108,22 @@ def lora_factors_init(rng: jax.Array, kernel: jax.Array, target: Target) -> Leav
   return {"a": a, "b": b}
 
 
-def validate_lora_target(target: Target) -> None:
-  """Shape and init checks shared by LoRA and DoRA."""
-  if target.fan_in_axes == 0:
-    raise ValueError(
-        f"{target.path}: low-rank adapters need a kernel with input and output axes, but this "
-        f"leaf of per-layer shape {target.layer_shape} has none (fan_in_axes=0). Exclude it "
-        "from AdapterConfig.targets (biases: use BitFit)."
-    )
-  if not (target.init in _INITS or _is_pissa(target.init)):
-    raise ValueError(
-        f"{target.path}: unknown init {target.init!r}; expected one of {_INITS}, 'pissa' or " "'pissa_niter_<k>'."
-    )
-  if target.init.startswith("pissa_niter_") and not target.init.removeprefix("pissa_niter_").isdigit():
-    raise ValueError(f"{target.path}: init {target.init!r} must look like 'pissa_niter_4'.")
-  if target.rank > min(target.matrix_shape):  # a wider a/b adds parameters, not expressiveness
-    raise ValueError(
-        f"{target.path}: rank {target.rank} exceeds the layer's smaller dimension "
-        f"min(d_in, d_out) = {min(target.matrix_shape)} (folded shape {target.matrix_shape}); "
-        "use a smaller AdapterConfig.rank or a rank_pattern entry for this layer."
-    )
+class LoRAFactors(AdapterMethod):
+  """The target checks of the methods built on LoRA's factors ``a (d_in, r)``, ``b (r, d_out)``.
+
+  LoRA, DoRA and mixed_batch: a kernel with input axes, ``rank <= min(d_in, d_out)`` and one of LoRA's inits.
+  """
+
+  needs_matrix = True
+  bounded_rank = True
+
+  def validate(self, target: Target) -> None:
+    if not (target.init in _INITS or _is_pissa(target.init)):
+      raise ValueError(
+          f"{target.path}: unknown init {target.init!r}; expected one of {_INITS}, 'pissa' or 'pissa_niter_<k>'."
+      )
+    if target.init.startswith("pissa_niter_") and not target.init.removeprefix("pissa_niter_").isdigit():
+      raise ValueError(f"{target.path}: init {target.init!r} must look like 'pissa_niter_4'.")
 
 
 # PEFT LoraConfig (``peft_type`` LORA; rsLoRA and every LoRA init are plain LoRA weights), ``in(x)`` =
@@ -175,13 +171,10 @@ LORA_PEFT = PeftMapping(
 
 
 @register_method("lora")
-class LoRA(AdapterMethod):
+class LoRA(LoRAFactors):
   """``W' = W + s a b`` (LoRA; rsLoRA scaling with ``use_rslora``). See the module docstring."""
 
   peft = LORA_PEFT
-
-  def validate(self, target: Target) -> None:
-    validate_lora_target(target)
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     return lora_factors_init(rng, kernel, target)

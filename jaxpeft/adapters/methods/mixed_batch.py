@@ -9,12 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
-from jaxpeft.adapters.methods.lora import validate_lora_target
+from jaxpeft.adapters.core import Leaves, Target, register_method
+from jaxpeft.adapters.methods.lora import LoRAFactors
 
 
 @register_method("mixed_batch")
-class MixedBatchLoRA(AdapterMethod):
+class MixedBatchLoRA(LoRAFactors):
   """Per-example LoRA branch ``s (x_i a[index_i]) b[index_i]`` (zero where ``index_i == -1``).
 
   Leaves: ``a (n, d_in, r)``, ``b (n, r, d_out)``, ``index (batch,)`` int. Activation-hook mode only: a
@@ -22,9 +22,6 @@ class MixedBatchLoRA(AdapterMethod):
   """
 
   frozen_leaves = frozenset({"index"})
-
-  def validate(self, target: Target) -> None:
-    validate_lora_target(target)
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     raise ValueError(

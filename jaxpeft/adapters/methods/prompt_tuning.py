@@ -40,14 +40,12 @@ def insert_tokens(prompt: jax.Array, x: jax.Array, start: int, drop: int) -> jax
 class PromptTuning(ModuleHookMethod):
   """``[P; Embed(x)]``. See the module docstring."""
 
-  _inits = ("default", "sample_vocab")
+  inits = ("default", "sample_vocab")
 
   def validate(self, target: Target) -> None:
     super().validate(target)
     if target.kind != "embedding":
       raise ValueError(f"{target.path}: prompt tuning targets the 'embedding' table of a linen Embed.")
-    if target.init not in self._inits:
-      raise ValueError(f"{target.path}: unknown init {target.init!r}; expected one of {self._inits}.")
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     if target.init == "sample_vocab":

@@ -137,15 +137,10 @@ class VeRA(AdapterMethod):
 
   option_defaults = {"d_initial": 0.1, "projection_seed": 0, "projection_shape": None}
   frozen_leaves = frozenset({"proj_a", "proj_b"})
+  inits = _INITS
+  needs_matrix = True
 
   def validate(self, target: Target) -> None:
-    if target.fan_in_axes == 0:
-      raise ValueError(
-          f"{target.path}: VeRA needs a kernel with input and output axes; this leaf of "
-          f"per-layer shape {target.layer_shape} has none. Exclude it from the targets."
-      )
-    if target.init not in _INITS:
-      raise ValueError(f"{target.path}: unknown VeRA init {target.init!r}; expected one of {_INITS}.")
     max_in, max_out = _projection_shape(target)
     d_in, d_out = target.matrix_shape
     if max_in < d_in or max_out < d_out:

@@ -41,14 +41,8 @@ class VisualPromptTuning(ModuleHookMethod):
 
   option_defaults = {"num_prefix_tokens": 1, "patch_size": 16}
   hook_levels_up = 1
-
-  def validate(self, target: Target) -> None:
-    super().validate(target)
-    if target.fan_in_axes != 0 or len(target.layer_shape) != 1:
-      raise ValueError(
-          f"{target.path}: VPT targets a 1-D leaf of width d inside each prompted block (e.g. "
-          f"its first LayerNorm's scale), got per-layer shape {target.layer_shape}."
-      )
+  layout = "vector"
+  layout_hint = "VPT targets a 1-D leaf of width d inside each prompted block (e.g. its first LayerNorm's scale)."
 
   def init(self, rng: jax.Array, kernel: jax.Array, target: Target) -> Leaves:
     d = target.matrix_shape[1]

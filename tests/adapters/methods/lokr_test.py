@@ -56,7 +56,8 @@ def test_default_init_is_identity_training_and_checkpoint(tmp_path):
 
 
 def test_spatial_axes_must_fit_the_leaf():
-  with pytest.raises(ValueError, match="spatial_axes=2 needs a conv kernel"):
+  refusal = r"lokr adapts .* conv kernel \(window axes, c_in, c_out\) with fan_in_axes = spatial_axes \+ 1"
+  with pytest.raises(ValueError, match=refusal):
     reparam.init(
         jax.random.key(0),
         AdapterConfig(targets="kernel", method="lokr", options={"spatial_axes": 2}),
