@@ -63,6 +63,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.models import canonical_dot
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
@@ -129,6 +130,7 @@ class _BertModule(nn.Module):
     """A Dense layer with BERT's N(0, initializer_range^2) kernel init and zero bias."""
     return nn.Dense(
         features,
+        dot_general=canonical_dot.dot_general,
         kernel_init=nn.initializers.normal(self.config.initializer_range),
         dtype=self.dtype,
         param_dtype=self.param_dtype,
@@ -271,6 +273,7 @@ class ClassificationHead(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(
         self.num_classes,
+        dot_general=canonical_dot.dot_general,
         kernel_init=nn.initializers.normal(self.initializer_range),
         dtype=self.dtype,
         param_dtype=self.param_dtype,

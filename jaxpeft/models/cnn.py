@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxpeft.models import canonical_dot
 
 class CNN(nn.Module):
   """Conv(3x3) -> ReLU -> [avg-pool] blocks, then Dense -> ReLU -> Dense logits.
@@ -27,8 +28,8 @@ class CNN(nn.Module):
       if i < len(self.features) - 1:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.hidden, name="dense")(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+    x = nn.relu(nn.Dense(self.hidden, dot_general=canonical_dot.dot_general, name="dense")(x))
+    return nn.Dense(self.num_classes, dot_general=canonical_dot.dot_general, name="head")(x)
 
 
 class MLP(nn.Module):
@@ -42,5 +43,5 @@ class MLP(nn.Module):
     del train
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(h, name=f"dense_{i}")(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+      x = nn.relu(nn.Dense(h, dot_general=canonical_dot.dot_general, name=f"dense_{i}")(x))
+    return nn.Dense(self.num_classes, dot_general=canonical_dot.dot_general, name="head")(x)

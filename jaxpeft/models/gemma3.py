@@ -62,6 +62,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.models import canonical_dot
+
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -235,6 +237,18 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def _dense(features: int, name: str, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.Dense:
+  """A bias-free projection, its weight gradient in canonical layout (`jaxpeft.models.canonical_dot`)."""
+  return nn.Dense(
+      features,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      dot_general=canonical_dot.dot_general,
+      name=name,
+  )
+
+
 class Attention(nn.Module):
   """Grouped-query attention with QK-norm, RoPE and an optional KV cache."""
 
@@ -246,7 +260,7 @@ class Attention(nn.Module):
   def __call__(self, x, rope, mask, cache_kv=None, cache_index=None):
     c = self.config
     batch, length, _ = x.shape
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype)
     norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
     q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x)
     k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x)
@@ -280,7 +294,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda n, name: _dense(n, name, self.dtype, self.param_dtype)
     gate = dense(self.config.intermediate_size, "gate_proj")(x)
     up = dense(self.config.intermediate_size, "up_proj")(x)
     return dense(self.config.hidden_size, "down_proj")(nn.gelu(gate, approximate=True) * up)

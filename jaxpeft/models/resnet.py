@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxpeft.models import canonical_dot
 
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN plus (projected) shortcut, then ReLU."""
@@ -57,4 +58,4 @@ class ResNet(nn.Module):
         x = BasicBlock(self.width * 2**i, strides=strides, name=f"stage{i}_block{j}")(x, train)
     features = jnp.mean(x, axis=(1, 2))
     self.sow("intermediates", "features", features)  # read by feature-based TTA methods (LAME)
-    return nn.Dense(self.num_classes, name="head")(features)
+    return nn.Dense(self.num_classes, dot_general=canonical_dot.dot_general, name="head")(features)

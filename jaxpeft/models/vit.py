@@ -35,6 +35,7 @@ with fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/o
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxpeft.models import canonical_dot
 POOLINGS = ("cls", "mean")
 
 
@@ -49,8 +50,8 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
-    y = nn.Dense(self.mlp_dim, name="fc1")(nn.LayerNorm(name="ln")(z))
-    return nn.Dense(z.shape[-1], name="fc2")(nn.gelu(y, approximate=False))
+    y = nn.Dense(self.mlp_dim, dot_general=canonical_dot.dot_general, name="fc1")(nn.LayerNorm(name="ln")(z))
+    return nn.Dense(z.shape[-1], dot_general=canonical_dot.dot_general, name="fc2")(nn.gelu(y, approximate=False))
 
 
 class EncoderBlock(nn.Module):
@@ -62,7 +63,12 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
     y = nn.LayerNorm(name="ln_attention")(z)
-    z = z + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(y, y)
+    z = z + nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        qkv_dot_general=canonical_dot.dot_general,
+        out_dot_general=canonical_dot.dot_general,
+        name="attention",
+    )(y, y)
     return z + FeedForward(self.mlp_dim, name="mlp")(z)
 
 
@@ -111,4 +117,4 @@ class ViT(nn.Module):
       z = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(z)
     z = nn.LayerNorm(name="norm")(z)
     pooled = z[:, 0] if self.pool == "cls" else z.mean(axis=1)
-    return nn.Dense(self.num_classes, name="head")(pooled)
+    return nn.Dense(self.num_classes, dot_general=canonical_dot.dot_general, name="head")(pooled)
