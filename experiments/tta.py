@@ -146,7 +146,8 @@ def run_experiment(
         refused.setdefault(setting, {})[method] = str(e).split(";")[0]
         continue
       errors.setdefault(setting, {})[method] = runner.error_by_corruption(records)
-      if setting == "one_at_a_time":
+      if setting == "one_at_a_time" and hasattr(config, "optimizer"):  # no optimizer: no backward pass
+        # Images back-propagated: counted by methods that filter (EATA), else every image seen.
         backward[method] = sum(r.get("backward", r["count"]) for r in records)
       if setting == "continual":
         continual_records[method] = [r["error"] for r in records]
