@@ -4,11 +4,12 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import bn_adapt, cotta, eata, lame, sar, source, tent
+from jaxpeft.tta import alpha_bn, bn_adapt, cotta, eata, lame, sar, source, tent
 
 METHODS = {
     "source": source,
     "bn_adapt": bn_adapt,
+    "alpha_bn": alpha_bn,
     "tent": tent,
     "eata": eata,
     "sar": sar,

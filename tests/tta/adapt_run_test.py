@@ -5,12 +5,13 @@ import shutil
 
 import pytest
 
-from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
+from configs import tta_alpha_bn, tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
 from jaxpeft.train import tta_loop as adapt
 
 CONFIGS = {
     "source": tta_source,
     "bn_adapt": tta_bn_adapt,
+    "alpha_bn": tta_alpha_bn,
     "tent": tta_tent,
     "eata": tta_eata,
     "sar": tta_sar,

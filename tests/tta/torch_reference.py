@@ -80,3 +80,14 @@ def batches(n: int, seed: int = 1, size: int = 8):
 def assert_bn_equal(params, model: TorchTinyBN, rtol=2e-5, atol=2e-6):
   np.testing.assert_allclose(params["bn"]["scale"], model.bn.weight.detach().numpy(), rtol=rtol, atol=atol)
   np.testing.assert_allclose(params["bn"]["bias"], model.bn.bias.detach().numpy(), rtol=rtol, atol=atol)
+
+
+def numpy_tiny_bn(params, images, normalize):
+  """`TinyBN` in numpy; `normalize(h) -> (mean, var)` gives the BatchNorm statistics of the conv output."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
+  x = np.pad(np.asarray(images, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  size = images.shape[1]
+  h = sum(x[:, i : i + size, j : j + size] @ p["conv"]["kernel"][i, j] for i in range(3) for j in range(3))
+  mean, var = normalize(h)
+  h = np.maximum((h - mean) / np.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"], 0)
+  return h.mean((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
