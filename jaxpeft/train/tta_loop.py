@@ -93,11 +93,13 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method_config = runner.make_config(
       config.method, model.apply, model_config.num_classes, build_optimizer(config.optimizer), dict(config.options)
   )
-  clean = []
+  clean, clean_labels = [], []
   if config.clean_images:
-    clean_images, _ = _images(config, config.dataset.clean_split, config.clean_images)
+    clean_images, clean_label_array = _images(config, config.dataset.clean_split, config.clean_images)
     b = config.stream.batch_size
-    clean = [clean_images[i : i + b].astype(np.float32) / 255 for i in range(0, len(clean_images) - b + 1, b)]
+    starts = range(0, len(clean_images) - b + 1, b)
+    clean = [clean_images[i : i + b].astype(np.float32) / 255 for i in starts]
+    clean_labels = [clean_label_array[i : i + b] for i in starts]
   os.makedirs(workdir, exist_ok=True)
   stream = make_stream(config, images, labels)
   per_setting = len(images) // config.stream.batch_size
@@ -117,7 +119,9 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.update(1)
       bar.set_postfix(corruption=record["corruption"], error=f"{wrong / seen:.3f}")
 
-    records = runner.run(config.method, method_config, params, model_state, stream, clean, on_batch)
+    records = runner.run(
+        config.method, method_config, params, model_state, stream, clean, on_batch, clean_labels
+    )
   errors = runner.error_by_corruption(records)
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"method": config.method, "setting": config.stream.setting, "errors": errors}, f, indent=2)

@@ -4,7 +4,7 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import alpha_bn, bn_adapt, cotta, eata, lame, sar, source, tent
+from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, sar, source, tent
 
 METHODS = {
     "source": source,
@@ -14,5 +14,6 @@ METHODS = {
     "eata": eata,
     "sar": sar,
     "lame": lame,
+    "adanpc": adanpc,
     "cotta": cotta,
 }

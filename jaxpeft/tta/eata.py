@@ -82,9 +82,17 @@ def fisher(
 
 
 def prepare(
-    params: core.PyTree, model_state: core.PyTree, config: Config, clean_batches: Iterable[jax.Array]
+    params: core.PyTree,
+    model_state: core.PyTree,
+    config: Config,
+    clean_batches: Iterable[jax.Array],
+    clean_labels: Iterable[jax.Array] = (),
 ) -> dict[str, core.PyTree]:
-  """`init`'s keyword arguments from clean source images: the Fisher (none when `fisher_alpha` is 0: ETA)."""
+  """`init`'s keyword arguments from clean source images: the Fisher (none when `fisher_alpha` is 0: ETA).
+
+  The labels are not used: the Fisher takes the model's own predictions as labels (as the reference).
+  """
+  del clean_labels
   if not config.fisher_alpha:
     return {}
   return {"fishers": fisher(params, model_state, config, clean_batches)}

@@ -58,10 +58,17 @@ def run(
     stream: Iterable[dict],
     clean_batches: Iterable[jax.Array] = (),
     on_batch: Callable[[dict], None] | None = None,
+    clean_labels: Iterable[np.ndarray] = (),
 ) -> list[dict]:
-  """Adapts over `stream`; returns the per-batch records (see the module docstring)."""
+  """Adapts over `stream`; returns the per-batch records (see the module docstring).
+
+  `clean_batches` (and their `clean_labels`) are source images for a method's `prepare` (EATA's Fisher,
+  AdaNPC's memory, CAFA's class statistics).
+  """
   module = method_module(method)
-  init_kwargs = module.prepare(params, model_state, config, clean_batches) if hasattr(module, "prepare") else {}
+  init_kwargs = {}
+  if hasattr(module, "prepare"):
+    init_kwargs = module.prepare(params, model_state, config, list(clean_batches), list(clean_labels))
   step = jax.jit(module.step)
   state, records, backward = None, [], 0
   for i, batch in enumerate(stream):

@@ -5,7 +5,17 @@ import shutil
 
 import pytest
 
-from configs import tta_alpha_bn, tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_sar, tta_source, tta_tent
+from configs import (
+    tta_adanpc,
+    tta_alpha_bn,
+    tta_bn_adapt,
+    tta_cotta,
+    tta_eata,
+    tta_lame,
+    tta_sar,
+    tta_source,
+    tta_tent,
+)
 from jaxpeft.train import tta_loop as adapt
 
 CONFIGS = {
@@ -16,6 +26,7 @@ CONFIGS = {
     "eata": tta_eata,
     "sar": tta_sar,
     "lame": tta_lame,
+    "adanpc": tta_adanpc,
     "cotta": tta_cotta,
 }
 
