@@ -4,7 +4,7 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, sar, source, tent
+from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, ostta, sar, source, tent
 
 METHODS = {
     "source": source,
@@ -13,6 +13,7 @@ METHODS = {
     "tent": tent,
     "eata": eata,
     "sar": sar,
+    "ostta": ostta,
     "lame": lame,
     "adanpc": adanpc,
     "cotta": cotta,
