@@ -4,12 +4,13 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, ostta, sar, source, tent
+from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, ostta, sar, source, tent, unmix_tns
 
 METHODS = {
     "source": source,
     "bn_adapt": bn_adapt,
     "alpha_bn": alpha_bn,
+    "unmix_tns": unmix_tns,
     "tent": tent,
     "eata": eata,
     "sar": sar,

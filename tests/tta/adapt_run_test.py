@@ -16,6 +16,7 @@ from configs import (
     tta_sar,
     tta_source,
     tta_tent,
+    tta_unmix_tns,
 )
 from jaxpeft.train import tta_loop as adapt
 
@@ -23,6 +24,7 @@ CONFIGS = {
     "source": tta_source,
     "bn_adapt": tta_bn_adapt,
     "alpha_bn": tta_alpha_bn,
+    "unmix_tns": tta_unmix_tns,
     "tent": tta_tent,
     "eata": tta_eata,
     "sar": tta_sar,
