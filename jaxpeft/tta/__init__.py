@@ -4,7 +4,7 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cotta, eata, lame, ostta, sar, source, tent, unmix_tns
+from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cafa, cotta, eata, lame, ostta, sar, source, tent, unmix_tns
 
 METHODS = {
     "source": source,
@@ -17,5 +17,6 @@ METHODS = {
     "ostta": ostta,
     "lame": lame,
     "adanpc": adanpc,
+    "cafa": cafa,
     "cotta": cotta,
 }

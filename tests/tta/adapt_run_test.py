@@ -9,6 +9,7 @@ from configs import (
     tta_adanpc,
     tta_alpha_bn,
     tta_bn_adapt,
+    tta_cafa,
     tta_cotta,
     tta_eata,
     tta_lame,
@@ -31,6 +32,7 @@ CONFIGS = {
     "ostta": tta_ostta,
     "lame": tta_lame,
     "adanpc": tta_adanpc,
+    "cafa": tta_cafa,
     "cotta": tta_cotta,
 }
 

@@ -13,18 +13,22 @@ CLASSES, CHANNELS = 3, 4
 
 
 class TinyBN(nn.Module):
-  """conv3x3 (no bias) -> BatchNorm -> ReLU -> spatial mean -> dense head."""
+  """conv3x3 (no bias) -> BatchNorm -> ReLU -> spatial mean (sown as features if `sow_features`) -> dense head."""
+
+  sow_features: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     x = nn.Conv(CHANNELS, (3, 3), use_bias=False, name="conv")(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
-    return nn.Dense(CLASSES, name="head")(x.mean((1, 2)))
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x)).mean((1, 2))
+    if self.sow_features:
+      self.sow("intermediates", "features", x)
+    return nn.Dense(CLASSES, name="head")(x)
 
 
-def flax_model(seed: int = 0, head_scale: float = 4.0):
+def flax_model(seed: int = 0, head_scale: float = 4.0, sow_features: bool = False):
   """`(model, params, model_state)`: random weights, a head scaled up for peaky predictions."""
-  model = TinyBN()
+  model = TinyBN(sow_features=sow_features)
   variables = model.init(jax.random.key(seed), jnp.zeros((1, 6, 6, 1)))
   params = jax.tree.map(lambda x: x, variables["params"])
   params["head"]["kernel"] = params["head"]["kernel"] * head_scale
@@ -49,8 +53,11 @@ class TorchTinyBN(torch.nn.Module):
       self.head.weight.copy_(t(params["head"]["kernel"]).T)
       self.head.bias.copy_(t(params["head"]["bias"]))
 
+  def features(self, x):
+    return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
   def forward(self, x):
-    return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+    return self.head(self.features(x))
 
 
 def configure_like_authors(model: TorchTinyBN):
