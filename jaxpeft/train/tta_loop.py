@@ -119,9 +119,7 @@ def adapt(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.update(1)
       bar.set_postfix(corruption=record["corruption"], error=f"{wrong / seen:.3f}")
 
-    records = runner.run(
-        config.method, method_config, params, model_state, stream, clean, on_batch, clean_labels
-    )
+    records = runner.run(config.method, method_config, params, model_state, stream, clean, on_batch, clean_labels)
   errors = runner.error_by_corruption(records)
   with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"method": config.method, "setting": config.stream.setting, "errors": errors}, f, indent=2)

@@ -58,17 +58,10 @@ def prepare(
     clean_labels: Iterable[np.ndarray],
 ) -> dict[str, jax.Array]:
   """`init`'s keyword arguments: the source model's features of labelled clean images and their labels."""
-  clean_batches, clean_labels = list(clean_batches), list(clean_labels)
-  if not clean_batches or len(clean_batches) != len(clean_labels):
-    raise ValueError(
-        "adanpc builds its memory from labelled clean (source) images: pass clean batches with their "
-        "labels (launch/adapt.py: set config.clean_images > 0)."
-    )
-  features = jax.jit(lambda x: core.forward_with_features(config, params, model_state, x, batch_stats=False)[1])
-  return {
-      "source_features": jnp.concatenate([features(x) for x in clean_batches]),
-      "source_labels": jnp.asarray(np.concatenate(clean_labels), jnp.int32),
-  }
+  features, labels = core.clean_features(
+      params, model_state, config, list(clean_batches), list(clean_labels), "adanpc (its kNN memory)"
+  )
+  return {"source_features": jnp.asarray(features, jnp.float32), "source_labels": jnp.asarray(labels, jnp.int32)}
 
 
 def init(

@@ -57,15 +57,9 @@ def prepare(
     clean_labels: Iterable[np.ndarray],
 ) -> dict[str, jax.Array]:
   """`init`'s keyword arguments: per-class feature means and precisions of labelled clean images."""
-  clean_batches, clean_labels = list(clean_batches), list(clean_labels)
-  if not clean_batches or len(clean_batches) != len(clean_labels):
-    raise ValueError(
-        "cafa computes source class statistics from labelled clean (source) images: pass clean batches "
-        "with their labels (launch/adapt.py: set config.clean_images > 0)."
-    )
-  features = jax.jit(lambda x: core.forward_with_features(config, params, model_state, x, batch_stats=False)[1])
-  feats = np.concatenate([np.asarray(features(x), np.float64) for x in clean_batches])
-  labels = np.concatenate(clean_labels)
+  feats, labels = core.clean_features(
+      params, model_state, config, list(clean_batches), list(clean_labels), "cafa (its class statistics)"
+  )
   counts = np.bincount(labels, minlength=config.num_classes)
   if counts.min() < 2:
     raise ValueError(
@@ -119,7 +113,5 @@ def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Ar
 
   logits = None
   for _ in range(config.steps):
-    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    state, logits = core.descend(state, loss_fn)
   return state, logits

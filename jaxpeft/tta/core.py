@@ -19,6 +19,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -182,3 +183,31 @@ def forward_with_normalizer(
     logits, collections = config.apply_fn(variables, images, train=False, mutable=["intermediates"])
   sown = collections.get("intermediates", {}).get("features")
   return logits, None if sown is None else sown[0]
+
+
+def descend(state: TTAState, loss_fn: Callable[[PyTree], tuple[jax.Array, Any]]) -> tuple[TTAState, Any]:
+  """One step of `state.config.optimizer` on `loss_fn(params) -> (loss, aux)`; returns `(state, aux)`."""
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.config.optimizer.update(grads, state.opt_state, state.params)
+  return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), aux
+
+
+def clean_features(
+    params: PyTree,
+    model_state: PyTree,
+    config: Any,
+    clean_batches: list[jax.Array],
+    clean_labels: list[Any],
+    method: str,
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(features, labels)` of labelled clean images: the source model's sown features (running statistics)."""
+  if not clean_batches or len(clean_batches) != len(clean_labels):
+    raise ValueError(
+        f"{method} needs labelled clean (source) images: pass clean batches with their labels "
+        "(launch/adapt.py: set config.clean_images > 0)."
+    )
+  features = jax.jit(lambda x: forward_with_features(config, params, model_state, x, batch_stats=False)[1])
+  return (
+      np.concatenate([np.asarray(features(x), np.float64) for x in clean_batches]),
+      np.concatenate([np.asarray(y) for y in clean_labels]),
+  )

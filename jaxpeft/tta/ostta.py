@@ -66,11 +66,6 @@ def step(state: core.TTAState, images: jax.Array) -> tuple[core.TTAState, jax.Ar
 
   logits = None
   for _ in range(config.steps):
-    (_, (logits, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = config.optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        extra=dict(state.extra, num_backward=state.extra["num_backward"] + jnp.sum(kept)),
-    )
+    state, (logits, kept) = core.descend(state, loss_fn)
+    state = state.replace(extra=dict(state.extra, num_backward=state.extra["num_backward"] + jnp.sum(kept)))
   return state, logits

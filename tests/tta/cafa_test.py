@@ -67,7 +67,7 @@ def test_cafa_matches_reference(steps):
 def test_cafa_bad_input():
   model, params, model_state = ref.flax_model(sow_features=True)
   config = cafa.Config(model.apply, num_classes=ref.CLASSES)
-  with pytest.raises(ValueError, match="labelled clean .*config.clean_images"):
+  with pytest.raises(ValueError, match="needs labelled clean .*config.clean_images"):
     cafa.prepare(params, model_state, config, ref.batches(1), [])
   with pytest.raises(ValueError, match="at least 2 clean images of every class.*\\[8, 0, 0\\]"):
     cafa.prepare(params, model_state, config, ref.batches(1), [np.zeros(8, int)])
