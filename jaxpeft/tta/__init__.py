@@ -4,15 +4,20 @@
 `init(params, model_state, config) -> TTAState` and `step(state, images) -> (state, logits)`.
 """
 
-from jaxpeft.tta import bn_adapt, cotta, eata, lame, rmt, sar, source, tent
+from jaxpeft.tta import adanpc, alpha_bn, bn_adapt, cafa, cotta, eata, lame, ostta, rmt, sar, source, tent, unmix_tns
 
 METHODS = {
     "source": source,
     "bn_adapt": bn_adapt,
+    "alpha_bn": alpha_bn,
+    "unmix_tns": unmix_tns,
     "tent": tent,
     "eata": eata,
     "sar": sar,
+    "ostta": ostta,
     "lame": lame,
+    "adanpc": adanpc,
+    "cafa": cafa,
     "cotta": cotta,
     "rmt": rmt,
 }

@@ -15,9 +15,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -133,4 +135,78 @@ def make_state(
       opt_state=config.optimizer.init(adapted),
       extra=extra or {},
       config=config,
+  )
+
+
+# `normalizer(path, x, source_mean, source_var) -> (mean, var)`: the statistics a BatchNorm layer (named by
+# its '/'-joined module path) normalises its input `x` with, each broadcastable to `x`.
+Normalizer = Callable[[str, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance of `x` over every axis but the last (channels), as BatchNorm computes them."""
+  axes = tuple(range(x.ndim - 1))
+  return jnp.mean(x, axes), jnp.var(x, axes)
+
+
+def forward_with_normalizer(
+    config: Any, params: PyTree, model_state: PyTree, images: jax.Array, normalizer: Normalizer
+) -> tuple[jax.Array, jax.Array | None]:
+  """`(logits, features or None)` with every `nn.BatchNorm` normalising by `normalizer`'s statistics.
+
+  Each BatchNorm call is intercepted (`flax.linen.intercept_methods`) and replaced by
+  ``(x - mean) / sqrt(var + eps) * scale + bias`` with the layer's own `eps`, scale and bias, `mean, var`
+  from `normalizer` (given the layer's source running averages); the running averages are not changed.
+  Features are those the model sows as `intermediates/features` (None when it sows none).
+  """
+  check_batch_stats(model_state, "a test-time normalisation method")
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if module.axis not in (-1, args[0].ndim - 1):
+      raise ValueError(
+          f"{'/'.join(module.path)}: test-time normalisation supports BatchNorm over the last axis only."
+      )
+    x, stats = args[0], module.variables["batch_stats"]
+    mean, var = normalizer("/".join(module.path), x, stats["mean"], stats["var"])
+    y = (x - mean) * jax.lax.rsqrt(var + module.epsilon)
+    if module.use_scale:
+      y = y * module.get_variable("params", "scale")
+    if module.use_bias:
+      y = y + module.get_variable("params", "bias")
+    return y.astype(x.dtype)
+
+  variables = {"params": params, **model_state}
+  with nn.intercept_methods(interceptor):
+    logits, collections = config.apply_fn(variables, images, train=False, mutable=["intermediates"])
+  sown = collections.get("intermediates", {}).get("features")
+  return logits, None if sown is None else sown[0]
+
+
+def descend(state: TTAState, loss_fn: Callable[[PyTree], tuple[jax.Array, Any]]) -> tuple[TTAState, Any]:
+  """One step of `state.config.optimizer` on `loss_fn(params) -> (loss, aux)`; returns `(state, aux)`."""
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.config.optimizer.update(grads, state.opt_state, state.params)
+  return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), aux
+
+
+def clean_features(
+    params: PyTree,
+    model_state: PyTree,
+    config: Any,
+    clean_batches: list[tuple[jax.Array, Any]],
+    method: str,
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(features, labels)` of clean batches `(images, labels)`: the source model's sown features (running stats)."""
+  if not clean_batches:
+    raise ValueError(
+        f"{method} needs labelled clean (source) images: pass clean batches with their labels "
+        "(launch/adapt.py: set config.clean_images > 0)."
+    )
+  features = jax.jit(lambda x: forward_with_features(config, params, model_state, x, batch_stats=False)[1])
+  return (
+      np.concatenate([np.asarray(features(x), np.float64) for x, _ in clean_batches]),
+      np.concatenate([np.asarray(y) for _, y in clean_batches]),
   )

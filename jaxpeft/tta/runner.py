@@ -62,10 +62,12 @@ def run(
   """Adapts over `stream`; returns the per-batch records (see the module docstring).
 
   `clean_batches`: labelled clean source batches `(images, labels)` for methods with a `prepare` (EATA's
-  Fisher, RMT's prototypes, warm-up and replay).
+  Fisher, RMT's prototypes, warm-up and replay, AdaNPC's memory, CAFA's class statistics).
   """
   module = method_module(method)
-  init_kwargs = module.prepare(params, model_state, config, clean_batches) if hasattr(module, "prepare") else {}
+  init_kwargs = {}
+  if hasattr(module, "prepare"):
+    init_kwargs = module.prepare(params, model_state, config, list(clean_batches))
   step = jax.jit(module.step)
   state, records, backward = None, [], 0
   for i, batch in enumerate(stream):

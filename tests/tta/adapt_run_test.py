@@ -5,16 +5,35 @@ import shutil
 
 import pytest
 
-from configs import tta_bn_adapt, tta_cotta, tta_eata, tta_lame, tta_rmt, tta_sar, tta_source, tta_tent
+from configs import (
+    tta_adanpc,
+    tta_alpha_bn,
+    tta_bn_adapt,
+    tta_cafa,
+    tta_cotta,
+    tta_eata,
+    tta_lame,
+    tta_ostta,
+    tta_rmt,
+    tta_sar,
+    tta_source,
+    tta_tent,
+    tta_unmix_tns,
+)
 from jaxpeft.train import tta_loop as adapt
 
 CONFIGS = {
     "source": tta_source,
     "bn_adapt": tta_bn_adapt,
+    "alpha_bn": tta_alpha_bn,
+    "unmix_tns": tta_unmix_tns,
     "tent": tta_tent,
     "eata": tta_eata,
     "sar": tta_sar,
+    "ostta": tta_ostta,
     "lame": tta_lame,
+    "adanpc": tta_adanpc,
+    "cafa": tta_cafa,
     "cotta": tta_cotta,
     "rmt": tta_rmt,
 }

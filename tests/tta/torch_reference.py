@@ -16,19 +16,25 @@ CLASSES, CHANNELS = 3, 4
 
 
 class TinyBN(nn.Module):
-  """conv3x3 (no bias) -> BatchNorm -> ReLU -> spatial mean -> dense head."""
+  """conv3x3 (no bias) -> BatchNorm -> ReLU -> spatial mean (sown as features if `sow_features`) -> dense head."""
+
+  sow_features: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     x = nn.Conv(CHANNELS, (3, 3), use_bias=False, name="conv")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x)).mean((1, 2))
     self.sow("intermediates", "features", x)
+
+
+    if self.sow_features:
+      self.sow("intermediates", "features", x)
     return nn.Dense(CLASSES, name="head")(x)
 
 
-def flax_model(seed: int = 0, head_scale: float = 4.0):
+def flax_model(seed: int = 0, head_scale: float = 4.0, sow_features: bool = False):
   """`(model, params, model_state)`: random weights, a head scaled up for peaky predictions."""
-  model = TinyBN()
+  model = TinyBN(sow_features=sow_features)
   variables = model.init(jax.random.key(seed), jnp.zeros((1, 6, 6, 1)))
   params = jax.tree.map(lambda x: x, variables["params"])
   params["head"]["kernel"] = params["head"]["kernel"] * head_scale
@@ -191,3 +197,14 @@ class TorchRMT:
     self.optimizer.zero_grad()
     self.ema_update()
     return (outputs_test + outputs_ema).detach()
+
+
+def numpy_tiny_bn(params, images, normalize):
+  """`TinyBN` in numpy; `normalize(h) -> (mean, var)` gives the BatchNorm statistics of the conv output."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in layer.items()} for k, layer in params.items()}
+  x = np.pad(np.asarray(images, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  size = images.shape[1]
+  h = sum(x[:, i : i + size, j : j + size] @ p["conv"]["kernel"][i, j] for i in range(3) for j in range(3))
+  mean, var = normalize(h)
+  h = np.maximum((h - mean) / np.sqrt(var + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"], 0)
+  return h.mean((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"]
