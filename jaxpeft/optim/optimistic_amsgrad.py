@@ -7,9 +7,14 @@ arXiv:1903.01435.
 What could be read: the paper's abstract and introduction (not its algorithm box), and the authors'
 official code (GitHub ``Hintonthu/optimistic-amsgrad``: ``Optadam_torch.py`` and the training scripts
 ``cifar10_opt.py`` etc., whose README gives the hyperparameters of every experiment: lr 1e-3,
-b1=0.9, b2=0.99, ``span=5``). The update below is transcribed from that code; the gradient prediction
-is the one the paper names (the regularized minimal polynomial extrapolation, RMPE, of Scieur et al.
-2016, "Regularized Nonlinear Acceleration", over recent history), applied to past gradients.
+b1=0.9, b2=0.99, ``span=5``). The update below is transcribed from that code. Its extrapolation is
+the code's (a regularized minimal polynomial extrapolation, RMPE, as in Scieur et al. 2016,
+"Regularized Nonlinear Acceleration": a ridge-regularised affine combination of recent vectors),
+applied here to past gradients, which is how the abstract describes the method ("mini-batch
+gradients in consecutive iterations ... sequentially predictable"). Searched without finding the
+algorithm box or other code: the search tool's page, code and documentation corpora (arXiv
+mirrors returned the abstract and introduction only), GitHub repositories named like
+``*amsgrad*`` / ``*optimistic*``, and the strings ``OptimisticAMSGrad`` / ``optimistic_amsgrad``.
 
 With :math:`t` counted from 1, :math:`m_t` the prediction of :math:`g_t` made at step :math:`t-1`
 (zero while no prediction exists), :math:`\alpha_t = \eta \sqrt{1-\beta_2^t}/(1-\beta_1^t)`:
@@ -41,8 +46,8 @@ numpy transcription of the update above):
 * Prediction. The code extrapolates the last ``span`` *iterates* with RMPE and evaluates a second
   gradient there (an auxiliary network on the same mini-batch), so it costs an extra forward and
   backward pass per step and uses that one gradient both as :math:`m_t` in :math:`v_t` and as
-  :math:`m_{t+1}` in :math:`h_{t+1}`. Here the prediction is made from past gradients, as the paper
-  describes ("the gradients are sequentially predictable"), at no extra gradient evaluation; the
+  :math:`m_{t+1}` in :math:`h_{t+1}`. Here the prediction is made from past gradients, as the
+  abstract describes, at no extra gradient evaluation; the
   prediction entering :math:`v_t` is the one made for :math:`g_t` one step earlier.
 * Warm-up. In the code the auxiliary network's weights are all zero for the first ``span`` steps
   (the prediction is then the gradient at the origin); here the prediction is zero.
