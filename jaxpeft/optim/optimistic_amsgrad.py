@@ -86,12 +86,16 @@ class OptimisticAMSGradState(NamedTuple):
 def _extrapolate(history: list[jax.Array], regularization: float) -> jax.Array:
   """RMPE: the combination sum_i c_i x_i (sum c = 1) of history[1:] with the smallest regularized residual."""
   dtype = jnp.promote_types(history[-1].dtype, jnp.float32)
-  x = jnp.stack([h.reshape(-1).astype(dtype) for h in history])
-  diffs = x[1:] - x[:-1]
-  gram = diffs @ diffs.T + regularization * jnp.eye(diffs.shape[0], dtype=dtype)
-  z = jnp.linalg.solve(gram, jnp.ones(diffs.shape[0], dtype))
+  x = [h.astype(dtype) for h in history]
+  diffs = [later - earlier for earlier, later in zip(x[:-1], x[1:])]
+  k = len(diffs)
+  # Entry by entry, each a fused reduction: the (k, n) x (n, k) product of a stacked copy was 4x slower
+  # on XLA:CPU (and the weighted sum below likewise beats a (k,) x (k, n) product).
+  dots = {(i, j): jnp.vdot(diffs[i], diffs[j]) for i in range(k) for j in range(i, k)}
+  gram = jnp.stack([jnp.stack([dots[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
+  z = jnp.linalg.solve(gram + regularization * jnp.eye(k, dtype=dtype), jnp.ones(k, dtype))
   weights = z / jnp.sum(z)
-  return (weights @ x[1:]).reshape(history[-1].shape).astype(history[-1].dtype)
+  return sum(w * v for w, v in zip(weights, x[1:])).astype(history[-1].dtype)
 
 
 def scale_by_optimistic_amsgrad(
