@@ -1,7 +1,7 @@
 """Speed, memory traffic and state size of one optimizer update: jaxpeft vs optax vs PyTorch on CPU.
 
-    python benchmarks/optim.py [--sizes 1e6,1e7] [--repeats 15] [--methods came,adopt]
-    python benchmarks/optim.py --state-bytes    # state bytes/param of every jaxpeft optimizer, no timing
+    python -m benchmarks.optim [--sizes 1e6,1e7] [--repeats 15] [--methods came,adopt]
+    python -m benchmarks.optim --state-bytes    # state bytes/param of every jaxpeft optimizer, no timing
 
 For each parameter count the parameters are four float32 matrices of equal shape (a "few
 matrices" model). One update step is timed for every jaxpeft optimizer, for optax.adam, for optax's
