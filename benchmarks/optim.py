@@ -135,7 +135,8 @@ def _torch_optimizers() -> dict[str, TorchOptimizer]:
       "exadam": TorchOptimizer(lambda p: po.EXAdam(p, lr=LR), "pytorch_optimizer"),
       "grams": TorchOptimizer(lambda p: po.Grams(p, lr=LR), "pytorch_optimizer"),
       "mars": TorchOptimizer(lambda p: po.MARS(p, lr=LR), "pytorch_optimizer"),
-      "muon": TorchOptimizer(lambda p: po.Muon(p, lr=2e-2), "pytorch_optimizer"),
+      # All benchmark parameters are matrices: one Muon group.
+      "muon": TorchOptimizer(lambda p: po.Muon([dict(params=p, use_muon=True)], lr=2e-2), "pytorch_optimizer"),
       "soap": TorchOptimizer(lambda p: po.SOAP(p, lr=3e-3), "pytorch_optimizer"),
       "momo": TorchOptimizer(lambda p: momo_opt.Momo(p, lr=1.0), "momo-opt", "value"),
       "momo_adam": TorchOptimizer(lambda p: momo_opt.MomoAdam(p, lr=LR), "momo-opt", "value"),
