@@ -27,7 +27,8 @@ parameters and the state, ``2 P + G + 2 S`` bytes (:func:`update_bytes`; more fo
 evaluate a second gradient). At the triad's bandwidth ``B`` (12 bytes per element, measured in the
 same rounds) that takes ``(2 P + G + 2 S) / B``; the roofline fraction is that time over the
 update's time. Both the triad's and the update's time are their fastest round: load only ever adds
-time, and on a shared machine a median triad measures the other jobs, not the memory. Methods whose update is not element-wise (matrix products, decompositions,
+time, and on a shared machine a median triad measures the other jobs, not the memory. Methods whose
+update is not element-wise (matrix products, decompositions,
 Hessian-vector products) are far from this bound by design.
 
 State bytes per parameter (:func:`state_bytes_per_param`) are the bytes of the optimizer state
@@ -380,7 +381,8 @@ def _bytes(x: float | None) -> str:
 
 TABLE_HEADER = (
     "| method | jaxpeft ms [q1, q3] | jaxpeft / adam | optax ms | jaxpeft / optax | torch ms | jaxpeft / torch "
-    "| torch source | optax.adam ms | triad ms (best) | MB moved | roofline fraction (best) | state B/param jaxpeft / optax / torch |\n"
+    "| torch source | optax.adam ms | triad ms (best) | MB moved | roofline fraction (best) "
+    "| state B/param jaxpeft / optax / torch |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -439,7 +441,11 @@ def state_bytes_table(size: int) -> str:
   for name in jaxpeft.optim.__all__:
     factory = getattr(jaxpeft.optim, name)
     # The LoRA rules read an adapter tree's factors; their state is their base optimizer's.
-    if name in LORA_RULES or name.startswith("scale_by") or "learning_rate" not in inspect.signature(factory).parameters:
+    if (
+        name in LORA_RULES
+        or name.startswith("scale_by")
+        or "learning_rate" not in inspect.signature(factory).parameters
+    ):
       continue
     rows.append(f"| `{name}` | {state_bytes_per_param(factory(learning_rate=1e-3), params):.2f} |")
   rows.append(f"| `optax.adam` | {state_bytes_per_param(optax.adam(1e-3), params):.2f} |")
@@ -450,7 +456,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1e6,1e7", help="comma-separated parameter counts")
   parser.add_argument("--repeats", type=int, default=15, help="interleaved timed rounds per method")
-  parser.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall time per step")
+  parser.add_argument(
+      "--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall time per step"
+  )
   parser.add_argument("--state-bytes", action="store_true", help="only print every optimizer's state B/param")
   parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")

@@ -27,7 +27,12 @@ def load() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   x, y = digits.data[order].astype(np.float32), digits.target[order].astype(np.int32)
   mean, std = x[:NUM_TRAIN].mean(0), x[:NUM_TRAIN].std(0) + 1.0
   x = (x - mean) / std
-  return jnp.asarray(x[:NUM_TRAIN]), jnp.asarray(y[:NUM_TRAIN]), jnp.asarray(x[NUM_TRAIN:]), jnp.asarray(y[NUM_TRAIN:])
+  return (
+      jnp.asarray(x[:NUM_TRAIN]),
+      jnp.asarray(y[:NUM_TRAIN]),
+      jnp.asarray(x[NUM_TRAIN:]),
+      jnp.asarray(y[NUM_TRAIN:]),
+  )
 
 
 def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> Params:
@@ -81,7 +86,9 @@ def train(
     return (optax.apply_updates(p, updates), state), (value, accuracy(p, xb, yb), record(state))
 
   run = jax.jit(lambda carry, xs: jax.lax.scan(step, carry, xs))
-  (params, _), (losses, accs, records) = run((params, tx.init(params)), (jnp.arange(num_steps), jax.random.split(key, num_steps)))
+  (params, _), (losses, accs, records) = run(
+      (params, tx.init(params)), (jnp.arange(num_steps), jax.random.split(key, num_steps))
+  )
   return params, {"loss": np.asarray(losses), "accuracy": np.asarray(accs), "record": np.asarray(records)}
 
 

@@ -71,14 +71,17 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
           claim="MARS: lower training loss than AdamW",
           paper="At the same learning rate and number of steps MARS-AdamW trains to a lower loss than AdamW.",
           measurement=(
-              f"digits MLP, {c.num_steps} steps of 32 at lr {c.learning_rate:g}: mean training loss over all steps "
+              f"digits MLP, {c.num_steps} steps of 32 at lr {c.learning_rate:g}: mean training loss over all "
+              "steps "
               f"MARS {area['MARS']:.4g}, AdamW {area['AdamW']:.4g}; over the last {c.window} steps MARS "
               f"{final['MARS']:.3g}, AdamW {final['AdamW']:.3g}; test accuracy MARS "
-              f"{results['MARS']['test_accuracy']:.3f}, AdamW {results['AdamW']['test_accuracy']:.3f}. Plot: {NAME}.png"
+              f"{results['MARS']['test_accuracy']:.3f}, AdamW {results['AdamW']['test_accuracy']:.3f}. "
+              f"Plot: {NAME}.png"
           ),
           checks={
               "MARS's mean training loss over the run is below AdamW's": area["MARS"] < area["AdamW"],
-              f"MARS's training loss over the last {c.window} steps is below AdamW's": final["MARS"] < final["AdamW"],
+              f"MARS's training loss over the last {c.window} steps is below AdamW's": final["MARS"]
+              < final["AdamW"],
           },
       )
   ]

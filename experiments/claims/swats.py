@@ -43,7 +43,7 @@ def get_config(small: bool) -> ml_collections.ConfigDict:
 
 
 def train_both(c: ml_collections.ConfigDict) -> dict[str, dict]:
-  """Per optimizer: the training history (SWATS records its SGD learning rate, 0 before the switch), test accuracy."""
+  """Per optimizer: training history (SWATS records its SGD lr, 0 before the switch) and test accuracy."""
   # swats() = chain(add_decayed_weights, scale_by_swats, scale(-1)): the SwatsState is the second.
   return digits_mlp.train_and_test(
       {"SWATS": swats(c.learning_rate), "Adam": optax.adam(c.learning_rate)},

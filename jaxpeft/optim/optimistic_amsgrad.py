@@ -122,7 +122,9 @@ def scale_by_optimistic_amsgrad(
   """
   check_hyperparameters("OptimisticAMSGrad", NON_NEGATIVE, learning_rate=learning_rate, eps=eps)
   check_hyperparameters("OptimisticAMSGrad", DECAY_RATE, "Defaults: b1=0.9, b2=0.99.", b1=b1, b2=b2)
-  check_hyperparameters("OptimisticAMSGrad", POSITIVE, "The authors' value is 1e-3.", regularization=regularization)
+  check_hyperparameters(
+      "OptimisticAMSGrad", POSITIVE, "The authors' value is 1e-3.", regularization=regularization
+  )
   if isinstance(span, (int, float)) and (span < 1 or span != int(span)):
     raise ValueError(f"OptimisticAMSGrad: span must be an integer >= 1, got {span!r}. The authors use span=5.")
 
@@ -160,7 +162,9 @@ def scale_by_optimistic_amsgrad(
     optimistic = jax.tree.map(lambda m, p: b1 * m + (1.0 - b1) * p, state.mu, prediction)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     offset = jax.tree.map(lambda h, d: step_size * h / d, optimistic, denom)
-    new_updates = jax.tree.map(lambda m, d, e, e_prev: step_size * m / d + e - e_prev, mu, denom, offset, state.offset)
+    new_updates = jax.tree.map(
+        lambda m, d, e, e_prev: step_size * m / d + e - e_prev, mu, denom, offset, state.offset
+    )
     cast = optax.tree.cast_like
     new_state = OptimisticAMSGradState(
         count=count,
