@@ -1,7 +1,7 @@
 """Speed, memory traffic and state size of one optimizer update: jaxpeft vs optax vs PyTorch on CPU.
 
-    python benchmarks/optim.py [--sizes 1e6,1e7] [--repeats 15] [--methods came,adopt]
-    python benchmarks/optim.py --state-bytes    # state bytes/param of every jaxpeft optimizer, no timing
+    python -m benchmarks.optim [--sizes 1e6,1e7] [--repeats 15] [--methods came,adopt]
+    python -m benchmarks.optim --state-bytes    # state bytes/param of every jaxpeft optimizer, no timing
 
 For each parameter count the parameters are four float32 matrices of equal shape (a "few
 matrices" model). One update step is timed for every jaxpeft optimizer, for optax.adam, for optax's
@@ -27,7 +27,8 @@ parameters and the state, ``2 P + G + 2 S`` bytes (:func:`update_bytes`; more fo
 evaluate a second gradient). At the triad's bandwidth ``B`` (12 bytes per element, measured in the
 same rounds) that takes ``(2 P + G + 2 S) / B``; the roofline fraction is that time over the
 update's time. Both the triad's and the update's time are their fastest round: load only ever adds
-time, and on a shared machine a median triad measures the other jobs, not the memory. Methods whose update is not element-wise (matrix products, decompositions,
+time, and on a shared machine a median triad measures the other jobs, not the memory. Methods whose
+update is not element-wise (matrix products, decompositions,
 Hessian-vector products) are far from this bound by design.
 
 State bytes per parameter (:func:`state_bytes_per_param`) are the bytes of the optimizer state
@@ -135,7 +136,8 @@ def _torch_optimizers() -> dict[str, TorchOptimizer]:
       "exadam": TorchOptimizer(lambda p: po.EXAdam(p, lr=LR), "pytorch_optimizer"),
       "grams": TorchOptimizer(lambda p: po.Grams(p, lr=LR), "pytorch_optimizer"),
       "mars": TorchOptimizer(lambda p: po.MARS(p, lr=LR), "pytorch_optimizer"),
-      "muon": TorchOptimizer(lambda p: po.Muon(p, lr=2e-2), "pytorch_optimizer"),
+      # All benchmark parameters are matrices: one Muon group.
+      "muon": TorchOptimizer(lambda p: po.Muon([dict(params=p, use_muon=True)], lr=2e-2), "pytorch_optimizer"),
       "soap": TorchOptimizer(lambda p: po.SOAP(p, lr=3e-3), "pytorch_optimizer"),
       "momo": TorchOptimizer(lambda p: momo_opt.Momo(p, lr=1.0), "momo-opt", "value"),
       "momo_adam": TorchOptimizer(lambda p: momo_opt.MomoAdam(p, lr=LR), "momo-opt", "value"),
@@ -271,7 +273,9 @@ def prepare_triad(shapes) -> Runner:
   """A jitted, donated triad a = b + s * c over as many float32 elements as the parameters."""
   n = sum(r * c for r, c in shapes)
   b, c = jnp.ones(n, jnp.float32), jnp.full(n, 2.0, jnp.float32)
-  triad = jax.jit(lambda a, b, c: b + 3.0 * c, donate_argnums=0)
+  # keep_unused: `a` is not read, and a pruned argument cannot be donated; the triad would then write
+  # a fresh 4-bytes-per-element buffer each call, and its page faults would double its time.
+  triad = jax.jit(lambda a, b, c: b + 3.0 * c, donate_argnums=0, keep_unused=True)
   carry = [jnp.zeros(n, jnp.float32)]
 
   def step():
@@ -377,7 +381,8 @@ def _bytes(x: float | None) -> str:
 
 TABLE_HEADER = (
     "| method | jaxpeft ms [q1, q3] | jaxpeft / adam | optax ms | jaxpeft / optax | torch ms | jaxpeft / torch "
-    "| torch source | optax.adam ms | triad ms (best) | MB moved | roofline fraction (best) | state B/param jaxpeft / optax / torch |\n"
+    "| torch source | optax.adam ms | triad ms (best) | MB moved | roofline fraction (best) "
+    "| state B/param jaxpeft / optax / torch |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -436,7 +441,11 @@ def state_bytes_table(size: int) -> str:
   for name in jaxpeft.optim.__all__:
     factory = getattr(jaxpeft.optim, name)
     # The LoRA rules read an adapter tree's factors; their state is their base optimizer's.
-    if name in LORA_RULES or name.startswith("scale_by") or "learning_rate" not in inspect.signature(factory).parameters:
+    if (
+        name in LORA_RULES
+        or name.startswith("scale_by")
+        or "learning_rate" not in inspect.signature(factory).parameters
+    ):
       continue
     rows.append(f"| `{name}` | {state_bytes_per_param(factory(learning_rate=1e-3), params):.2f} |")
   rows.append(f"| `optax.adam` | {state_bytes_per_param(optax.adam(1e-3), params):.2f} |")
@@ -447,7 +456,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1e6,1e7", help="comma-separated parameter counts")
   parser.add_argument("--repeats", type=int, default=15, help="interleaved timed rounds per method")
-  parser.add_argument("--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall time per step")
+  parser.add_argument(
+      "--clock", choices=list(CLOCKS), default="cpu", help="process CPU time or wall time per step"
+  )
   parser.add_argument("--state-bytes", action="store_true", help="only print every optimizer's state B/param")
   parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")

@@ -27,7 +27,12 @@ def load() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   x, y = digits.data[order].astype(np.float32), digits.target[order].astype(np.int32)
   mean, std = x[:NUM_TRAIN].mean(0), x[:NUM_TRAIN].std(0) + 1.0
   x = (x - mean) / std
-  return jnp.asarray(x[:NUM_TRAIN]), jnp.asarray(y[:NUM_TRAIN]), jnp.asarray(x[NUM_TRAIN:]), jnp.asarray(y[NUM_TRAIN:])
+  return (
+      jnp.asarray(x[:NUM_TRAIN]),
+      jnp.asarray(y[:NUM_TRAIN]),
+      jnp.asarray(x[NUM_TRAIN:]),
+      jnp.asarray(y[NUM_TRAIN:]),
+  )
 
 
 def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> Params:
@@ -81,5 +86,31 @@ def train(
     return (optax.apply_updates(p, updates), state), (value, accuracy(p, xb, yb), record(state))
 
   run = jax.jit(lambda carry, xs: jax.lax.scan(step, carry, xs))
-  (params, _), (losses, accs, records) = run((params, tx.init(params)), (jnp.arange(num_steps), jax.random.split(key, num_steps)))
+  (params, _), (losses, accs, records) = run(
+      (params, tx.init(params)), (jnp.arange(num_steps), jax.random.split(key, num_steps))
+  )
   return params, {"loss": np.asarray(losses), "accuracy": np.asarray(accs), "record": np.asarray(records)}
+
+
+def train_and_test(
+    optimizers: dict[str, optax.GradientTransformation],
+    *,
+    hidden: tuple[int, ...],
+    num_steps: int,
+    batch_size: int,
+    seed: int,
+    records: dict[str, Callable[[optax.OptState], jax.Array]] | None = None,
+) -> dict[str, dict]:
+  """Trains the same MLP from the same start on the same batches with each optimizer.
+
+  Returns, per optimizer, `train`'s history plus ``test_accuracy`` of the final parameters.
+  """
+  x, y, x_test, y_test = load()
+  key_init, key_data = jax.random.split(jax.random.key(seed))
+  params = init_mlp(key_init, (x.shape[1], *hidden, NUM_CLASSES))
+  out = {}
+  for name, tx in optimizers.items():
+    kw = {"record": records[name]} if records and name in records else {}
+    final, history = train(tx, params, x, y, num_steps=num_steps, batch_size=batch_size, key=key_data, **kw)
+    out[name] = {**history, "test_accuracy": float(accuracy(final, x_test, y_test))}
+  return out

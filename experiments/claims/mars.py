@@ -16,7 +16,6 @@ under the curve, i.e. how fast it trains) and over the last ``window`` steps are
 Test accuracies are reported.
 """
 
-import jax
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
@@ -50,14 +49,9 @@ def optimizers(c: ml_collections.ConfigDict) -> dict[str, optax.GradientTransfor
 
 
 def train_all(c: ml_collections.ConfigDict) -> dict[str, dict]:
-  x, y, x_test, y_test = digits_mlp.load()
-  key_init, key_data = jax.random.split(jax.random.key(c.seed))
-  params = digits_mlp.init_mlp(key_init, (x.shape[1], *c.hidden, digits_mlp.NUM_CLASSES))
-  out = {}
-  for name, tx in optimizers(c).items():
-    final, history = digits_mlp.train(tx, params, x, y, num_steps=c.num_steps, batch_size=c.batch_size, key=key_data)
-    out[name] = {**history, "test_accuracy": float(digits_mlp.accuracy(final, x_test, y_test))}
-  return out
+  return digits_mlp.train_and_test(
+      optimizers(c), hidden=c.hidden, num_steps=c.num_steps, batch_size=c.batch_size, seed=c.seed
+  )
 
 
 def run(small: bool, workdir: str) -> list[ClaimRow]:
@@ -77,14 +71,17 @@ def run(small: bool, workdir: str) -> list[ClaimRow]:
           claim="MARS: lower training loss than AdamW",
           paper="At the same learning rate and number of steps MARS-AdamW trains to a lower loss than AdamW.",
           measurement=(
-              f"digits MLP, {c.num_steps} steps of 32 at lr {c.learning_rate:g}: mean training loss over all steps "
+              f"digits MLP, {c.num_steps} steps of 32 at lr {c.learning_rate:g}: mean training loss over all "
+              "steps "
               f"MARS {area['MARS']:.4g}, AdamW {area['AdamW']:.4g}; over the last {c.window} steps MARS "
               f"{final['MARS']:.3g}, AdamW {final['AdamW']:.3g}; test accuracy MARS "
-              f"{results['MARS']['test_accuracy']:.3f}, AdamW {results['AdamW']['test_accuracy']:.3f}. Plot: {NAME}.png"
+              f"{results['MARS']['test_accuracy']:.3f}, AdamW {results['AdamW']['test_accuracy']:.3f}. "
+              f"Plot: {NAME}.png"
           ),
           checks={
               "MARS's mean training loss over the run is below AdamW's": area["MARS"] < area["AdamW"],
-              f"MARS's training loss over the last {c.window} steps is below AdamW's": final["MARS"] < final["AdamW"],
+              f"MARS's training loss over the last {c.window} steps is below AdamW's": final["MARS"]
+              < final["AdamW"],
           },
       )
   ]

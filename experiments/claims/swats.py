@@ -16,7 +16,6 @@ the training loss keeps falling (mean over the last ``window`` steps below the m
 ``window`` steps before the switch); test accuracy within ``accuracy_gap`` of Adam's.
 """
 
-import jax
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
@@ -44,18 +43,16 @@ def get_config(small: bool) -> ml_collections.ConfigDict:
 
 
 def train_both(c: ml_collections.ConfigDict) -> dict[str, dict]:
-  """Per optimizer: the training history (SWATS records its SGD learning rate, 0 before the switch), test accuracy."""
-  x, y, x_test, y_test = digits_mlp.load()
-  key_init, key_data = jax.random.split(jax.random.key(c.seed))
-  params = digits_mlp.init_mlp(key_init, (x.shape[1], *c.hidden, digits_mlp.NUM_CLASSES))
+  """Per optimizer: training history (SWATS records its SGD lr, 0 before the switch) and test accuracy."""
   # swats() = chain(add_decayed_weights, scale_by_swats, scale(-1)): the SwatsState is the second.
-  runs = [("SWATS", swats(c.learning_rate), lambda state: state[1].sgd_lr), ("Adam", optax.adam(c.learning_rate), None)]
-  out = {}
-  for name, tx, record in runs:
-    kw = {"record": record} if record else {}
-    final, history = digits_mlp.train(tx, params, x, y, num_steps=c.num_steps, batch_size=c.batch_size, key=key_data, **kw)
-    out[name] = {**history, "test_accuracy": float(digits_mlp.accuracy(final, x_test, y_test))}
-  return out
+  return digits_mlp.train_and_test(
+      {"SWATS": swats(c.learning_rate), "Adam": optax.adam(c.learning_rate)},
+      hidden=c.hidden,
+      num_steps=c.num_steps,
+      batch_size=c.batch_size,
+      seed=c.seed,
+      records={"SWATS": lambda state: state[1].sgd_lr},
+  )
 
 
 def run(small: bool, workdir: str) -> list[ClaimRow]:

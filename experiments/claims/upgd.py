@@ -52,7 +52,9 @@ def task_accuracies(c: ml_collections.ConfigDict, tx: optax.GradientTransformati
   """Mean online accuracy of each task of the label-permuted stream."""
   x, y, _, _ = digits_mlp.load()
   key_init, key_perm, key_data = jax.random.split(jax.random.key(c.seed), 3)
-  perms = jax.vmap(lambda k: jax.random.permutation(k, digits_mlp.NUM_CLASSES))(jax.random.split(key_perm, c.num_tasks))
+  perms = jax.vmap(lambda k: jax.random.permutation(k, digits_mlp.NUM_CLASSES))(
+      jax.random.split(key_perm, c.num_tasks)
+  )
   params = digits_mlp.init_mlp(key_init, (x.shape[1], *c.hidden, digits_mlp.NUM_CLASSES))
   relabel = lambda step, labels: perms[step // c.steps_per_task][labels]
   _, history = digits_mlp.train(

@@ -96,7 +96,17 @@ def test_verdict_rule_and_table_has_a_row_per_claim():
   assert "partly (fails: y)" in table and "p \\| q" in table
   with pytest.raises(ValueError, match="no checks"):
     ClaimRow("d", "p", "m", {})
-  assert set(CLAIMS) == {"adopt", "came", "sharpness", "adabelief", "adapters", "adabound", "upgd", "swats", "mars"}
+  assert set(CLAIMS) == {
+      "adopt",
+      "came",
+      "sharpness",
+      "adabelief",
+      "adapters",
+      "adabound",
+      "upgd",
+      "swats",
+      "mars",
+  }
   assert markdown_table([]).count("\n") == 1
 
 

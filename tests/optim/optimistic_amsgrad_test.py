@@ -85,7 +85,9 @@ def test_matches_numpy_transcription(setting):
   params, grads = _correlated_problem()
   ref_kw = {("lam" if k == "regularization" else k): v for k, v in kw.items()}
   expected = numpy_optimistic_amsgrad(params, grads, **ref_kw)
-  assert_trajectories_close(run_optax(optimistic_amsgrad(LR, **kw), params, grads), expected, rtol=1e-9, atol=1e-12)
+  assert_trajectories_close(
+      run_optax(optimistic_amsgrad(LR, **kw), params, grads), expected, rtol=1e-9, atol=1e-12
+  )
 
 
 def test_schedule():
