@@ -35,6 +35,7 @@ from jaxpeft import merging
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.data import digits, domain_shift
+from jaxpeft.merging.coefficients import fit_coefficients
 from jaxpeft.models.vit import ViT
 
 matplotlib.use("Agg")
@@ -111,20 +112,10 @@ def train(
 ) -> Any:
   """``trained`` after ``steps`` AdamW steps (cosine schedule) on random batches of ``data``."""
   tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.0)
-  opt_state = tx.init(trained)
-
-  @jax.jit
-  def step(trained, opt_state, x, y):
-    grads = jax.grad(loss_fn)(trained, x, y)
-    updates, opt_state = tx.update(grads, opt_state, trained)
-    return optax.apply_updates(trained, updates), opt_state
-
   rng = np.random.default_rng(seed)
   x, y = data
-  for _ in range(steps):
-    idx = rng.integers(0, len(y), batch)
-    trained, opt_state = step(trained, opt_state, x[idx], y[idx])
-  return trained
+  batches = ((x[idx], y[idx]) for idx in (rng.integers(0, len(y), batch) for _ in range(steps)))
+  return fit_coefficients(trained, lambda t, _, b: loss_fn(t, *b), batches, tx)
 
 
 class Experiment:
