@@ -161,7 +161,7 @@ def load_average() -> str:
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-  q1, q2, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0],) * 3
+  q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
   return q1, statistics.median(xs), q3
 
 
