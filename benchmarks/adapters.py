@@ -84,11 +84,12 @@ def _max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB.
 
 
-def _batch(batch: int, length: int):
+def make_batch(batch: int, length: int, vocab_size: int = ARCH["vocab_size"]):
+  """Token ids, attention mask (half the rows padded to half length) and labels, as numpy arrays."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
-  ids = rng.integers(1, ARCH["vocab_size"], size=(batch, length), dtype=np.int32)
+  ids = rng.integers(1, vocab_size, size=(batch, length), dtype=np.int32)
   mask = np.ones((batch, length), np.int32)
   mask[: batch // 2, length // 2 :] = 0  # half the rows padded to half length
   return ids, mask, rng.integers(0, NUM_CLASSES, size=batch, dtype=np.int32)
@@ -105,7 +106,7 @@ def _run_jax(method, mode, steps, batch, length):
   from jaxpeft.train.trainable import Trainable  # pylint: disable=g-import-not-at-top
 
   model = BertEncoder(BertConfig.from_dict(ARCH), num_classes=NUM_CLASSES)
-  ids, mask, labels = _batch(batch, length)
+  ids, mask, labels = make_batch(batch, length)
   data = {
       "input_ids": jnp.asarray(ids),
       "attention_mask": jnp.asarray(mask),
@@ -152,19 +153,21 @@ def _run_jax(method, mode, steps, batch, length):
   }
 
 
-def _run_torch(method, steps, batch, length):
+def torch_model_and_optimizer(method, arch=None):
+  """transformers' BERT of `arch` (default ARCH) + mean pooling + head, PEFT-wrapped for 'lora'/'dora'; AdamW."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
+  arch = arch or ARCH
   torch.manual_seed(0)
 
   class Classifier(torch.nn.Module):
 
     def __init__(self):
       super().__init__()
-      self.bert = transformers.BertModel(transformers.BertConfig(**ARCH), add_pooling_layer=False)
-      self.classifier = torch.nn.Linear(ARCH["hidden_size"], NUM_CLASSES)
+      self.bert = transformers.BertModel(transformers.BertConfig(**arch), add_pooling_layer=False)
+      self.classifier = torch.nn.Linear(arch["hidden_size"], NUM_CLASSES)
 
     def forward(self, input_ids, attention_mask):
       hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -183,8 +186,15 @@ def _run_torch(method, steps, batch, length):
     model = peft.get_peft_model(model, config)
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
-  ids, mask, labels = (torch.from_numpy(x).long() for x in _batch(batch, length))
+  return model, torch.optim.AdamW(params, lr=LEARNING_RATE)
+
+
+def _run_torch(method, steps, batch, length):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  model, optimizer = torch_model_and_optimizer(method)
+  params = [p for p in model.parameters() if p.requires_grad]
+  ids, mask, labels = (torch.from_numpy(x).long() for x in make_batch(batch, length))
   rss_before = _max_rss_bytes()
   times = []
   for i in range(WARMUP + steps):

@@ -76,12 +76,15 @@ def checkpoint(every_steps: int, max_to_keep: int) -> ml_collections.ConfigDict:
 
 
 def sharding() -> ml_collections.ConfigDict:
-  """`config.sharding`: how the step is parallelised."""
+  """`config.sharding`: how the step is parallelised and compiled."""
   return ml_collections.ConfigDict(
       {
           "parallelism": "jit",  # 'jit' (Mesh + NamedSharding) or 'pmap'
           "fsdp": False,  # shard params and optimizer state over the data axis
           "num_devices": 0,  # 0: every device; N: the first N (single-process jobs)
+          # Train steps per compiled call (a lax.scan over that many batches); log, eval, checkpoint and
+          # re-selection intervals and num_train_steps must be multiples of it. jit only.
+          "steps_per_call": 1,
       }
   )
 

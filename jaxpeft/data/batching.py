@@ -140,6 +140,11 @@ class BatchLoader:
     batch = fetch_batch(self.source, indices)
     return self.preprocess(batch) if self.preprocess is not None else batch
 
+  def stacked_batches(self, step: int, count: int) -> Batch:
+    """`batch(step), ..., batch(step + count - 1)` stacked on a new leading axis (K steps per compiled call)."""
+    batches = [self.batch(s) for s in range(step, step + count)]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
 
 def eval_batches(
     source: DataSource,

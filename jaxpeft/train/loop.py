@@ -8,6 +8,10 @@ end. A SIGTERM (or a JAX preemption notice) saves a checkpoint at the current st
 Because the input batch of step `s` and the step's randomness depend only on `s`, a resumed run
 continues bit for bit as if it had never stopped.
 
+`config.sharding.steps_per_call=K` (jit only) runs K steps per compiled call (`make_multi_step`, a scan over
+K stacked batches): the same updates bit for bit, fewer per-call overheads. Every interval above, the
+re-selection interval and `num_train_steps` must then be multiples of K, and so is every saved step.
+
 Safety: the config is validated first (`validate_config`); the run holds an flock on `<workdir>/.lock`
 (a second run on the workdir fails at once); the updated trainable params and optimizer state are
 checked for NaN/Inf before every save (`check_state_finite`), so no checkpoint holds a non-finite
@@ -59,7 +63,7 @@ from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.quantized_base import frozen_footprint, num_params
 from jaxpeft.quantize import dequantize_tree
 from jaxpeft.train.state import TrainState
-from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step, objective
+from jaxpeft.train.step import make_eval_step, make_multi_step, make_reselect_step, make_train_step, objective
 from jaxpeft.train.trainable import Trainable, no_decay_optimizer
 
 PMAP_AXIS = "devices"
@@ -165,6 +169,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key, value, ok, expected in checks:
     if not ok(value):
       raise UserError(f"config.{key}={value!r}: expected {expected}.")
+  _check_steps_per_call(config)
+
+
+def _check_steps_per_call(config: ml_collections.ConfigDict) -> None:
+  """K steps per call: jit only, and every step-count interval a multiple of K (steps happen K at a time)."""
+  k = config.sharding.get("steps_per_call", 1)
+  if not isinstance(k, int) or k < 1:
+    raise UserError(f"config.sharding.steps_per_call={k!r}: expected a positive integer.")
+  if k > 1 and config.sharding.parallelism != "jit":
+    raise UserError(f"config.sharding.steps_per_call={k} needs parallelism='jit'; use 1 with pmap.")
+  intervals = {
+      "num_train_steps": config.num_train_steps,
+      "log_every": config.log_every,
+      "eval_every": config.eval_every,
+      "checkpoint.every_steps": config.checkpoint.every_steps,
+      "adapter.reselect_every": config.get("adapter", {}).get("reselect_every", 0),
+  }
+  for key, value in intervals.items():
+    if value % k:
+      raise UserError(
+          f"config.{key}={value} is not a multiple of config.sharding.steps_per_call={k}: steps run {k} per"
+          f" compiled call, so set it to a multiple of {k} (e.g. {max(k, value // k * k)})."
+      )
 
 
 @jax.jit
@@ -219,6 +246,7 @@ class _Runner:
     self.mode = config.sharding.parallelism
     self.task = config.get("task", "classification")
     self.mesh = mesh
+    self.steps_per_call = config.sharding.get("steps_per_call", 1)
     abstract = jax.eval_shape(make_state, rng, abstract_base)
     if self.mode == "jit":
       self.shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
@@ -227,9 +255,11 @@ class _Runner:
       )
       self._init = jax.jit(make_state, out_shardings=self.shardings)
       batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+      train_step = make_train_step(trainable, tx, input_keys, task=self.task)
+      stacked = self.steps_per_call > 1
       self._train = jax.jit(
-          make_train_step(trainable, tx, input_keys, task=self.task),
-          in_shardings=(self.shardings, batch_sh),
+          make_multi_step(train_step) if stacked else train_step,
+          in_shardings=(self.shardings, sharding.batch_sharding(mesh, stacked)),
           out_shardings=(self.shardings, repl),
           donate_argnums=0,
       )
@@ -283,9 +313,15 @@ class _Runner:
       return jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), local_batch)
     return sharding.global_batch(local_batch, self.mesh)
 
-  def train_step(self, state, local_batch):
-    state, metrics = self._train(state, self._device_batch(local_batch))
-    return state, (jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics)
+  def train_steps(self, state, loader, step):
+    """Runs the `steps_per_call` steps from `step` in one call; returns the state and each step's metrics."""
+    k = self.steps_per_call
+    if k > 1:
+      batches = sharding.global_batch(loader.stacked_batches(step, k), self.mesh, stacked=True)
+      state, metrics = self._train(state, batches)
+      return state, [jax.tree.map(lambda x, i=i: x[i], metrics) for i in range(k)]
+    state, metrics = self._train(state, self._device_batch(loader.batch(step)))
+    return state, [jax.tree.map(lambda x: x[0], metrics) if self.mode == "pmap" else metrics]
 
   def eval_sums(self, state, local_batch):
     sums = self._eval(state, self._device_batch(local_batch))
@@ -462,6 +498,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       checkpointer.save_frozen(runner.single_copy(state).frozen)
   else:
     restored, meta = restored
+    if int(meta["step"]) % runner.steps_per_call:
+      raise UserError(
+          f"The checkpoint in {checkpointer.directory} is at step {meta['step']}, not a multiple of"
+          f" config.sharding.steps_per_call={runner.steps_per_call}; resume it with steps_per_call=1."
+      )
     if not trainable.rewrites_base:
       restored = restored.replace(frozen=checkpointer.restore_frozen(runner.abstract.frozen))
     state, start = runner.place(restored), int(meta["step"])
@@ -491,9 +532,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   try:
     with _StopRequest() as stop:
       while step < config.num_train_steps:
-        state, metrics = runner.train_step(state, loader.batch(step))
-        pending.append(metrics)
-        step += 1
+        state, metrics = runner.train_steps(state, loader, step)
+        pending.extend(metrics)
+        step += len(metrics)
         if trainable.reselects_after(step) and step < config.num_train_steps:
           state = runner.reselect(state)
         stopping = stop.requested or checkpointer.reached_preemption(step)

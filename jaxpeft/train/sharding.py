@@ -51,22 +51,22 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh, fsdp: bool) -> PyTree:
   return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(x.shape), n, fsdp)), abstract_state)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Leading (batch) axis split over `data`; with `stacked`, the axis after a leading axis of K batches."""
+  return NamedSharding(mesh, P(None, DATA_AXIS) if stacked else P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, stacked: bool = False) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into one global array sharded over `data`.
 
   Every process passes its own rows (process p holds rows [p*n, (p+1)*n) of the global batch);
-  with one process this is a plain sharded device_put.
+  with one process this is a plain sharded device_put. `stacked`: the arrays stack K batches on a leading axis.
   """
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, stacked)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
