@@ -74,7 +74,12 @@ def _texts():
   return [inspect.getdoc(m)[:400] for m in (json, os, re, string, textwrap, argparse, statistics, time)]
 
 
-QUALITY = {"float32": ("", False), "nf4 + double quant": ("nf4", True), "int8": ("int8", False), "int4": ("int4", False)}
+QUALITY = {
+    "float32": ("", False),
+    "nf4 + double quant": ("nf4", True),
+    "int8": ("int8", False),
+    "int4": ("int4", False),
+}
 
 
 def quality(workdir: str) -> None:
@@ -97,7 +102,8 @@ def quality(workdir: str) -> None:
     )
     print(rows[-1], flush=True)
   print(
-      "| base | test accuracy % | test loss | step ms | ratio | frozen B/param (memory) | frozen B/param (disk) |\n"
+      "| base | test accuracy % | test loss | step ms | ratio | frozen B/param (memory) "
+      "| frozen B/param (disk) |\n"
       "|---|---|---|---|---|---|---|"
   )
   print("\n".join(rows))

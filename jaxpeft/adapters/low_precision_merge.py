@@ -22,7 +22,8 @@ the dequantized base is ``<= scale'_j / 2``, and against the float32 merge of th
 ``<= scale_j / 2 + scale'_j / 2``. This quantizer is the simple reference one (no groups, no outlier handling);
 training on quantized bases and 4-bit formats: ``jaxpeft.quantize``.
 
-Measured (``merge_error``, with ``jaxpeft.adapters.merge_errors.max_errors``: max abs error, max elementwise relative error, Frobenius-relative error; one
+Measured (``merge_error``, with ``jaxpeft.adapters.merge_errors.max_errors``: max abs error, max elementwise
+relative error, Frobenius-relative error; one
 1024 x 1024 kernel W ~ N(0, 0.02^2), a rank-16 LoRA update with entries of std 2e-3, about 10% of W; CPU,
 jax 0.10.2), command::
 
