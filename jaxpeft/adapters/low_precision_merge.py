@@ -10,18 +10,20 @@ entry ``v = W + ΔW`` is at most half a bfloat16 ulp (8 significant bits, round 
 
     |bf16(v) - v| <= 2^(floor(log2 |v|) - 8)   (<= 2^-8 |v|, relative)
 
-int8 bases (``quantize_int8`` / ``merge_int8``): symmetric, per output channel of each layer's folded
-``(d_in, d_out)`` kernel, zero point 0::
+int8 bases (``quantize_int8`` / ``merge_int8``): ``jaxpeft.quantize``'s int8 ``QuantizedArray`` (dequantize with
+``jaxpeft.quantize.dequantize_tree``) with one scale per output channel of each layer's folded ``(d_in, d_out)``
+kernel (the target's fan-in axes reduced, stacked layer axes kept), zero point 0::
 
     scale_j = max_i |W_ij| / 127,   q_ij = clip(round(W_ij / scale_j), -127, 127),   W~_ij = scale_j q_ij
 
 so ``|W~_ij - W_ij| <= scale_j / 2`` (half a quantization step). ``merge_int8`` dequantizes, adds ``ΔW`` in
 float32 and re-quantizes with fresh scales ``scale'_j`` of ``W~ + ΔW``: its error against the float32 merge of
 the dequantized base is ``<= scale'_j / 2``, and against the float32 merge of the original float base
-``<= scale_j / 2 + scale'_j / 2``. The training harness has no quantized path; this quantizer is the simple
-reference one (no groups, no outlier handling) for exporting merged int8 weights.
+``<= scale_j / 2 + scale'_j / 2``. This quantizer is the simple reference one (no groups, no outlier handling);
+training on quantized bases and 4-bit formats: ``jaxpeft.quantize``.
 
-Measured (``merge_error``: max abs error, max elementwise relative error, Frobenius-relative error; one
+Measured (``merge_error``, with ``jaxpeft.adapters.merge_errors.max_errors``: max abs error, max elementwise
+relative error, Frobenius-relative error; one
 1024 x 1024 kernel W ~ N(0, 0.02^2), a rank-16 LoRA update with entries of std 2e-3, about 10% of W; CPU,
 jax 0.10.2), command::
 
@@ -41,84 +43,45 @@ Elementwise relative errors are unbounded where the exact value is near zero (in
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxpeft import quantize
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.core import Target
+from jaxpeft.adapters.merge_errors import max_errors
 from jaxpeft.adapters.reparam import AdapterParams, Params
-from jaxpeft.adapters.selection import named_leaves, path_string, select_targets
-
-_QMAX = 127
-
-
-@flax.struct.dataclass
-class Int8Kernel:
-  """A symmetric int8 leaf: value ``scale * q``; ``scale`` keeps the leaf's rank (size 1 on the fan-in axes)."""
-
-  q: jax.Array
-  scale: jax.Array
-
-  def dequantize(self) -> jax.Array:
-    return self.q.astype(jnp.float32) * self.scale
-
-
-def _quantize_leaf(leaf: jax.Array, target: Target) -> Int8Kernel:
-  fan_in = tuple(range(target.stacked_axes, target.stacked_axes + target.fan_in_axes))
-  w = leaf.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w), axis=fan_in, keepdims=True) / _QMAX
-  scale = jnp.where(scale > 0, scale, 1.0)
-  q = jnp.clip(jnp.round(w / scale), -_QMAX, _QMAX).astype(jnp.int8)
-  return Int8Kernel(q=q, scale=scale)
-
-
-def _is_int8(x: Any) -> bool:
-  return isinstance(x, Int8Kernel)
-
-
-def dequantize(params: Params) -> Params:
-  """``params`` with every ``Int8Kernel`` replaced by its float32 value."""
-  return jax.tree.map(lambda x: x.dequantize() if _is_int8(x) else x, params, is_leaf=_is_int8)
+from jaxpeft.adapters.selection import path_string, select_targets
 
 
 def quantize_int8(params: Params, config: AdapterConfig) -> Params:
-  """``params`` with the leaves targeted by ``config`` replaced by per-output-channel ``Int8Kernel``s."""
+  """``params`` with the leaves targeted by ``config`` replaced by per-output-channel int8 ``QuantizedArray``s."""
   targets = {t.path: t for t in select_targets(config, params)}
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, x: _quantize_leaf(x, targets[path_string(kp)]) if path_string(kp) in targets else x, params
-  )
+
+  def convert(key_path, leaf):
+    target = targets.get(path_string(key_path))
+    if target is None:
+      return leaf
+    fan_in = tuple(range(target.stacked_axes, target.stacked_axes + target.fan_in_axes))
+    return quantize.quantize_array(leaf, "int8", reduce_axes=fan_in, name=f"leaf {target.path!r}")
+
+  return jax.tree_util.tree_map_with_path(convert, params)
 
 
 def merge_int8(quantized_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> Params:
   """Merges an adapter into an int8 base: dequantize, ``reparam.merge`` in float32, re-quantize the targets."""
-  if not any(_is_int8(x) for x in jax.tree.leaves(quantized_params, is_leaf=_is_int8)):
+  leaves = jax.tree.leaves(quantized_params, is_leaf=quantize.is_quantized)
+  if not any(quantize.is_quantized(x) and x.fmt == "int8" for x in leaves):
     raise ValueError(
-        "merge_int8 expects a base quantized with quantize_int8 (Int8Kernel leaves); for float "
-        "or bfloat16 bases use reparam.merge."
+        "merge_int8 expects a base quantized with quantize_int8 (int8 QuantizedArray leaves); for float "
+        "or bfloat16 bases use reparam.merge, for 4-bit bases jaxpeft.quantize.merge."
     )
-  merged = reparam.merge(dequantize(quantized_params), adapter_params, config)
+  merged = reparam.merge(quantize.dequantize_tree(quantized_params), adapter_params, config)
   return quantize_int8(merged, config)
 
 
-def _max_errors(got: Params, want: Params, config: AdapterConfig) -> dict[str, float]:
-  """Max abs error, max elementwise relative error and the Frobenius-relative error over the targets."""
-  targets = [t.path for t in select_targets(config, want)]
-  got_leaves, want_leaves = dict(named_leaves(got)), dict(named_leaves(want))
-  diff = [got_leaves[p].astype(jnp.float32) - want_leaves[p] for p in targets]
-  want_ = [want_leaves[p] for p in targets]
-  return {
-      "max_abs": float(max(jnp.abs(d).max() for d in diff)),
-      "max_rel": float(max((jnp.abs(d) / jnp.maximum(jnp.abs(w), 1e-30)).max() for d, w in zip(diff, want_))),
-      "rel_fro": float(jnp.sqrt(sum(jnp.sum(d**2) for d in diff) / sum(jnp.sum(w**2) for w in want_))),
-  }
-
-
 def merge_error(base_params: Params, adapter_params: AdapterParams, config: AdapterConfig) -> dict[str, dict]:
-  """Errors of the low-precision merges of a float32 base against float32 merges (see ``_max_errors``).
+  """Errors of the low-precision merges of a float32 base against float32 merges (``max_errors``).
 
   Keys: ``"bf16"`` (bf16 base merged by ``reparam.merge`` vs the float32 merge of the same bf16 values),
   ``"bf16_vs_float_base"`` (vs the float32 merge of the original base), ``"bf16_naive"`` (the update rounded
@@ -131,20 +94,20 @@ def merge_error(base_params: Params, adapter_params: AdapterParams, config: Adap
   exact_bf16 = reparam.merge(bf16_up, adapter_params, config)
   naive = jax.tree.map(lambda w, m: (w + (m - w).astype(jnp.bfloat16)).astype(jnp.bfloat16), bf16, exact_bf16)
   quantized = quantize_int8(base_params, config)
-  dequantized = dequantize(quantized)
+  dequantized = quantize.dequantize_tree(quantized)
   return {
-      "bf16": _max_errors(reparam.merge(bf16, adapter_params, config), exact_bf16, config),
-      "bf16_vs_float_base": _max_errors(
+      "bf16": max_errors(reparam.merge(bf16, adapter_params, config), exact_bf16, config),
+      "bf16_vs_float_base": max_errors(
           reparam.merge(bf16, adapter_params, config), reparam.merge(base_params, adapter_params, config), config
       ),
-      "bf16_naive": _max_errors(naive, exact_bf16, config),
-      "int8": _max_errors(
-          dequantize(merge_int8(quantized, adapter_params, config)),
+      "bf16_naive": max_errors(naive, exact_bf16, config),
+      "int8": max_errors(
+          quantize.dequantize_tree(merge_int8(quantized, adapter_params, config)),
           reparam.merge(dequantized, adapter_params, config),
           config,
       ),
-      "int8_vs_float_base": _max_errors(
-          dequantize(merge_int8(quantized, adapter_params, config)),
+      "int8_vs_float_base": max_errors(
+          quantize.dequantize_tree(merge_int8(quantized, adapter_params, config)),
           reparam.merge(base_params, adapter_params, config),
           config,
       ),

@@ -12,8 +12,8 @@ quantization term. ``keep="bfloat16"`` returns the merged leaves in bfloat16 ins
 ``jaxpeft.adapters.low_precision_merge``), ``keep="float32"`` unrounded. Quantized leaves the adapter does not
 target are returned as they are (not re-rounded).
 
-``merge_error`` reports the errors the way ``low_precision_merge.merge_error`` does (max abs, max elementwise
-relative, Frobenius-relative over the targets).
+``merge_error`` reports the errors as ``low_precision_merge.merge_error`` does (``adapters.merge_errors``: max
+abs, max elementwise relative, Frobenius-relative over the targets).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.low_precision_merge import _max_errors
+from jaxpeft.adapters.merge_errors import max_errors
 from jaxpeft.adapters.reparam import AdapterParams, Params
 from jaxpeft.adapters.selection import path_string, select_targets
 from jaxpeft.quantize.quantized_array import quantize_array
@@ -68,7 +68,13 @@ def merge(
     if keep != "quantized":
       return value.astype(keep)
     requantized = quantize_array(
-        value, leaf.fmt, leaf.block_size, leaf.double_quant, transposed=leaf.transposed, name=f"leaf {path!r}"
+        value,
+        leaf.fmt,
+        leaf.block_size,
+        leaf.double_quant,
+        transposed=leaf.transposed,
+        reduce_axes=leaf.scale_axes if leaf.fmt == "int8" else None,
+        name=f"leaf {path!r}",
     )
     return dataclasses.replace(requantized, dtype=leaf.dtype)
 
@@ -100,7 +106,7 @@ def merge_error(
     return out
 
   got = jax.jit(merges)(quantized_params, adapter_params, float_params)
-  errors = {key: _max_errors(got[key], got["exact"], config) for key in ("requantized", "bfloat16")}
+  errors = {key: max_errors(got[key], got["exact"], config) for key in ("requantized", "bfloat16")}
   if float_params is not None:
-    errors["requantized_vs_float_base"] = _max_errors(got["requantized"], got["float_base"], config)
+    errors["requantized_vs_float_base"] = max_errors(got["requantized"], got["float_base"], config)
   return errors

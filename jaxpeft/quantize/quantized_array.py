@@ -8,8 +8,9 @@ Formats (``fmt``):
 * ``"int4"`` -- symmetric 4-bit: the same blocks and packing with the grid ``k / 7, k = -7..7``
   (``x~ = round(7 x / a) * a / 7``); optionally double-quantized scales.
 * ``"int8"`` -- symmetric int8 per output channel (the leaf's last axis, Flax's ``(in, out)`` kernel layout):
-  ``s_j = max_i |W_ij| / 127``, ``q = clip(round(W / s), -127, 127)``, no blocks, no double quantization
-  (the quantizer of ``jaxpeft.adapters.low_precision_merge``, stored unpacked as int8).
+  ``s_j = max_i |W_ij| / 127``, ``q = clip(round(W / s), -127, 127)``, no blocks, no double quantization,
+  stored unpacked as int8. ``reduce_axes`` picks the axes one scale spans (default: every axis but the last;
+  ``jaxpeft.adapters.low_precision_merge`` passes a target's fan-in axes, so stacked layers get a scale each).
 
 Error bounds per element (``a``: the block's absmax, or channel's for int8): nf4 ``<= 0.1519 a``, int4
 ``<= a / 14``, int8 ``<= a / 254`` (half the widest gap of the grid, ``codebooks.half_gap``); double
@@ -78,6 +79,11 @@ class QuantizedArray:
   @property
   def double_quant(self) -> bool:
     return self.scale_offset is not None
+
+  @property
+  def scale_axes(self) -> tuple[int, ...]:
+    """int8: the axes each scale spans (``reduce_axes`` of ``quantize_array``), read off the scales' shape."""
+    return tuple(i for i, (s, n) in enumerate(zip(self.scales.shape, self.shape)) if s == 1 and n > 1)
 
   @property
   def size(self) -> int:
@@ -167,29 +173,36 @@ def quantize_array(
     double_quant: bool = False,
     *,
     transposed: bool = False,
+    reduce_axes: tuple[int, ...] | None = None,
     name: str = "the array",
 ) -> QuantizedArray:
   """Quantizes one float array (at least 2-D) to ``fmt``; ``name`` is used in error messages.
 
   ``transposed=True`` quantizes the 2-D ``x.T`` (bitsandbytes' ``(out, in)`` order for a Flax ``(in, out)``
-  kernel); ``dequantize`` still returns ``x``'s layout.
+  kernel); ``dequantize`` still returns ``x``'s layout. ``reduce_axes`` (int8 only): the axes one scale spans,
+  default every axis but the last.
   """
   _check_quantizable(x, fmt, block_size, double_quant, name)
+  if reduce_axes is not None and fmt != "int8":
+    raise ValueError(f"reduce_axes is for int8's per-channel scales; {name} is quantized to {fmt!r} blocks.")
+  reduce_axes = tuple(range(x.ndim - 1)) if reduce_axes is None else tuple(a % x.ndim for a in reduce_axes)
   if transposed and (fmt == "int8" or x.ndim != 2):
     raise ValueError(
         f"transposed=True is for 2-D kernels in a 4-bit format; {name} has shape {tuple(x.shape)} "
         f"and format {fmt!r}."
     )
-  return _encode(x, fmt, block_size, double_quant, transposed)
+  return _encode(x, fmt, block_size, double_quant, transposed, reduce_axes)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "transposed"))
-def _encode(x: jax.Array, fmt: str, block_size: int, double_quant: bool, transposed: bool) -> QuantizedArray:
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "transposed", "reduce_axes"))
+def _encode(
+    x: jax.Array, fmt: str, block_size: int, double_quant: bool, transposed: bool, reduce_axes: tuple[int, ...]
+) -> QuantizedArray:
   """The checked quantization (one compiled program per shape and format, not op-by-op dispatch)."""
   meta = dict(fmt=fmt, shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, transposed=transposed)
   if fmt == "int8":
     w = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=tuple(range(x.ndim - 1)), keepdims=True) / _INT8_MAX
+    scale = jnp.max(jnp.abs(w), axis=reduce_axes, keepdims=True) / _INT8_MAX
     scale = jnp.where(scale > 0, scale, 1.0)
     codes = jnp.clip(jnp.round(w / scale), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
     return QuantizedArray(codes=codes, scales=scale, block_size=0, **meta)

@@ -50,7 +50,9 @@ class QuantizeSpec:
     if q.format != "int8" and (not isinstance(q.block_size, int) or q.block_size < 2 or q.block_size % 2):
       raise ValueError(f"config.quantize.block_size={q.block_size!r}: expected an even integer >= 2 (QLoRA: 64).")
     if q.format == "int8" and q.double_quant:
-      raise ValueError("config.quantize.double_quant=True applies to the 4-bit formats; int8 has per-channel scales.")
+      raise ValueError(
+          "config.quantize.double_quant=True applies to the 4-bit formats; int8 has per-channel scales."
+      )
     try:
       re.compile(q.targets)
     except re.error as e:

@@ -8,7 +8,8 @@ import pytest
 
 from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
-from jaxpeft.adapters.low_precision_merge import (Int8Kernel, dequantize, merge_error, merge_int8, quantize_int8)
+from jaxpeft.adapters.low_precision_merge import merge_error, merge_int8, quantize_int8
+from jaxpeft.quantize import QuantizedArray, dequantize_tree
 from tests.adapters import tiny_models as tm
 
 BASE = tm.init_params(tm.TinyTransformer(), tm.tokens())
@@ -61,16 +62,17 @@ def test_int8_quantizer_and_merge_within_half_step(base, config):
     return tree
 
   q = leaf(quantized)
-  assert isinstance(q, Int8Kernel) and q.q.dtype == jnp.int8 and np.abs(np.asarray(q.q)).max() == 127
+  assert isinstance(q, QuantizedArray) and q.fmt == "int8" and q.codes.dtype == jnp.int8
+  assert np.abs(np.asarray(q.codes)).max() == 127
   # per output channel of each layer: the fan-in axis is reduced
-  assert q.scale.shape == leaf(base).shape[:-2] + (1, leaf(base).shape[-1])
+  assert q.scales.shape == leaf(base).shape[:-2] + (1, leaf(base).shape[-1])
   w = np.asarray(leaf(base), np.float64)
   scale = np.abs(w).max(axis=-2, keepdims=True) / 127
-  np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q.scales), scale, rtol=1e-6)
   assert np.all(np.abs(np.asarray(q.dequantize(), np.float64) - w) <= scale / 2 * (1 + 1e-5))
 
   merged = leaf(merge_int8(quantized, adapter, config))
-  exact = np.asarray(leaf(reparam.merge(dequantize(quantized), adapter, config)), np.float64)
+  exact = np.asarray(leaf(reparam.merge(dequantize_tree(quantized), adapter, config)), np.float64)
   new_scale = np.abs(exact).max(axis=-2, keepdims=True) / 127
   err = np.abs(np.asarray(merged.dequantize(), np.float64) - exact)
   assert np.all(err <= new_scale / 2 * (1 + 1e-5))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpeft import quantize
+from jaxpeft.adapters import reparam
 from jaxpeft.adapters.config import AdapterConfig
 
 D = 64
@@ -76,3 +77,14 @@ def test_merge_needs_a_quantized_base():
     quantize.merge(BASE, ADAPTER, CONFIG)
   with pytest.raises(ValueError, match="keep='int2'"):
     quantize.merge(quantize.quantize_tree(BASE, ".*kernel", "nf4", 32), ADAPTER, CONFIG, keep="int2")
+
+
+def test_int8_requantization_keeps_the_scale_axes():
+  base = {"a": {"kernel": jax.random.normal(jax.random.key(5), (2, 32, 16))}}
+  config = AdapterConfig(targets="a/kernel", rank=2, alpha=2.0, init="random", stacked_axes={"a/.*": 1})
+  adapter = reparam.init(jax.random.key(6), config, base)
+  qbase = {"a": {"kernel": quantize.quantize_array(base["a"]["kernel"], "int8", reduce_axes=(1,))}}
+  merged = quantize.merge(qbase, adapter, config)["a"]["kernel"]
+  assert merged.scales.shape == (2, 1, 16)
+  exact = np.asarray(quantize.merge(qbase, adapter, config, keep="float32")["a"]["kernel"], np.float64)
+  np.testing.assert_allclose(np.asarray(merged.scales), np.abs(exact).max(axis=1, keepdims=True) / 127, rtol=1e-6)

@@ -84,6 +84,15 @@ def test_int8_per_output_channel_equals_numpy_transcription():
   q = quantize_array(jnp.asarray(w), "int8")
   np.testing.assert_array_equal(np.asarray(q.codes), np.clip(np.round(w / scale), -127, 127))
   _bound_ok(w, np.asarray(q.dequantize()), np.abs(w).max(axis=(0, 1), keepdims=True), 1 / 254)
+  assert q.scale_axes == (0, 1)
+
+
+def test_int8_reduce_axes_gives_a_scale_per_layer_and_channel():
+  w = RNG.standard_normal((3, 8, 16)).astype(np.float32)  # stacked layers: one scale per (layer, channel)
+  scale = np.abs(w).max(axis=1, keepdims=True) / 127
+  q = quantize_array(jnp.asarray(w), "int8", reduce_axes=(1,))
+  assert q.scales.shape == (3, 1, 16) and q.scale_axes == (1,)
+  np.testing.assert_array_equal(np.asarray(q.codes), np.clip(np.round(w / scale), -127, 127))
 
 
 def test_bfloat16_leaf_keeps_its_dtype_and_is_smaller():

@@ -30,7 +30,9 @@ def nf4_config(tiny_bert_dir, data_dir):
     config.checkpoint.every_steps = 4
     config.checkpoint.max_to_keep = 2
     config.optimizer.learning_rate = 2e-2
-    config.quantize.update({"format": "nf4", "targets": TARGETS, "block_size": BLOCK, "double_quant": True, **quantize})
+    config.quantize.update(
+        {"format": "nf4", "targets": TARGETS, "block_size": BLOCK, "double_quant": True, **quantize}
+    )
     return config
 
   return make
@@ -49,11 +51,9 @@ def _train_losses(workdir):
 
 
 def _quantized(tree):
-  return {
-      "/".join(str(k.key) for k in path): leaf
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QuantizedArray))[0]
-      if isinstance(leaf, QuantizedArray)
-  }
+  is_q = lambda x: isinstance(x, QuantizedArray)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0]
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat if is_q(leaf)}
 
 
 def _saved_leaves(directory):
@@ -83,7 +83,8 @@ def test_nf4_run_trains_and_checkpoints_packed_codes(nf4_run, tiny_bert_dir):
     assert saved[f"{path}/codes"] == ((n // 2,), np.dtype(np.uint8))
     assert saved[f"{path}/scales"] == ((n // BLOCK,), np.dtype(np.uint8))
     expected_bytes += n // 2 + n // BLOCK + 4 * math.ceil(n / BLOCK / 256) + 4
-  floats = [k for k, (_, dtype) in saved.items() if dtype == np.float32 and not k.endswith(("scale_scales", "scale_offset"))]
+  scale_parts = ("scale_scales", "scale_offset")
+  floats = [k for k, (_, dtype) in saved.items() if dtype == np.float32 and not k.endswith(scale_parts)]
   unquantized = sum(math.prod(saved[k][0]) for k in floats)  # LayerNorms and biases
   n_frozen = result["frozen_params"]
   assert result["frozen_memory_bytes"] == expected_bytes + 4 * unquantized
