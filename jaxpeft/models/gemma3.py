@@ -339,7 +339,6 @@ class Gemma3(nn.Module):
       attention_mask: jax.Array | None = None,
       positions: jax.Array | None = None,
       cache: dict[str, jax.Array] | None = None,
-      train: bool = False,
   ):
     """Logits (batch, T, vocab) for `input_ids` (batch, T).
 
@@ -349,9 +348,7 @@ class Gemma3(nn.Module):
       positions: (batch, T) RoPE positions (default: the slot numbers, i.e. 0..T-1 plus the
         cache's `index`).
       cache: a KV cache from `init_cache` (or a previous call); the new one is returned too.
-      train: the harness's training flag; Gemma 3 has no dropout, so training and evaluation compute the same.
     """
-    del train
     c = self.config
     batch, length = input_ids.shape
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
