@@ -4,7 +4,61 @@ Each experiment's `get_config` builds its own dataset and model sections and tak
 here, overriding the values it needs, so a harness knob is added or documented in one place.
 """
 
+from typing import Any, NamedTuple
+
 import ml_collections
+
+
+class Method(NamedTuple):
+  """One row of a method table (`METHODS` of a config file): what is trained, and how."""
+
+  base: str  # trained base leaves (regex)
+  adapter: str  # adapter method ('' for none)
+  targets: str  # adapter targets (regex)
+  learning_rate: float  # peak learning rate
+  rank: int = 8
+  options: dict[str, Any] = {}  # adapter method options (`config.adapter.options`)
+  update: dict[str, Any] = {}  # the method's own update rule (`config.adapter.update`: SoRA)
+  init: str = "default"  # the adapter's init (`config.adapter.init`)
+  penalty: dict[str, Any] = {}  # the method's loss term (`config.adapter.penalty`: SaRA's nuclear norm)
+  reselect_every: int = 0  # steps between the method's re-selections (`config.adapter.reselect_every`: SaRA)
+
+
+def method_and_variant(arg: str | None, methods: Any, config_file: str, default: str) -> tuple[str, bool]:
+  """`arg` = '<method>' or '<method>:smoke' (method: a key of `methods`) -> `(method, smoke)`."""
+  method, *variant = (arg or default).split(":")
+  if method not in methods or variant not in ([], ["smoke"]):
+    raise ValueError(
+        f"Unknown config argument {arg!r}; use configs/{config_file}:<method>[:smoke] with"
+        f" <method> one of {sorted(methods)}."
+    )
+  return method, bool(variant)
+
+
+def dataset(name: str, *, input_keys: tuple[str, ...], eval_split: str = "test") -> ml_collections.ConfigDict:
+  """`config.dataset`: a tensorflow-datasets builder and the batch keys the model takes (in order)."""
+  return ml_collections.ConfigDict(
+      {
+          "name": name,
+          "data_dir": "",  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
+          "train_split": "train",
+          "eval_split": eval_split,
+          "input_keys": input_keys,
+      }
+  )
+
+
+def init_from(params: Any = "", keep_fresh: str = "") -> ml_collections.ConfigDict:
+  """`config.init_from`: start from exported or pretrained weights (`params`, '' for a fresh init).
+
+  Leaves matching `keep_fresh` (a regex over '/'-joined paths, e.g. a new head) keep their fresh init.
+  """
+  return ml_collections.ConfigDict({"params": params, "keep_fresh": keep_fresh})
+
+
+def trainable(base: str) -> ml_collections.ConfigDict:
+  """`config.trainable`: which base leaves are trained ('.*': full fine-tuning; 'head/.*': linear probe)."""
+  return ml_collections.ConfigDict({"base": base})
 
 
 def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8.0) -> ml_collections.ConfigDict:
@@ -34,6 +88,17 @@ def adapter(method: str = "", targets: str = "", rank: int = 8, alpha: float = 8
           "calibration_batches": 8,  # training batches a calibrated init (CorDA) reads before training
       }
   )
+
+
+def method_adapter(spec: Method) -> ml_collections.ConfigDict:
+  """`config.adapter` of a method row: its targets, rank and `alpha = 2 rank`, init, options and hooks."""
+  config = adapter(spec.adapter, spec.targets, rank=spec.rank, alpha=2.0 * spec.rank)
+  config.init = spec.init
+  config.options = ml_collections.ConfigDict(spec.options)
+  config.update = ml_collections.ConfigDict(spec.update)
+  config.penalty = ml_collections.ConfigDict(spec.penalty)
+  config.reselect_every = spec.reselect_every
+  return config
 
 
 def optimizer(

@@ -51,12 +51,7 @@ def pretrain_export(recipe: Recipe) -> str:
 
 def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
   """The config of `arg` = '<method>' or '<method>:smoke' (default 'pretrain')."""
-  method_name, *variant = (arg or PRETRAIN).split(":")
-  if method_name not in recipe.methods or variant not in ([], ["smoke"]):
-    raise ValueError(
-        f"Unknown config argument {arg!r}; use configs/{recipe.name}.py:<method>[:smoke] with <method> one"
-        f" of {sorted(recipe.methods)}."
-    )
+  method_name, smoke = common.method_and_variant(arg, recipe.methods, f"{recipe.name}.py", default=PRETRAIN)
   method = recipe.methods[method_name]
   pretraining = method_name == PRETRAIN
 
@@ -64,12 +59,7 @@ def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.method = method_name
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = recipe.dataset
-  config.dataset.data_dir = ""  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test"
-  config.dataset.input_keys = ("image",)
+  config.dataset = common.dataset(recipe.dataset, input_keys=("image",))
   config.dataset.classes = ()  # () keeps every class
   config.dataset.shift = ""  # '' for none, else a jaxpeft.data.domain_shift.SHIFTS name
   config.dataset.update(dict(recipe.source if pretraining else recipe.target))
@@ -77,12 +67,8 @@ def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(recipe.model))
 
   # Adaptation starts from the pretrain run's merged export; the new head starts fresh.
-  config.init_from = ml_collections.ConfigDict()
-  config.init_from.params = "" if pretraining else pretrain_export(recipe)
-  config.init_from.keep_fresh = "" if pretraining else recipe.keep_fresh
-
-  config.trainable = ml_collections.ConfigDict()
-  config.trainable.base = method.base
+  config.init_from = common.init_from(*(() if pretraining else (pretrain_export(recipe), recipe.keep_fresh)))
+  config.trainable = common.trainable(method.base)
 
   config.adapter = common.adapter(method.adapter, method.targets, rank=recipe.rank, alpha=float(recipe.rank))
   config.adapter.options.update(dict(method.options))
@@ -104,7 +90,7 @@ def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.export = True
 
-  if variant:
+  if smoke:
     config.model.update(dict(recipe.smoke_model))
     config.dataset.eval_split = "test[:64]"
     config.batch_size = 16

@@ -16,12 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "jaxpeft_fashion_mnist"
-  config.dataset.data_dir = ""  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test"
-  config.dataset.input_keys = ("image",)
+  config.dataset = common.dataset("jaxpeft_fashion_mnist", input_keys=("image",))
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet"
@@ -29,12 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.stage_sizes = (1, 1, 1)
   config.model.width = 16
 
-  config.init_from = ml_collections.ConfigDict()
-  config.init_from.params = ""
-  config.init_from.keep_fresh = ""
+  config.init_from = common.init_from()
 
-  config.trainable = ml_collections.ConfigDict()
-  config.trainable.base = ".*"
+  config.trainable = common.trainable(".*")
 
   config.adapter = common.adapter()
   config.optimizer = common.optimizer(3e-3, warmup_steps=100, weight_decay=1e-4)

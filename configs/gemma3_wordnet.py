@@ -22,8 +22,6 @@ Smoke variant for tests and CI (a tiny random Gemma 3 with a byte-level tokenize
 checkpointing.
 """
 
-from typing import Any, NamedTuple
-
 import ml_collections
 
 from configs import common
@@ -48,39 +46,24 @@ TINY_ARCHITECTURE = {
 }
 
 
-class Method(NamedTuple):
-  """One adapter method: what is trained and how."""
-
-  base: str  # trained base leaves (regex)
-  adapter: str  # adapter method ('' for none)
-  learning_rate: float
-  rank: int = 8
-  options: dict[str, Any] = {}
-  update: dict[str, Any] = {}
-  penalty: dict[str, Any] = {}
-
-
 # Untuned: LoRA's usual 2e-4 is too slow for a few hundred steps; 1e-3 for every adapter, 2e-5 for full.
-METHODS: dict[str, Method] = {
-    "lora": Method("", "lora", 1e-3),
-    "dora": Method("", "dora", 1e-3),
-    "loha": Method("", "loha", 1e-3),
-    "lokr": Method("", "lokr", 1e-3),
-    "vera": Method("", "vera", 1e-3, rank=256),
-    "sora": Method("", "sora", 1e-3, update={"sparse_lambda": 1e-3}, penalty={"sparse_lambda": 1e-3}),
-    "allora": Method("", "allora", 1e-3, options={"eta": 4.0}),
-    "full": Method(".*", "", 2e-5),
+METHODS: dict[str, common.Method] = {
+    "lora": common.Method("", "lora", PROJECTIONS, 1e-3),
+    "dora": common.Method("", "dora", PROJECTIONS, 1e-3),
+    "loha": common.Method("", "loha", PROJECTIONS, 1e-3),
+    "lokr": common.Method("", "lokr", PROJECTIONS, 1e-3),
+    "vera": common.Method("", "vera", PROJECTIONS, 1e-3, rank=256),
+    "sora": common.Method(
+        "", "sora", PROJECTIONS, 1e-3, update={"sparse_lambda": 1e-3}, penalty={"sparse_lambda": 1e-3}
+    ),
+    "allora": common.Method("", "allora", PROJECTIONS, 1e-3, options={"eta": 4.0}),
+    "full": common.Method(".*", "", "", 2e-5),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` = '<method>' or '<method>:smoke' (method: a key of METHODS; default 'lora')."""
-  method, *variant = (arg or "lora").split(":")
-  if method not in METHODS or variant not in ([], ["smoke"]):
-    raise ValueError(
-        f"Unknown config argument {arg!r}; use configs/gemma3_wordnet.py:<method>[:smoke] with"
-        f" <method> one of {sorted(METHODS)}."
-    )
+  method, smoke = common.method_and_variant(arg, METHODS, "gemma3_wordnet.py", default="lora")
   spec = METHODS[method]
 
   config = ml_collections.ConfigDict()
@@ -88,34 +71,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method = method
   config.task = "causal_lm"
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "jaxpeft_wordnet"
-  config.dataset.data_dir = ""  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test[:64]"
+  config.dataset = common.dataset(
+      "jaxpeft_wordnet",
+      input_keys=("input_ids", "attention_mask", "positions", "segment_ids"),
+      eval_split="test[:64]",
+  )
   config.dataset.tokenizer = CHECKPOINT
   config.dataset.max_len = 32  # tokens: '<bos>Define: word\n' is ~5, the median gloss ~12
   config.dataset.packing = 0  # examples per packed training row (jaxpeft.data.causal_lm); 0: one per row
-  config.dataset.input_keys = ("input_ids", "attention_mask", "positions", "segment_ids")
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "gemma3"
   config.model.checkpoint = CHECKPOINT
   config.model.remat = False
 
-  config.init_from = ml_collections.ConfigDict()
-  config.init_from.params = CHECKPOINT
-  config.init_from.keep_fresh = ""
-
-  config.trainable = ml_collections.ConfigDict()
-  config.trainable.base = spec.base
-
-  config.adapter = common.adapter(
-      spec.adapter, PROJECTIONS if spec.adapter else "", rank=spec.rank, alpha=2.0 * spec.rank
-  )
-  config.adapter.options = ml_collections.ConfigDict(spec.options)
-  config.adapter.update = ml_collections.ConfigDict(spec.update)
-  config.adapter.penalty = ml_collections.ConfigDict(spec.penalty)
+  config.init_from = common.init_from(CHECKPOINT)
+  config.trainable = common.trainable(spec.base)
+  config.adapter = common.method_adapter(spec)
 
   config.optimizer = common.optimizer(spec.learning_rate, warmup_steps=10, weight_decay=0.0, grad_clip_norm=1.0)
 
@@ -134,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.export = False
 
-  if variant:
+  if smoke:
     config.dataset.tokenizer = "bytes"
     config.dataset.max_len = 48
     config.dataset.eval_split = "test[:16]"

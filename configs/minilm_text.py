@@ -32,8 +32,6 @@ Another checkpoint (any local Hugging Face BERT folder): `--config.model.checkpo
 sets the tokenizer and the weights (`dataset.tokenizer` and `init_from.params` refer to it).
 """
 
-from typing import Any, NamedTuple
-
 import ml_collections
 
 from configs import common
@@ -45,19 +43,7 @@ SUBLAYER_OUTPUTS = r".*layer_\d+/(attention|mlp)/output/kernel"
 HEAD = "classifier/.*"
 
 
-class Method(NamedTuple):
-  """One row of the comparison: what is trained, and how."""
-
-  base: str  # trained base leaves (regex)
-  adapter: str  # adapter method ('' for none)
-  targets: str  # adapter targets (regex)
-  learning_rate: float  # peak learning rate
-  rank: int = 8
-  options: dict[str, Any] = {}  # adapter method options (`config.adapter.options`)
-  update: dict[str, Any] = {}  # the method's own update rule (`config.adapter.update`: SoRA)
-  init: str = "default"  # the adapter's init (`config.adapter.init`)
-  penalty: dict[str, Any] = {}  # the method's loss term (`config.adapter.penalty`: SaRA's nuclear norm)
-  reselect_every: int = 0  # steps between the method's re-selections (`config.adapter.reselect_every`: SaRA)
+Method = common.Method
 
 
 # AdamW, 100 steps of 32 (2 epochs). The flagship methods' learning rates (linear_probe, full, lora,
@@ -130,12 +116,7 @@ METHODS: dict[str, Method] = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` = '<method>' or '<method>:smoke' (method: a key of METHODS; default 'lora')."""
-  method, *variant = (arg or "lora").split(":")
-  if method not in METHODS or variant not in ([], ["smoke"]):
-    raise ValueError(
-        f"Unknown config argument {arg!r}; use configs/minilm_text.py:<method>[:smoke] with"
-        f" <method> one of {sorted(METHODS)}."
-    )
+  method, smoke = common.method_and_variant(arg, METHODS, "minilm_text.py", default="lora")
   spec = METHODS[method]
   checkpoint = ml_collections.FieldReference("all-MiniLM-L6-v2")
 
@@ -143,14 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.method = method
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "jaxpeft_pydoc"
-  config.dataset.data_dir = ""  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test"
+  config.dataset = common.dataset("jaxpeft_pydoc", input_keys=("input_ids", "attention_mask", "token_type_ids"))
   config.dataset.tokenizer = checkpoint
   config.dataset.max_len = 32  # tokens; the docstring paragraphs are 9 words at the median
-  config.dataset.input_keys = ("input_ids", "attention_mask", "token_type_ids")
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "bert"
@@ -159,19 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.normalize = False
 
   # The encoder's weights from the checkpoint; the new head starts fresh.
-  config.init_from = ml_collections.ConfigDict()
-  config.init_from.params = checkpoint
-  config.init_from.keep_fresh = "classifier/.*"
-
-  config.trainable = ml_collections.ConfigDict()
-  config.trainable.base = spec.base
-
-  config.adapter = common.adapter(spec.adapter, spec.targets, rank=spec.rank, alpha=2.0 * spec.rank)
-  config.adapter.init = spec.init
-  config.adapter.options = ml_collections.ConfigDict(spec.options)
-  config.adapter.update = ml_collections.ConfigDict(spec.update)
-  config.adapter.penalty = ml_collections.ConfigDict(spec.penalty)
-  config.adapter.reselect_every = spec.reselect_every
+  config.init_from = common.init_from(checkpoint, keep_fresh="classifier/.*")
+  config.trainable = common.trainable(spec.base)
+  config.adapter = common.method_adapter(spec)
 
   config.optimizer = common.optimizer(spec.learning_rate, warmup_steps=10, weight_decay=1e-2, grad_clip_norm=1.0)
 
@@ -188,7 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.export = True
 
-  if variant:
+  if smoke:
     config.dataset.max_len = 12
     config.dataset.eval_split = "test[:16]"
     config.batch_size = 8

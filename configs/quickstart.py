@@ -25,12 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "jaxpeft_digits"
-  config.dataset.data_dir = ""  # '' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test"
-  config.dataset.input_keys = ("image",)
+  config.dataset = common.dataset("jaxpeft_digits", input_keys=("image",))
 
   # `model.name` picks the model; the section named after it holds its own options.
   config.model = ml_collections.ConfigDict()
@@ -41,13 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Start from another run's exported weights (export/params); leaves matching keep_fresh
   # (a regex over '/'-joined paths) keep their fresh initialisation.
-  config.init_from = ml_collections.ConfigDict()
-  config.init_from.params = ""
-  config.init_from.keep_fresh = ""
+  config.init_from = common.init_from()
 
   # Which base leaves are trained ('.*': full fine-tuning; 'head/.*': linear probe).
-  config.trainable = ml_collections.ConfigDict()
-  config.trainable.base = ".*"
+  config.trainable = common.trainable(".*")
 
   config.adapter = common.adapter()
 

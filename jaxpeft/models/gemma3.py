@@ -355,7 +355,6 @@ class Gemma3(nn.Module):
       positions: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
       cache: dict[str, jax.Array] | None = None,
-      train: bool = False,
   ):
     """Logits (batch, T, vocab) for `input_ids` (batch, T).
 
@@ -367,9 +366,7 @@ class Gemma3(nn.Module):
       segment_ids: (batch, T) ints: which packed example each token belongs to; a token attends only to
         tokens of its own segment (default: one segment per row). Pass per-segment `positions` with them.
       cache: a KV cache from `init_cache` (or a previous call); the new one is returned too.
-      train: the harness's training flag; Gemma 3 has no dropout, so training and evaluation compute the same.
     """
-    del train
     c = self.config
     batch, length = input_ids.shape
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]

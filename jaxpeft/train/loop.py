@@ -58,13 +58,12 @@ from jaxpeft.train.checkpoint import Checkpointer
 from jaxpeft.train.errors import DiskFullError, UserError, WorkdirBusyError, is_disk_full
 from jaxpeft.train.export import export, record_base_checksum
 from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
-from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.quantized_base import frozen_footprint, num_params
 from jaxpeft.quantize import dequantize_tree
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_multi_step, make_reselect_step, make_train_step, objective
-from jaxpeft.train.trainable import Trainable, no_decay_optimizer
+from jaxpeft.train.trainable import Trainable, training_optimizer
 
 PMAP_AXIS = "devices"
 
@@ -448,7 +447,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   model = build_model(config.model)
   trainable = Trainable.from_config(model, config)
-  tx = trainable.optimizer(build_optimizer(config.optimizer, config.num_train_steps), no_decay_optimizer(config))
+  tx = training_optimizer(trainable, config)
   example = loader.batch(0)
   example_inputs = [jnp.asarray(example[k][:1]) for k in config.dataset.input_keys]
   base_rng, adapter_rng, state_rng = jax.random.split(jax.random.key(config.seed), 3)

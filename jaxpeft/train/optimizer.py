@@ -110,8 +110,14 @@ def _takes_base_factory(factory) -> bool:
   return callable(default) and not isinstance(default, optax.GradientTransformation)
 
 
-def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """The optax transformation described by `config.optimizer`."""
+def build_optimizer(
+    opt_config: ml_collections.ConfigDict, total_steps: int, *, clip: bool = True
+) -> optax.GradientTransformation:
+  """The optax transformation described by `config.optimizer`.
+
+  `clip=False` leaves out the `grad_clip_norm` clipping, for a caller that clips the whole gradient tree itself
+  before splitting it into optimizer groups (`jaxpeft.train.trainable.training_optimizer`).
+  """
   learning_rate = learning_rate_schedule(opt_config, total_steps)
   kwargs = {k: _plain(v) for k, v in (opt_config.get("kwargs") or {}).items()}
   factory = _factory(opt_config.name)
@@ -134,6 +140,6 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> 
       tx = factory(learning_rate=None, base_optimizer=base, **kwargs)
   else:
     tx = _leaf_optimizer(opt_config.name, learning_rate, _shared(opt_config), kwargs, "config.optimizer.kwargs")
-  if opt_config.grad_clip_norm:
+  if clip and opt_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
   return tx

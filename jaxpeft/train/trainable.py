@@ -27,6 +27,7 @@ optional hooks) and only asked for here, so no method is named in this package:
   training batches. The (residual) base it returns is what `split` returns and the run freezes;
 * `frozen_leaves` get no update and no optimizer state; `no_decay_leaves` are updated by the same
   optimizer built with `weight_decay=0` (`no_decay_optimizer`, passed to `Trainable.optimizer`);
+  `training_optimizer` builds both and clips the gradient of all trained leaves by one global norm first;
 * `trained_count`, the trained-parameter count of one target's leaves.
 
 Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their
@@ -146,7 +147,21 @@ def no_decay_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTrans
     return None
   opt_config = config.optimizer.copy_and_resolve_references()
   opt_config.weight_decay = 0.0
-  return build_optimizer(opt_config, config.num_train_steps)
+  return build_optimizer(opt_config, config.num_train_steps, clip=False)
+
+
+def training_optimizer(trainable: "Trainable", config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The run's optimizer: `config.optimizer` over the trained leaves, after global-norm gradient clipping.
+
+  `Trainable.optimizer` splits the trained leaves into optimizer groups (the method's `no_decay_leaves` take
+  `no_decay_optimizer`); `config.optimizer.grad_clip_norm` (0: none) clips the gradient of all of them before
+  that split, so one global norm is taken over every trained leaf, whatever its group.
+  """
+  tx = trainable.optimizer(
+      build_optimizer(config.optimizer, config.num_train_steps, clip=False), no_decay_optimizer(config)
+  )
+  clip_norm = config.optimizer.get("grad_clip_norm")
+  return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
 
 
 def _split(tree: PyTree, pattern: str) -> tuple[PyTree, PyTree]:
@@ -208,6 +223,10 @@ class Trainable:
         quantize,
     )
 
+  def _train_flag(self, train: bool) -> dict[str, bool]:
+    """`{"train": train}` for a model whose `__call__` takes it (dropout, BatchNorm); `{}` for one without."""
+    return {"train": train} if "train" in inspect.signature(type(self.model).__call__).parameters else {}
+
   @property
   def method(self) -> AdapterMethod | None:
     """The adapter method, or None without an adapter."""
@@ -250,7 +269,7 @@ class Trainable:
           f"Adapter method {self.adapter.method if self.adapter else None!r} has no calibrated init;"
           " call split without calibration."
       )
-    apply_fn = lambda params, inputs: self.model.apply({"params": params}, *inputs, train=False)
+    apply_fn = lambda params, inputs: self.model.apply({"params": params}, *inputs, **self._train_flag(False))
     return self.method.calibrate(apply_fn, base_params, batches, self.adapter)
 
   def split(self, rng: jax.Array, base_params: PyTree, calibration: PyTree = None) -> tuple[PyTree, PyTree]:
@@ -373,11 +392,13 @@ class Trainable:
     """Runs the model on `inputs` with the trained and frozen parameters.
 
     `model_state` holds the model's other collections (BatchNorm's `batch_stats`); with `mutable` a list
-    of collection names, returns `(logits, updated collections)` as `flax.linen.Module.apply` does.
+    of collection names, returns `(logits, updated collections)` as `flax.linen.Module.apply` does. `train`
+    reaches the model only if its `__call__` takes a `train` argument.
     """
     rngs = {"dropout": rng} if rng is not None else {}
+    variables = lambda model_params: {"params": model_params, **(model_state or {})}
     run = lambda model_params: self.model.apply(
-        {"params": model_params, **(model_state or {})}, *inputs, train=train, rngs=rngs, mutable=mutable
+        variables(model_params), *inputs, **self._train_flag(train), rngs=rngs, mutable=mutable
     )
     base = self._base(params, frozen)
     if self.adapter is None:

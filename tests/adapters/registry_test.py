@@ -7,10 +7,13 @@ from a fresh process when the class registered as ``name`` is defined in the mod
 
 import importlib
 import inspect
+import pathlib
 import pkgutil
+import re
 import subprocess
 import sys
 
+import jaxpeft
 import jaxpeft.adapters
 import jaxpeft.adapters.methods
 from jaxpeft.adapters.core import AdapterMethod
@@ -67,3 +70,22 @@ def test_list_methods_and_an_unknown_name_list_every_method_in_a_fresh_process()
   error, listed = result.stdout.strip().splitlines()
   assert listed == str(expected)
   assert str(expected) in error and len(expected) >= 26, error
+
+
+def test_the_harness_and_the_peft_format_name_no_method():
+  """No registered method name, as a whole word, in ``jaxpeft/train/`` or ``peft_format.py`` (``git grep -w``).
+
+  What is specific to a method lives in its file and is reached through the method's hooks.
+  """
+  package = pathlib.Path(jaxpeft.__file__).parent
+  files = [*sorted((package / "train").rglob("*.py")), package / "adapters" / "peft_format.py"]
+  names = jaxpeft.adapters.list_methods()
+  assert len(names) >= 26 and len(files) > 5, (names, files)
+  word = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, names)) + r")(?!\w)")
+  found = [
+      f"{path.relative_to(package.parent)}:{number}: {line.strip()}"
+      for path in files
+      for number, line in enumerate(path.read_text().splitlines(), 1)
+      if word.search(line)
+  ]
+  assert not found, "\n".join(found)

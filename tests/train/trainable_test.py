@@ -15,8 +15,7 @@ import pytest
 from flax import traverse_util
 
 from configs import common
-from jaxpeft.train.optimizer import build_optimizer
-from jaxpeft.train.trainable import Trainable, no_decay_optimizer
+from jaxpeft.train.trainable import Trainable, training_optimizer
 
 D_IN, D_OUT = 12, 6
 LR, WD, EPS = 0.1, 0.25, 1e-8
@@ -70,6 +69,13 @@ def _first_adamw_step(grads, params, decay):
   return params - LR * (grads / (np.abs(grads) + EPS) + (WD * params if decay else 0.0))
 
 
+def _nonzero_params_and_grads(trainable, params, frozen):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, D_IN)), jnp.float32)
+  params = jax.tree.map(lambda v: v + 0.05, params)  # non-zero factors so every leaf has a gradient
+  grads = jax.grad(lambda p: jnp.sum(trainable.apply(p, frozen, [x], train=False) ** 2))(params)
+  return params, grads
+
+
 @pytest.mark.parametrize(
     "method, trained, no_decay", [("sora", {"a", "b", "gate"}, {"gate"}), ("svd_ft", {"s"}, {"s"})]
 )
@@ -77,10 +83,8 @@ def test_the_method_s_no_decay_leaves_are_not_decayed(method, trained, no_decay)
   update = {"sparse_lambda": 0.0} if method == "sora" else None  # a zero threshold: the prox is the identity
   config = _config(method, update=update)
   trainable, params, frozen, _ = _start(config)
-  tx = trainable.optimizer(build_optimizer(config.optimizer, 10), no_decay_optimizer(config))  # as the loop
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, D_IN)), jnp.float32)
-  params = jax.tree.map(lambda v: v + 0.05, params)  # non-zero factors so every leaf has a gradient
-  grads = jax.grad(lambda p: jnp.sum(trainable.apply(p, frozen, [x], train=False) ** 2))(params)
+  tx = training_optimizer(trainable, config)  # as the loop
+  params, grads = _nonzero_params_and_grads(trainable, params, frozen)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   frozen_leaves = {"u", "vt", "s0"} if method == "svd_ft" else set()
@@ -155,3 +159,28 @@ def test_pela_weight_perturbation_term_is_reachable_from_the_config():
 def test_a_loss_term_option_for_a_method_without_one_is_an_error():
   with pytest.raises(ValueError, match="no loss term"):
     _start(_config("lora", penalty={"weight": 1.0}))
+
+
+def test_gradient_clipping_takes_one_global_norm_over_every_optimizer_group():
+  """SoRA's gates (the no-decay group) and factors (the decayed group) are clipped by the norm of all of them.
+
+  Closed form with SGD (weight decay as L2 on the clipped gradient): ``p - lr (g c / ||g|| + wd p)``, ``||g||``
+  the global norm over every trained leaf, ``wd = 0`` for the gates.
+  """
+  config = _config("sora", update={"sparse_lambda": 0.0})  # a zero threshold: the prox is the identity
+  config.optimizer.update(name="sgd", eps=None)
+  trainable, params, frozen, _ = _start(config)
+  params, grads = _nonzero_params_and_grads(trainable, params, frozen)
+  flat_grads, flat_params = _flat(grads["adapter"]), _flat(params["adapter"])
+  global_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in flat_grads.values()))
+  clip = global_norm / 4
+  config.optimizer.grad_clip_norm = float(clip)
+  tx = training_optimizer(trainable, config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = _flat(optax.apply_updates(params, updates)["adapter"])
+  assert {path.rpartition("/")[2] for path in new} == {"a", "b", "gate"}
+  for path, p in flat_params.items():
+    decay = WD * p if not path.endswith("/gate") else 0.0
+    np.testing.assert_allclose(
+        new[path], p - LR * (flat_grads[path] * clip / global_norm + decay), rtol=1e-5, atol=1e-7, err_msg=path
+    )
