@@ -84,3 +84,21 @@ def sharding() -> ml_collections.ConfigDict:
           "num_devices": 0,  # 0: every device; N: the first N (single-process jobs)
       }
   )
+
+
+def quantize(targets: str = r".*/kernel") -> ml_collections.ConfigDict:
+  """`config.quantize`: the frozen base stored quantized (QLoRA), off by default (`format=''`).
+
+  See jaxpeft/train/quantized_base.py. Frozen leaves matching `targets` (leaves the run trains never are)
+  become NF4 / int4 blocks or int8 channels, dequantized inside the step, e.g.
+  --config.quantize.format=nf4 --config.quantize.double_quant=True
+  """
+  return ml_collections.ConfigDict(
+      {
+          "format": "",  # '' (off), 'nf4', 'int4' or 'int8'
+          "targets": targets,  # regex over '/'-joined parameter paths
+          "block_size": 64,  # entries per absmax block (4-bit formats); must divide each leaf's size
+          "double_quant": False,  # quantize the block scales too (4-bit formats)
+          "export_keep": "quantized",  # merged export: 'quantized' (re-quantized), 'bfloat16' or 'float32'
+      }
+  )

@@ -99,6 +99,7 @@ def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
 
   config.checkpoint = common.checkpoint(every_steps=steps, max_to_keep=1)
   config.sharding = common.sharding()
+  config.quantize = common.quantize()
 
   config.progress_bar = True
   config.export = True

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.checkpoint = common.checkpoint(every_steps=500, max_to_keep=2)
   config.sharding = common.sharding()
+  config.quantize = common.quantize()
 
   config.progress_bar = True
   config.export = True

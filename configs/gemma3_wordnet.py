@@ -129,6 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.checkpoint = common.checkpoint(every_steps=1000, max_to_keep=1)
   config.sharding = common.sharding()
+  config.quantize = common.quantize()
 
   config.progress_bar = True
   config.export = False

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.checkpoint = common.checkpoint(every_steps=200, max_to_keep=3)
   config.sharding = common.sharding()
+  config.quantize = common.quantize()
 
   config.progress_bar = True
   config.export = True  # write export/params (merged) and export/adapter.safetensors at the end

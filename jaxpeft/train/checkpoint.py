@@ -101,7 +101,7 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._manager.save(step, args=args, force=True)
 
-  def _frozen_dir(self) -> str:
+  def frozen_dir(self) -> str:
     return os.path.join(self.directory, "frozen")
 
   def save_frozen(self, frozen: PyTree) -> None:
@@ -109,7 +109,7 @@ class Checkpointer:
     if not jax.tree.leaves(frozen):
       return
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(self._frozen_dir(), frozen, force=True)
+    checkpointer.save(self.frozen_dir(), frozen, force=True)
     checkpointer.wait_until_finished()
 
   def restore_frozen(self, abstract_frozen: PyTree) -> PyTree:
@@ -123,11 +123,11 @@ class Checkpointer:
     checkpointer = ocp.StandardCheckpointer()
     advice = (
         f" Every numbered checkpoint in {self.directory} depends on this single copy. Restore"
-        f" {self._frozen_dir()} from a backup, or start afresh in a new --workdir (the numbered"
+        f" {self.frozen_dir()} from a backup, or start afresh in a new --workdir (the numbered"
         " checkpoints alone cannot rebuild it)."
     )
     try:
-      saved = checkpointer.metadata(self._frozen_dir())
+      saved = checkpointer.metadata(self.frozen_dir())
       saved_tree = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
       diff = tree_diff(
           _shapes(saved_tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)),
@@ -135,17 +135,17 @@ class Checkpointer:
       )
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
-          f"The frozen params in {self._frozen_dir()} are missing or damaged" f" ({_reason(e)}).{advice}"
+          f"The frozen params in {self.frozen_dir()} are missing or damaged" f" ({_reason(e)}).{advice}"
       ) from e
     if diff:
       raise DamagedCheckpointError(
-          f"The frozen params in {self._frozen_dir()} do not fit this model:\n" + "\n".join(diff) + f"\n{advice}"
+          f"The frozen params in {self.frozen_dir()} do not fit this model:\n" + "\n".join(diff) + f"\n{advice}"
       )
     try:
-      return checkpointer.restore(self._frozen_dir(), abstract_frozen)
+      return checkpointer.restore(self.frozen_dir(), abstract_frozen)
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
-          f"The frozen params in {self._frozen_dir()} are damaged ({_reason(e)}).{advice}"
+          f"The frozen params in {self.frozen_dir()} are damaged ({_reason(e)}).{advice}"
       ) from e
 
   def _set_aside(self, step: int) -> str:

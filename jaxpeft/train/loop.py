@@ -56,6 +56,8 @@ from jaxpeft.train.export import export
 from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from jaxpeft.train.optimizer import build_optimizer
 from jaxpeft.train.pretrained import load_params
+from jaxpeft.train.quantized_base import frozen_footprint, num_params
+from jaxpeft.quantize import dequantize_tree
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_reselect_step, make_train_step, objective
 from jaxpeft.train.trainable import Trainable, no_decay_optimizer
@@ -530,15 +532,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "preempted": preempted,
       "params_l1": _l1_norm(final.params),
       "trainable_params": trainable.num_trained(final.params),
-      "total_params": param_count(final.params["base"]) + param_count(final.frozen),
+      "total_params": param_count(final.params["base"]) + num_params(final.frozen),
       "steps_per_sec": steps_per_sec,
+      **frozen_footprint(final.frozen, checkpointer.frozen_dir() if not trainable.rewrites_base else None),
   }
   if not preempted:
     result["eval"] = evaluate(runner, state, config, eval_source, eval_preprocess)
     if runner.task == "causal_lm" and config.get("generation_examples", 0):
       generation, result["samples"] = causal_lm.held_out_generation(
           model,
-          trainable.merged(final.params, final.frozen),
+          dequantize_tree(trainable.merged(final.params, final.frozen)),
           eval_source,
           config.dataset.tokenizer,
           count=config.generation_examples,

@@ -31,6 +31,9 @@ optional hooks) and only asked for here, so no method is named in this package:
 
 Base-modifying inits without data (`AdapterMethod.modifies_base`, e.g. residual inits) also get their
 residual base from `split`.
+
+With `config.quantize.format` set (`jaxpeft.train.quantized_base`), `split` quantizes the frozen base after
+the adapter's init, and every use of the base below dequantizes it first, inside the traced step.
 """
 
 import dataclasses
@@ -49,7 +52,9 @@ from jaxpeft.adapters import application, partition, reparam
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, LossTerm, get_method, has_hook
 from jaxpeft.adapters.selection import select_targets
+from jaxpeft.quantize import dequantize_tree
 from jaxpeft.train.optimizer import build_optimizer
+from jaxpeft.train.quantized_base import QuantizeSpec
 
 PyTree = Any
 # term(base_params, adapter_params, rng) -> scalar added to the training loss.
@@ -170,6 +175,7 @@ class Trainable:
     update: the adapter method's own update rule (`adapter_update`), chained after the optimizer.
     penalty: the adapter method's loss term (`adapter_penalty`), added to the training loss.
     reselect_every: steps between the method's re-selections (`reselect`); 0: never.
+    quantize: how the frozen base is stored quantized (`config.quantize`), or None (float).
   """
 
   model: nn.Module
@@ -179,11 +185,18 @@ class Trainable:
   update: optax.GradientTransformation | None = None
   penalty: Penalty | None = None
   reselect_every: int = 0
+  quantize: QuantizeSpec | None = None
 
   @classmethod
   def from_config(cls, model: nn.Module, config: ml_collections.ConfigDict) -> "Trainable":
     if config.adapter.mode not in application.MODES:
       raise ValueError(f"config.adapter.mode={config.adapter.mode!r}: use 'reparam' or 'factored'.")
+    reselect_every, quantize = adapter_reselect_every(config), QuantizeSpec.from_config(config)
+    if reselect_every and quantize is not None:
+      raise ValueError(
+          f"config.adapter.reselect_every={reselect_every} rewrites the frozen base between steps, which"
+          " a quantized base (config.quantize.format) cannot take; set one of them off."
+      )
     return cls(
         model,
         config.trainable.base,
@@ -191,7 +204,8 @@ class Trainable:
         config.adapter.mode,
         adapter_update(config),
         adapter_penalty(config),
-        adapter_reselect_every(config),
+        reselect_every,
+        quantize,
     )
 
   @property
@@ -223,7 +237,7 @@ class Trainable:
     if self.adapter is None or self.rewrites_base:
       return False
     method = get_method(self.adapter.method)
-    base = _join(frozen, params["base"])
+    base = jax.eval_shape(self._base, params, frozen)
     return not any(method.modifies_base(t) for t in select_targets(self.adapter, base))
 
   def calibrate(self, base_params: PyTree, batches: Iterable[list[jax.Array]]) -> PyTree:
@@ -254,6 +268,8 @@ class Trainable:
     elif self.adapter is not None:
       base_params, adapter = reparam.init_with_base(rng, self.adapter, base_params)
     trained_base, frozen = _split(base_params, self.base_pattern)
+    if self.quantize is not None:
+      frozen = self.quantize.quantize_frozen(frozen, trained_base)
     params = {"base": trained_base}
     if adapter is not None:
       params["adapter"] = adapter
@@ -312,11 +328,15 @@ class Trainable:
       count += sum(self.method.trained_count(leaves) for leaves in by_target.values())
     return count
 
+  def _base(self, params: PyTree, frozen: PyTree) -> PyTree:
+    """The model's base tree: frozen and trained leaves joined, quantized leaves dequantized."""
+    return dequantize_tree(_join(frozen, params["base"]))
+
   def regularizer(self, params: PyTree, frozen: PyTree, rng: jax.Array) -> jax.Array | None:
     """The method's loss term at `params` (None when it has none); `rng` draws its random choices."""
     if self.penalty is None:
       return None
-    return self.penalty(_join(frozen, params["base"]), params["adapter"], rng)
+    return self.penalty(self._base(params, frozen), params["adapter"], rng)
 
   def reselects_after(self, step: int) -> bool:
     """Whether the method re-selects its trained entries after `step` updates."""
@@ -334,7 +354,7 @@ class Trainable:
 
   def model_params(self, params: PyTree, frozen: PyTree) -> PyTree:
     """The full parameter tree the model consumes, with the adapter merged in (reparam mode)."""
-    base = _join(frozen, params["base"])
+    base = self._base(params, frozen)
     if self.adapter is None:
       return base
     return application.model_params(base, params["adapter"], self.adapter, self.mode)
@@ -359,7 +379,7 @@ class Trainable:
     run = lambda model_params: self.model.apply(
         {"params": model_params, **(model_state or {})}, *inputs, train=train, rngs=rngs, mutable=mutable
     )
-    base = _join(frozen, params["base"])
+    base = self._base(params, frozen)
     if self.adapter is None:
       return run(base)
     with application.applied(
@@ -371,8 +391,13 @@ class Trainable:
     """Base and adapter merged into one tree of the model's own structure (for export).
 
     An adapter that adds modules cannot be merged: the base tree alone (the adapter is exported apart).
+    On a quantized base, `QuantizeSpec.merged` (quantized leaves re-quantized or dequantized per
+    `config.quantize.export_keep`).
     """
     base = _join(frozen, params["base"])
-    if self.adapter is None or self.adds_modules:
+    mergeable = self.adapter is not None and not self.adds_modules
+    if self.quantize is not None:
+      return self.quantize.merged(base, params["adapter"] if mergeable else None, self.adapter)
+    if not mergeable:
       return base
     return reparam.merge(base, params["adapter"], self.adapter)
