@@ -1,10 +1,10 @@
 r"""Adapter methods on the real Gemma 3 270M (GGUF Q4_K_M, dequantised) on WordNet definitions, on CPU.
 
-  python -m experiments.llm --workdir=workdir/llm --methods=lora,dora,sora --steps=16
+  python -m experiments.llm --workdir=workdir/llm --methods=lora,dora,sora,lora:nf4 --steps=16
 
 Computes the base model's held-out metrics once (every method's adapter starts at zero, so this is where
 each run starts), then trains `configs/gemma3_wordnet.py:<method>` with the harness
-(`jaxpeft.train.loop.train_and_evaluate`) for `--steps` steps on very short sequences, each method in its
+(`jaxpeft.train.loop.train_and_evaluate`) for `--steps` steps on very short sequences, each method (`<method>:nf4`: the same on an NF4 base, QLoRA) in its
 own process (`--child`, so its peak resident memory is its own). Reported per method: trainable
 parameters, the held-out response loss, perplexity and next-token accuracy on the first `--eval_examples`
 test examples, ROUGE-L and exact match of greedy answers to `--samples` held-out prompts (against WordNet's
@@ -203,7 +203,9 @@ def _report(before, samples, rows, seconds: float) -> str:
 
 
 def main(argv):
-  report.check_command_line(argv, "methods", _METHODS.value, gemma3_wordnet.METHODS)
+  report.check_command_line(
+      argv, "methods", _METHODS.value, [m + v for m in gemma3_wordnet.METHODS for v in ("", ":nf4")]
+  )
   if _CHILD.value:
     _train_one(_METHODS.value[0], _WORKDIR.value)
     return
@@ -215,7 +217,7 @@ def main(argv):
   passed = [f"--{name}={getattr(flags.FLAGS, name)}" for name in _PASSED]
 
   def job(method):
-    workdir = os.path.join(_WORKDIR.value, method)
+    workdir = os.path.join(_WORKDIR.value, method.replace(":", "_"))
     command = [sys.executable, "-m", "experiments.llm", "--child", f"--methods={method}", f"--workdir={workdir}"]
     subprocess.run(command + passed, check=True)
     with open(os.path.join(workdir, "llm_results.json"), encoding="utf-8") as f:
