@@ -200,9 +200,10 @@ def _report(base_results, rows) -> str:
       "",
   ]
   for i, sample in enumerate(samples):
-    lines += [f"`{sample['prompt'].strip()}` (WordNet: \"{sample['reference']}\")", ""]
-    lines += [f"* base: \"{sample['response']}\""]
-    lines += [f"* {r['method']}: \"{r['responses_after'][i]}\"" for r in rows]
+    quoted = lambda text: json.dumps(text, ensure_ascii=False)  # one line, newlines as \n
+    lines += [f"`{sample['prompt'].strip()}` (WordNet: {quoted(sample['reference'])})", ""]
+    lines += [f"* base: {quoted(sample['response'])}"]
+    lines += [f"* {r['method']}: {quoted(r['responses_after'][i])}" for r in rows]
     lines.append("")
   return "\n".join(lines)
 
@@ -237,6 +238,7 @@ def main(argv):
   base = job("base", _METHODS.value[0])
   describe = lambda r: f"held-out loss {base['before']['loss']:.3f} -> {r['after']['loss']:.3f}"
   rows, _ = report.run_each({m: lambda m=m: job("train", m) for m in _METHODS.value}, describe)
+  os.makedirs(_RESULTS.value, exist_ok=True)
   report.save_figure(_loss_figure(rows), os.path.join(_RESULTS.value, "llm_loss.png"), dpi=100)
   text = _report(base, rows)
   report.write_report(os.path.join(_RESULTS.value, "llm.md"), text)
