@@ -24,15 +24,21 @@ class Method(NamedTuple):
   reselect_every: int = 0  # steps between the method's re-selections (`config.adapter.reselect_every`: SaRA)
 
 
-def method_and_variant(arg: str | None, methods: Any, config_file: str, default: str) -> tuple[str, bool]:
-  """`arg` = '<method>' or '<method>:smoke' (method: a key of `methods`) -> `(method, smoke)`."""
-  method, *variant = (arg or default).split(":")
-  if method not in methods or variant not in ([], ["smoke"]):
+def method_and_variants(
+    arg: str | None, methods: Any, config_file: str, default: str, variants: tuple[str, ...] = ("smoke",)
+) -> tuple[str, set[str]]:
+  """`arg` = '<method>[:<variant>]...' (method: a key of `methods`, each variant one of `variants`, at most once).
+
+  Returns `(method, the set of variants given)`.
+  """
+  method, *given = (arg or default).split(":")
+  if method not in methods or not set(given) <= set(variants) or len(set(given)) < len(given):
+    usage = "".join(f"[:{v}]" for v in variants)
     raise ValueError(
-        f"Unknown config argument {arg!r}; use configs/{config_file}:<method>[:smoke] with"
+        f"Unknown config argument {arg!r}; use configs/{config_file}:<method>{usage} with"
         f" <method> one of {sorted(methods)}."
     )
-  return method, bool(variant)
+  return method, set(given)
 
 
 def dataset(name: str, *, input_keys: tuple[str, ...], eval_split: str = "test") -> ml_collections.ConfigDict:

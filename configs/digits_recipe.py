@@ -51,7 +51,8 @@ def pretrain_export(recipe: Recipe) -> str:
 
 def build(recipe: Recipe, arg: str | None) -> ml_collections.ConfigDict:
   """The config of `arg` = '<method>' or '<method>:smoke' (default 'pretrain')."""
-  method_name, smoke = common.method_and_variant(arg, recipe.methods, f"{recipe.name}.py", default=PRETRAIN)
+  method_name, variants = common.method_and_variants(arg, recipe.methods, f"{recipe.name}.py", default=PRETRAIN)
+  smoke = "smoke" in variants
   method = recipe.methods[method_name]
   pretraining = method_name == PRETRAIN
 

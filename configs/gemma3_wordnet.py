@@ -19,7 +19,8 @@ weights, so methods that add modules generate with the base model alone).
 
 Smoke variant for tests and CI (a tiny random Gemma 3 with a byte-level tokenizer, a few steps): append
 ':smoke', e.g. `configs/gemma3_wordnet.py:dora:smoke`. `--config.model.remat=True` turns on gradient
-checkpointing.
+checkpointing. Append ':nf4' for the 4-bit variant (QLoRA): the frozen projection kernels are stored as NF4
+with double quantization (`config.quantize`, jaxpeft/train/quantized_base.py), e.g. `:lora:nf4`.
 """
 
 import ml_collections
@@ -62,8 +63,10 @@ METHODS: dict[str, common.Method] = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg` = '<method>' or '<method>:smoke' (method: a key of METHODS; default 'lora')."""
-  method, smoke = common.method_and_variant(arg, METHODS, "gemma3_wordnet.py", default="lora")
+  """`arg` = '<method>[:nf4][:smoke]' (method: a key of METHODS; default 'lora')."""
+  method, variants = common.method_and_variants(
+      arg, METHODS, "gemma3_wordnet.py", default="lora", variants=("nf4", "smoke")
+  )
   spec = METHODS[method]
 
   config = ml_collections.ConfigDict()
@@ -101,12 +104,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.checkpoint = common.checkpoint(every_steps=1000, max_to_keep=1)
   config.sharding = common.sharding()
-  config.quantize = common.quantize()
+  config.quantize = common.quantize(PROJECTIONS)
+  if "nf4" in variants:  # QLoRA: the frozen projections stored as NF4 with double quantization
+    config.quantize.format = "nf4"
+    config.quantize.double_quant = True
 
   config.progress_bar = True
   config.export = False
 
-  if smoke:
+  if "smoke" in variants:
     config.dataset.tokenizer = "bytes"
     config.dataset.max_len = 48
     config.dataset.eval_split = "test[:16]"

@@ -116,7 +116,8 @@ METHODS: dict[str, Method] = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` = '<method>' or '<method>:smoke' (method: a key of METHODS; default 'lora')."""
-  method, smoke = common.method_and_variant(arg, METHODS, "minilm_text.py", default="lora")
+  method, variants = common.method_and_variants(arg, METHODS, "minilm_text.py", default="lora")
+  smoke = "smoke" in variants
   spec = METHODS[method]
   checkpoint = ml_collections.FieldReference("all-MiniLM-L6-v2")
 

@@ -1,11 +1,12 @@
 r"""Adapter methods on the real Gemma 3 270M (GGUF Q4_K_M, dequantised) on WordNet definitions, on CPU.
 
-  python -m experiments.llm --workdir=workdir/llm --methods=lora,dora,sora --steps=16
+  python -m experiments.llm --workdir=workdir/llm --methods=lora,dora,sora,lora:nf4 --steps=16
 
 Computes the base model's held-out metrics once (every method's adapter starts at zero, so this is where
 each run starts), then trains `configs/gemma3_wordnet.py:<method>` with the harness
-(`jaxpeft.train.loop.train_and_evaluate`) for `--steps` steps on very short sequences, each method in its
-own process (`--child`, so its peak resident memory is its own). Reported per method: trainable
+(`jaxpeft.train.loop.train_and_evaluate`) for `--steps` steps on very short sequences, each method (`<method>:nf4`: the same on an NF4 base, QLoRA) in its
+own process (`--child`, so its peak resident memory is its own; a rerun on the same `--workdir` reuses the
+results already there). Reported per method: trainable
 parameters, the held-out response loss, perplexity and next-token accuracy on the first `--eval_examples`
 test examples, ROUGE-L and exact match of greedy answers to `--samples` held-out prompts (against WordNet's
 gloss; generation runs on the merged weights), training tokens/s (padded `batch x max_len` tokens per
@@ -37,7 +38,9 @@ from jaxpeft.train.pretrained import load_params
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the runs (each method's deleted first).")
 _METHODS = flags.DEFINE_list("methods", ["lora", "dora", "sora"], "Methods of configs/gemma3_wordnet.py.")
 _RESULTS = flags.DEFINE_string("results_dir", "experiments/results", "Where llm.md and llm_loss.png go.")
-_CHILD = flags.DEFINE_bool("child", False, "Internal: train the one method of --methods in this process.")
+_CHILD = flags.DEFINE_enum(
+    "child", "", ["", "base", "train"], "Internal: evaluate the base / train the one method of --methods here."
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Training batch size.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 24, "Tokens per example (prompt + response + eos, truncated).")
@@ -164,14 +167,15 @@ _COLUMNS = {
 }
 
 
-def _report(before, samples, rows, seconds: float) -> str:
+def _report(base_results, rows) -> str:
+  before, samples = base_results["before"], base_results["samples"]
   base = {
       "method": "base (before)",
       "trainable_params": 0,
       "total_params": rows[0]["total_params"],
       "after": before,
       "train_tokens_per_sec": float("nan"),
-      "peak_memory_mb": _peak_memory_mb(),
+      "peak_memory_mb": base_results["peak_memory_mb"],
       "train_seconds": 0.0,
   }
   cells = {**_COLUMNS, "train tokens/s": lambda r: "—" if r is base else _COLUMNS["train tokens/s"](r)}
@@ -181,11 +185,12 @@ def _report(before, samples, rows, seconds: float) -> str:
       "",
       f"`python -m experiments.llm {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
       f" {os.cpu_count()} CPU cores, load average at the end {os.getloadavg()[0]:.1f} (shared machine),"
-      f" {seconds:.0f} s in all. {_STEPS.value} steps of {_BATCH.value} examples x {_MAX_LEN.value} tokens, learning"
+      f" {_STEPS.value} steps of {_BATCH.value} examples x {_MAX_LEN.value} tokens, learning"
       f" rate {_LR.value}; held-out: the first {_EVAL.value} test words (loss on response tokens), greedy answers to"
       f" the first {_SAMPLES.value} ({_NEW_TOKENS.value} new tokens at most). Every adapter targets q/k/v/o and"
       " gate/up/down of all 18 layers, rank 8. Peak memory: the process's peak resident set (the base row: the"
-      " process that evaluated the base model).",
+      " process that evaluated the base model). A `:nf4` row starts from the NF4-quantized base, not from the"
+      " base row's float weights.",
       "",
       report.markdown_table([base, *rows], list(cells), cells),
       "",
@@ -195,38 +200,48 @@ def _report(before, samples, rows, seconds: float) -> str:
       "",
   ]
   for i, sample in enumerate(samples):
-    lines += [f"`{sample['prompt'].strip()}` (WordNet: \"{sample['reference']}\")", ""]
-    lines += [f"* base: \"{sample['response']}\""]
-    lines += [f"* {r['method']}: \"{r['responses_after'][i]}\"" for r in rows]
+    quoted = lambda text: json.dumps(text, ensure_ascii=False)  # one line, newlines as \n
+    lines += [f"`{sample['prompt'].strip()}` (WordNet: {quoted(sample['reference'])})", ""]
+    lines += [f"* base: {quoted(sample['response'])}"]
+    lines += [f"* {r['method']}: {quoted(r['responses_after'][i])}" for r in rows]
     lines.append("")
   return "\n".join(lines)
 
 
+def _base_one(method: str, workdir: str) -> None:
+  """Writes the base model's held-out metrics and answers to `<workdir>/llm_results.json`."""
+  before, samples = _base_metrics(_config(method))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "llm_results.json"), "w", encoding="utf-8") as f:
+    json.dump({"before": before, "samples": samples, "peak_memory_mb": _peak_memory_mb()}, f, indent=2)
+
+
 def main(argv):
-  report.check_command_line(argv, "methods", _METHODS.value, gemma3_wordnet.METHODS)
+  report.check_command_line(
+      argv, "methods", _METHODS.value, [m + v for m in gemma3_wordnet.METHODS for v in ("", ":nf4")]
+  )
   if _CHILD.value:
-    _train_one(_METHODS.value[0], _WORKDIR.value)
+    (_base_one if _CHILD.value == "base" else _train_one)(_METHODS.value[0], _WORKDIR.value)
     return
-  start = time.perf_counter()
-  before, samples = _base_metrics(_config(_METHODS.value[0]))
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "base.json"), "w", encoding="utf-8") as f:
-    json.dump({"before": before, "samples": samples}, f, indent=2)
   passed = [f"--{name}={getattr(flags.FLAGS, name)}" for name in _PASSED]
 
-  def job(method):
-    workdir = os.path.join(_WORKDIR.value, method)
-    command = [sys.executable, "-m", "experiments.llm", "--child", f"--methods={method}", f"--workdir={workdir}"]
-    subprocess.run(command + passed, check=True)
-    with open(os.path.join(workdir, "llm_results.json"), encoding="utf-8") as f:
+  def job(kind, method):
+    """The results of one child process (reused when an earlier run of the same workdir wrote them)."""
+    workdir = os.path.join(_WORKDIR.value, "base" if kind == "base" else method.replace(":", "_"))
+    results = os.path.join(workdir, "llm_results.json")
+    if not os.path.exists(results):
+      command = [sys.executable, "-m", "experiments.llm", f"--child={kind}", f"--methods={method}"]
+      subprocess.run(command + [f"--workdir={workdir}"] + passed, check=True)
+    with open(results, encoding="utf-8") as f:
       return json.load(f)
 
-  describe = lambda r: f"held-out loss {before['loss']:.3f} -> {r['after']['loss']:.3f}"
-  rows, _ = report.run_each({m: lambda m=m: job(m) for m in _METHODS.value}, describe)
+  base = job("base", _METHODS.value[0])
+  describe = lambda r: f"held-out loss {base['before']['loss']:.3f} -> {r['after']['loss']:.3f}"
+  rows, _ = report.run_each({m: lambda m=m: job("train", m) for m in _METHODS.value}, describe)
+  os.makedirs(_RESULTS.value, exist_ok=True)
   report.save_figure(_loss_figure(rows), os.path.join(_RESULTS.value, "llm_loss.png"), dpi=100)
-  report.write_report(
-      os.path.join(_RESULTS.value, "llm.md"), _report(before, samples, rows, time.perf_counter() - start)
-  )
+  text = _report(base, rows)
+  report.write_report(os.path.join(_RESULTS.value, "llm.md"), text)
 
 
 if __name__ == "__main__":

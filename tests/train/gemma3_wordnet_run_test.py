@@ -10,7 +10,7 @@ from configs import gemma3_wordnet
 from jaxpeft.train.loop import train_and_evaluate
 
 
-@pytest.mark.parametrize("method,remat,packing", [("lora", False, 2), ("dora", True, 0)])
+@pytest.mark.parametrize("method,remat,packing", [("lora", False, 2), ("dora", True, 0), ("lora:nf4", False, 0)])
 def test_smoke_run_lowers_the_response_loss_and_reports_lm_metrics(method, remat, packing, data_dir, tmp_path):
   config = gemma3_wordnet.get_config(f"{method}:smoke")
   config.dataset.data_dir = data_dir
@@ -37,6 +37,8 @@ def test_smoke_run_lowers_the_response_loss_and_reports_lm_metrics(method, remat
   ]
   lora = sum(8 * (fan_in + fan_out) for fan_in, fan_out in shapes)
   magnitudes = sum(fan_out for _, fan_out in shapes) if method == "dora" else 0
+  if method.endswith(":nf4"):  # the 14 frozen projection kernels are stored as NF4 codes
+    assert result["frozen_memory_bytes_per_param"] < 4.0
   assert result["trainable_params"] == arch["num_hidden_layers"] * (lora + magnitudes)
   metrics = result["eval"]
   assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]))
