@@ -26,7 +26,9 @@ def _model_flops_per_token(arch: dict) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak; fp32 rows use --peak_fp32")
+  parser.add_argument(
+      "--peak_tflops", type=float, default=989.0, help="bf16 dense peak; fp32 rows use --peak_fp32"
+  )
   parser.add_argument("--peak_fp32", type=float, default=67.0)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=10)

@@ -94,7 +94,9 @@ def _jax_step(method: str, arch: dict, batch: int, length: int):
   state = TrainState(
       step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params), rng=jax.random.key(2)
   )
-  step = jax.jit(make_train_step(trainable, tx, ("input_ids", "attention_mask", "token_type_ids")), donate_argnums=0)
+  step = jax.jit(
+      make_train_step(trainable, tx, ("input_ids", "attention_mask", "token_type_ids")), donate_argnums=0
+  )
   step = step.lower(state, data).compile()
   holder = [state]
 

@@ -30,7 +30,9 @@ print(json.dumps({"flags": os.environ["XLA_FLAGS"], "copies": len(re.findall(r"f
 
 def _probe(user_flags: str) -> dict:
   env = {**os.environ, "XLA_FLAGS": user_flags, "PYTHONPATH": ROOT}
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=ROOT, check=True, capture_output=True, text=True)
+  out = subprocess.run(
+      [sys.executable, "-c", _PROBE], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 

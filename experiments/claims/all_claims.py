@@ -2,4 +2,6 @@
 
 from experiments.claims import adabelief, adabound, adapters, adopt, came, mars, sharpness, swats, upgd
 
-CLAIMS = {module.NAME: module for module in (adopt, came, sharpness, adabelief, adapters, adabound, upgd, swats, mars)}
+CLAIMS = {
+    module.NAME: module for module in (adopt, came, sharpness, adabelief, adapters, adabound, upgd, swats, mars)
+}

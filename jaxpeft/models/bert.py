@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.models import canonical_dot
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),

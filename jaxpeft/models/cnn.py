@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from jaxpeft.models import canonical_dot
 
+
 class CNN(nn.Module):
   """Conv(3x3) -> ReLU -> [avg-pool] blocks, then Dense -> ReLU -> Dense logits.
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxpeft._messages import listed
 
+
 def params_from_named_tensors(
     tensors: Mapping[str, np.ndarray],
     expected: Mapping[str, Any],

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxpeft.models import canonical_dot
 
+
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN plus (projected) shortcut, then ReLU."""
 

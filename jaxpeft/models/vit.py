@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxpeft.models import canonical_dot
+
 POOLINGS = ("cls", "mean")
 
 

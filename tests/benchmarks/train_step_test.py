@@ -20,5 +20,7 @@ def test_tiny_lora_table_has_times_quartiles_paired_ratio_and_load():
   ).stdout
   assert re.search(r"load average [\d.]+ [\d.]+ [\d.]+ before, [\d.]+ [\d.]+ [\d.]+ after", out), out
   number = r"[\d.]+"
-  assert re.search(rf"\| lora \(jaxpeft\) \| {number} \[{number}, {number}\] \| {number} \[{number}, {number}\] \|", out), out
+  assert re.search(
+      rf"\| lora \(jaxpeft\) \| {number} \[{number}, {number}\] \| {number} \[{number}, {number}\] \|", out
+  ), out
   assert re.search(rf"\| lora \(PEFT\) \| {number} \[{number}, {number}\] \| — \|", out), out

@@ -26,7 +26,6 @@ class TinyBN(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x)).mean((1, 2))
     self.sow("intermediates", "features", x)
 
-
     if self.sow_features:
       self.sow("intermediates", "features", x)
     return nn.Dense(CLASSES, name="head")(x)

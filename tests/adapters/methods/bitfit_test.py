@@ -68,6 +68,8 @@ def test_training_and_checkpoint(tmp_path):
 
 
 def test_kernel_targets_are_refused():
-  refusal = r"layer/kernel: bitfit adapts a leaf without input axes.*BitFit trains bias vectors.*targets=r'\.\*/bias'"
+  refusal = (
+      r"layer/kernel: bitfit adapts a leaf without input axes.*BitFit trains bias vectors.*targets=r'\.\*/bias'"
+  )
   with pytest.raises(ValueError, match=refusal):
     reparam.init(jax.random.key(0), AdapterConfig(targets="layer/kernel", method="bitfit"), mc.dense_params(3, 2))
