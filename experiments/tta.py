@@ -34,16 +34,6 @@ from jaxpeft.tta import METHODS, runner
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/tta", "Where the pretrained model and the results go.")
-_PRETRAINED = flags.DEFINE_string("pretrained", "", "A finished launch/train.py run to adapt ('' pretrains one).")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
-)
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Test images per corruption.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 500, "Pretraining steps of the ResNet.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Test batch size (except the batch-size-1 setting).")
-_METHODS = flags.DEFINE_list("methods", [], "Methods of jaxpeft.tta.METHODS to run (default: all).")
-
 SEVERITY = 5
 CLEAN_IMAGES = 512  # labelled clean training images for methods with a `prepare` (EATA, RMT)
 # Settings: (stream builder, Dirichlet concentration or 0, batch size or None for --batch_size). 'mixed'
@@ -209,21 +199,36 @@ def _plot(records: dict[str, list[float]], path: str, batches_per_corruption: in
   plt.close()
 
 
-def main(argv):
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module runs as a program.
+
+  Defining them at import would clash with other experiments' `--workdir` when tests import this module
+  beside them in one process.
+  """
+  return {
+      "workdir": flags.DEFINE_string("workdir", "workdir/tta", "Where the pretrained model and the results go."),
+      "pretrained": flags.DEFINE_string(
+          "pretrained", "", "A finished launch/train.py run to adapt ('' pretrains one)."
+      ),
+      "data_dir": flags.DEFINE_string(
+          "data_dir", "", "TFDS data dir ('' -> $JAXPEFT_DATA_DIR or ~/tensorflow_datasets)."
+      ),
+      "num_images": flags.DEFINE_integer("num_images", 128, "Test images per corruption."),
+      "pretrain_steps": flags.DEFINE_integer("pretrain_steps", 500, "Pretraining steps of the ResNet."),
+      "batch_size": flags.DEFINE_integer("batch_size", 64, "Test batch size (except the batch-size-1 setting)."),
+      "methods": flags.DEFINE_list("methods", [], "Methods of jaxpeft.tta.METHODS to run (default: all)."),
+  }
+
+
+def main(argv, flag_holders: dict[str, flags.FlagHolder]):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = run_experiment(
-      _WORKDIR.value,
-      pretrained=_PRETRAINED.value,
-      data_dir=_DATA_DIR.value,
-      num_images=_NUM_IMAGES.value,
-      pretrain_steps=_PRETRAIN_STEPS.value,
-      batch_size=_BATCH.value,
-      methods=_METHODS.value,
-  )
-  print(report(result, _METHODS.value or list(METHODS)))
+  values = {name: holder.value for name, holder in flag_holders.items()}
+  result = run_experiment(values.pop("workdir"), **values)
+  print(report(result, values["methods"] or list(METHODS)))
   print(f"wall time {result['wall_s']} s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAG_HOLDERS = define_flags()
+  app.run(lambda argv: main(argv, _FLAG_HOLDERS))

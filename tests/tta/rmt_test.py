@@ -28,7 +28,7 @@ def _assert_model_equal(params, model, rtol=1e-4, atol=1e-5):
 
 def test_rmt_matches_reference(warmup_samples=32, lambda_ce_src=1.0):
   """Four warm-up steps, then three test batches (one and several steps), each compared."""
-  model, params, model_state = ref.flax_model()
+  model, params, model_state = ref.flax_model(sow_features=True)
   source = _source()
   config = rmt.Config(
       model.apply,
@@ -71,7 +71,7 @@ def test_rmt_matches_reference(warmup_samples=32, lambda_ce_src=1.0):
 
 
 def test_rmt_needs_labelled_source_covering_every_class():
-  model, params, model_state = ref.flax_model()
+  model, params, model_state = ref.flax_model(sow_features=True)
   config = rmt.Config(model.apply, num_classes=ref.CLASSES, warmup_samples=0)
   with pytest.raises(ValueError, match="rmt needs clean labelled source images"):
     rmt.prepare(params, model_state, config, [])

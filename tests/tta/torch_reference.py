@@ -24,8 +24,6 @@ class TinyBN(nn.Module):
   def __call__(self, x, *, train: bool = False):
     x = nn.Conv(CHANNELS, (3, 3), use_bias=False, name="conv")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x)).mean((1, 2))
-    self.sow("intermediates", "features", x)
-
     if self.sow_features:
       self.sow("intermediates", "features", x)
     return nn.Dense(CLASSES, name="head")(x)
