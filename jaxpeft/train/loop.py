@@ -60,7 +60,6 @@ from jaxpeft.train.export import export, record_base_checksum
 from jaxpeft.train.metrics import MetricWriter, NonFiniteLossError, check_finite
 from jaxpeft.train.pretrained import load_params
 from jaxpeft.train.quantized_base import frozen_footprint, num_params
-from jaxpeft.quantize import dequantize_tree
 from jaxpeft.train.state import TrainState
 from jaxpeft.train.step import make_eval_step, make_multi_step, make_reselect_step, make_train_step, objective
 from jaxpeft.train.trainable import Trainable, training_optimizer
@@ -583,7 +582,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if runner.task == "causal_lm" and config.get("generation_examples", 0):
       generation, result["samples"] = causal_lm.held_out_generation(
           model,
-          dequantize_tree(trainable.merged(final.params, final.frozen)),
+          trainable.merged(final.params, final.frozen, quantized_keep="float32"),
           eval_source,
           config.dataset.tokenizer,
           count=config.generation_examples,

@@ -74,11 +74,16 @@ class QuantizeSpec:
     except ValueError as e:
       raise ValueError(f"config.quantize (format {self.fmt!r}, block_size {self.block_size}): {e}") from None
 
-  def merged(self, base: PyTree, adapter: PyTree | None, adapter_config: Any) -> PyTree:
-    """The export of a run on this base: `quantize.merge` with `export_keep` (no adapter: the base)."""
+  def merged(self, base: PyTree, adapter: PyTree | None, adapter_config: Any, keep: str | None = None) -> PyTree:
+    """`quantize.merge` with `keep` (default `export_keep`; no adapter: the base, dequantized unless kept).
+
+    Generation passes keep='float32': re-quantizing would round a small adapter update away (the NF4 step
+    of a weight is larger than what a few LoRA steps add to it).
+    """
+    keep = keep or self.export_keep
     if adapter is not None:
-      base = quantize.merge(base, adapter, adapter_config, keep=self.export_keep)
-    return base if self.export_keep == "quantized" else quantize.dequantize_tree(base)
+      base = quantize.merge(base, adapter, adapter_config, keep=keep)
+    return base if keep == "quantized" else quantize.dequantize_tree(base)
 
 
 def num_params(tree: PyTree) -> int:

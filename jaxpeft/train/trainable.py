@@ -408,17 +408,17 @@ class Trainable:
     ) as model_params:
       return run(model_params)
 
-  def merged(self, params: PyTree, frozen: PyTree) -> PyTree:
+  def merged(self, params: PyTree, frozen: PyTree, quantized_keep: str | None = None) -> PyTree:
     """Base and adapter merged into one tree of the model's own structure (for export).
 
     An adapter that adds modules cannot be merged: the base tree alone (the adapter is exported apart).
     On a quantized base, `QuantizeSpec.merged` (quantized leaves re-quantized or dequantized per
-    `config.quantize.export_keep`).
+    `quantized_keep`, default `config.quantize.export_keep`).
     """
     base = _join(frozen, params["base"])
     mergeable = self.adapter is not None and not self.adds_modules
     if self.quantize is not None:
-      return self.quantize.merged(base, params["adapter"] if mergeable else None, self.adapter)
+      return self.quantize.merged(base, params["adapter"] if mergeable else None, self.adapter, quantized_keep)
     if not mergeable:
       return base
     return reparam.merge(base, params["adapter"], self.adapter)

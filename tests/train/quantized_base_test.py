@@ -122,3 +122,37 @@ def test_nf4_run_resumes_bit_identically(nf4_config, nf4_run, tmp_path):
 def test_bad_quantize_config_is_a_clear_error(nf4_config, tmp_path, quantize, message):
   with pytest.raises(ValueError, match=message):
     train_and_evaluate(nf4_config(**quantize), str(tmp_path))
+
+
+def test_generation_weights_keep_the_adapter_update_on_a_quantized_base(nf4_config, nf4_run):
+  """The weights generation runs on: dequantized base + the float LoRA update, never re-quantized (which would
+  round a few steps' update away); the export's re-quantized merge is what it must not be."""
+  from jaxpeft.models.registry import build_model  # pylint: disable=import-outside-toplevel
+  from jaxpeft.train.trainable import Trainable  # pylint: disable=import-outside-toplevel
+
+  _, result = nf4_run
+  config = nf4_config()
+  trainable = Trainable.from_config(build_model(config.model), config)
+  state = result["state"]
+  for_generation = trainable.merged(state.params, state.frozen, quantized_keep="float32")
+  requantized = trainable.merged(state.params, state.frozen)
+  path = ("encoder", "layer_0", "attention", "query", "kernel")
+  frozen = state.frozen
+  for key in path:
+    frozen = frozen[key]
+  lora = state.params["adapter"]
+  for key in path:
+    lora = lora[key]
+  # Closed form: W = dequantize(codes) + s * a @ b (LoRA's reparam, s = alpha / rank).
+  scale = config.adapter.alpha / config.adapter.rank
+  expected = np.asarray(frozen.dequantize(), np.float64) + scale * np.asarray(lora["a"], np.float64) @ np.asarray(
+      lora["b"], np.float64
+  )
+  got = for_generation
+  for key in path:
+    got = got[key]
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  again = requantized
+  for key in path:
+    again = again[key]
+  assert isinstance(again, QuantizedArray)
