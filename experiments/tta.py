@@ -38,7 +38,9 @@ SEVERITY = 5
 CLEAN_IMAGES = 512  # labelled clean training images for methods with a `prepare` (EATA, RMT)
 # Settings: (stream builder, Dirichlet concentration or 0, batch size or None for --batch_size). 'mixed'
 # streams give every image its own corruption, drawn from a pool of num_images x 12 test images (an eighth
-# of it at batch size 1).
+# of it at batch size 1). 'non_iid' deals each class over time slots one batch long, so with Dirichlet(0.1)
+# a batch holds one or two classes (with 10 slots, one per class, a 64-image batch of a 128-image stream
+# still held about 8 of the 10 classes).
 SETTINGS = {
     "one_at_a_time": ("one_at_a_time", 0.0, None),
     "continual": ("continual", 0.0, None),
@@ -62,7 +64,8 @@ def method_setup(method: str) -> tuple[dict, dict]:
 
 def _stream(setting, images, labels, batch_size, seed=0):
   builder, dirichlet, setting_batch = SETTINGS[setting]
-  order = tta_streams.dirichlet_order(labels, dirichlet, seed) if dirichlet else None
+  slots = max(1, len(labels) // batch_size)
+  order = tta_streams.dirichlet_order(labels, dirichlet, seed, num_slots=slots) if dirichlet else None
   if builder == "mixed":  # one pass over the pool; batch size 1 over a slice of it
     n = len(images) if setting_batch is None else len(images) // 8
     return tta_streams.mixed(
