@@ -153,6 +153,9 @@ def sharding() -> ml_collections.ConfigDict:
           "parallelism": "jit",  # 'jit' (Mesh + NamedSharding) or 'pmap'
           "fsdp": False,  # shard params and optimizer state over the data axis
           "num_devices": 0,  # 0: every device; N: the first N (single-process jobs)
+          # Devices on the 'model' mesh axis: tensor parallelism by the model's rules (jaxpeft/train/sharding.py),
+          # a (devices/N) x N data x model mesh; 1: data parallelism only. jit only; must divide each process's devices.
+          "model_parallel": 1,
           # Train steps per compiled call (a lax.scan over that many batches); log, eval, checkpoint and
           # re-selection intervals and num_train_steps must be multiples of it. jit only.
           "steps_per_call": 1,

@@ -56,13 +56,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import canonical_dot
+from jaxpeft.models import canonical_dot, gemma3_sharding
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -339,8 +339,10 @@ class Gemma3(nn.Module):
       frozen kernel times an adapter factor inside the layer) is saved either. The same numbers, less memory,
       about one more forward pass of compute.
     dtype: the compute dtype; parameters are kept in `param_dtype`.
+    tensor_parallel_rules: how a `data` x `model` mesh splits the parameters (`gemma3_sharding.RULES`).
   """
 
+  tensor_parallel_rules: ClassVar[gemma3_sharding.Rules] = gemma3_sharding.RULES
   config: Gemma3Config
   scan_layers: bool = False
   remat: bool = False

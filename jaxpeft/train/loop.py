@@ -12,6 +12,9 @@ continues bit for bit as if it had never stopped.
 K stacked batches): the same updates bit for bit, fewer per-call overheads. Every interval above, the
 re-selection interval and `num_train_steps` must then be multiples of K, and so is every saved step.
 
+`config.sharding.model_parallel=N` (jit only) trains on a (devices/N) x N `data` x `model` mesh, the state laid out
+by the model's tensor-parallel rules (jaxpeft/train/sharding.py); checkpoints restore onto any such mesh.
+
 Safety: the config is validated first (`validate_config`); the run holds an flock on `<workdir>/.lock`
 (a second run on the workdir fails at once); the updated trainable params and optimizer state are
 checked for NaN/Inf before every save (`check_state_finite`), so no checkpoint holds a non-finite
@@ -168,6 +171,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok(value):
       raise UserError(f"config.{key}={value!r}: expected {expected}.")
   _check_steps_per_call(config)
+  _check_model_parallel(config)
+
+
+def _check_model_parallel(config: ml_collections.ConfigDict) -> None:
+  """Tensor parallelism over `model_parallel` devices: a positive integer, jit only."""
+  n = config.sharding.get("model_parallel", 1)
+  if not isinstance(n, int) or n < 1:
+    raise UserError(
+        f"config.sharding.model_parallel={n!r}: expected a positive integer (1: no tensor parallelism)."
+    )
+  if n > 1 and config.sharding.parallelism != "jit":
+    raise UserError(
+        f"config.sharding.model_parallel={n} needs parallelism='jit' (pmap replicates the model on every"
+        " device); set --config.sharding.parallelism=jit or model_parallel=1."
+    )
 
 
 def _check_steps_per_call(config: ml_collections.ConfigDict) -> None:
@@ -247,7 +265,11 @@ class _Runner:
     self.steps_per_call = config.sharding.get("steps_per_call", 1)
     abstract = jax.eval_shape(make_state, rng, abstract_base)
     if self.mode == "jit":
-      self.shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
+      fsdp = config.sharding.fsdp
+      layouts = sharding.parameter_layouts(
+          trainable.model, abstract_base, abstract.params.get("adapter"), trainable.adapter, mesh, fsdp
+      )
+      self.shardings = sharding.state_shardings(abstract, mesh, fsdp, layouts)
       self.abstract = jax.tree.map(
           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.shardings
       )
@@ -416,11 +438,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           f" {len(devices)} devices in {jax.process_count()} process(es); use 0 (all)."
       )
     devices = devices[: config.sharding.num_devices]
-  mesh = sharding.make_mesh(devices)
+  mesh = sharding.make_mesh(devices, config.sharding.get("model_parallel", 1))
   sharding.check_batch_size(config.batch_size, mesh)
-  if config.eval_batch_size % len(devices):
+  if config.eval_batch_size % mesh.shape[sharding.DATA_AXIS]:
     raise ValueError(
-        f"config.eval_batch_size={config.eval_batch_size} is not divisible by the" f" {len(devices)} devices."
+        f"config.eval_batch_size={config.eval_batch_size} is not divisible by the"
+        f" {mesh.shape[sharding.DATA_AXIS]} data-parallel devices."
     )
   data_dir = input_pipeline.resolve_data_dir(config.dataset.data_dir)
   train_source, info = input_pipeline.get_data_source(config.dataset.name, config.dataset.train_split, data_dir)

@@ -1,9 +1,10 @@
 """Every command and code block of README.md, as written, in the test suite.
 
 `python -m launch.train` commands run in-process (the launcher's own override parsing, then
-`train_and_evaluate`) with the step count shrunk, the data in the test's data dir, and workdirs
-under a temporary directory: relative ones (`workdir/quickstart`) are kept relative to it, so a later
-command reads an earlier one's export as a user's would. The `make` targets are the suite's and
+`train_and_evaluate`) with the step count shrunk, on one device (a `sharding.model_parallel=N` command:
+on N, one model-parallel group), the data in the test's data dir, and workdirs under a temporary
+directory: relative ones (`workdir/quickstart`) are kept relative to it, so a later command reads
+an earlier one's export as a user's would. The `make` targets are the suite's and
 the flagship's entry points (CI runs `make test`), so they are not run from here. The PEFT block
 runs in tests/adapters/peft_format_test.py.
 """
@@ -65,12 +66,18 @@ def _load_config(flag):
   return module.get_config(arg or None)
 
 
+def _shrink(overrides):
+  """SHRINK, on as many devices as the command's model axis (`sharding.model_parallel`, default one)."""
+  devices = dict(overrides).get("sharding.model_parallel", "1")
+  return [(key, devices if key == "sharding.num_devices" else value) for key, value in SHRINK]
+
+
 def _run(words, data_dir):
   rest, overrides = split_argv(words[3:])
   flags = dict(w.removeprefix("--").split("=", 1) for w in rest)
   config = _load_config(flags["config"])
   config.lock()
-  apply_overrides(config, overrides + SHRINK + [("dataset.data_dir", data_dir)])
+  apply_overrides(config, overrides + _shrink(overrides) + [("dataset.data_dir", data_dir)])
   workdir = flags["workdir"]
   return train_and_evaluate(config, workdir.lstrip("/") if os.path.isabs(workdir) else workdir)
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from jaxpeft.adapters import AdapterConfig, reparam
-from jaxpeft.models import gemma3, gemma3_loader, gemma3_sharding
+from jaxpeft.models import gemma3, gemma3_loader, gemma3_sharding, tensor_parallel
 
 _LORA = AdapterConfig(r".*attn/(q|k|v|o)_proj/kernel|.*mlp/(gate|up|down)_proj/kernel", rank=2, alpha=4.0)
 
@@ -34,10 +34,11 @@ def setup(tiny_gemma3_hf):
 @pytest.mark.parametrize("data,model", [(2, 4), (8, 1)])
 def test_sharded_loss_equals_single_device(setup, data, model):
   params, adapter, ids, value_and_grad, (expected_loss, expected_grad) = setup
-  mesh = gemma3_sharding.make_mesh(data, model)
-  param_shardings = gemma3_sharding.shardings(gemma3_sharding.param_specs(params, mesh), mesh)
-  adapter_shardings = gemma3_sharding.shardings(gemma3_sharding.adapter_specs(adapter, _LORA, params, mesh), mesh)
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(gemma3_sharding.DATA_AXIS))
+  mesh, rules = tensor_parallel.make_mesh(data, model), gemma3_sharding.RULES
+  param_shardings = tensor_parallel.shardings(tensor_parallel.param_specs(params, rules, mesh), mesh)
+  adapter_specs = tensor_parallel.adapter_specs(adapter, _LORA, params, rules, mesh)
+  adapter_shardings = tensor_parallel.shardings(adapter_specs, mesh)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tensor_parallel.DATA_AXIS))
   sharded = jax.device_put((adapter, params, ids), (adapter_shardings, param_shardings, batch))
   loss, grad = jax.jit(
       value_and_grad,
@@ -56,4 +57,4 @@ def test_sharded_loss_equals_single_device(setup, data, model):
 
 def test_mesh_larger_than_devices_is_an_error():
   with pytest.raises(ValueError, match="needs 16 devices"):
-    gemma3_sharding.make_mesh(4, 4)
+    tensor_parallel.make_mesh(4, 4)

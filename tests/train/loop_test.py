@@ -210,6 +210,15 @@ def test_huge_learning_rate_never_reaches_a_checkpoint(smoke_config, tmp_path):
         ),
         ({"num_train_steps": -5}, "config.num_train_steps=-5: expected a positive integer"),
         ({"checkpoint__every_steps": 0}, "config.checkpoint.every_steps=0: expected a positive integer"),
+        (
+            {"sharding__parallelism": "pmap", "sharding__model_parallel": 2},
+            "config.sharding.model_parallel=2 needs parallelism='jit'",
+        ),
+        ({"sharding__model_parallel": 3}, "config.sharding.model_parallel=3 does not divide the 8 devices"),
+        (
+            {"sharding__model_parallel": 2},
+            "config.sharding.model_parallel=2: model CNN declares no tensor-parallel",
+        ),
     ],
 )
 def test_nonsense_values_are_one_line_errors(smoke_config, tmp_path, override, message):

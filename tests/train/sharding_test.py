@@ -55,3 +55,30 @@ def test_fsdp_spreads_lora_factors_and_sharded_apply_equals_unsharded():
     lv = {k: np.asarray(v, np.float64) for k, v in adapter[name]["kernel"].items()}
     expect = np.asarray(base[name]["kernel"], np.float64) + lv["a"] @ lv["b"]
     np.testing.assert_allclose(np.asarray(out[name]["kernel"]), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_model_parallel_mesh_and_layouts_of_parameters_and_their_optimizer_state():
+  """With `model_parallel`, a parameter and every state leaf mirroring it (same path suffix and shape) share a spec."""
+  mesh = sharding.make_mesh(model_parallel=4)
+  assert dict(mesh.shape) == {"data": 2, "model": 4}
+  layouts = {"up/kernel": ((16, 32), P("data", "model")), "adapter/up/kernel/b": ((2, 32), P(None, "model"))}
+  state = {
+      "frozen": {"up": {"kernel": jnp.zeros((16, 32))}},
+      "params": {"adapter": {"up": {"kernel": {"b": jnp.zeros((2, 32))}}}},
+      "opt_state": {
+          "mu": {"adapter": {"up": {"kernel": {"b": jnp.zeros((2, 32))}}}},
+          "v_row": {"adapter": {"up": {"kernel": {"b": jnp.zeros((2,))}}}},  # a factored moment: not a mirror
+      },
+      "step": jnp.zeros(()),
+  }
+  specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(state, mesh, fsdp=True, layouts=layouts))
+  assert specs["frozen"]["up"]["kernel"] == P("data", "model")
+  assert specs["params"]["adapter"]["up"]["kernel"]["b"] == P(None, "model")
+  assert specs["opt_state"]["mu"]["adapter"]["up"]["kernel"]["b"] == P(None, "model")
+  assert specs["opt_state"]["v_row"]["adapter"]["up"]["kernel"]["b"] == P("data")  # the FSDP rule
+  assert specs["step"] == P()
+
+
+def test_model_parallel_that_does_not_divide_the_devices_names_the_fix():
+  with pytest.raises(ValueError, match=r"model_parallel=3 does not divide the 8 devices .* use a divisor of 8"):
+    sharding.make_mesh(model_parallel=3)
