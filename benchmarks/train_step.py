@@ -67,7 +67,7 @@ TORCH_OF = {"full": "full (torch)", "lora": "lora (PEFT)", "dora": "dora (PEFT)"
 
 
 def _jax_step(method: str, arch: dict, batch: int, length: int):
-  """A zero-argument callable running one donated, jitted harness train step (compiled and warmed up)."""
+  """A zero-argument callable running one donated, jitted harness train step (compiled; `.memory_bytes`: temp)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -104,6 +104,7 @@ def _jax_step(method: str, arch: dict, batch: int, length: int):
     holder[0], metrics = step(holder[0], data)
     jax.block_until_ready((holder[0], metrics))
 
+  run.memory_bytes = step.memory_analysis().temp_size_in_bytes  # for benchmarks.attention
   return run
 
 
