@@ -1,0 +1,137 @@
+r"""The dense products of a BERT train step, XLA:CPU (jitted `lax.dot_general`) vs PyTorch (`torch.matmul`).
+
+  taskset -c 1 python -m benchmarks.matmul [--tokens 8192] [--hidden 384] [--ffn 1536] [--rounds 7] [--steps 3]
+
+Issue 20 asks for the remaining gap between jaxpeft's and PyTorch's train steps, with its measured cause.
+Nearly all of a BERT step's FLOPs are the Dense products of each layer, with `T` tokens (batch x length),
+hidden size `d` and MLP size `f` (defaults: all-MiniLM-L6-v2's shapes, batch 64 x 128 as in
+`benchmarks.train_step --size minilm`). For each weight `W: (m, n)` in {(d, d), (d, f), (f, d)} the step
+runs three products, timed here one by one:
+
+* forward `y = x W`, `x: (T, m)`;
+* input gradient `dx = dy W^T`, `dy: (T, n)` (contracts the weight's trailing axis);
+* weight gradient `dW = x^T dy` (contracts the token axis, the leading axis of both), as reverse mode
+  writes it for XLA, and in the canonical layout `jaxpeft.models.canonical_dot` gives it (the left
+  operand transposed first; the transpose is timed with it).
+
+Both frameworks get float32 operands of the same shapes; torch runs `len(os.sched_getaffinity(0))`
+threads (pin the process to compare one core with one core). Each product alternates between the two
+frameworks for `--rounds` rounds of `--steps` calls; printed per product: the median time and GFLOP/s
+(2 T m n FLOPs) of each, and the median of per-round ratios jax / torch, then the FLOP-weighted totals.
+The 1-minute load average is printed before and after.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from benchmarks.train_step import load_average
+
+
+def _products(tokens: int, hidden: int, ffn: int):
+  """(name, FLOPs, jax callable, its operands, torch callable, its operands) per product."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for m, n in ((hidden, hidden), (hidden, ffn), (ffn, hidden)):
+    x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((tokens, m), (m, n), (tokens, n)))
+    flops = 2 * tokens * m * n
+    cases = {
+        "x W": (lambda a, b: a @ b, (x, w), lambda a, b: a @ b, (x, w)),
+        "dy W^T": (lambda a, b: a @ b.T, (dy, w), lambda a, b: a @ b.T, (dy, w)),
+        "x^T dy (reverse mode)": (
+            lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ()))),
+            (x, dy),
+            lambda a, b: a.T @ b,
+            (x, dy),
+        ),
+        "x^T dy (canonical)": (
+            lambda a, b: lax.optimization_barrier(a.T) @ b,
+            (x, dy),
+            lambda a, b: a.T.contiguous() @ b,
+            (x, dy),
+        ),
+    }
+    for name, (jax_fn, jax_args, torch_fn, torch_args) in cases.items():
+      rows.append(
+          (
+              f"{name} ({m}x{n})",
+              flops,
+              jax.jit(jax_fn),
+              [jnp.asarray(a) for a in jax_args],
+              torch_fn,
+              [torch.from_numpy(a) for a in torch_args],
+          )
+      )
+  return rows
+
+
+def _time(fn, args, steps: int, block) -> float:
+  """Median seconds of `steps` calls of `fn(*args)`."""
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    block(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(tokens: int, hidden: int, ffn: int, rounds: int, steps: int) -> list[dict]:
+  """Per product: name, FLOPs, the jax and torch seconds of each round (see the module docstring)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  results = []
+  for name, flops, jax_fn, jax_args, torch_fn, torch_args in _products(tokens, hidden, ffn):
+    jax_fn(*jax_args).block_until_ready()  # compile
+    torch_fn(*torch_args)
+    jax_times, torch_times = [], []
+    for _ in range(rounds):
+      jax_times.append(_time(jax_fn, jax_args, steps, lambda y: y.block_until_ready()))
+      torch_times.append(_time(torch_fn, torch_args, steps, lambda y: y))
+    results.append({"name": name, "flops": flops, "jax": jax_times, "torch": torch_times})
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tokens", type=int, default=64 * 128)
+  parser.add_argument("--hidden", type=int, default=384)
+  parser.add_argument("--ffn", type=int, default=1536)
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--steps", type=int, default=3)
+  args = parser.parse_args()
+  before = load_average()
+  results = measure(args.tokens, args.hidden, args.ffn, args.rounds, args.steps)
+  print(
+      f"T={args.tokens} tokens, d={args.hidden}, f={args.ffn}; {len(os.sched_getaffinity(0))} core(s); "
+      f"jax {jax.__version__}; load average {before} before, {load_average()} after\n"
+  )
+  print("| product | jax ms | jax GFLOP/s | torch ms | torch GFLOP/s | jax / torch (paired median) |")
+  print("|---|---:|---:|---:|---:|---:|")
+  for r in results:
+    ours, theirs = statistics.median(r["jax"]), statistics.median(r["torch"])
+    ratio = statistics.median(a / b for a, b in zip(r["jax"], r["torch"]))
+    print(
+        f"| {r['name']} | {1e3 * ours:.1f} | {r['flops'] / ours / 1e9:.1f} | {1e3 * theirs:.1f} | "
+        f"{r['flops'] / theirs / 1e9:.1f} | {ratio:.2f} |"
+    )
+  for layout in ("reverse mode", "canonical"):
+    chosen = [r for r in results if "x^T dy" not in r["name"] or layout in r["name"]]
+    ours = sum(statistics.median(r["jax"]) for r in chosen)
+    theirs = sum(statistics.median(r["torch"]) for r in chosen)
+    print(
+        f"\nall products, weight gradient {layout}: jax {1e3 * ours:.1f} ms, torch {1e3 * theirs:.1f} ms, "
+        f"ratio {ours / theirs:.2f}"
+    )
+
+
+if __name__ == "__main__":
+  main()
