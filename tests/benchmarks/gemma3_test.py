@@ -20,13 +20,18 @@ def _cross_entropy(config, params, ids):
   return -np.take_along_axis(log_probs, ids[:, 1:, None], -1).mean()
 
 
+def _tiny_model_and_ids():
+  """The benchmark's `--tiny` model (config, params) and its `--batch=2 --length=16` token ids."""
+  config = gemma3.Gemma3Config(**gemma3_wordnet.TINY_ARCHITECTURE)
+  params = jax.jit(gemma3.Gemma3(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return config, params, np.random.default_rng(0).integers(3, config.vocab_size, (2, 16))
+
+
 def test_train_step_compares_the_same_lora_step(capsys):
   args = benchmark.parse_args(["--part=train_step", "--tiny", "--batch=2", "--length=16", "--rounds=3"])
   result = benchmark.train_step(args)
 
-  config = gemma3.Gemma3Config(**gemma3_wordnet.TINY_ARCHITECTURE)
-  params = jax.jit(gemma3.Gemma3(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  ids = np.random.default_rng(0).integers(3, config.vocab_size, (2, 16))
+  config, params, ids = _tiny_model_and_ids()
   expected = _cross_entropy(config, params, ids)
   np.testing.assert_allclose(result["loss"], [expected, expected], rtol=1e-4)
   assert all(len(times) == 3 and min(times) > 0 for times in result["seconds"])
@@ -37,9 +42,7 @@ def test_quantized_base_steps_start_from_each_bases_loss(capsys):
   args = benchmark.parse_args(["--part=quantized_base", "--tiny", "--batch=2", "--length=16", "--rounds=3"])
   result = benchmark.quantized_base(args)
 
-  config = gemma3.Gemma3Config(**gemma3_wordnet.TINY_ARCHITECTURE)
-  params = jax.jit(gemma3.Gemma3(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  ids = np.random.default_rng(0).integers(3, config.vocab_size, (2, 16))
+  config, params, ids = _tiny_model_and_ids()
   nf4 = quantize.dequantize_tree(quantize.quantize_tree(params, gemma3_wordnet.PROJECTIONS, "nf4", 64, True))
   np.testing.assert_allclose(result["losses"][0], _cross_entropy(config, params, ids), rtol=1e-4)
   np.testing.assert_allclose(result["losses"][1], _cross_entropy(config, params, ids), rtol=2e-2)
