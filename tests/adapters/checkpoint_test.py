@@ -102,6 +102,11 @@ def test_nnx_adapter_round_trip_keeps_list_index_keys(tmp_path):
   save_adapter(tmp_path / "nnx", adapter, cfg)
   loaded, config = load_adapter(tmp_path / "nnx", base_params=state)
   assert set(loaded["layers"]) == {"0", "1"}
+  jax.tree.map(np.testing.assert_array_equal, loaded, adapter)  # the stored bits come back exactly
+  # The applied weights only to float rounding: the loaded leaves are host arrays, and XLA:CPU's dot kernels
+  # may round differently with another memory alignment (seen once in CI as a 1-ulp difference).
   jax.tree.map(
-      np.testing.assert_array_equal, reparam.apply(state, loaded, config), reparam.apply(state, adapter, cfg)
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      reparam.apply(state, loaded, config),
+      reparam.apply(state, adapter, cfg),
   )
