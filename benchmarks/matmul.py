@@ -1,6 +1,6 @@
 r"""The dense products of a BERT train step, XLA:CPU (jitted `lax.dot_general`) vs PyTorch (`torch.matmul`).
 
-  taskset -c 1 python -m benchmarks.matmul [--tokens 8192] [--hidden 384] [--ffn 1536] [--rounds 7] [--steps 3]
+  taskset -c 1 python -m benchmarks.matmul [--tokens 8192] [--hidden 384] [--ffn 1536] [--batch 64] [--rounds 7] [--steps 3]
 
 Issue 20 asks for the remaining gap between jaxpeft's and PyTorch's train steps, with its measured cause.
 Nearly all of a BERT step's FLOPs are the Dense products of each layer, with `T` tokens (batch x length),
@@ -10,9 +10,11 @@ runs three products, timed here one by one:
 
 * forward `y = x W`, `x: (T, m)`;
 * input gradient `dx = dy W^T`, `dy: (T, n)` (contracts the weight's trailing axis);
-* weight gradient `dW = x^T dy` (contracts the token axis, the leading axis of both), as reverse mode
-  writes it for XLA, and in the canonical layout `jaxpeft.models.canonical_dot` gives it (the left
-  operand transposed first; the transpose is timed with it).
+* weight gradient `dW = x^T dy` (contracts the tokens, the leading axes of both), as reverse mode writes
+  it for a Dense layer applied to 2-D activations `(T, m)` -- what `jaxpeft.models.canonical_dot` folds every
+  layer's input to -- and to 3-D activations `(batch, T / batch, m)`, the plain `nn.Dense` on a
+  (batch, length, features) array. For the 3-D form XLA:CPU first copies one operand transposed (timed with
+  it); PyTorch's Linear flattens the tokens in its backward, so its row is `tensordot` of the 3-D arrays.
 
 Both frameworks get float32 operands of the same shapes; torch runs `len(os.sched_getaffinity(0))`
 threads (pin the process to compare one core with one core). Each product alternates between the two
@@ -34,8 +36,12 @@ from jax import lax
 from benchmarks.train_step import load_average
 
 
-def _products(tokens: int, hidden: int, ffn: int):
+def _products(tokens: int, hidden: int, ffn: int, batch: int):
   """(name, FLOPs, jax callable, its operands, torch callable, its operands) per product."""
+  if tokens % batch:
+    raise ValueError(
+        f"--tokens={tokens} is not a multiple of --batch={batch}: the 3-D activations are (batch, tokens / batch, d)."
+    )
   import torch  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -46,17 +52,17 @@ def _products(tokens: int, hidden: int, ffn: int):
     cases = {
         "x W": (lambda a, b: a @ b, (x, w), lambda a, b: a @ b, (x, w)),
         "dy W^T": (lambda a, b: a @ b.T, (dy, w), lambda a, b: a @ b.T, (dy, w)),
-        "x^T dy (reverse mode)": (
+        "x^T dy (2-D)": (
             lambda a, b: lax.dot_general(a, b, (((0,), (0,)), ((), ()))),
             (x, dy),
             lambda a, b: a.T @ b,
             (x, dy),
         ),
-        "x^T dy (canonical)": (
-            lambda a, b: lax.optimization_barrier(a.T) @ b,
-            (x, dy),
-            lambda a, b: a.T.contiguous() @ b,
-            (x, dy),
+        "x^T dy (3-D)": (
+            lambda a, b: lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ()))),
+            (x.reshape(batch, -1, m), dy.reshape(batch, -1, n)),
+            lambda a, b: torch.tensordot(a, b, dims=([0, 1], [0, 1])),
+            (x.reshape(batch, -1, m), dy.reshape(batch, -1, n)),
         ),
     }
     for name, (jax_fn, jax_args, torch_fn, torch_args) in cases.items():
@@ -83,13 +89,13 @@ def _time(fn, args, steps: int, block) -> float:
   return statistics.median(times)
 
 
-def measure(tokens: int, hidden: int, ffn: int, rounds: int, steps: int) -> list[dict]:
+def measure(tokens: int, hidden: int, ffn: int, batch: int, rounds: int, steps: int) -> list[dict]:
   """Per product: name, FLOPs, the jax and torch seconds of each round (see the module docstring)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   results = []
-  for name, flops, jax_fn, jax_args, torch_fn, torch_args in _products(tokens, hidden, ffn):
+  for name, flops, jax_fn, jax_args, torch_fn, torch_args in _products(tokens, hidden, ffn, batch):
     jax_fn(*jax_args).block_until_ready()  # compile
     torch_fn(*torch_args)
     jax_times, torch_times = [], []
@@ -105,11 +111,12 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=64 * 128)
   parser.add_argument("--hidden", type=int, default=384)
   parser.add_argument("--ffn", type=int, default=1536)
+  parser.add_argument("--batch", type=int, default=64, help="batch of the 3-D weight-gradient layout")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()
   before = load_average()
-  results = measure(args.tokens, args.hidden, args.ffn, args.rounds, args.steps)
+  results = measure(args.tokens, args.hidden, args.ffn, args.batch, args.rounds, args.steps)
   print(
       f"T={args.tokens} tokens, d={args.hidden}, f={args.ffn}; {len(os.sched_getaffinity(0))} core(s); "
       f"jax {jax.__version__}; load average {before} before, {load_average()} after\n"
@@ -123,7 +130,7 @@ def main() -> None:
         f"| {r['name']} | {1e3 * ours:.1f} | {r['flops'] / ours / 1e9:.1f} | {1e3 * theirs:.1f} | "
         f"{r['flops'] / theirs / 1e9:.1f} | {ratio:.2f} |"
     )
-  for layout in ("reverse mode", "canonical"):
+  for layout in ("2-D", "3-D"):
     chosen = [r for r in results if "x^T dy" not in r["name"] or layout in r["name"]]
     ours = sum(statistics.median(r["jax"]) for r in chosen)
     theirs = sum(statistics.median(r["torch"]) for r in chosen)

@@ -1,72 +1,53 @@
-"""A `lax.dot_general` whose weight-gradient product reaches the compiler in canonical layout.
+"""A `lax.dot_general` for Dense layers whose weight-gradient product reaches XLA:CPU as one 2-D matrix product.
 
-For a layer `y = x W` (x: (tokens, d_in), W: (d_in, d_out)), reverse mode computes the weight gradient
-`dW = x^T dy`, a product contracting the token axis, which is the *leading* axis of both operands. XLA:CPU
-hands that dot to Eigen, because its fast dot path (YNNPACK) takes only a left operand contracting its
-trailing axes; measured on BERT 4x256 this left about half the train step in Eigen at a third of the speed.
+A Dense layer applied to activations of shape (batch, tokens, d_in) computes `y = x W` as a dot_general that
+contracts x's last axis, with (batch, tokens) as free axes. Reverse mode then writes the weight gradient
 
-`dot_general` here computes the same values with a custom JVP. The output is `lax.dot_general(x, W)`,
-and the tangent is `dx W + x dW` as in `lax`'s own rule, except that `x dW` is written with
-`x_t = transpose(x)` to (contracted axes..., free axes...), kept behind `lax.optimization_barrier` so the
-compiler cannot fold the transpose back into the dot:
+  dW = sum over batch and tokens of x^T dy = dot_general(x, dy, contract (batch, tokens) of both),
 
-  tangent = dot_general(dx, W) + dot_general(x_t, dW, contract x_t's leading axes)
+a product contracting two *leading* axes. XLA:CPU lowers it by first copying dy into a transposed
+(d_out, batch*tokens) buffer and then calling Eigen on the transposed pair (YNNPACK, its fast dot path, takes
+only a left operand contracting its trailing axes). In the train step of BERT at all-MiniLM-L6-v2's size
+(batch 64 x 128) these weight-gradient dots ran at 59-78 GFLOP/s against 85-94 for the forward and
+input-gradient products, and the transposed copies of dy took another ~0.2 s of a ~9 s step (profile in
+the README, "Train-step speed"; issue 20).
 
-Its transpose, the weight gradient `dW = dot_general(x_t, dy, contract x_t's trailing axes)`, then has
-its left operand contracting its trailing axes (canonical). Forward mode stays exact (`jax.jvp`,
-`jax.hessian`, AdaHessian's Hessian-vector products), and only the memory layout of one intermediate
-changes, so values and gradients equal `lax.dot_general`'s up to float summation order. Products with
-batch dimensions (attention scores, which have no weight) go to `lax.dot_general` unchanged.
+`dot_general` here folds the free axes of the activations into one token axis and the contracted axes into
+one feature axis before the product, and unfolds the result:
 
-Whether layers use it is one switch, `enabled()`: the environment variable `JAXPEFT_CANONICAL_DOT`
-('1' on; '0' or unset: off), read when a layer is traced. Off by default: in the harness's train step on
-the CPU it measured ~0.95x the step time for full fine-tuning of BERT 4x256 at batch 16 x 64 and nothing
-for LoRA or at all-MiniLM-L6-v2's size (benchmarks/train_step.py, README "Train-step speed"), while its
-different float summation order moved the flagship's SALT row by 3 test examples over 100 steps (issue
-20 allows one).
+  y = reshape(reshape(x, (N, K)) . reshape(W, (K, M)), x's free shape + W's free shape)
+
+so the weight gradient is the 2-D product `x2^T dy2` of two row-major (N, K) and (N, M) operands, which
+XLA:CPU hands to Eigen without transposing either (no copies), and the forward and input-gradient products
+are the plain 2-D (N, K) x (K, M) and (N, M) x (M, K) products they were. Only reshapes of contiguous axes
+are added, which XLA compiles to bitcasts: values, gradients and forward-mode derivatives (JVPs, AdaHessian's
+Hessian-vector products) are those of `lax.dot_general` (tests/models/canonical_dot_test.py checks them).
+Products whose axes are not in that order (contracted axes not trailing on the left or not leading on the
+right), with batch dimensions (attention scores), or with extra keyword arguments (e.g. `out_sharding`) go
+to `lax.dot_general` unchanged.
+
+The switch is the environment variable `JAXPEFT_CANONICAL_DOT` ('0' off; '1' or unset: on), read when a
+layer is traced. (Until 2026-12-07 the module instead transposed x behind an optimization barrier in a
+custom JVP; XLA's layout assignment undid that transpose, the dot stayed on Eigen, and it measured no gain
+at the MiniLM size, so it was off by default.)
 """
 
-import functools
+import math
 import os
 from collections.abc import Sequence
 
 import jax
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 ENV_VAR = "JAXPEFT_CANONICAL_DOT"
 
 
 def enabled() -> bool:
-  """Whether layers use the canonical product: `$JAXPEFT_CANONICAL_DOT` is '1' (unset: off)."""
+  """Whether layers fold their products to 2-D: `$JAXPEFT_CANONICAL_DOT` is not '0' (unset: on)."""
   value = os.environ.get(ENV_VAR, "")
   if value not in ("", "0", "1"):
-    raise ValueError(f"{ENV_VAR}={value!r}: set it to '1' (on), '0' (off), or unset it (off).")
-  return value == "1"
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _canonical_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type):
-  return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-
-
-def _canonical_dot_jvp(dimension_numbers, precision, preferred_element_type, primals, tangents):
-  lhs, rhs = primals
-  lhs_dot, rhs_dot = tangents
-  (lhs_contract, rhs_contract), _ = dimension_numbers
-  dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
-  out = dot(lhs, rhs, dimension_numbers)
-  terms = []  # Zero tangents (frozen weights, inputs that do not depend on the parameters) cost nothing.
-  if not isinstance(lhs_dot, SymbolicZero):
-    terms.append(dot(lhs_dot, rhs, dimension_numbers))
-  if not isinstance(rhs_dot, SymbolicZero):
-    free = [d for d in range(lhs.ndim) if d not in lhs_contract]
-    lhs_t = lax.optimization_barrier(lax.transpose(lhs, (*lhs_contract, *free)))
-    terms.append(dot(lhs_t, rhs_dot, ((tuple(range(len(lhs_contract))), rhs_contract), ((), ()))))
-  return out, sum(terms[1:], terms[0]) if terms else lax.zeros_like_array(out)
-
-
-_canonical_dot.defjvp(_canonical_dot_jvp, symbolic_zeros=True)
+    raise ValueError(f"{ENV_VAR}={value!r}: set it to '1' (on), '0' (off), or unset it (on).")
+  return value != "0"
 
 
 def dot_general(
@@ -77,13 +58,27 @@ def dot_general(
     preferred_element_type=None,
     **kwargs,
 ) -> jax.Array:
-  """`lax.dot_general` with the weight-gradient product in canonical layout (module docstring) when `enabled()`.
+  """`lax.dot_general`, computed as one 2-D product over folded axes when `enabled()` (module docstring).
 
-  A drop-in for Flax's `dot_general` layer argument. Extra keyword arguments (e.g. `out_sharding`) and
-  products with batch dimensions go to `lax.dot_general` unchanged.
+  A drop-in for Flax's `dot_general` layer argument.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if kwargs or lhs_batch or rhs_batch or not enabled():
+  lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
+  n_free = lhs.ndim - len(lhs_contract)
+  foldable = (
+      lhs_contract == tuple(range(n_free, lhs.ndim))
+      and rhs_contract == tuple(range(len(rhs_contract)))
+      and (n_free > 1 or len(lhs_contract) > 1 or rhs.ndim - len(rhs_contract) > 1)
+  )
+  if kwargs or lhs_batch or rhs_batch or not foldable or not enabled():
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
-  dims = ((tuple(lhs_contract), tuple(rhs_contract)), ((), ()))
-  return _canonical_dot(lhs, rhs, dims, precision, preferred_element_type)
+  free_shape, out_shape = lhs.shape[:n_free], rhs.shape[len(rhs_contract) :]
+  k = math.prod(lhs.shape[n_free:])
+  product = lax.dot_general(
+      lhs.reshape(math.prod(free_shape), k),
+      rhs.reshape(k, math.prod(out_shape)),
+      (((1,), (0,)), ((), ())),
+      precision,
+      preferred_element_type,
+  )
+  return product.reshape(*free_shape, *out_shape)

@@ -35,7 +35,7 @@ with fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/o
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import canonical_dot
+from jaxpeft.models import activations, canonical_dot
 
 POOLINGS = ("cls", "mean")
 
@@ -52,7 +52,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
     y = nn.Dense(self.mlp_dim, dot_general=canonical_dot.dot_general, name="fc1")(nn.LayerNorm(name="ln")(z))
-    return nn.Dense(z.shape[-1], dot_general=canonical_dot.dot_general, name="fc2")(nn.gelu(y, approximate=False))
+    return nn.Dense(z.shape[-1], dot_general=canonical_dot.dot_general, name="fc2")(activations.gelu(y))
 
 
 class EncoderBlock(nn.Module):
