@@ -129,12 +129,16 @@ def _torch_step(method: str, arch: dict, batch: int, length: int):
   return run
 
 
-def _worker(name: str, size: str, precision: str, torch_attention: str) -> None:
+def _worker(name: str, size: str, precision: str, torch_attention: str, torch_heap: str) -> None:
   """Builds `name`'s step, then answers each stdin line 'N' with the JSON list of N step times."""
   threads = len(os.sched_getaffinity(0))
   library, method = VARIANTS[name]
   arch, batch, length = SIZES[size]
   if library == "torch":
+    if torch_heap == "kept":  # the glibc settings `import jaxpeft` makes, before torch allocates anything
+      from jaxpeft import cpu_heap  # pylint: disable=g-import-not-at-top
+
+      cpu_heap.keep_heap()
     import torch  # pylint: disable=g-import-not-at-top
 
     torch.set_num_threads(threads)
@@ -176,10 +180,14 @@ def measure(
     pin: str = "",
     precision: str = "float32",
     torch_attention: str = "",
+    torch_heap: str = "default",
 ) -> dict[str, list[list[float]]]:
   """Per variant, per round, the step times (seconds) of persistent worker processes asked in rotation."""
   prefix = ["taskset", "-c", pin] if pin else []
-  options = ["--size", size, "--precision", precision, "--torch_attention", torch_attention]
+  options = [
+      *("--size", size, "--precision", precision),
+      *("--torch_attention", torch_attention, "--torch_heap", torch_heap),
+  ]
   workers = {}
   for name in names:  # Started one after another: compilation does not overlap the others' work.
     workers[name] = subprocess.Popen(
@@ -232,19 +240,28 @@ def main() -> None:
   parser.add_argument("--variants", default="", help="comma-separated methods (default: all)")
   parser.add_argument("--precision", choices=sorted(PRECISIONS), default="float32")
   parser.add_argument("--torch_attention", default="", help="transformers attn_implementation (default: its own)")
+  parser.add_argument(
+      "--torch_heap",
+      choices=("default", "kept"),
+      default="default",
+      help="'kept': the torch processes get the glibc heap settings `import jaxpeft` makes (jaxpeft/cpu_heap.py)",
+  )
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    _worker(args.worker, args.size, args.precision, args.torch_attention)
+    _worker(args.worker, args.size, args.precision, args.torch_attention, args.torch_heap)
     return
   methods = args.variants.split(",") if args.variants else None
   names = [n for n, (_, m) in VARIANTS.items() if methods is None or m in methods]
   arch, batch, length = SIZES[args.size]
   before = load_average()
-  times = measure(names, args.size, args.rounds, args.steps, args.pin, args.precision, args.torch_attention)
+  times = measure(
+      names, args.size, args.rounds, args.steps, args.pin, args.precision, args.torch_attention, args.torch_heap
+  )
   print(
       f"BERT {arch['num_hidden_layers']}x{arch['hidden_size']}, batch {batch} x {length}, {args.rounds} rounds"
-      f" x {args.steps} steps, {'pinned to CPU ' + args.pin if args.pin else 'unpinned'}; load average"
+      f" x {args.steps} steps, {'pinned to CPU ' + args.pin if args.pin else 'unpinned'}, torch heap"
+      f" {args.torch_heap}; load average"
       f" {before} before, {load_average()} after\n"
   )
   print(table(times))
