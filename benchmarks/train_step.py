@@ -67,7 +67,10 @@ TORCH_OF = {"full": "full (torch)", "lora": "lora (PEFT)", "dora": "dora (PEFT)"
 
 
 def _jax_step(method: str, arch: dict, batch: int, length: int):
-  """A zero-argument callable running one donated, jitted harness train step (compiled; `.memory_bytes`: temp)."""
+  """A zero-argument callable running one donated, jitted harness train step.
+
+  Attributes: `.memory_bytes`, the compiled step's temporary memory; `.compiled`, the executable.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -105,6 +108,7 @@ def _jax_step(method: str, arch: dict, batch: int, length: int):
     jax.block_until_ready((holder[0], metrics))
 
   run.memory_bytes = step.memory_analysis().temp_size_in_bytes  # for benchmarks.attention
+  run.compiled = step  # for benchmarks.step_profile
   return run
 
 
