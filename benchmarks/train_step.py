@@ -3,7 +3,8 @@ r"""One train step, jaxpeft vs PyTorch (+ PEFT), measured robustly on a shared m
   python -m benchmarks.train_step [--size small|minilm] [--rounds 7] [--steps 5] [--pin CPU] \
       [--variants full,lora,...]
 
-Variants: jaxpeft full fine-tuning, LoRA, DoRA, SoRA and PELA (the harness's train step,
+Variants: jaxpeft full fine-tuning, LoRA (rebuilt weights `W + s A B`, and factored: `x W + s x A B`),
+DoRA, SoRA and PELA (the harness's train step,
 `jaxpeft.train.step.make_train_step` over `Trainable.from_config` of `configs/minilm_text.py`'s method,
 so SoRA's loss term and gate update and PELA's factorisation are the harness's) and torch full, LoRA and
 DoRA (`benchmarks.adapters`' PyTorch model: `transformers.BertModel` + mean pooling + head, PEFT
@@ -53,6 +54,7 @@ SIZES = {
 VARIANTS = {
     "full (jaxpeft)": ("jax", "full"),
     "lora (jaxpeft)": ("jax", "lora"),
+    "lora factored (jaxpeft)": ("jax", "lora"),
     "dora (jaxpeft)": ("jax", "dora"),
     "sora (jaxpeft)": ("jax", "sora"),
     "pela (jaxpeft)": ("jax", "pela"),
@@ -60,13 +62,16 @@ VARIANTS = {
     "lora (PEFT)": ("torch", "lora"),
     "dora (PEFT)": ("torch", "dora"),
 }
+# jaxpeft variants in an adapter mode other than the config's 'reparam' (rebuilt weights): 'factored'
+# computes x A B in activation space, as PEFT does.
+JAX_MODES = {"lora factored (jaxpeft)": "factored"}
 # --precision -> (jax_default_matmul_precision, torch.set_float32_matmul_precision): float32 matmuls, or
 # float32 storage with bfloat16 matmul inputs on both sides.
 PRECISIONS = {"float32": ("highest", "highest"), "bf16_matmul": ("bfloat16", "medium")}
 TORCH_OF = {"full": "full (torch)", "lora": "lora (PEFT)", "dora": "dora (PEFT)"}
 
 
-def _jax_step(method: str, arch: dict, batch: int, length: int):
+def _jax_step(method: str, arch: dict, batch: int, length: int, mode: str = "reparam"):
   """A zero-argument callable running one donated, jitted harness train step.
 
   Attributes: `.memory_bytes`, the compiled step's temporary memory; `.compiled`, the executable.
@@ -90,6 +95,7 @@ def _jax_step(method: str, arch: dict, batch: int, length: int):
   }
   config = minilm_text.get_config(method)
   config.adapter.rank, config.adapter.alpha = adapters.RANK, adapters.ALPHA
+  config.adapter.mode = mode
   trainable = Trainable.from_config(model, config)
   tx = trainable.optimizer(optax.adamw(adapters.LEARNING_RATE))
   base = model.init(jax.random.key(0), data["input_ids"][:1])["params"]
@@ -153,7 +159,7 @@ def _worker(name: str, size: str, precision: str, torch_attention: str, torch_he
     import jax  # pylint: disable=g-import-not-at-top
 
     jax.config.update("jax_default_matmul_precision", PRECISIONS[precision][0])
-    run = _jax_step(method, arch, batch, length)
+    run = _jax_step(method, arch, batch, length, JAX_MODES.get(name, "reparam"))
   for _ in range(3):  # warm-up (and compilation)
     run()
   print("READY", flush=True)
