@@ -112,9 +112,9 @@ def jax_profile(size: str, batch: int | None, method: str) -> dict:
       called = re.search(r"calls=%?([\w.\-]+)", line).group(1)
       dots = [l for l in computations.get(called, []) if " dot(" in l]
     if dots:
-      kind, flops = _dot_kind(dots[0], shapes)
-      key = f"matmul: {kind}"
-      groups[key]["flops"] += sum(_dot_kind(d, shapes)[1] for d in dots)
+      kinds = [_dot_kind(d, shapes) for d in dots]
+      key = f"matmul: {kinds[0][0]}"
+      groups[key]["flops"] += sum(flops for _, flops in kinds)
       groups[key]["eigen_ms"] += ms if " dot(" in line else 0.0
     else:
       key = _operation(line)

@@ -30,6 +30,8 @@ import ctypes
 import ctypes.util
 import os
 
+from jaxpeft._env_switch import on_unless_zero
+
 ENV_VAR = "JAXPEFT_CPU_HEAP"
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -38,10 +40,7 @@ SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
 
 def enabled() -> bool:
   """Whether `import jaxpeft` keeps the heap: `$JAXPEFT_CPU_HEAP` is not '0' (unset: on)."""
-  value = os.environ.get(ENV_VAR, "")
-  if value not in ("", "0", "1"):
-    raise ValueError(f"{ENV_VAR}={value!r}: set it to '1' (on), '0' (off), or unset it (on).")
-  return value != "0"
+  return on_unless_zero(ENV_VAR)
 
 
 def keep_heap() -> bool:

@@ -33,21 +33,19 @@ at the MiniLM size, so it was off by default.)
 """
 
 import math
-import os
 from collections.abc import Sequence
 
 import jax
 from jax import lax
+
+from jaxpeft._env_switch import on_unless_zero
 
 ENV_VAR = "JAXPEFT_CANONICAL_DOT"
 
 
 def enabled() -> bool:
   """Whether layers fold their products to 2-D: `$JAXPEFT_CANONICAL_DOT` is not '0' (unset: on)."""
-  value = os.environ.get(ENV_VAR, "")
-  if value not in ("", "0", "1"):
-    raise ValueError(f"{ENV_VAR}={value!r}: set it to '1' (on), '0' (off), or unset it (on).")
-  return value != "0"
+  return on_unless_zero(ENV_VAR)
 
 
 def dot_general(
