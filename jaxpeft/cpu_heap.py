@@ -19,7 +19,10 @@ same glibc, but its step allocates less at once (28,769 faults per step on the s
 With them the second and later calls of a compiled step reuse the pages of the first: 0 page faults per step,
 and 0.83x the step time in that measurement. The price is PyTorch's on a GPU: the process keeps its peak heap
 until it exits, and threads share one malloc lock (XLA's buffers are few and large; Python's small objects
-come from its own allocator). Values are unchanged: only where memory comes from.
+come from its own allocator). With XLA on two or more threads a call's buffers can be freed after the next
+call has allocated, so the heap grows in steps over the first 100-300 calls (a 64 MB product on 2 cores:
+0.47-0.91 GB resident, against 0.27 GB on one core) and stops faulting once it holds enough free blocks.
+Values are unchanged: only where memory comes from.
 
 `import jaxpeft` calls `keep_heap()` unless `JAXPEFT_CPU_HEAP=0`; it has to run before JAX starts its
 thread pools (before the first computation), since a thread that already owns an arena keeps it. Where the C
