@@ -1,6 +1,7 @@
 r"""Where one train step's time goes: XLA:CPU's compiled step, op by op, beside PyTorch's profile of the same step.
 
-  taskset -c 1 python -m benchmarks.step_profile [--size small|minilm] [--batch N] [--method full] [--top 12]
+  taskset -c 1 python -m benchmarks.step_profile [--size small|minilm] [--batch N] [--method full]
+      [--mode reparam|factored] [--top 12]
 
 The jaxpeft step is `benchmarks.train_step`'s (the harness step of BERT at the chosen size), compiled once
 and run twice, then traced for one step with `jax.profiler.trace` (its Perfetto trace holds one event per
@@ -79,12 +80,15 @@ def _operation(line: str) -> str:
   return f"{direction} {re.sub(r'layer_[0-9]+', 'layer_N', name)}"
 
 
-def jax_profile(size: str, batch: int | None, method: str) -> dict:
-  """Traced milliseconds per group of the compiled harness step (module docstring), and its total."""
+def jax_profile(size: str, batch: int | None, method: str, mode: str = "reparam") -> dict:
+  """Traced milliseconds per group of the compiled harness step (module docstring), and its total.
+
+  `mode` is the adapter's: 'reparam' (rebuilt weights) or 'factored' (LoRA's `x W + s (x A) B`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   arch, default_batch, length = train_step.SIZES[size]
-  run = train_step._jax_step(method, arch, batch or default_batch, length)  # pylint: disable=protected-access
+  run = train_step._jax_step(method, arch, batch or default_batch, length, mode)  # pylint: disable=protected-access
   run()
   run()
   with tempfile.TemporaryDirectory() as logdir:
@@ -168,14 +172,16 @@ def main() -> None:
   parser.add_argument("--size", choices=sorted(train_step.SIZES), default="minilm")
   parser.add_argument("--batch", type=int, default=None, help="batch size (default: the size's)")
   parser.add_argument("--method", choices=sorted(train_step.TORCH_OF), default="full")
+  parser.add_argument("--mode", choices=("reparam", "factored"), default="reparam", help="jaxpeft adapter mode")
   parser.add_argument("--top", type=int, default=12)
   args = parser.parse_args()
   before = train_step.load_average()
-  jax_result = jax_profile(args.size, args.batch, args.method)
+  jax_result = jax_profile(args.size, args.batch, args.method, args.mode)
   torch_result = torch_profile(args.size, args.batch, args.method)
   arch, batch, length = train_step.SIZES[args.size]
   print(
-      f"BERT {arch['num_hidden_layers']}x{arch['hidden_size']}, batch {args.batch or batch} x {length}, {args.method};"
+      f"BERT {arch['num_hidden_layers']}x{arch['hidden_size']}, batch {args.batch or batch} x {length}, {args.method}"
+      f" ({args.mode} in jaxpeft);"
       f" {len(os.sched_getaffinity(0))} core(s); load average {before} before, {train_step.load_average()} after\n"
   )
   print(report(jax_result, torch_result, args.top))
