@@ -11,7 +11,7 @@ runs three products, timed here one by one:
 * forward `y = x W`, `x: (T, m)`;
 * input gradient `dx = dy W^T`, `dy: (T, n)` (contracts the weight's trailing axis);
 * weight gradient `dW = x^T dy` (contracts the tokens, the leading axes of both), as reverse mode writes
-  it for a Dense layer applied to 2-D activations `(T, m)` -- what `jaxpeft.models.canonical_dot` folds every
+  it for a Dense layer applied to 2-D activations `(T, m)` -- what `jaxpeft.canonical_dot` folds every
   layer's input to -- and to 3-D activations `(batch, T / batch, m)`, the plain `nn.Dense` on a
   (batch, length, features) array. For the 3-D form XLA:CPU first copies one operand transposed (timed with
   it); PyTorch's Linear flattens the tokens in its backward, so its row is `tensordot` of the 3-D arrays.

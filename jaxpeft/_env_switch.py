@@ -1,7 +1,7 @@
 """An on/off switch read from an environment variable: on unless set to '0'.
 
 Shared by the process-wide settings that `import jaxpeft` applies (jaxpeft/cpu_heap.py) and by the
-folded products of the models (jaxpeft/models/canonical_dot.py), so that both read their variable the
+folded products of the models (jaxpeft/canonical_dot.py), so that both read their variable the
 same way and refuse the same wrong values.
 """
 

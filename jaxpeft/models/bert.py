@@ -63,7 +63,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, canonical_dot
+from jaxpeft import canonical_dot
+from jaxpeft.models import activations
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": activations.gelu,

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import canonical_dot
+from jaxpeft import canonical_dot
 
 
 class CNN(nn.Module):

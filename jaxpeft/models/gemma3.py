@@ -62,7 +62,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.models import canonical_dot, gemma3_sharding
+from jaxpeft import canonical_dot
+from jaxpeft.models import gemma3_sharding
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -238,7 +239,7 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 
 def _dense(features: int, name: str, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.Dense:
-  """A bias-free projection, its weight gradient in canonical layout (`jaxpeft.models.canonical_dot`)."""
+  """A bias-free projection, its weight gradient in canonical layout (`jaxpeft.canonical_dot`)."""
   return nn.Dense(
       features,
       use_bias=False,

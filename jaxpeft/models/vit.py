@@ -35,7 +35,8 @@ with fan_in_axes=((r".*attention/(query|key|value)/kernel", 1), (r".*attention/o
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxpeft.models import activations, canonical_dot
+from jaxpeft import canonical_dot
+from jaxpeft.models import activations
 
 POOLINGS = ("cls", "mean")
 

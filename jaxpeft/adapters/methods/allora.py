@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.methods.lora import lora_factors_init
+from jaxpeft.canonical_dot import matmul
 
 _INITS = ("default", "gaussian", "random")
 
@@ -98,4 +99,4 @@ class ALLoRA(AdapterMethod):
     return allora_product(leaves["a"], leaves["b"], float(target.option("eta")))
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return x @ self.delta(leaves, target)
+    return matmul(x, self.delta(leaves, target))

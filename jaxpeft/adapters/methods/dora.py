@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxpeft.adapters.core import Leaves, Target, register_method
 from jaxpeft.adapters.methods.lora import LORA_PEFT, LoRAFactors, lora_factors_init
+from jaxpeft.canonical_dot import matmul
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -90,4 +91,4 @@ class DoRA(LoRAFactors):
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
     g = magnitude_scale(_updated(kernel, leaves, target), leaves)
-    return (g - 1.0) * (x @ kernel) + g * target.scaling * ((x @ leaves["a"]) @ leaves["b"])
+    return (g - 1.0) * matmul(x, kernel) + g * matmul(matmul(x, leaves["a"]) * target.scaling, leaves["b"])

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.canonical_dot import matmul
 
 
 def _xavier_uniform(rng: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
@@ -117,4 +118,6 @@ class Hydra(AdapterMethod):
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
     s = target.scaling
-    return s * ((x @ leaves["a_p"]) @ leaves["b_p"]) + s * (((x @ kernel) @ leaves["a_s"]) @ leaves["b_s"])
+    return matmul(matmul(x, leaves["a_p"]) * s, leaves["b_p"]) + matmul(
+        matmul(matmul(x, kernel), leaves["a_s"]) * s, leaves["b_s"]
+    )

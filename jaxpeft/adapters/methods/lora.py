@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, input_side, rank_fields, transpose
+from jaxpeft.canonical_dot import matmul
 
 _INITS = ("default", "gaussian", "random")
 
@@ -186,4 +187,4 @@ class LoRA(LoRAFactors):
     return _is_pissa(target.init)
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return target.scaling * ((x @ leaves["a"]) @ leaves["b"])
+    return matmul(matmul(x, leaves["a"]) * target.scaling, leaves["b"])

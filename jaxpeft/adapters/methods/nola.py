@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.canonical_dot import matmul
 
 _INITS = ("default", "random")
 _SEED_RANGE = 2**24  # integers exactly representable in float32
@@ -98,4 +99,4 @@ class NOLA(AdapterMethod):
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
     a, b = _factors(leaves, target)
-    return target.scaling * ((x @ a) @ b)
+    return matmul(matmul(x, a) * target.scaling, b)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.canonical_dot import matmul
 
 
 def _top_count(target: Target) -> int:
@@ -101,7 +102,7 @@ class SALT(AdapterMethod):
     return (leaves["u"] @ _core_change(leaves)) @ leaves["vt"]
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return ((x @ leaves["u"]) @ _core_change(leaves)) @ leaves["vt"]
+    return matmul(matmul(matmul(x, leaves["u"]), _core_change(leaves)), leaves["vt"])
 
   def loss_term(self, config: Any, *, reg_multiplier: float):
     """``reg_multiplier * regularizer(adapter_params)`` (``penalty.reg_multiplier``; reference default 0)."""

@@ -56,6 +56,7 @@ from flax import traverse_util
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.methods.lora import lora_factors_init
+from jaxpeft.canonical_dot import matmul
 
 _INITS = ("default", "gaussian", "random")
 GATE = "gate"
@@ -79,7 +80,7 @@ class SoRA(AdapterMethod):
     return target.scaling * ((leaves["a"] * leaves[GATE]) @ leaves["b"])
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return target.scaling * (((x @ leaves["a"]) * leaves[GATE]) @ leaves["b"])
+    return matmul(matmul(x, leaves["a"]) * (target.scaling * leaves[GATE]), leaves["b"])
 
   def loss_term(self, config: AdapterConfig, *, sparse_lambda: float):
     """``sparse_lambda * sum |g| / n_gates`` over all gates (``penalty.sparse_lambda``; reference trainer)."""

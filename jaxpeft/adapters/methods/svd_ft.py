@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
+from jaxpeft.canonical_dot import matmul
 
 
 @register_method("svd_ft")
@@ -49,4 +50,4 @@ class SingularValueFineTuning(AdapterMethod):
     return (leaves["u"] * (leaves["s"] - leaves["s0"])) @ leaves["vt"]
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return ((x @ leaves["u"]) * (leaves["s"] - leaves["s0"])) @ leaves["vt"]
+    return matmul(matmul(x, leaves["u"]) * (leaves["s"] - leaves["s0"]), leaves["vt"])

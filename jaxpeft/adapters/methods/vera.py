@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jaxpeft.adapters.config import AdapterConfig
 from jaxpeft.adapters.core import AdapterMethod, Leaves, Target, register_method
 from jaxpeft.adapters.peft_mapping import Layout, PeftMapping, Rule, same, transpose
+from jaxpeft.canonical_dot import matmul
 
 _INITS = ("default", "random")
 
@@ -164,4 +165,4 @@ class VeRA(AdapterMethod):
     return (leaves["proj_a"] * leaves["d"]) @ (leaves["proj_b"] * leaves["b"])
 
   def branch(self, x: jax.Array, kernel: jax.Array, leaves: Leaves, target: Target) -> jax.Array:
-    return (((x @ leaves["proj_a"]) * leaves["d"]) @ leaves["proj_b"]) * leaves["b"]
+    return matmul(matmul(x, leaves["proj_a"]) * leaves["d"], leaves["proj_b"]) * leaves["b"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpeft.models import canonical_dot
+from jaxpeft import canonical_dot
 
 # (input shape, layer): Dense, DenseGeneral folding two input axes (ViT's attention out) and one
 # producing two output axes (ViT's q/k/v), a 2-D input.
@@ -76,11 +76,28 @@ def test_weight_gradient_dot_needs_no_transposed_copy():
   assert [l for l in folded.splitlines() if " dot(" in l and "lhs_contracting_dims={0}" in l]
 
 
+def test_narrowing_weight_gradient_is_a_product_with_few_rows():
+  """For M < K the weight gradient is computed as dy^T x, (M, K), then transposed; plainly it is x^T dy, (K, M)."""
+  x, w = jnp.ones((4, 16, 24)), jnp.ones((24, 4))
+  dims = (((2,), (0,)), ((), ()))
+  grad = lambda dg: jax.grad(lambda w: jnp.sum(jnp.sin(dg(x, w, dims))))
+  outputs = lambda hlo: {l.split(" = ")[1].split(" ")[0].split("{")[0] for l in hlo.splitlines() if " dot(" in l}
+  assert "f32[4,24]" not in outputs(_hlo(grad(lax.dot_general), w))
+  assert "f32[4,24]" in outputs(_hlo(grad(canonical_dot.dot_general), w))
+
+
+def test_matmul_is_x_at_w():
+  x, w = jax.random.normal(jax.random.key(0), (2, 3, 8)), jax.random.normal(jax.random.key(1), (8, 3))
+  chex.assert_trees_all_close(canonical_dot.matmul(x, w), x @ w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "lhs_shape,rhs_shape,dims",
     [
         ((2, 3, 4), (4, 5), (((2,), (0,)), ((), ()))),  # folded
-        ((3, 4), (4, 5), (((1,), (0,)), ((), ()))),  # already 2-D: plain
+        ((3, 4), (4, 5), (((1,), (0,)), ((), ()))),  # already 2-D
+        ((2, 3, 8), (8, 3), (((2,), (0,)), ((), ()))),  # narrowing (M < K): folded, transposed weight
+        ((6, 2, 4), (2, 4, 3), (((1, 2), (0, 1)), ((), ()))),  # narrowing, two contracted axes
         ((2, 4, 3), (4, 5), (((1,), (0,)), ((), ()))),  # contracted axis not trailing: plain
         ((2, 3, 4), (5, 4), (((2,), (1,)), ((), ()))),  # contracted axis not leading on the right: plain
         ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),  # batch dimensions: plain
