@@ -1,12 +1,13 @@
 r"""The dense products of a BERT train step, XLA:CPU (jitted `lax.dot_general`) vs PyTorch (`torch.matmul`).
 
-  taskset -c 1 python -m benchmarks.matmul [--tokens 8192] [--hidden 384] [--ffn 1536] [--batch 64] [--rounds 7] [--steps 3]
+  taskset -c 1 python -m benchmarks.matmul [--tokens 8192] [--hidden 384] [--ffn 1536] [--rank 8] [--batch 64]
+      [--rounds 7] [--steps 3]
 
 Issue 20 asks for the remaining gap between jaxpeft's and PyTorch's train steps, with its measured cause.
 Nearly all of a BERT step's FLOPs are the Dense products of each layer, with `T` tokens (batch x length),
 hidden size `d` and MLP size `f` (defaults: all-MiniLM-L6-v2's shapes, batch 64 x 128 as in
-`benchmarks.train_step --size minilm`). For each weight `W: (m, n)` in {(d, d), (d, f), (f, d)} the step
-runs three products, timed here one by one:
+`benchmarks.train_step --size minilm`). For each weight `W: (m, n)` in {(d, d), (d, f), (f, d)}, and a LoRA
+factor `a: (d, r)`, the step runs three products, timed here one by one:
 
 * forward `y = x W`, `x: (T, m)`;
 * input gradient `dx = dy W^T`, `dy: (T, n)` (contracts the weight's trailing axis);
@@ -15,6 +16,8 @@ runs three products, timed here one by one:
   layer's input to -- and to 3-D activations `(batch, T / batch, m)`, the plain `nn.Dense` on a
   (batch, length, features) array. For the 3-D form XLA:CPU first copies one operand transposed (timed with
   it); PyTorch's Linear flattens the tokens in its backward, so its row is `tensordot` of the 3-D arrays.
+  For a weight that narrows the features (n < m), also `(dy^T x)^T`: the product with few rows, its small
+  result transposed behind a barrier, as `jaxpeft.canonical_dot` computes that weight gradient.
 
 Both frameworks get float32 operands of the same shapes; torch runs `len(os.sched_getaffinity(0))`
 threads (pin the process to compare one core with one core). Each product alternates between the two
@@ -36,7 +39,7 @@ from jax import lax
 from benchmarks.train_step import load_average
 
 
-def _products(tokens: int, hidden: int, ffn: int, batch: int):
+def _products(tokens: int, hidden: int, ffn: int, batch: int, rank: int = 8):
   """(name, FLOPs, jax callable, its operands, torch callable, its operands) per product."""
   if tokens % batch:
     raise ValueError(
@@ -46,7 +49,7 @@ def _products(tokens: int, hidden: int, ffn: int, batch: int):
 
   rng = np.random.default_rng(0)
   rows = []
-  for m, n in ((hidden, hidden), (hidden, ffn), (ffn, hidden)):
+  for m, n in ((hidden, hidden), (hidden, ffn), (ffn, hidden), (hidden, rank)):
     x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((tokens, m), (m, n), (tokens, n)))
     flops = 2 * tokens * m * n
     cases = {
@@ -65,6 +68,13 @@ def _products(tokens: int, hidden: int, ffn: int, batch: int):
             (x.reshape(batch, -1, m), dy.reshape(batch, -1, n)),
         ),
     }
+    if n < m:
+      cases["(dy^T x)^T"] = (
+          lambda a, b: lax.optimization_barrier(lax.dot_general(b, a, (((0,), (0,)), ((), ())))).T,
+          (x, dy),
+          lambda a, b: (b.T @ a).T,
+          (x, dy),
+      )
     for name, (jax_fn, jax_args, torch_fn, torch_args) in cases.items():
       rows.append(
           (
@@ -89,13 +99,13 @@ def _time(fn, args, steps: int, block) -> float:
   return statistics.median(times)
 
 
-def measure(tokens: int, hidden: int, ffn: int, batch: int, rounds: int, steps: int) -> list[dict]:
+def measure(tokens: int, hidden: int, ffn: int, batch: int, rounds: int, steps: int, rank: int = 8) -> list[dict]:
   """Per product: name, FLOPs, the jax and torch seconds of each round (see the module docstring)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   results = []
-  for name, flops, jax_fn, jax_args, torch_fn, torch_args in _products(tokens, hidden, ffn, batch):
+  for name, flops, jax_fn, jax_args, torch_fn, torch_args in _products(tokens, hidden, ffn, batch, rank):
     jax_fn(*jax_args).block_until_ready()  # compile
     torch_fn(*torch_args)
     jax_times, torch_times = [], []
@@ -111,14 +121,15 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=64 * 128)
   parser.add_argument("--hidden", type=int, default=384)
   parser.add_argument("--ffn", type=int, default=1536)
+  parser.add_argument("--rank", type=int, default=8, help="LoRA rank: the factor a is (hidden, rank)")
   parser.add_argument("--batch", type=int, default=64, help="batch of the 3-D weight-gradient layout")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()
   before = load_average()
-  results = measure(args.tokens, args.hidden, args.ffn, args.batch, args.rounds, args.steps)
+  results = measure(args.tokens, args.hidden, args.ffn, args.batch, args.rounds, args.steps, args.rank)
   print(
-      f"T={args.tokens} tokens, d={args.hidden}, f={args.ffn}; {len(os.sched_getaffinity(0))} core(s); "
+      f"T={args.tokens} tokens, d={args.hidden}, f={args.ffn}, r={args.rank}; {len(os.sched_getaffinity(0))} core(s); "
       f"jax {jax.__version__}; load average {before} before, {load_average()} after\n"
   )
   print("| product | jax ms | jax GFLOP/s | torch ms | torch GFLOP/s | jax / torch (paired median) |")
@@ -130,8 +141,9 @@ def main() -> None:
         f"| {r['name']} | {1e3 * ours:.1f} | {r['flops'] / ours / 1e9:.1f} | {1e3 * theirs:.1f} | "
         f"{r['flops'] / theirs / 1e9:.1f} | {ratio:.2f} |"
     )
+  layer = [r for r in results if not r["name"].endswith(f"({args.hidden}x{args.rank})")]
   for layout in ("2-D", "3-D"):
-    chosen = [r for r in results if "x^T dy" not in r["name"] or layout in r["name"]]
+    chosen = [r for r in layer if "x^T" not in r["name"] or layout in r["name"]]
     ours = sum(statistics.median(r["jax"]) for r in chosen)
     theirs = sum(statistics.median(r["torch"]) for r in chosen)
     print(
