@@ -22,11 +22,13 @@ factor `a: (d, r)`, the step runs three products, timed here one by one:
 Both frameworks get float32 operands of the same shapes; torch runs `len(os.sched_getaffinity(0))`
 threads (pin the process to compare one core with one core). Each product alternates between the two
 frameworks for `--rounds` rounds of `--steps` calls; printed per product: the median time and GFLOP/s
-(2 T m n FLOPs) of each, and the median of per-round ratios jax / torch, then the FLOP-weighted totals.
+(2 T m n FLOPs) of each, and the median of per-round ratios jax / torch, then the totals of a layer's
+products with each form of the weight gradient.
 The 1-minute load average is printed before and after.
 """
 
 import argparse
+import collections
 import os
 import statistics
 import time
@@ -141,13 +143,28 @@ def main() -> None:
         f"| {r['name']} | {1e3 * ours:.1f} | {r['flops'] / ours / 1e9:.1f} | {1e3 * theirs:.1f} | "
         f"{r['flops'] / theirs / 1e9:.1f} | {ratio:.2f} |"
     )
-  layer = [r for r in results if not r["name"].endswith(f"({args.hidden}x{args.rank})")]
-  for layout in ("2-D", "3-D"):
-    chosen = [r for r in layer if "x^T" not in r["name"] or layout in r["name"]]
+  # The layer's weights (not the LoRA factor), each with one weight-gradient form: torch's side always runs the
+  # same operands, so the totals compare the products a layer's step runs in that form.
+  layer = collections.defaultdict(dict)
+  for r in results:
+    product, shape = r["name"].rsplit(" ", 1)
+    if shape != f"({args.hidden}x{args.rank})":
+      layer[shape][product] = r
+  forms = {
+      "from 2-D activations": ("x^T dy (2-D)",),
+      "from 3-D activations": ("x^T dy (3-D)",),
+      "as jaxpeft.canonical_dot computes it": ("(dy^T x)^T", "x^T dy (2-D)"),
+  }
+  for label, preference in forms.items():
+    chosen = [
+        row
+        for rows in layer.values()
+        for row in (rows["x W"], rows["dy W^T"], next(rows[p] for p in preference if p in rows))
+    ]
     ours = sum(statistics.median(r["jax"]) for r in chosen)
     theirs = sum(statistics.median(r["torch"]) for r in chosen)
     print(
-        f"\nall products, weight gradient {layout}: jax {1e3 * ours:.1f} ms, torch {1e3 * theirs:.1f} ms, "
+        f"\nall products, weight gradient {label}: jax {1e3 * ours:.1f} ms, torch {1e3 * theirs:.1f} ms, "
         f"ratio {ours / theirs:.2f}"
     )
 
