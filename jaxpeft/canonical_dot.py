@@ -35,6 +35,7 @@ forward-mode derivatives (JVPs, AdaHessian's Hessian-vector products) are those 
 float rounding (tests/canonical_dot_test.py checks them). `matmul(x, w)` is `x @ w` through the same
 `dot_general`; the adapter methods' activation-hook branches (LoRA, DoRA, SoRA, ...) use it for their
 low-rank products.
+
 Products whose axes are not in that order (contracted axes not trailing on the left or not leading on the
 right), with batch dimensions (attention scores), or with extra keyword arguments (e.g. `out_sharding`) go
 to `lax.dot_general` unchanged.
